@@ -1,0 +1,155 @@
+"""The `tuneforge` command: every subcommand takes the same YAML config plus `--key value` overrides."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from tuneforge.errors import TuneforgeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Config-driven fine-tuning of large language models. Every command takes a YAML config; any "
+    "config key can be overridden as --key value (e.g. --learning-rate 3e-4, --trl.beta 0.1).",
+    pretty_exceptions_enable=False,
+)
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+log = logging.getLogger("tuneforge")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_time=False, show_path=False, markup=False, rich_tracebacks=False)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("transformers", "datasets", "accelerate", "peft", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _load(config: Path, extra: list[str]):
+    from tuneforge.config import load
+
+    return load(config, extra)
+
+
+@app.command(context_settings=EXTRA)
+def validate(ctx: typer.Context, config: Path) -> None:
+    """Check the config and print it fully resolved (defaults filled in), or list every problem."""
+    import yaml
+
+    from tuneforge.config import dump
+
+    cfg = _load(config, ctx.args)
+    typer.echo(yaml.safe_dump(dump(cfg), sort_keys=False))
+    typer.secho(f"{config}: valid", fg="green", err=True)
+
+
+@app.command(context_settings=EXTRA)
+def preprocess(
+    ctx: typer.Context,
+    config: Path,
+    debug: bool = typer.Option(False, "--debug", help="Show decoded samples with their label masks."),
+    debug_num_examples: int = typer.Option(1, "--debug-num-examples", help="How many samples --debug shows."),
+    debug_text_only: bool = typer.Option(False, "--debug-text-only", help="With --debug: text only, no token ids."),
+) -> None:
+    """Tokenize, mask and cache the datasets; print a summary (and masks with --debug)."""
+    from tuneforge.data.preprocess import run
+
+    run(_load(config, ctx.args), debug=debug, num_examples=debug_num_examples, text_only=debug_text_only)
+
+
+@app.command(context_settings=EXTRA)
+def train(ctx: typer.Context, config: Path) -> None:
+    """Train as the config describes (SFT, LoRA/QLoRA, preference or RL methods)."""
+    from tuneforge.engine.run import train as run_train
+
+    run_train(_load(config, ctx.args), argv=sys.argv)
+
+
+@app.command(context_settings=EXTRA)
+def inference(
+    ctx: typer.Context,
+    config: Path,
+    lora_model_dir: str | None = typer.Option(None, "--lora-model-dir", help="Adapter folder (default: output_dir)."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Override base_model."),
+    prompt: str | None = typer.Option(None, "--prompt", help="One-shot prompt (default: read stdin)."),
+    chat: bool = typer.Option(False, "--chat", help="Interactive multi-turn chat."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 means greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+) -> None:
+    """Generate with the trained model, using the training-time chat template."""
+    from tuneforge.inference import run
+
+    run(
+        _load(config, ctx.args),
+        lora_model_dir=lora_model_dir,
+        base_model=base_model,
+        prompt=prompt,
+        chat=chat,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+    )
+
+
+@app.command("merge-lora", context_settings=EXTRA)
+def merge_lora(
+    ctx: typer.Context,
+    config: Path,
+    lora_model_dir: str | None = typer.Option(None, "--lora-model-dir", help="Adapter folder (default: output_dir)."),
+    output: str | None = typer.Option(None, "--output", help="Destination (default: output_dir/merged)."),
+    dequant: bool = typer.Option(False, "--dequant", help="Allow merging a QLoRA adapter into a dequantized base."),
+) -> None:
+    """Merge a LoRA adapter into its base model, shard by shard."""
+    from tuneforge.merge import run
+
+    run(_load(config, ctx.args), lora_model_dir=lora_model_dir, output=output, dequant=dequant)
+
+
+@app.command("vllm-serve", context_settings=EXTRA)
+def vllm_serve(ctx: typer.Context, config: Path) -> None:
+    """Start a vLLM generation server for online RL (experimental)."""
+    from tuneforge.errors import NotSupportedYet
+
+    _load(config, ctx.args)
+    raise NotSupportedYet("vllm-serve is not implemented yet; GRPO uses the embedded rollout engine.")
+
+
+@app.command()
+def fetch(
+    what: str = typer.Argument(..., help="examples or docs"),
+    dest: Path | None = typer.Option(None, "--dest", help="Destination folder (default: ./<what>)."),
+) -> None:
+    """Copy the example configs or the docs shipped with tuneforge (no network needed)."""
+    from tuneforge.fetch import run
+
+    run(what, dest)
+
+
+def main() -> None:
+    verbose = os.environ.get("TUNEFORGE_DEBUG") == "1"
+    _setup_logging(verbose)
+    try:
+        app()
+    except TuneforgeError as exc:
+        if verbose:
+            raise
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", fg="yellow", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""LoRA / QLoRA adapter keys (applied through PEFT)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from .base import Section
+
+
+class AdapterKeys(Section):
+    adapter: Literal["lora", "qlora"] | None = Field(
+        None, description="Train a PEFT adapter instead of all weights: lora, or qlora (with load_in_4bit)."
+    )
+    lora_r: int = Field(8, ge=1, description="LoRA rank r.")
+    lora_alpha: float = Field(16, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    lora_target_modules: str | list[str] | None = Field(
+        None, description="Module names (or a regex string) that receive LoRA layers, e.g. [q_proj, v_proj]."
+    )
+    lora_target_linear: bool = Field(
+        False, description="Target every linear layer of the transformer blocks (not the LM head)."
+    )
+    lora_modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head)."
+    )
+    lora_model_dir: str | None = Field(
+        None, description="Folder of an existing adapter to continue training from (or to use for inference/merge)."
+    )
+    lora_fan_in_fan_out: bool = Field(False, description="PEFT fan_in_fan_out (True for GPT-2 style Conv1D layers).")
+    lora_rank_pattern: dict[str, int] | None = Field(None, description="Per-module rank overrides (PEFT rank_pattern).")
+    lora_alpha_pattern: dict[str, float] | None = Field(
+        None, description="Per-module alpha overrides (PEFT alpha_pattern)."
+    )
+    peft_use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    peft_use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r.")
+    peft_init_lora_weights: bool | str | None = Field(
+        None, description="PEFT init_lora_weights (true, false, gaussian, pissa, olora, ...)."
+    )
+    peft_layers_to_transform: list[int] | None = Field(None, description="Only adapt these layer indices.")
+    peft: dict[str, Any] | None = Field(None, description="Extra keyword arguments for peft.LoraConfig.")
+    merge_lora: bool = Field(False, description="Merge the adapter into the base after training (writes output_dir/merged).")

@@ -1,0 +1,126 @@
+"""Axolotl compatibility: deprecated aliases and keys we know but do not support yet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Boolean attention flags Axolotl deprecated in favour of `attn_implementation`.
+ATTENTION_FLAGS = {
+    "flash_attention": "flash_attention_2",
+    "sdp_attention": "sdpa",
+    "flex_attention": "flex_attention",
+    "eager_attention": "eager",
+}
+
+# Renamed keys: old name -> current name.
+RENAMED = {
+    "dataset_processes": "dataset_num_proc",
+    "model_config_overrides": "model_config",
+}
+
+# Keys Axolotl reads that carry no meaning here (we are always strict, single-process logging).
+IGNORED = {"strict", "local_rank", "debug", "hf_use_auth_token", "sample_packing_eff_est", "total_num_tokens",
+           "is_preprocess", "eval_table_size", "eval_max_new_tokens", "include_tokens_per_second"}
+
+# Axolotl keys that tuneforge does not implement yet. A falsy value (false, null, empty) is a no-op and
+# is accepted; anything else is an explicit error rather than a silently ignored setting.
+NOT_SUPPORTED_YET = {
+    "deepspeed": "multi-GPU training through DeepSpeed is planned",
+    "fsdp": "FSDP is planned (fsdp_version: 2)",
+    "fsdp_config": "FSDP is planned (fsdp_version: 2)",
+    "fsdp_version": "FSDP is planned (fsdp_version: 2)",
+    "pretraining_dataset": "streaming continual pretraining is planned; use `type: completion` for now",
+    "streaming": "streaming datasets are planned",
+    "plugins": "plugins are not supported; fast paths switch on automatically when installed",
+    "liger_rope": "Liger kernels are planned",
+    "liger_rms_norm": "Liger kernels are planned",
+    "liger_glu_activation": "Liger kernels are planned",
+    "liger_swiglu": "Liger kernels are planned",
+    "liger_layer_norm": "Liger kernels are planned",
+    "liger_cross_entropy": "Liger kernels are planned",
+    "liger_fused_linear_cross_entropy": "Liger kernels are planned",
+    "cut_cross_entropy": "fused cross-entropy is planned",
+    "chunked_cross_entropy": "chunked cross-entropy is planned",
+    "torch_compile": "torch.compile support is planned",
+    "torch_compile_backend": "torch.compile support is planned",
+    "torch_compile_mode": "torch.compile support is planned",
+    "neftune_noise_alpha": "NEFTune is not implemented",
+    "relora": "ReLoRA is not implemented",
+    "relora_steps": "ReLoRA is not implemented",
+    "jagged_restart_steps": "ReLoRA is not implemented",
+    "lora_target_parameters": "parameter-level LoRA is not implemented",
+    "loraplus_lr_ratio": "LoRA+ is not implemented",
+    "loraplus_lr_embedding": "LoRA+ is not implemented",
+    "lora_mlp_kernel": "fused LoRA kernels are planned",
+    "lora_qkv_kernel": "fused LoRA kernels are planned",
+    "lora_o_kernel": "fused LoRA kernels are planned",
+    "lora_embedding_kernel": "fused LoRA kernels are planned",
+    "lora_on_cpu": "merging on CPU is the default of `tuneforge merge-lora`",
+    "merge_method": "`tuneforge merge-lora` always merges shard by shard",
+    "hub_model_id": "pushing to the hub is not implemented (no hub access is assumed)",
+    "hub_strategy": "pushing to the hub is not implemented",
+    "push_dataset_to_hub": "pushing to the hub is not implemented",
+    "gptq": "GPTQ bases are not supported",
+    "processor_type": "multimodal models are not supported yet",
+    "context_parallel_size": "context parallelism is not implemented",
+    "sequence_parallel_degree": "context parallelism is not implemented",
+    "tensor_parallel_size": "tensor parallelism is not implemented",
+    "dp_shard_size": "N-D parallelism is not implemented",
+    "dp_replicate_size": "N-D parallelism is not implemented",
+    "fp8": "FP8 training is not implemented",
+    "qat": "quantization-aware training is not implemented",
+    "quantization": "post-training quantization is not implemented",
+    "use_comet": "Comet logging is not implemented; use wandb, mlflow or tensorboard",
+    "use_trackio": "Trackio logging is not implemented; use wandb, mlflow or tensorboard",
+    "use_otel_metrics": "OpenTelemetry metrics are not implemented",
+    "lm_eval_tasks": "lm-eval integration is not implemented",
+    "do_bench_eval": "benchmark evaluation is not implemented",
+    "do_causal_lm_eval": "generation metrics during eval are not implemented",
+    "generate_samples": "sample generation during training is not implemented",
+    "curriculum_sampling": "curriculum sampling is not implemented",
+    "group_by_length": "length-grouped sampling is not implemented; use sample_packing",
+    "early_stopping_patience": "early stopping is not implemented",
+    "load_best_model_at_end": "best-model selection is not implemented",
+    "dynamic_checkpoint": "trigger-file checkpoints are not implemented; SIGINT/SIGTERM save a checkpoint",
+    "activation_offloading": "activation offloading is not implemented",
+    "tiled_mlp": "tiled MLP is not implemented",
+    "batch_flattening": "padding-free batches are planned; use sample_packing",
+    "xformers_attention": "xformers attention is not supported; use attn_implementation: sdpa",
+    "sage_attention": "SageAttention is not supported; use attn_implementation: sdpa",
+    "s2_attention": "shifted sparse attention is not supported",
+    "added_tokens_overrides": "renaming reserved tokens is not implemented; use `tokens`",
+    "resize_token_embeddings_to_32x": "embedding padding to 32x is not implemented",
+    "shrink_embeddings": "embedding shrinking is not implemented",
+    "mean_resizing_embeddings": "mean-resized embeddings are not implemented",
+    "lr_groups": "per-module learning rates are not implemented",
+    "embedding_lr": "per-module learning rates are not implemented",
+    "embedding_lr_scale": "per-module learning rates are not implemented",
+    "auto_find_batch_size": "automatic batch sizing is not implemented",
+    "eval_causal_lm_metrics": "generation metrics during eval are not implemented",
+    "ebft": "EBFT is planned",
+    "gpu_memory_limit": "memory caps are not implemented",
+    "max_memory": "memory caps are not implemented",
+    "use_ray": "Ray is not supported",
+    "ddp_timeout": "multi-GPU training is planned",
+    "ddp_bucket_cap_mb": "multi-GPU training is planned",
+    "ddp_find_unused_parameters": "multi-GPU training is planned",
+    "multipack_real_batches": "packing always builds full micro-batches",
+    "pretrain_multipack_attn": "streaming pretraining is planned",
+    "shuffle_before_merging_datasets": "datasets are shuffled after merging",
+    "sdpa_varlen": "packed rows use varlen attention automatically on CUDA",
+    "flash_attn_cross_entropy": "fused cross-entropy is planned",
+    "flash_attn_rms_norm": "fused norms are planned",
+    "flash_attn_fuse_qkv": "fused attention projections are planned",
+    "flash_attn_fuse_mlp": "fused MLP is planned",
+    "flash_optimum": "BetterTransformer is not supported",
+    "profiler_steps": "the profiler is not wired in yet",
+    "unsloth_cross_entropy_loss": "Unsloth patches are not supported",
+    "unsloth_lora_mlp": "Unsloth patches are not supported",
+    "unsloth_lora_qkv": "Unsloth patches are not supported",
+    "unsloth_lora_o": "Unsloth patches are not supported",
+    "special_tokens_overrides": "not implemented",
+}
+
+
+def is_noop(value: Any) -> bool:
+    return value is None or value is False or value == [] or value == {} or value == ""

@@ -1,0 +1,311 @@
+"""Load a YAML config: aliases, unknown keys with did-you-mean, overrides, validation, rules.
+
+All problems are collected and raised together as one `ConfigError`, each with its key path and,
+when it came from the file, its YAML line.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from . import compat, rules
+from .errors import ConfigError, ConfigIssue
+from .schema import Config
+
+log = logging.getLogger("tuneforge")
+
+Path_ = tuple[str | int, ...]
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+def _line_map(text: str) -> dict[Path_, int]:
+    """Map each key path to its 1-based line in the YAML text."""
+    lines: dict[Path_, int] = {}
+
+    def walk(node: yaml.Node, path: Path_) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                p = (*path, key_node.value)
+                lines[p] = key_node.start_mark.line + 1
+                walk(value_node, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                p = (*path, i)
+                lines[p] = item.start_mark.line + 1
+                walk(item, p)
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[Path_, int]]:
+    if not path.exists():
+        raise ConfigError([ConfigIssue("", f"config file not found: {path}")])
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+        lines = _line_map(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise ConfigError([ConfigIssue("", f"invalid YAML: {getattr(exc, 'problem', exc)}", line, str(path))]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigIssue("", "the config must be a mapping of keys to values", 1, str(path))])
+    return data, lines
+
+
+# ---------------------------------------------------------------- command-line overrides
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn `--learning-rate 3e-4 --trl.beta=0.1 --sample-packing` into a nested dict.
+
+    Values are parsed as YAML scalars/lists, so `3e-4`, `true`, `[q_proj, v_proj]` work. A flag with no
+    value means `true`.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError([ConfigIssue(arg, "unexpected argument; overrides look like `--key value`", source="command line")])
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value = args[i + 1]
+                i += 1
+            else:
+                value = "true"
+        i += 1
+        parsed = yaml.safe_load(value) if value != "" else None
+        parts = [p.replace("-", "_") for p in key.split(".")]
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = parsed
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], prefix: Path_, touched: set[Path_]) -> None:
+    for key, value in over.items():
+        path = (*prefix, key)
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, path, touched)
+        else:
+            base[key] = value
+            touched.add(path)
+
+
+# ---------------------------------------------------------------- compatibility
+def _apply_compat(raw: dict[str, Any], issues: list[ConfigIssue], where) -> list[str]:
+    notes: list[str] = []
+    for old, new in compat.ATTENTION_FLAGS.items():
+        if old in raw:
+            value = raw.pop(old)
+            if value:
+                if raw.get("attn_implementation") not in (None, new):
+                    issues.append(ConfigIssue(old, f"conflicts with attn_implementation: {raw['attn_implementation']}", *where((old,))))
+                raw["attn_implementation"] = new
+                notes.append(f"`{old}: true` is deprecated; using `attn_implementation: {new}`")
+    for old, new in compat.RENAMED.items():
+        if old in raw:
+            if new in raw:
+                issues.append(ConfigIssue(old, f"is the old name of `{new}`, which is also set; keep `{new}`", *where((old,))))
+            else:
+                raw[new] = raw.pop(old)
+                notes.append(f"`{old}` is deprecated; using `{new}`")
+    for key in list(raw):
+        if key in compat.IGNORED:
+            raw.pop(key)
+        elif key in compat.NOT_SUPPORTED_YET:
+            value = raw.pop(key)
+            if not compat.is_noop(value):
+                issues.append(
+                    ConfigIssue(key, f"not supported yet by tuneforge ({compat.NOT_SUPPORTED_YET[key]}); remove it", *where((key,)))
+                )
+    for i, entry in enumerate(raw.get("datasets") or []):
+        _dataset_compat(entry, ("datasets", i), notes)
+    for i, entry in enumerate(raw.get("test_datasets") or []):
+        _dataset_compat(entry, ("test_datasets", i), notes)
+    return notes
+
+
+def _dataset_compat(entry: Any, path: Path_, notes: list[str]) -> None:
+    if not isinstance(entry, dict):
+        return
+    mapping = entry.get("message_property_mappings") or {}
+    for old, prop in (("message_field_role", "role"), ("message_field_content", "content")):
+        if old in entry:
+            mapping.setdefault(prop, entry.pop(old))
+            notes.append(f"{'.'.join(map(str, path))}.{old} is deprecated; using message_property_mappings.{prop}")
+    if mapping:
+        entry["message_property_mappings"] = mapping
+    if entry.get("type") == "sharegpt":
+        notes.append(f"{'.'.join(map(str, path))}: `type: sharegpt` is deprecated; using chat_template with from/value")
+        entry["type"] = "chat_template"
+        entry.setdefault("field_messages", "conversations")
+        entry.setdefault("message_property_mappings", {"role": "from", "content": "value"})
+
+
+# ---------------------------------------------------------------- unknown keys
+def _nested_models(annotation: Any) -> list[type[BaseModel]]:
+    found: list[type[BaseModel]] = []
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list, dict, typing.Annotated) or origin is not None:
+        for arg in typing.get_args(annotation):
+            found.extend(_nested_models(arg))
+    return found
+
+
+def _allowed_keys(model: type[BaseModel]) -> dict[str, Any]:
+    return {(f.alias or name): f for name, f in model.model_fields.items()}
+
+
+def _check_keys(raw: dict, model: type[BaseModel], path: Path_, issues: list[ConfigIssue], where) -> None:
+    allowed = _allowed_keys(model)
+    for key in list(raw):
+        if key not in allowed:
+            issues.append(ConfigIssue(_dotted((*path, key)), _unknown_message(str(key), allowed, model), *where((*path, key))))
+            del raw[key]
+            continue
+        nested = _nested_models(allowed[key].annotation)
+        value = raw[key]
+        if not nested:
+            continue
+        sub = nested[0]
+        if isinstance(value, dict):
+            _check_keys(value, sub, (*path, key), issues, where)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    _check_keys(item, sub, (*path, key, i), issues, where)
+
+
+def _unknown_message(key: str, allowed: dict[str, Any], model: type[BaseModel]) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
+    if model is Config and key in compat.NOT_SUPPORTED_YET:
+        return f"not supported yet ({compat.NOT_SUPPORTED_YET[key]})"
+    return f"unknown key `{key}`{hint}"
+
+
+def _dotted(path: Path_) -> str:
+    return ".".join(str(p) for p in path)
+
+
+# ---------------------------------------------------------------- pydantic errors
+def _issues_from_validation(exc: ValidationError, raw: dict, where) -> list[ConfigIssue]:
+    issues = []
+    seen: set[tuple[str, str]] = set()
+    for err in exc.errors():
+        path = _real_path(err["loc"], raw)
+        msg = err["msg"]
+        if err["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in err and not isinstance(err["input"], dict | list):
+            msg = f"{msg} (got {err['input']!r})"
+        key = (_dotted(path), msg)
+        if key in seen:
+            continue
+        seen.add(key)
+        issues.append(ConfigIssue(_dotted(path), msg, *where(path)))
+    return issues
+
+
+def _real_path(loc: tuple, raw: Any) -> Path_:
+    """Drop the union-branch names pydantic inserts into error locations."""
+    path: list[str | int] = []
+    node = raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and part not in node and not path:
+            path.append(part)  # a missing top-level key
+            node = None
+        elif isinstance(node, dict) and isinstance(part, str) and part[:1].islower() and "[" not in part:
+            path.append(part)  # a missing nested key
+            node = None
+    return tuple(path)
+
+
+# ---------------------------------------------------------------- entry point
+def load(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+    *,
+    data: dict[str, Any] | None = None,
+) -> Config:
+    """Load and validate a config from a YAML file (or a dict), applying command-line overrides."""
+    source = str(path) if path is not None else "<dict>"
+    if path is not None:
+        raw, lines = _read_yaml(Path(path))
+    else:
+        raw, lines = copy.deepcopy(data or {}), {}
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    touched: set[Path_] = set()
+    _merge(raw, overrides or {}, (), touched)
+
+    def where(p: Path_) -> tuple[int | None, str | None]:
+        for n in range(len(p), 0, -1):
+            if p[:n] in touched:
+                return None, "command line"
+            if p[:n] in lines:
+                return lines[p[:n]], source
+        return None, None
+
+    issues: list[ConfigIssue] = []
+    notes = _apply_compat(raw, issues, where)
+    _check_keys(raw, Config, (), issues, where)
+    cfg = None
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        bad = _issues_from_validation(exc, raw, where)
+        issues.extend(bad)
+        cfg = _validate_without(raw, {i.path.split(".")[0] for i in bad})
+    if cfg is not None:
+        issues.extend(_locate(i, where) for i in rules.check(cfg))
+    if issues:
+        raise ConfigError(issues)
+    for note in notes:
+        log.warning(note)
+    assert cfg is not None
+    if path is not None:
+        cfg._source_dir = Path(path).resolve().parent
+        cfg._source_file = Path(path).resolve()
+    return cfg
+
+
+def _validate_without(raw: dict, bad_keys: set[str]) -> Config | None:
+    """Best effort: validate with the broken keys left out, so cross-field rules still get checked."""
+    try:
+        return Config.model_validate({k: v for k, v in raw.items() if k not in bad_keys})
+    except ValidationError:
+        return None
+
+
+def _locate(issue: ConfigIssue, where) -> ConfigIssue:
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in issue.path.split(".")] if issue.path else []
+    line, src = where(tuple(parts))
+    return ConfigIssue(issue.path, issue.message, line, src)
+
+
+def dump(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data, with Axolotl key names, omitting unset optional keys."""
+    return cfg.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -1,0 +1,107 @@
+"""Base model, tokenizer, chat template and precision keys."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from .base import Section
+
+
+class SpecialTokens(Section):
+    bos_token: str | None = Field(None, description="Beginning-of-sequence token to set on the tokenizer.")
+    eos_token: str | None = Field(None, description="End-of-sequence token to set on the tokenizer.")
+    pad_token: str | None = Field(None, description="Padding token; set it when the tokenizer has none.")
+    unk_token: str | None = Field(None, description="Unknown token to set on the tokenizer.")
+    additional_special_tokens: list[str] | None = Field(
+        None, description="Extra special tokens to add (the embeddings are resized)."
+    )
+
+
+AttnImpl = Literal["eager", "sdpa", "flash_attention_2", "flex_attention", "varlen"]
+
+
+class ModelKeys(Section):
+    base_model: str = Field(..., description="Hugging Face model id or local folder of the model to fine-tune.")
+    base_model_config: str | None = Field(
+        None, description="Model id or folder to read the model config from, when it differs from base_model."
+    )
+    tokenizer_config: str | None = Field(
+        None, description="Model id or folder to load the tokenizer from, when it differs from base_model."
+    )
+    model_type: str | None = Field(
+        None,
+        description="transformers Auto class to load with, e.g. AutoModelForCausalLM (default), "
+        "AutoModelForSequenceClassification (reward models), AutoModelForTokenClassification (PRMs).",
+    )
+    tokenizer_type: str | None = Field(None, description="transformers tokenizer class (default: AutoTokenizer).")
+    tokenizer_use_fast: bool = Field(True, description="Use the fast (Rust) tokenizer; tuneforge needs it for masking.")
+    tokenizer_legacy: bool | None = Field(None, description="Passed to the tokenizer as `legacy` when set.")
+    trust_remote_code: bool = Field(False, description="Allow custom model/tokenizer code from the model repository.")
+    model_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of base_model.")
+    model_config_overrides: dict[str, Any] | None = Field(
+        None,
+        alias="model_config",
+        description="Overrides applied to the model config before loading (e.g. rope_scaling, num_hidden_layers).",
+    )
+    model_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra keyword arguments for `from_pretrained` of the model."
+    )
+    special_tokens: SpecialTokens | None = Field(None, description="Special tokens to set or add on the tokenizer.")
+    tokens: list[str] | None = Field(None, description="Plain tokens to add to the vocabulary (embeddings are resized).")
+    chat_template: str | None = Field(
+        None,
+        description="Chat template for chat datasets and for the saved tokenizer: a named template "
+        "(chatml, llama3, mistral, gemma, qwen3, phi_3), `tokenizer_default`, "
+        "`tokenizer_default_fallback_<name>`, or `jinja` (with chat_template_jinja).",
+    )
+    chat_template_jinja: str | None = Field(
+        None, description="Inline Jinja chat template, or a path to a .jinja file (implies chat_template: jinja)."
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra variables passed to the chat template (e.g. enable_thinking)."
+    )
+    eot_tokens: list[str] | None = Field(
+        None,
+        description="End-of-turn tokens that close a chat turn (default: the template's own, else eos_token). "
+        "Used to decide which terminator tokens are trained.",
+    )
+    default_system_message: str | None = Field(
+        None, description="System message inserted into chat conversations that have none."
+    )
+    num_labels: int | None = Field(None, description="Number of labels for classification heads (reward models: 1).")
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="bfloat16 mixed precision: true, false, or auto (on when the GPU supports it)."
+    )
+    fp16: bool | None = Field(None, description="float16 mixed precision with loss scaling (older GPUs).")
+    tf32: bool | Literal["auto"] = Field(
+        "auto", description="Allow TF32 matmuls on Ampere+ GPUs (auto: on when CUDA is used)."
+    )
+    load_in_8bit: bool = Field(False, description="Load the base model in 8 bits through bitsandbytes (CUDA).")
+    load_in_4bit: bool = Field(False, description="Load the base model in 4-bit NF4 through bitsandbytes (QLoRA, CUDA).")
+    bnb_config_kwargs: dict[str, Any] | None = Field(
+        None, description="Overrides for the bitsandbytes quantization config."
+    )
+    attn_implementation: AttnImpl | None = Field(
+        None,
+        description="Attention kernel: eager, sdpa (default), flash_attention_2 (needs flash-attn), "
+        "flex_attention, or varlen (tuneforge's packed variable-length attention, CUDA).",
+    )
+    gradient_checkpointing: bool | Literal["unsloth", "offload"] = Field(
+        False, description="Recompute activations in the backward pass to save memory (costs ~30% speed)."
+    )
+    gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
+        None, description="Options for gradient checkpointing, e.g. {use_reentrant: false}."
+    )
+    unfrozen_parameters: list[str] | None = Field(
+        None, description="Regexes of parameter names to train; every other parameter is frozen (full fine-tune)."
+    )
+    reinit_weights: bool = Field(
+        False, description="Initialise the model randomly from its config instead of loading weights (from scratch)."
+    )
+    device_map: str | dict[str, Any] | None = Field(None, description="Device placement passed to from_pretrained.")
+    low_cpu_mem_usage: bool | None = Field(None, description="Load weights lazily to lower peak CPU memory.")
+    torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = Field(
+        None, description="dtype of the loaded weights (default: float32 for training with mixed precision)."
+    )

@@ -1,0 +1,95 @@
+"""Preference, reward-model and online-RL keys (`rl:`, `trl:`, `vllm:`).
+
+Declared here so that configs validate; the objectives that read them live in `tuneforge.methods`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from .base import Section
+
+RLMethod = Literal["dpo", "ipo", "simpo", "kto", "orpo", "grpo", "gdpo", "ebft"]
+
+
+class TRLBlock(Section):
+    beta: float | None = Field(None, description="KL / preference temperature (takes precedence over rl_beta).")
+    max_completion_length: int | None = Field(None, ge=1, description="Maximum generated tokens per completion.")
+    max_prompt_length: int | None = Field(None, ge=1, description="Maximum prompt tokens.")
+    num_generations: int | None = Field(None, ge=2, description="Completions sampled per prompt (GRPO group size).")
+    generation_batch_size: int | None = Field(None, ge=1, description="Completions generated per generation round.")
+    reward_funcs: list[str] | None = Field(None, description="Reward functions as `module.function` references.")
+    reward_weights: list[float] | None = Field(None, description="Weights of the reward functions.")
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] | None = Field(
+        None, description="How several rewards combine before normalisation."
+    )
+    reward_num_workers: int | None = Field(None, ge=0, description="Worker processes for reward functions.")
+    use_vllm: bool = Field(False, description="Generate with vLLM instead of the embedded engine.")
+    vllm_mode: Literal["server", "colocate"] | None = Field(None, description="vLLM mode.")
+    vllm_server_host: str | None = Field(None, description="vLLM server host.")
+    vllm_server_port: int | None = Field(None, description="vLLM server port.")
+    vllm_server_timeout: float | None = Field(None, description="Seconds to wait for the vLLM server.")
+    vllm_lora_sync: bool | None = Field(None, description="Sync LoRA adapters to vLLM instead of merged weights.")
+    vllm_importance_sampling_correction: bool | None = Field(
+        None, description="Correct the sampler/trainer mismatch with truncated importance weights."
+    )
+    vllm_importance_sampling_mode: (
+        Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] | None
+    ) = Field(None, description="Importance-weight granularity and mode.")
+    vllm_importance_sampling_cap: float | None = Field(None, gt=0, description="Importance-weight cap C.")
+    temperature: float | None = Field(None, ge=0, description="Sampling temperature.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling threshold.")
+    top_k: int | None = Field(None, ge=0, description="Top-k sampling (0: off).")
+    min_p: float | None = Field(None, ge=0, le=1, description="Min-p sampling threshold.")
+    repetition_penalty: float | None = Field(None, gt=0, description="Repetition penalty.")
+    generation_kwargs: dict[str, Any] | None = Field(None, description="Extra generation options.")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extra chat-template variables for prompts.")
+    num_iterations: int | None = Field(None, ge=1, description="Optimisation passes per generated batch.")
+    epsilon: float | None = Field(None, ge=0, description="Lower clip range of the ratio.")
+    epsilon_high: float | None = Field(None, ge=0, description="Upper clip range of the ratio (default: epsilon).")
+    delta: float | None = Field(None, description="Optional two-sided clip of the ratio.")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] | None = Field(None, description="Loss aggregation.")
+    scale_rewards: bool | Literal["group", "batch", "none"] | None = Field(
+        None, description="Advantage scaling: group (std per group), batch, or none."
+    )
+    mask_truncated_completions: bool | None = Field(None, description="Exclude truncated completions from the loss.")
+    importance_sampling_level: Literal["token", "sequence"] | None = Field(
+        None, description="Ratio per token (GRPO) or per sequence (GSPO)."
+    )
+    log_completions: bool | None = Field(None, description="Log a sample of completions.")
+    async_prefetch: bool | None = Field(None, description="Generate the next batch while the current one trains.")
+    skip_zero_advantage_batches: bool | None = Field(None, description="Skip micro-batches with no learning signal.")
+
+
+class VLLMBlock(Section):
+    host: str = Field("0.0.0.0", description="Server host.")
+    port: int = Field(8000, description="Server port.")
+    tensor_parallel_size: int | None = Field(None, ge=1, description="Tensor parallel size.")
+    data_parallel_size: int | None = Field(None, ge=1, description="Data parallel size.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
+    dtype: str = Field("auto", description="Weights dtype.")
+    max_model_len: int | None = Field(None, ge=1, description="Maximum context length.")
+    enable_prefix_caching: bool | None = Field(None, description="Enable prefix caching.")
+    enforce_eager: bool | None = Field(None, description="Disable CUDA graphs in vLLM.")
+
+
+class RLKeys(Section):
+    rl: RLMethod | None = Field(None, description="Preference or RL method: dpo, ipo, simpo, kto, orpo, grpo, gdpo.")
+    rl_beta: float | None = Field(None, description="beta of the preference/RL loss (trl.beta takes precedence).")
+    dpo_loss_type: list[str] | None = Field(None, description="DPO loss variants, e.g. [sigmoid], [ipo], [sigmoid, sft].")
+    dpo_loss_weights: list[float] | None = Field(None, description="Weights of the dpo_loss_type terms.")
+    dpo_label_smoothing: float | None = Field(None, ge=0, lt=0.5, description="Label smoothing (robust / cDPO).")
+    dpo_use_weighting: bool | None = Field(None, description="WPO weighting of the DPO loss.")
+    precompute_ref_log_probs: bool | None = Field(None, description="Compute reference log-probs once, before training.")
+    orpo_alpha: float | None = Field(None, description="ORPO lambda (weight of the odds-ratio term).")
+    simpo_gamma: float | None = Field(None, description="SimPO target margin gamma.")
+    cpo_alpha: float | None = Field(None, description="Weight of the NLL term for SimPO/CPO.")
+    kto_desirable_weight: float | None = Field(None, description="KTO weight of desirable examples.")
+    kto_undesirable_weight: float | None = Field(None, description="KTO weight of undesirable examples.")
+    reward_model: bool = Field(False, description="Train an outcome reward model (Bradley-Terry).")
+    process_reward_model: bool = Field(False, description="Train a process reward model (token classification).")
+    center_rewards_coefficient: float | None = Field(None, description="Penalty pulling reward-model outputs to zero.")
+    trl: TRLBlock | None = Field(None, description="Online-RL and TRL-style options (GRPO).")
+    vllm: VLLMBlock | None = Field(None, description="vLLM server options for `tuneforge vllm-serve`.")

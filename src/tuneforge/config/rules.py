@@ -1,0 +1,126 @@
+"""Cross-field rules, checked before anything is loaded. Each names the keys and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .errors import ConfigIssue
+from .schema import Config
+
+Rule = Callable[[Config], list[ConfigIssue]]
+_RULES: list[Rule] = []
+
+
+def rule(fn: Rule) -> Rule:
+    _RULES.append(fn)
+    return fn
+
+
+def check(cfg: Config) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    for fn in _RULES:
+        issues.extend(fn(cfg))
+    return issues
+
+
+def _exclusive(cfg: Config, a: str, b: str, fix: str) -> list[ConfigIssue]:
+    va, vb = getattr(cfg, a), getattr(cfg, b)
+    if va not in (None, 0, 0.0, [], False) and vb not in (None, 0, 0.0, [], False):
+        return [ConfigIssue(b, f"`{a}` and `{b}` cannot both be set; {fix}")]
+    return []
+
+
+@rule
+def _exclusive_pairs(cfg: Config) -> list[ConfigIssue]:
+    return (
+        _exclusive(cfg, "warmup_steps", "warmup_ratio", "keep one of them.")
+        + _exclusive(cfg, "val_set_size", "test_datasets", "hold out from the training data or give test_datasets, not both.")
+        + _exclusive(cfg, "save_steps", "saves_per_epoch", "keep one of them.")
+        + _exclusive(cfg, "eval_steps", "evals_per_epoch", "keep one of them.")
+        + _exclusive(cfg, "gradient_accumulation_steps", "batch_size", "batch_size = micro_batch_size x gradient_accumulation_steps; give one.")
+        + _exclusive(cfg, "load_in_8bit", "load_in_4bit", "pick one quantization.")
+    )
+
+
+@rule
+def _quantization(cfg: Config) -> list[ConfigIssue]:
+    issues = []
+    if cfg.adapter == "qlora" and not cfg.load_in_4bit:
+        issues.append(ConfigIssue("adapter", "`adapter: qlora` needs `load_in_4bit: true` (or use `adapter: lora`)."))
+    if cfg.adapter == "qlora" and cfg.load_in_8bit:
+        issues.append(ConfigIssue("load_in_8bit", "`adapter: qlora` is 4-bit; remove `load_in_8bit`."))
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and cfg.adapter is None:
+        issues.append(
+            ConfigIssue(
+                "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit",
+                "quantized weights cannot be fully fine-tuned; add `adapter: qlora` (4-bit) or `adapter: lora`.",
+            )
+        )
+    return issues
+
+
+@rule
+def _precision(cfg: Config) -> list[ConfigIssue]:
+    if cfg.bf16 is True and cfg.fp16:
+        return [ConfigIssue("fp16", "`bf16: true` and `fp16: true` conflict; keep one.")]
+    return []
+
+
+@rule
+def _adapter_keys(cfg: Config) -> list[ConfigIssue]:
+    issues = []
+    if cfg.adapter and cfg.unfrozen_parameters:
+        issues.append(
+            ConfigIssue("unfrozen_parameters", "applies to full fine-tuning; with an adapter use lora_modules_to_save.")
+        )
+    if cfg.lora_model_dir and not cfg.adapter:
+        issues.append(ConfigIssue("lora_model_dir", "needs `adapter: lora` or `adapter: qlora`."))
+    if cfg.adapter and cfg.lora_target_modules is None and not cfg.lora_target_linear and not cfg.lora_model_dir:
+        issues.append(
+            ConfigIssue("lora_target_modules", "no LoRA targets: set `lora_target_linear: true` or list lora_target_modules.")
+        )
+    if cfg.peft_use_dora and cfg.adapter == "qlora":
+        pass  # PEFT supports DoRA on 4-bit layers; nothing to forbid.
+    return issues
+
+
+@rule
+def _data(cfg: Config) -> list[ConfigIssue]:
+    issues = []
+    if cfg.val_set_size >= 1 and cfg.val_set_size != int(cfg.val_set_size):
+        issues.append(ConfigIssue("val_set_size", "a value >= 1 is a row count and must be a whole number."))
+    if cfg.min_sample_len and cfg.min_sample_len > cfg.sequence_len:
+        issues.append(ConfigIssue("min_sample_len", f"is larger than sequence_len ({cfg.sequence_len}); every row would be dropped."))
+    for i, entry in enumerate(cfg.datasets or []):
+        if entry.shards_idx is not None and entry.shards and entry.shards_idx >= entry.shards:
+            issues.append(ConfigIssue(f"datasets.{i}.shards_idx", f"must be below shards ({entry.shards})."))
+    return issues
+
+
+@rule
+def _methods(cfg: Config) -> list[ConfigIssue]:
+    issues = []
+    if cfg.rl and (cfg.reward_model or cfg.process_reward_model):
+        issues.append(ConfigIssue("rl", "`rl` and reward_model/process_reward_model select different trainers; keep one."))
+    if cfg.reward_model and cfg.process_reward_model:
+        issues.append(ConfigIssue("process_reward_model", "choose reward_model or process_reward_model, not both."))
+    if cfg.rl == "simpo" and cfg.warmup_ratio:
+        issues.append(ConfigIssue("warmup_ratio", "SimPO runs take warmup_steps, not warmup_ratio."))
+    if cfg.rl == "ipo" and cfg.dpo_label_smoothing:
+        issues.append(ConfigIssue("dpo_label_smoothing", "IPO does not use label smoothing; remove it."))
+    if cfg.dpo_loss_weights and cfg.dpo_loss_type and len(cfg.dpo_loss_weights) != len(cfg.dpo_loss_type):
+        issues.append(ConfigIssue("dpo_loss_weights", "needs one weight per entry of dpo_loss_type."))
+    trl = cfg.trl
+    if trl and trl.reward_weights and trl.reward_funcs and len(trl.reward_weights) != len(trl.reward_funcs):
+        issues.append(ConfigIssue("trl.reward_weights", "needs one weight per entry of trl.reward_funcs."))
+    return issues
+
+
+@rule
+def _eval_schedule(cfg: Config) -> list[ConfigIssue]:
+    issues = []
+    has_eval = bool(cfg.val_set_size) or bool(cfg.test_datasets)
+    if (cfg.eval_steps or cfg.evals_per_epoch) and not has_eval:
+        key = "eval_steps" if cfg.eval_steps else "evals_per_epoch"
+        issues.append(ConfigIssue(key, "nothing to evaluate: set val_set_size or test_datasets."))
+    return issues

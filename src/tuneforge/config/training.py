@@ -1,0 +1,104 @@
+"""Optimisation, schedule, evaluation and checkpoint keys."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from .base import Section
+
+Optimizer = Literal[
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "adamw_bnb_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adamw",
+    "sgd",
+    "adafactor",
+    "lion_8bit",
+    "lion_32bit",
+    "paged_lion_8bit",
+]
+Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"]
+
+
+class TrainingKeys(Section):
+    micro_batch_size: int = Field(1, ge=1, description="Rows (or packed rows) per device per forward pass.")
+    gradient_accumulation_steps: int | None = Field(
+        None, ge=1, description="Micro-batches per optimizer step (default 1; exclusive with batch_size)."
+    )
+    batch_size: int | None = Field(
+        None, ge=1, description="Rows per optimizer step per device; sets gradient_accumulation_steps."
+    )
+    eval_batch_size: int | None = Field(None, ge=1, description="Rows per evaluation batch (default: micro_batch_size).")
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides num_epochs).")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    optimizer: Optimizer = Field(
+        "adamw_torch_fused",
+        description="Optimizer: adamw_torch, adamw_torch_fused, adamw_8bit / paged_adamw_8bit (bitsandbytes), "
+        "sgd, adafactor, lion_8bit / lion_32bit (bitsandbytes).",
+    )
+    optim_args: dict[str, Any] | None = Field(None, description="Extra keyword arguments for the optimizer.")
+    lr_scheduler: Scheduler = Field("cosine", description="Learning-rate schedule after warmup.")
+    lr_scheduler_kwargs: dict[str, Any] | None = Field(None, description="Extra scheduler options.")
+    cosine_min_lr_ratio: float | None = Field(
+        None, ge=0.0, le=1.0, description="Cosine schedule floor, as a fraction of learning_rate."
+    )
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps (exclusive with warmup_ratio).")
+    warmup_ratio: float | None = Field(
+        None, ge=0.0, le=1.0, description="Warmup as a fraction of total steps (exclusive with warmup_steps)."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (not applied to norms and biases).")
+    adam_beta1: float = Field(0.9, description="Adam beta1.")
+    adam_beta2: float = Field(0.999, description="Adam beta2.")
+    adam_epsilon: float = Field(1e-8, description="Adam epsilon.")
+    max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm to this (null: no clipping).")
+    seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
+    loss_watchdog_threshold: float | None = Field(
+        None, description="Stop when the training loss stays above this for loss_watchdog_patience steps."
+    )
+    loss_watchdog_patience: int = Field(3, ge=1, description="Consecutive steps above the threshold before stopping.")
+    # evaluation
+    eval_steps: int | float | None = Field(
+        None, description="Evaluate every N steps (or a fraction of total steps); exclusive with evals_per_epoch."
+    )
+    evals_per_epoch: int | None = Field(None, ge=1, description="Evaluations per epoch.")
+    eval_strategy: Literal["no", "steps", "epoch"] | None = Field(None, description="When to evaluate.")
+    # checkpoints
+    output_dir: str = Field("./outputs/model-out", description="Where checkpoints and the final model are written.")
+    save_steps: int | float | None = Field(
+        None, description="Save a checkpoint every N steps (or a fraction of total steps)."
+    )
+    saves_per_epoch: int | None = Field(None, ge=1, description="Checkpoints per epoch (exclusive with save_steps).")
+    save_strategy: Literal["no", "steps", "epoch"] | None = Field(None, description="When to save checkpoints.")
+    save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints.")
+    save_first_step: bool = Field(False, description="Also save a checkpoint after the first step (sanity check).")
+    save_only_model: bool = Field(
+        False, description="Checkpoints hold weights only (smaller, but the run cannot be resumed from them)."
+    )
+    save_safetensors: bool = Field(True, description="Write weights as safetensors.")
+    resume_from_checkpoint: str | None = Field(None, description="checkpoint-N folder to resume from.")
+    auto_resume_from_checkpoints: bool = Field(
+        False, description="Resume from the newest checkpoint in output_dir when there is one."
+    )
+
+
+class LoggingKeys(Section):
+    logging_steps: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
+    use_tensorboard: bool = Field(False, description="Log to TensorBoard under output_dir/runs.")
+    wandb_project: str | None = Field(None, description="Weights & Biases project (setting it enables W&B).")
+    wandb_entity: str | None = Field(None, description="W&B entity (team or user).")
+    wandb_name: str | None = Field(None, description="W&B run name.")
+    wandb_run_id: str | None = Field(None, description="W&B run id (to continue a run).")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(None, description="W&B mode.")
+    wandb_watch: str | bool | None = Field(None, description="Accepted for Axolotl compatibility; no effect.")
+    wandb_log_model: str | bool | None = Field(None, description="Accepted for Axolotl compatibility; no effect.")
+    use_mlflow: bool = Field(False, description="Log to MLflow.")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI.")
+    mlflow_experiment_name: str | None = Field(None, description="MLflow experiment name.")
+    mlflow_run_name: str | None = Field(None, description="MLflow run name.")
+    include_tkps: bool = Field(True, description="Log trained tokens per second.")

@@ -1,0 +1,1 @@
+"""Data pipeline: load sources -> format (tokenize + mask) -> length rules -> cache -> batches."""

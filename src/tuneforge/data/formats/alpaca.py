@@ -1,0 +1,1 @@
+"""Format `alpaca` (to be implemented)."""

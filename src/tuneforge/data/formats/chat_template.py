@@ -1,0 +1,1 @@
+"""Format `chat_template` (to be implemented)."""

@@ -1,0 +1,1 @@
+"""Format `completion` (to be implemented)."""

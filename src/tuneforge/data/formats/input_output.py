@@ -1,0 +1,1 @@
+"""Format `input_output` (to be implemented)."""

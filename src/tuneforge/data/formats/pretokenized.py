@@ -1,0 +1,1 @@
+"""Format `pretokenized` (to be implemented)."""

@@ -1,0 +1,1 @@
+"""Format `user_defined` (to be implemented)."""
