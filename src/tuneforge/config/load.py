@@ -86,13 +86,25 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             else:
                 value = "true"
         i += 1
-        parsed = yaml.safe_load(value) if value != "" else None
+        parsed = _scalar(value)
         parts = [p.replace("-", "_") for p in key.split(".")]
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = parsed
     return out
+
+
+def _scalar(text: str) -> Any:
+    """Parse an override value: numbers first (YAML 1.1 reads `3e-4` as a string), then YAML."""
+    if text == "":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any], prefix: Path_, touched: set[Path_]) -> None:

@@ -1,0 +1,93 @@
+"""Packed (variable-length) attention registered with transformers' attention interface.
+
+A packed row holds several documents; attention must not cross them. On CUDA we hand the documents'
+cumulative lengths (`cu_seqlens` from the collator) to `torch.nn.attention.varlen.varlen_attn`, a
+FlashAttention kernel shipped with PyTorch, so no flash-attn install and no [T, T] mask are needed.
+Register it with `register()`, load the model with `attn_implementation="tuneforge_varlen"` and call
+the model with `**varlen_kwargs(batch)`.
+
+Without the cumulative lengths (e.g. during generation) the function falls back to causal SDPA.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+NAME = "tuneforge_varlen"
+
+
+def available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _causal_kwargs(fn) -> dict:
+    # The keyword for causal masking changed across torch releases.
+    params = inspect.signature(fn).parameters
+    if "is_causal" in params:
+        return {"is_causal": True}
+    return {"window_size": (-1, 0)}
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """query/key/value: [B, H, T, D]; returns ([B, T, H, D], None) as transformers expects."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return _sdpa_fallback(query, key, value, attention_mask, scaling)
+    from torch.nn.attention.varlen import varlen_attn
+
+    B, H, T, D = query.shape
+    q = query.transpose(1, 2).reshape(B * T, H, D)
+    k = key.transpose(1, 2).reshape(B * T, key.shape[1], D)
+    v = value.transpose(1, 2).reshape(B * T, value.shape[1], D)
+    extra = _causal_kwargs(varlen_attn)
+    if k.shape[1] != H:
+        if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+            extra["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(H // k.shape[1], dim=1)
+            v = v.repeat_interleave(H // v.shape[1], dim=1)
+    max_len = int(kwargs.get("max_length_q") or T)
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **extra)
+    return out.reshape(B, T, H, D), None
+
+
+def _sdpa_fallback(query, key, value, attention_mask, scaling):
+    if key.shape[1] != query.shape[1]:
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    causal = attention_mask is None and query.shape[2] > 1
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=causal, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args, **kwargs):
+    return None
+
+
+def register() -> str:
+    """Register the kernel under `tuneforge_varlen` (idempotent); returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    AttentionMaskInterface.register(NAME, _no_mask)
+    return NAME
+
+
+def varlen_kwargs(batch: dict) -> dict:
+    """Model kwargs that carry the packed documents' boundaries to the attention function."""
+    cu = batch["cu_seqlens"].to(batch["input_ids"].device, dtype=torch.int32)
+    return {
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": int(batch["max_seqlen"]),
+        "max_length_k": int(batch["max_seqlen"]),
+    }
