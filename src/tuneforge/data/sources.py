@@ -1,8 +1,19 @@
-"""Load one `datasets:` entry into a `datasets.Dataset`: local files and folders, or hub ids."""
+"""Load one `datasets:` entry into a `datasets.Dataset`: local files and folders, or hub ids.
+
+Local paths are looked up next to the config file first, then in the working directory. Supported:
+json/jsonl, parquet, csv, arrow (a plain Arrow file or a `save_to_disk` folder) and text files, each
+optionally compressed (.gz, .bz2, .xz, .zst); a folder loads all its files of one format, or the
+`data_files` inside it (names or glob patterns). `split` selects a split and accepts slices
+(`train[:10%]`). Anything that is not a local path is a hub id and goes to `datasets.load_dataset`
+with `name`, `split`, `data_files` and `revision`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 from pathlib import Path
 
 from tuneforge.config.data import DatasetEntry
@@ -12,6 +23,8 @@ from tuneforge.errors import DataError
 _EXTENSIONS = {
     ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text",
 }
+# The datasets library decompresses these transparently; the format is the suffix before them.
+_COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".zstd"}
 
 
 def load_source(entry: DatasetEntry, cfg: Config, where: str):
@@ -20,34 +33,67 @@ def load_source(entry: DatasetEntry, cfg: Config, where: str):
 
     datasets.disable_progress_bars()
     resolved = cfg.resolve_path(entry.path)
-    local = Path(resolved)
+    local = Path(resolved).expanduser()
     if local.exists():
         ds = _load_local(entry, local, where)
     elif _looks_local(entry.path):
+        looked = entry.path if Path(entry.path).expanduser().is_absolute() else f"{Path.cwd()} and {cfg.source_dir}"
         raise DataError(
-            f"{where}: dataset file not found: {entry.path} (looked in {Path.cwd()} and {cfg.source_dir}). "
-            "Check the path, or give a hub dataset id."
+            f"{where}: dataset file not found: {entry.path} (looked in {looked}). "
+            "Check the path, or give a hub dataset id (owner/name)."
         )
     else:
         ds = _load_hub(entry, where)
-    if entry.shards:
-        ds = ds.shard(num_shards=entry.shards, index=entry.shards_idx or 0)
-    return ds
+    return _shard(ds, entry, where)
+
+
+def _shard(ds, entry: DatasetEntry, where: str):
+    # The config rules already reject shards_idx >= shards.
+    if not entry.shards:
+        return ds
+    return ds.shard(num_shards=entry.shards, index=entry.shards_idx or 0)
 
 
 def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).suffix in _EXTENSIONS or path.count("/") != 1
+    # A hub id is exactly `owner/name`; anything else (a suffix, ./ or /, deeper paths) is meant as a file.
+    return path.startswith((".", "/", "~")) or _suffix(Path(path)) in _EXTENSIONS or path.count("/") != 1
+
+
+def _suffix(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSION:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
 
 
 def _file_type(entry: DatasetEntry, files: list[Path], where: str) -> str:
     if entry.ds_type:
         return "json" if entry.ds_type == "jsonl" else entry.ds_type
-    kinds = {_EXTENSIONS.get(f.suffix) for f in files}
-    kinds.discard(None)
-    if len(kinds) != 1:
-        found = ", ".join(sorted({f.suffix or "<none>" for f in files})) or "no files"
-        raise DataError(f"{where}: cannot tell the file format of {entry.path} ({found}); set `ds_type:` (json, parquet, csv, arrow, text).")
+    kinds = {_EXTENSIONS.get(_suffix(f)) for f in files}
+    if len(kinds) != 1 or None in kinds:
+        found = ", ".join(sorted({"".join(f.suffixes) or "<none>" for f in files})) or "no files"
+        raise DataError(
+            f"{where}: cannot tell the file format of {entry.path} ({found}); "
+            "set `ds_type:` (json, parquet, csv, arrow, text), or give files of one format."
+        )
     return kinds.pop()
+
+
+def _folder_files(entry: DatasetEntry, path: Path, where: str) -> list[Path]:
+    if not entry.data_files:
+        files = sorted(f for f in path.rglob("*") if f.is_file() and _suffix(f) in _EXTENSIONS)
+        if not files:
+            raise DataError(f"{where}: folder {path} holds no json/jsonl/parquet/csv/arrow/txt files.")
+        return files
+    names = [entry.data_files] if isinstance(entry.data_files, str) else entry.data_files
+    files: list[Path] = []
+    for name in names:
+        matched = sorted(path.glob(name)) if any(c in name for c in "*?[") else [path / name]
+        missing = [m for m in matched if not m.is_file()]
+        if not matched or missing:
+            raise DataError(f"{where}: data_files entry `{name}` matches no file in {path}.")
+        files += matched
+    return files
 
 
 def _load_local(entry: DatasetEntry, path: Path, where: str):
@@ -55,27 +101,41 @@ def _load_local(entry: DatasetEntry, path: Path, where: str):
 
     split = entry.split or "train"
     if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-        loaded = datasets.load_from_disk(str(path))
-        return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-    if path.is_dir():
-        if entry.data_files:
-            names = [entry.data_files] if isinstance(entry.data_files, str) else entry.data_files
-            files = [path / n for n in names]
-        else:
-            files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in _EXTENSIONS)
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise DataError(f"{where}: data file not found: {', '.join(missing)}")
-        if not files:
-            raise DataError(f"{where}: folder {path} holds no json/jsonl/parquet/csv/arrow/txt files.")
-    else:
-        files = [path]
+        return _load_saved(path, split, where)
+    files = _folder_files(entry, path, where) if path.is_dir() else [path]
     kind = _file_type(entry, files, where)
+    empty = [f for f in files if f.stat().st_size == 0]
+    if empty:
+        raise DataError(f"{where}: {empty[0]} is empty.")
     try:
-        dd = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+        with _quiet_datasets_errors():
+            return datasets.load_dataset(kind, data_files=[str(f) for f in files], split=split)
     except Exception as exc:  # the datasets library raises many kinds; the user needs the file and the cause
         raise DataError(f"{where}: could not read {path} as {kind}: {_explain(files, kind, exc)}") from None
-    return dd
+
+
+@contextlib.contextmanager
+def _quiet_datasets_errors():
+    """The datasets library logs a parse failure before raising; we raise one clearer message instead."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _load_saved(path: Path, split: str, where: str):
+    """A folder written by `save_to_disk`: a Dataset, or a DatasetDict from which `split` is taken."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if not isinstance(loaded, datasets.DatasetDict):
+        return loaded
+    if split not in loaded:
+        raise DataError(f"{where}: {path} has no split `{split}`; it has: {', '.join(loaded)}. Set `split:`.")
+    return loaded[split]
 
 
 def _explain(files: list[Path], kind: str, exc: Exception) -> str:
@@ -89,6 +149,8 @@ def _explain(files: list[Path], kind: str, exc: Exception) -> str:
 
 
 def _first_bad_json_line(path: Path) -> str | None:
+    if path.suffix.lower() in _COMPRESSION:
+        return None  # compressed: leave the explanation to the datasets library
     text = path.read_text(errors="replace")
     if text.lstrip().startswith("["):
         try:
@@ -118,7 +180,9 @@ def _load_hub(entry: DatasetEntry, where: str):
     try:
         return datasets.load_dataset(entry.path, **kwargs)
     except Exception as exc:
+        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+        hint = " Offline mode is on (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE), so only cached hub datasets load." if offline else ""
         raise DataError(
             f"{where}: could not load `{entry.path}` from the Hugging Face hub ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). If it is a local file, check the path."
+            f"{str(exc).splitlines()[0] if str(exc) else ''}).{hint} If it is a local file, check the path."
         ) from None
