@@ -85,7 +85,6 @@ def test_good_rows_prepare(tiny_tokenizer, write_jsonl):
     assert data.stats["train"].rows_out == 2
 
 
-@pytest.mark.xfail(reason="chat_template row checks are written by another helper", strict=False)
 def test_chat_message_without_content(tiny_tokenizer, write_jsonl):
     ok = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     path = write_jsonl([{"messages": ok}, {"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}])
