@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import random
+from typing import Any
+
+from tuneforge.errors import DataError
 
 from .packing import pack, pack_sequential
+
+
+def epoch_rng(seed: int, epoch: int) -> random.Random:
+    # A string seed is hashed with SHA-512 by `random`, so the stream is the same in every process
+    # and Python version (unlike hash() of objects, which may be salted).
+    return random.Random(f"tuneforge-epoch:{seed}:{epoch}")
 
 
 def plan_epoch(
@@ -24,20 +33,40 @@ def plan_epoch(
 
     Unpacked: every row holds one document. Packed: documents are packed into rows of `capacity`
     tokens, group by group (groups of `group_size` shuffled documents), and the rows shuffled.
+    With `sequential`, documents keep dataset order and are packed next-fit.
     """
-    rng = random.Random(hash((seed, epoch)) & 0xFFFFFFFF)
+    rng = epoch_rng(seed, epoch)
     order = list(range(len(lengths)))
     if shuffle and not sequential:
         rng.shuffle(order)
     if packed:
+        longest = max(lengths, default=0)
+        if longest > capacity:
+            raise DataError(
+                f"a row has {longest} tokens, more than the packed row length {capacity}. Packed rows hold "
+                "sequence_len tokens: keep eval_sequence_len <= sequence_len, or set eval_sample_packing: false."
+            )
         rows: list[list[int]] = []
+        packer = pack_sequential if sequential else pack
         for start in range(0, len(order), group_size):
             group = order[start : start + group_size]
             glens = [lengths[i] for i in group]
-            packer = pack_sequential if sequential else pack
             rows.extend([group[j] for j in b] for b in packer(glens, capacity, max_docs))
         if shuffle and not sequential:
             rng.shuffle(rows)
     else:
         rows = [[i] for i in order]
     return [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+
+
+def gather(ds, micro_batch: list[list[int]], columns: tuple[str, ...] = ("input_ids", "labels")) -> list[list[dict[str, Any]]]:
+    """Fetch the documents of one micro-batch with a single columnar read, as `collate` expects them."""
+    flat = [i for row in micro_batch for i in row]
+    data = ds[flat]
+    keep = [c for c in columns if c in data]
+    docs = [{k: data[k][j] for k in keep} for j in range(len(flat))]
+    out, at = [], 0
+    for row in micro_batch:
+        out.append(docs[at : at + len(row)])
+        at += len(row)
+    return out

@@ -44,6 +44,8 @@ def collate(
         for doc in row:
             ids, labels = doc["input_ids"], doc.get("labels", doc["input_ids"])
             n = len(ids)
+            if len(labels) != n:
+                raise ValueError(f"a document has {n} input_ids but {len(labels)} labels; they must be aligned")
             input_ids[b, at : at + n] = torch.as_tensor(ids, dtype=torch.long)
             position_ids[b, at : at + n] = torch.arange(n)
             if n > 1:

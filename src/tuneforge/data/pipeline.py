@@ -2,13 +2,23 @@
 
 Each output row has `input_ids` and `labels` (aligned, unshifted; -100 = not trained), `length`, and
 `_source`/`_row` (which dataset entry and source row it came from, for error messages and `--debug`).
+
+`prepare()` is the entry point: it reuses the prepared-data cache (`cache.py`) when every input that
+changes tokens is unchanged, and otherwise builds the rows and stores them atomically.
+Length rules and statistics work on whole Arrow columns (numpy over the flat token buffers), never
+row by row in Python, so they stay a small share of preprocessing time at 100k+ rows.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from tuneforge.config.data import DatasetEntry
 from tuneforge.config.schema import Config
@@ -18,15 +28,22 @@ from . import formats
 from .formats import IGNORE_INDEX, FormatContext, RowError
 from .sources import load_source
 
+log = logging.getLogger("tuneforge")
+
+# Per-token list columns are cut together when a row is truncated (they stay aligned with input_ids).
+_TOKEN_COLUMN_SUFFIXES = ("input_ids", "labels", "mask")
+
 
 @dataclass
 class Stats:
     rows_in: int = 0
     rows_out: int = 0
     dropped: Counter = field(default_factory=Counter)  # reason -> rows
-    truncated: int = 0
+    truncated: int = 0  # rows cut to sequence_len (excess_length_strategy: truncate)
     tokens: int = 0
-    trained_tokens: int = 0
+    trained_tokens: int = 0  # tokens that are a training target (labels[1:] != -100, as collate shifts)
+    held_out: int = 0  # rows moved to the evaluation split by val_set_size
+    name: str = ""
 
     def add(self, other: Stats) -> None:
         self.rows_in += other.rows_in
@@ -35,173 +52,441 @@ class Stats:
         self.truncated += other.truncated
         self.tokens += other.tokens
         self.trained_tokens += other.trained_tokens
+        self.held_out += other.held_out
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "name": self.name,
             "rows_in": self.rows_in,
             "rows_out": self.rows_out,
             "dropped": dict(self.dropped),
             "truncated": self.truncated,
             "tokens": self.tokens,
             "trained_tokens": self.trained_tokens,
+            "held_out": self.held_out,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Stats:
+        return cls(
+            rows_in=int(d["rows_in"]),
+            rows_out=int(d["rows_out"]),
+            dropped=Counter({k: int(v) for k, v in d.get("dropped", {}).items()}),
+            truncated=int(d.get("truncated", 0)),
+            tokens=int(d.get("tokens", 0)),
+            trained_tokens=int(d.get("trained_tokens", 0)),
+            held_out=int(d.get("held_out", 0)),
+            name=str(d.get("name", "")),
+        )
 
 
 @dataclass
 class PreparedData:
     train: Any  # datasets.Dataset
     eval: Any | None
-    stats: dict[str, Stats]  # "train", "eval"
-    cache_dir: Any = None
+    stats: dict[str, Stats]  # "train", "eval": totals of the split
+    cache_dir: Any = None  # pathlib.Path of the cache entry, None when skip_prepare_dataset
     reused_cache: bool = False
+    by_dataset: dict[str, list[Stats]] = field(default_factory=dict)  # split -> one Stats per dataset entry
+
+
+# ---------------------------------------------------------------- formatting
+def _row_length(r: dict[str, Any]) -> int:
+    if "input_ids" in r:
+        return len(r["input_ids"])
+    # Paired rows (e.g. chosen_input_ids / rejected_input_ids): the longest sequence counts.
+    lengths = [len(v) for k, v in r.items() if k.endswith("input_ids")]
+    if not lengths:
+        raise RowError("the format produced a row without input_ids")
+    return max(lengths)
 
 
 def format_entry(entry: DatasetEntry, index: int, cfg: Config, tokenizer, where: str):
-    """Load one dataset entry and run its format over every row."""
+    """Load one dataset entry and run its format over every row. Returns (dataset, source rows)."""
     fmt, style = formats.resolve(entry.type, where)
     ds = load_source(entry, cfg, where)
     if len(ds) == 0:
         raise DataError(f"{where}: {entry.path} has no rows.")
     row_fn = fmt.builder(FormatContext(cfg=cfg, entry=entry, tokenizer=tokenizer, style=style))
 
+    def call(row: dict[str, Any], idx: int) -> list[dict[str, Any]]:
+        """The format's rows for one source row, with length and provenance; errors name the row."""
+        try:
+            produced = row_fn(row)
+            for r in produced:
+                r["length"] = _row_length(r)
+        except RowError as exc:
+            raise DataError(f"{where} ({entry.path}) row {idx}: {exc}") from None
+        except DataError:
+            raise
+        except Exception as exc:  # a bug or an unexpected value shape in the row
+            raise DataError(
+                f"{where} ({entry.path}) row {idx}: format `{fmt.name}` failed with {type(exc).__name__}: {exc}"
+            ) from exc
+        for r in produced:
+            r["_source"] = index
+            r["_row"] = idx
+        return produced
+
+    features = _output_features(ds, call, where, entry.path)
+    columns = list(features) if features is not None else None
+
     def run(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {}
+        out: dict[str, list] = {c: [] for c in columns} if columns else {}
         keys = list(batch)
         for i, idx in enumerate(indices):
-            row = {k: batch[k][i] for k in keys}
-            try:
-                produced = row_fn(row)
-            except RowError as exc:
-                raise DataError(f"{where} ({entry.path}) row {idx}: {exc}") from None
-            except DataError:
-                raise
-            except Exception as exc:  # a bug or an unexpected value shape in the row
-                raise DataError(
-                    f"{where} ({entry.path}) row {idx}: format `{fmt.name}` failed with "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-            for r in produced:
-                r["length"] = len(r["input_ids"])
-                r["_source"] = index
-                r["_row"] = idx
+            for r in call({k: batch[k][i] for k in keys}, idx):
+                if columns and r.keys() != out.keys():
+                    raise DataError(
+                        f"{where} ({entry.path}) row {idx}: the format produced the columns {sorted(r)}, "
+                        f"but {sorted(columns)} for earlier rows; every row must have the same columns."
+                    )
                 for k, v in r.items():
                     out.setdefault(k, []).append(v)
         return out
 
-    return ds.map(
+    # Several processes only pay off once the rows outnumber the cost of starting them.
+    num_proc = cfg.dataset_num_proc if cfg.dataset_num_proc and len(ds) > 1000 else None
+    formatted = ds.map(
         run,
         batched=True,
         with_indices=True,
         remove_columns=ds.column_names,
-        num_proc=cfg.dataset_num_proc if cfg.dataset_num_proc and len(ds) > 1000 else None,
+        num_proc=num_proc,
         desc=f"formatting {where}",
         load_from_cache_file=False,
-    ), len(ds)
+        # Our own cache decides reuse; a fixed fingerprint spares datasets from hashing the closure
+        # (tokenizer included) with dill, and rows of token lists need no mixed-type JSON fallback.
+        new_fingerprint=uuid.uuid4().hex,
+        on_mixed_types=None,
+        features=features,
+    )
+    return formatted, len(ds)
 
 
+def _output_features(ds, call, where: str, path: str):
+    """The Arrow types of the format's output, from the first source row that produces any.
+
+    Passing them to `map` fixes one schema for every batch: a batch in which the format skips every row
+    still has the columns, and the writer does not infer types batch by batch.
+    """
+    import datasets
+
+    for idx in range(len(ds)):
+        produced = call(ds[idx], idx)
+        if produced:
+            features = datasets.Dataset.from_list(produced).features
+            # A null-typed column (a None in this row) cannot be fixed yet: let map infer the types then.
+            return None if "Value('null')" in repr(features) else features
+    raise DataError(f"{where}: the format produced no rows from any of the {len(ds)} rows of {path}.")
+
+
+# ---------------------------------------------------------------- column helpers
+_SLICE_ROWS = 16_384  # rows per slice when reading a column: bounds memory, keeps numpy work large
+
+
+def _slices(ds, name: str):
+    """A column as contiguous pyarrow arrays of up to _SLICE_ROWS rows, honouring select/shuffle mappings.
+
+    A selected or shuffled dataset keeps an index mapping over its Arrow table; the rows are taken with
+    Arrow's vectorised `take` (datasets' own row access gathers them one Python slice at a time).
+    """
+    if not hasattr(ds, "_indices"):  # a datasets version without it: the public (slower) row access
+        view = ds.with_format("arrow")
+        for start in range(0, len(ds), _SLICE_ROWS):
+            yield view[start : start + _SLICE_ROWS][name].combine_chunks()
+        return
+    column = ds.data.table.column(name)
+    indices = ds._indices.column(0) if ds._indices is not None else None
+    for start in range(0, len(ds), _SLICE_ROWS):
+        if indices is None:
+            part = column.slice(start, _SLICE_ROWS)
+        else:
+            part = column.take(indices.slice(start, _SLICE_ROWS))
+        yield part.combine_chunks()
+
+
+def _numpy(ds, name: str) -> np.ndarray:
+    parts = [a.to_numpy(zero_copy_only=False) for a in _slices(ds, name)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _flat(chunk) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, values) of a list array, offsets relative to the returned values."""
+    offsets = chunk.offsets.to_numpy()
+    values = chunk.values.to_numpy(zero_copy_only=False)
+    return offsets - offsets[0], values[offsets[0] : offsets[-1]]
+
+
+def label_columns(ds) -> list[str]:
+    """The label columns: `labels`, or one per sequence of paired rows (`chosen_labels`, `rejected_labels`)."""
+    return sorted(c for c in ds.column_names if c == "labels" or c.endswith("_labels"))
+
+
+def _trained_in(ds, name: str) -> np.ndarray:
+    parts = []
+    for chunk in _slices(ds, name):
+        if len(chunk) == 0:
+            continue
+        offsets, values = _flat(chunk)
+        mask = values != IGNORE_INDEX
+        cum = np.concatenate(([0], np.cumsum(mask, dtype=np.int64)))
+        count = cum[offsets[1:]] - cum[offsets[:-1]]
+        nonempty = offsets[1:] > offsets[:-1]
+        first = np.zeros(len(count), dtype=np.int64)
+        first[nonempty] = mask[offsets[:-1][nonempty]]
+        parts.append(count - first)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def trained_per_row(ds) -> np.ndarray:
+    """Per row, how many tokens are training targets: labels[1:] != -100 (position 0 is never a target),
+    summed over the label columns."""
+    counts = [_trained_in(ds, c) for c in label_columns(ds)]
+    return np.sum(counts, axis=0) if counts else np.zeros(len(ds), dtype=np.int64)
+
+
+def _truncate(ds, limit: int):
+    """Cut every per-token column to `limit` tokens (Arrow list slicing, batch by batch)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    token_cols = [c for c in ds.column_names if c.endswith(_TOKEN_COLUMN_SUFFIXES)]
+
+    def cut(table: pa.Table) -> pa.Table:
+        if table.num_rows == 0 or pc.max(table.column("length")).as_py() <= limit:
+            return table
+        for name in token_cols:
+            col = table.column(name)
+            table = table.set_column(table.schema.get_field_index(name), name, pc.list_slice(col, 0, limit))
+        length = table.column("length")
+        capped = pc.min_element_wise(length, pa.scalar(limit, type=length.type))
+        return table.set_column(table.schema.get_field_index("length"), "length", capped)
+
+    cut_ds = ds.with_format("arrow").map(cut, batched=True, desc="truncating", load_from_cache_file=False,
+                                         new_fingerprint=uuid.uuid4().hex)
+    return cut_ds.with_format(None)
+
+
+# ---------------------------------------------------------------- length rules
 def apply_length_rules(ds, cfg: Config, where: str, seq_len: int | None = None):
     """Drop, truncate or reject rows by length; drop rows with no trained token. Returns (ds, stats)."""
     limit = seq_len or cfg.sequence_len
     stats = Stats()
-    lengths = ds["length"]
-    too_long = [i for i, n in enumerate(lengths) if n > limit]
-    if too_long and cfg.excess_length_strategy == "raise":
-        first = ds[too_long[0]]
+    lengths = _numpy(ds, "length")
+    too_long = lengths > limit
+    n_long = int(too_long.sum())
+    if n_long and cfg.excess_length_strategy == "raise":
+        i = int(np.argmax(too_long))
+        row = int(_numpy(ds, "_row")[i])
         raise DataError(
-            f"{where} row {first['_row']}: {first['length']} tokens exceeds sequence_len {limit} "
-            f"({len(too_long)} rows do). Raise sequence_len, or set excess_length_strategy: drop or truncate."
+            f"{where} row {row}: {int(lengths[i])} tokens exceeds sequence_len {limit} "
+            f"({n_long} rows do). Raise sequence_len, or set excess_length_strategy: drop or truncate."
         )
-    if too_long and cfg.excess_length_strategy == "truncate":
-        stats.truncated = len(too_long)
-
-        def cut(row):
-            if row["length"] > limit:
-                row["input_ids"] = row["input_ids"][:limit]
-                if "labels" in row:
-                    row["labels"] = row["labels"][:limit]
-                row["length"] = limit
-            return row
-
-        ds = ds.map(cut, desc="truncating", load_from_cache_file=False)
-    has_labels = "labels" in ds.column_names
-
-    def reason(row) -> str | None:
-        if row["length"] > limit:
-            return f"longer than sequence_len ({limit})"
-        if cfg.min_sample_len and row["length"] < cfg.min_sample_len:
-            return f"shorter than min_sample_len ({cfg.min_sample_len})"
-        if has_labels and all(t == IGNORE_INDEX for t in row["labels"][1:]):
-            return "no trained tokens"
-        return None
-
-    keep = []
-    for i in range(len(ds)):
-        row = ds[i]
-        why = reason(row)
-        if why:
-            stats.dropped[why] += 1
-        else:
-            keep.append(i)
-    if len(keep) != len(ds):
-        ds = ds.select(keep)
+    if n_long and cfg.excess_length_strategy == "truncate":
+        ds = _truncate(ds, limit)
+        stats.truncated = n_long
+        lengths = np.minimum(lengths, limit)
+        too_long = lengths > limit
+    per_column = [_trained_in(ds, c) for c in label_columns(ds)]
+    trained = np.sum(per_column, axis=0) if per_column else np.zeros(len(ds), dtype=np.int64)
+    short = np.zeros(len(ds), dtype=bool)
+    if cfg.min_sample_len:
+        short = lengths < cfg.min_sample_len
+    # A row (or either side of a pair) that trains no token teaches nothing.
+    untrained = np.minimum.reduce(per_column) == 0 if per_column else np.zeros(len(ds), dtype=bool)
+    # Each dropped row is counted once, under the first reason that applies.
+    reasons = [
+        (too_long, f"longer than sequence_len ({limit})"),
+        (short & ~too_long, f"shorter than min_sample_len ({cfg.min_sample_len})"),
+        (untrained & ~too_long & ~short, "no trained tokens"),
+    ]
+    for mask, why in reasons:
+        if mask.any():
+            stats.dropped[why] += int(mask.sum())
+    drop = too_long | short | untrained
+    if drop.any():
+        ds = ds.select(np.flatnonzero(~drop))
     stats.rows_out = len(ds)
-    stats.tokens = int(sum(ds["length"])) if len(ds) else 0
-    if has_labels and len(ds):
-        stats.trained_tokens = sum(sum(1 for t in lab[1:] if t != IGNORE_INDEX) for lab in ds["labels"])
+    stats.tokens = int(lengths[~drop].sum())
+    stats.trained_tokens = int(trained[~drop].sum())
     return ds, stats
 
 
+# ---------------------------------------------------------------- splits
 def prepare_split(entries: list[DatasetEntry], cfg: Config, tokenizer, key: str, seq_len: int | None = None):
+    """Format, length-check, merge and deduplicate one split. Returns (dataset, total stats, per-entry stats)."""
     import datasets
 
-    parts, total = [], Stats()
+    parts, per_entry = [], []
     for i, entry in enumerate(entries):
         where = f"{key}[{i}]"
         ds, n_in = format_entry(entry, i, cfg, tokenizer, where)
+        n_produced = len(np.unique(_numpy(ds, "_row"))) if len(ds) else 0
         ds, stats = apply_length_rules(ds, cfg, where, seq_len)
         stats.rows_in = n_in
-        total.add(stats)
-        parts.append(ds)
+        stats.name = f"{where} {_short_path(entry.path)}"
+        if n_produced < n_in:
+            stats.dropped["format produced no row"] += n_in - n_produced
+        per_entry.append(stats)
+        if len(ds):
+            parts.append(ds)
+    total = _sum(per_entry)
+    if not parts:
+        raise DataError(f"{key}: no rows left after length rules ({dict(total.dropped)}).")
     merged = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if cfg.dataset_exact_deduplication:
-        merged, removed = _dedup(merged)
-        total.dropped["exact duplicate"] += removed
-        total.rows_out -= removed
-    if len(merged) == 0:
-        raise DataError(f"{key}: no rows left after length rules ({dict(total.dropped)}).")
-    return merged, total
+        merged, removed_from = _dedup(merged)
+        for src, n in removed_from.items():
+            per_entry[src].dropped["exact duplicate"] += n
+            per_entry[src].rows_out -= n
+        total = _sum(per_entry)
+    return merged, total, per_entry
 
 
-def _dedup(ds):
-    seen, keep = set(), []
-    for i, (ids, labels) in enumerate(zip(ds["input_ids"], ds["labels"], strict=True)):
-        key = (tuple(ids), tuple(labels))
+def _short_path(path: str, limit: int = 40) -> str:
+    """The path as the config gives it, shortened to its last parts when long (for tables)."""
+    if len(path) <= limit:
+        return path
+    parts = path.replace("\\", "/").split("/")
+    return ".../" + "/".join(parts[-2:])
+
+
+def _sum(parts: list[Stats]) -> Stats:
+    total = Stats(name="all")
+    for s in parts:
+        total.add(s)
+    return total
+
+
+def _row_digests(ds, name: str) -> list[bytes]:
+    out: list[bytes] = []
+    for chunk in _slices(ds, name):
+        offsets, values = _flat(chunk)
+        size = values.itemsize
+        buf = memoryview(values.tobytes())
+        for a, b in zip(offsets[:-1], offsets[1:], strict=True):
+            out.append(hashlib.blake2b(buf[a * size : b * size], digest_size=16).digest())
+    return out
+
+
+def _dedup(ds) -> tuple[Any, Counter]:
+    """Keep the first of rows whose token columns (input_ids, labels, chosen_input_ids, ...) are all
+    identical; count removals per source."""
+    columns = sorted(c for c in ds.column_names if c.endswith(_TOKEN_COLUMN_SUFFIXES))
+    digests = [_row_digests(ds, c) for c in columns]
+    seen: set[bytes] = set()
+    keep = []
+    for i, parts in enumerate(zip(*digests, strict=True)):
+        key = b"".join(parts)
         if key not in seen:
             seen.add(key)
             keep.append(i)
-    return ds.select(keep), len(ds) - len(keep)
+    if len(keep) == len(ds):
+        return ds, Counter()
+    removed = np.ones(len(ds), dtype=bool)
+    removed[keep] = False
+    sources, counts = np.unique(_numpy(ds, "_source")[removed], return_counts=True)
+    return ds.select(keep), Counter({int(s): int(n) for s, n in zip(sources, counts, strict=True)})
 
 
-def prepare(cfg: Config, tokenizer) -> PreparedData:
-    """Build the train (and eval) datasets described by the config."""
+def split_stats(ds, names: list[str]) -> list[Stats]:
+    """Rows, tokens and trained tokens of a final split, per dataset entry (from the `_source` column)."""
+    n = len(names)
+    if len(ds) == 0:
+        return [Stats(name=x) for x in names]
+    source = _numpy(ds, "_source")
+    rows = np.bincount(source, minlength=n)
+    tokens = np.bincount(source, weights=_numpy(ds, "length"), minlength=n)
+    trained = np.bincount(source, weights=trained_per_row(ds), minlength=n)
+    return [
+        Stats(name=names[i], rows_out=int(rows[i]), tokens=int(tokens[i]), trained_tokens=int(trained[i]))
+        for i in range(n)
+    ]
+
+
+def _finish(per_entry: list[Stats], ds) -> list[Stats]:
+    """Overwrite the output numbers of each entry with those of the final split (after dedup/split)."""
+    final = split_stats(ds, [s.name for s in per_entry])
+    for s, f in zip(per_entry, final, strict=True):
+        s.held_out = s.rows_out - f.rows_out  # rows the val split took; 0 otherwise
+        s.rows_out, s.tokens, s.trained_tokens = f.rows_out, f.tokens, f.trained_tokens
+    return per_entry
+
+
+def build(cfg: Config, tokenizer) -> PreparedData:
+    """Build the train (and eval) datasets described by the config, without any caching."""
     if not cfg.datasets:
         raise DataError("no `datasets:` in the config; add at least one entry with `path` and `type`.")
-    train, train_stats = prepare_split(cfg.datasets, cfg, tokenizer, "datasets")
+    train, _, train_parts = prepare_split(cfg.datasets, cfg, tokenizer, "datasets")
     if cfg.shuffle_merged_datasets:
         train = train.shuffle(seed=cfg.seed)
-    eval_ds, eval_stats = None, None
+    eval_ds, eval_parts = None, None
     if cfg.test_datasets:
-        eval_ds, eval_stats = prepare_split(
+        eval_ds, _, eval_parts = prepare_split(
             cfg.test_datasets, cfg, tokenizer, "test_datasets", cfg.eval_sequence_len
         )
+        eval_parts = _finish(eval_parts, eval_ds)
     elif cfg.val_set_size:
         n_eval = int(cfg.val_set_size) if cfg.val_set_size >= 1 else max(1, round(cfg.val_set_size * len(train)))
         if n_eval >= len(train):
-            raise DataError(f"val_set_size {cfg.val_set_size} leaves no training rows ({len(train)} rows in all).")
+            raise DataError(
+                f"val_set_size {cfg.val_set_size} leaves no training rows ({len(train)} rows in all). "
+                "Lower val_set_size or add data."
+            )
         split = train.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
         train, eval_ds = split["train"], split["test"]
-        eval_stats = Stats(rows_in=n_eval, rows_out=n_eval, tokens=int(sum(eval_ds["length"])))
-    stats = {"train": train_stats}
-    if eval_stats is not None:
-        stats["eval"] = eval_stats
-    return PreparedData(train=train, eval=eval_ds, stats=stats)
+        eval_parts = split_stats(eval_ds, [s.name for s in train_parts])
+        for s in eval_parts:
+            s.rows_in = s.rows_out
+    train_parts = _finish(train_parts, train)
+    by_dataset = {"train": train_parts}
+    stats = {"train": _sum(train_parts)}
+    if eval_ds is not None:
+        by_dataset["eval"] = eval_parts
+        stats["eval"] = _sum(eval_parts)
+    return PreparedData(train=train, eval=eval_ds, stats=stats, by_dataset=by_dataset)
+
+
+# ---------------------------------------------------------------- with the cache
+def prepare(cfg: Config, tokenizer, *, rebuild: bool = False) -> PreparedData:
+    """Prepared train/eval data: reused from the cache when nothing that changes tokens changed.
+
+    `rebuild=True` (the `preprocess` command) always builds and replaces the cache entry.
+    `skip_prepare_dataset: true` builds in memory and writes nothing.
+    """
+    from . import cache
+
+    if cfg.skip_prepare_dataset:
+        return build(cfg, tokenizer)
+    key, material = cache.cache_key(cfg, tokenizer)
+    root = cache.cache_root(cfg)
+    # The lock lets one process (e.g. rank 0 of a multi-GPU launch) build while the others wait and reuse.
+    with cache.lock(root, key):
+        if not rebuild:
+            hit = cache.load(root, key)
+            if hit is not None:
+                log.info("reusing prepared data from %s", hit.path)
+                return _from_cache(hit, reused=True)
+        data = build(cfg, tokenizer)
+        splits = {"train": data.train} if data.eval is None else {"train": data.train, "eval": data.eval}
+        payload = {
+            "splits": {k: v.as_dict() for k, v in data.stats.items()},
+            "by_dataset": {k: [s.as_dict() for s in v] for k, v in data.by_dataset.items()},
+        }
+        saved = cache.save(root, key, material, splits, payload)
+        log.info("prepared data saved to %s", saved.path)
+        return _from_cache(saved, reused=False)
+
+
+def _from_cache(entry, reused: bool) -> PreparedData:
+    """PreparedData backed by the memory-mapped Arrow files of a cache entry."""
+    p = entry.stats
+    return PreparedData(
+        train=entry.splits["train"],
+        eval=entry.splits.get("eval"),
+        stats={k: Stats.from_dict(v) for k, v in p["splits"].items()},
+        cache_dir=entry.path,
+        reused_cache=reused,
+        by_dataset={k: [Stats.from_dict(s) for s in v] for k, v in p["by_dataset"].items()},
+    )
