@@ -98,7 +98,7 @@ class DataKeys(Section):
         0.0, ge=0.0, description="Fraction (<1) or number (>=1) of training rows held out for evaluation."
     )
     dataset_prepared_path: str | None = Field(
-        None, description="Folder of the prepared-data cache (default: last_run_prepared next to the config)."
+        None, description="Folder of the prepared-data cache (default: last_run_prepared in the working directory)."
     )
     dataset_num_proc: int | None = Field(None, ge=1, description="Worker processes for tokenisation.")
     skip_prepare_dataset: bool = Field(False, description="Do not cache the prepared dataset.")

@@ -1,0 +1,214 @@
+"""Training throughput: tuneforge's engine vs a plain Hugging Face Trainer, in the same run.
+
+Workload (perf.md section 7): a Llama-3.2-1B-shaped model with random weights (built from a config,
+no download), synthetic token ids with an Alpaca-like length distribution (lognormal, median 150,
+sigma 0.7, clipped 16..2048; seeded), every token trained.
+
+- tuneforge: packed rows of --seq-len tokens, --micro-batch rows per step, bf16, fused AdamW,
+  varlen attention on CUDA (per-document, no cross-document attention), chunked cross-entropy.
+- baseline: transformers.Trainer, SDPA, dynamic padding to the longest row of each batch, bf16,
+  fused AdamW, --hf-batch rows per step (the usual way people fine-tune on this data).
+
+Reported per engine: trained tokens/s (median over timed steps, excluding warm-up), MFU against
+989 TFLOP/s (PaLM convention; perf.md section 2) and peak allocated memory. Prints one JSON line
+per engine and writes them to --out.
+
+    python bench/train_throughput.py --mode full --seq-len 4096 --steps 30
+    python bench/train_throughput.py --mode lora --seq-len 4096 --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PEAK = 989e12
+SHAPES = {
+    # Public Llama-3.2-1B / Qwen2.5-0.5B shapes (perf.md section 2).
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                     max_position_embeddings=8192),
+    "tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False, max_position_embeddings=4096),
+}
+
+
+def alpaca_lengths(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [min(2048, max(16, int(round(math.exp(rng.gauss(math.log(150), 0.7)))))) for _ in range(n)]
+
+
+def make_model_dir(root: Path, shape: str) -> Path:
+    from transformers import LlamaConfig
+
+    from tuneforge.tiny import build_tiny_tokenizer
+
+    path = root / f"model-{shape}"
+    build_tiny_tokenizer(path)
+    LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(path)
+    return path
+
+
+def make_rows(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed + 1)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+def flops_per_token_factor(cfg, lengths: list[int], lora_params: int | None) -> tuple[float, float]:
+    """(dense FLOPs per token, attention FLOPs per token at this length mix) for MFU."""
+    heads, hd = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    inter, h, L, V = cfg.intermediate_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = cfg.num_key_value_heads * hd
+    n_mm = L * (h * heads * hd + 2 * h * kv + heads * hd * h + 3 * h * inter) + V * h
+    dense = 6 * n_mm if lora_params is None else 4 * n_mm + 6 * lora_params
+    attn = 12 * L * heads * hd * sum(n * n for n in lengths) / sum(lengths)
+    return dense, attn
+
+
+# ---------------------------------------------------------------- tuneforge
+def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path) -> dict:
+    from tuneforge.config import load
+    from tuneforge.engine.run import train
+
+    data = work / "rows.jsonl"
+    with data.open("w") as f:
+        for r in rows:
+            f.write(json.dumps({"input_ids": r}) + "\n")
+    cfg = {
+        "base_model": str(model_dir), "reinit_weights": True, "bf16": True,
+        "datasets": [{"path": str(data)}], "dataset_prepared_path": str(work / "prepared"),
+        "sequence_len": args.seq_len, "sample_packing": True, "micro_batch_size": args.micro_batch,
+        "gradient_accumulation_steps": 1, "max_steps": args.steps, "learning_rate": 1e-5,
+        "optimizer": "adamw_torch_fused", "lr_scheduler": "constant", "logging_steps": 1,
+        "save_strategy": "no", "output_dir": str(work / "out-tf"), "shuffle_merged_datasets": True,
+    }
+    if args.attn:
+        cfg["attn_implementation"] = args.attn
+    if args.mode == "lora":
+        cfg.update(adapter="lora", lora_r=16, lora_alpha=32, lora_target_linear=True)
+    if args.gc:
+        cfg["gradient_checkpointing"] = True
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+    train(load(data=cfg), show_progress=False)
+    records = [json.loads(line) for line in (work / "out-tf" / "metrics.jsonl").open()]
+    steps = [r for r in records if r.get("type") == "train"][args.warmup:]
+    tps = statistics.median(r["tokens_per_second"] for r in steps)
+    mfu = statistics.median(r["mfu"] for r in steps if r.get("mfu") is not None) if any(
+        r.get("mfu") is not None for r in steps) else None
+    return {"engine": "tuneforge", "tokens_per_s": tps, "mfu": mfu,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "timed_steps": len(steps)}
+
+
+# ---------------------------------------------------------------- HF Trainer baseline
+def run_hf(args, model_dir: Path, rows: list[list[int]], lengths: list[int], work: Path) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    config = AutoConfig.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    lora_params = None
+    if args.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+        lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dataset = [{"input_ids": r, "labels": r} for r in rows]
+
+    collated_tokens: list[int] = []  # trained tokens of each batch, in the order the Trainer consumes them
+
+    def pad(batch):
+        collated_tokens.append(sum(len(b["input_ids"]) - 1 for b in batch))
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n] = torch.tensor(b["input_ids"])
+            labels[i, :n] = ids[i, :n]
+            mask[i, :n] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    timings: list[tuple[float, int, int]] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            torch.cuda.synchronize()
+            timings.append((time.perf_counter() - self.t0, 0, 0))
+
+    targs = TrainingArguments(
+        output_dir=str(work / "out-hf"), per_device_train_batch_size=args.hf_batch, max_steps=args.steps,
+        learning_rate=1e-5, bf16=True, optim="adamw_torch_fused", logging_steps=10**9, save_strategy="no",
+        report_to=[], dataloader_drop_last=True, remove_unused_columns=False, lr_scheduler_type="constant",
+        gradient_checkpointing=args.gc, seed=0,
+    )
+    torch.cuda.reset_peak_memory_stats()
+    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=pad, callbacks=[Timer()])
+    trainer.train()
+    rates = [t / dt for (dt, _, _), t in zip(timings, collated_tokens, strict=False)][args.warmup:]
+    tps = statistics.median(rates)
+    dense, attn = flops_per_token_factor(config, lengths, lora_params)
+    return {"engine": "hf-trainer-padded", "tokens_per_s": tps, "mfu": tps * (dense + attn) / PEAK,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "timed_steps": len(rates)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    p.add_argument("--mode", default="full", choices=["full", "lora"])
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=4, help="packed rows per step (tuneforge)")
+    p.add_argument("--hf-batch", type=int, default=8, help="padded rows per step (baseline)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rows", type=int, default=20000)
+    p.add_argument("--attn", default=None, help="attn_implementation for tuneforge (default: automatic)")
+    p.add_argument("--gc", action="store_true", help="gradient checkpointing in both engines")
+    p.add_argument("--engines", default="tuneforge,hf")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    lengths = alpaca_lengths(args.rows)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir = make_model_dir(work, args.shape)
+        rows = make_rows(lengths, 1000)
+        for engine in args.engines.split(","):
+            fn = run_tuneforge if engine == "tuneforge" else None
+            res = fn(args, model_dir, rows, work) if fn else run_hf(args, model_dir, rows, lengths, work)
+            res.update(shape=args.shape, mode=args.mode, seq_len=args.seq_len, steps=args.steps)
+            print(json.dumps(res), flush=True)
+            results.append(res)
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
+    if len(results) == 2:
+        ratio = results[0]["tokens_per_s"] / results[1]["tokens_per_s"]
+        print(json.dumps({"ratio_tuneforge_over_hf": ratio}))
+    if args.out:
+        Path(args.out).write_text("\n".join(json.dumps(r) for r in results) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""`tuneforge fetch examples|docs`: copy the example configs or the docs that ship with tuneforge.
+
+No network: the files come from the installed package. In a source checkout (including an editable
+install) they are the repository's own `examples/` and `docs/`; in a wheel they are copies placed in
+`tuneforge/_shipped/` by the build hook in `setup.py`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import shutil
+from pathlib import Path
+
+from tuneforge.errors import TuneforgeError
+
+log = logging.getLogger("tuneforge")
+
+SHIPPED = ("examples", "docs")
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def source_dir(what: str) -> Path:
+    """Where the shipped `what` folder lives: the checkout's, else the copy inside the package."""
+    root = _PACKAGE.parent.parent  # src/tuneforge -> the repository root, in a checkout
+    if (root / "pyproject.toml").is_file() and (root / what).is_dir():
+        return root / what
+    shipped = _PACKAGE / "_shipped" / what
+    if shipped.is_dir():
+        return shipped
+    raise TuneforgeError(
+        f"this tuneforge installation has no shipped {what} (looked in {root / what} and {shipped}); "
+        "reinstall tuneforge from a wheel or a source checkout."
+    )
+
+
+def _files(folder: Path) -> list[Path]:
+    """Files under `folder`, relative, skipping hidden files and caches."""
+    out = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not any(p.startswith(".") or p == "__pycache__" for p in rel.parts):
+            out.append(rel)
+    return out
+
+
+def run(what: str, dest: str | Path | None = None) -> Path:
+    """Copy the shipped folder to `dest` (default ./<what>); never overwrites a file that differs."""
+    if what not in SHIPPED:
+        close = difflib.get_close_matches(what, SHIPPED, n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        raise TuneforgeError(f"cannot fetch `{what}`: choose one of {', '.join(SHIPPED)}.{hint}")
+    src = source_dir(what)
+    dest = Path(dest).expanduser() if dest is not None else Path.cwd() / what
+    files = _files(src)
+    if src.resolve() == dest.resolve():
+        raise TuneforgeError(f"{dest} is the shipped folder itself; pass another --dest.")
+    conflicts = [rel for rel in files if (dest / rel).exists() and (dest / rel).read_bytes() != (src / rel).read_bytes()]
+    if conflicts:
+        shown = ", ".join(str(c) for c in conflicts[:5]) + (", ..." if len(conflicts) > 5 else "")
+        raise TuneforgeError(
+            f"{len(conflicts)} file(s) in {dest} differ from the shipped ones and would be overwritten ({shown}). "
+            "Move them away, or pass another --dest."
+        )
+    for rel in files:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, dest / rel)
+    print(f"copied {len(files)} file(s) of {what} to {dest}")
+    return dest
