@@ -1,0 +1,222 @@
+"""Checkpoints that resume exactly, written atomically.
+
+`output_dir/checkpoint-N/` holds:
+  adapter_model.safetensors + adapter_config.json (adapter runs) or model.safetensors + config.json,
+  tokenizer files              - so a checkpoint is itself a loadable model folder,
+  optimizer.pt, scheduler.pt   - absent with save_only_model (then the run cannot resume from it),
+  rng_state_<rank>.pt          - python, numpy, torch and CUDA generators (dropout masks),
+  trainer_state.json           - step, data position (epoch + micro-batch index), counters; written last.
+
+Atomicity: everything is written into `checkpoint-N.tmp/`, each file and the folder are fsynced, and
+the folder is renamed to `checkpoint-N` in one step. A crash at any point leaves either the previous
+complete checkpoint or a `.tmp` folder that resume ignores, never a half-written `checkpoint-N`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tuneforge.errors import TuneforgeError
+
+log = logging.getLogger("tuneforge")
+
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---------------------------------------------------------------- finding checkpoints
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (with trainer_state.json), oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).exists():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def rotate(output_dir: Path, limit: int | None, keep: Path | None = None) -> None:
+    """Delete the oldest checkpoints beyond `save_total_limit` (never `keep`)."""
+    if not limit:
+        return
+    found = list_checkpoints(output_dir)
+    for old in found[: max(0, len(found) - limit)]:
+        if keep is not None and old.resolve() == keep.resolve():
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_partial(output_dir: Path) -> None:
+    """Remove `checkpoint-N.tmp` folders left by a crash during a save."""
+    if Path(output_dir).is_dir():
+        for p in Path(output_dir).glob("checkpoint-*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- save
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_model_files(model, tokenizer, folder: Path, safe: bool = True) -> None:
+    """Weights (adapter or full model) and tokenizer, as a from_pretrained-loadable folder."""
+    model.save_pretrained(str(folder), safe_serialization=safe)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    card = folder / "README.md"
+    if card.exists() and hasattr(model, "peft_config"):
+        card.unlink()  # PEFT's placeholder card; checkpoints need none
+
+
+def save_checkpoint(output_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict,
+                    only_model: bool, accelerator, safe: bool = True) -> Path:
+    """Write checkpoint-<step> atomically and return its path. `model` is the unwrapped model."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f"checkpoint-{step}.tmp"
+    main = accelerator.is_main_process
+    if main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if main:
+        save_model_files(model, tokenizer, tmp, safe)
+        if not only_model:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        state = {**state, "resumable": not only_model, "world_size": accelerator.num_processes}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    accelerator.wait_for_everyone()
+    if main:
+        _fsync_tree(tmp)
+        if final.exists():  # e.g. the step we resumed from, saved again
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(output_dir)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------- load
+def read_state(path: Path) -> dict:
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not state_file.exists():
+        hint = " (it is an unfinished save: use the previous checkpoint)" if path.name.endswith(".tmp") else ""
+        raise TuneforgeError(f"resume_from_checkpoint: {path} is not a tuneforge checkpoint (no {STATE_FILE}){hint}.")
+    state = json.loads(state_file.read_text())
+    if not state.get("resumable", True):
+        raise TuneforgeError(
+            f"{path} was saved with save_only_model: true (no optimizer/scheduler state), so the run cannot resume "
+            f"from it exactly. Use it as a model (base_model or lora_model_dir), or resume from a full checkpoint."
+        )
+    return state
+
+
+def load_training_state(path: Path, *, model, optimizer, scheduler, process_index: int, adapter: bool) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from checkpoint `path`; return its trainer state."""
+    path = Path(path)
+    state = read_state(path)
+    load_weights(path, model, adapter)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_file = path / f"rng_state_{process_index}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: python/numpy generator tuples
+    else:
+        log.warning("%s has no RNG state for rank %d; dropout masks will differ from the original run",
+                    path, process_index)
+    return state
+
+
+def load_weights(path: Path, model, adapter: bool) -> None:
+    from safetensors.torch import load_file
+
+    if adapter:
+        from peft import set_peft_model_state_dict
+
+        file = path / "adapter_model.safetensors"
+        if not file.exists():
+            raise TuneforgeError(f"{path} holds no adapter_model.safetensors, but this run trains an adapter.")
+        result = set_peft_model_state_dict(model, load_file(str(file)))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise TuneforgeError(f"{path}: adapter weights do not fit this model (e.g. {unexpected[0]}).")
+        return
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise TuneforgeError(f"{path} holds no model*.safetensors, but this run fine-tunes the full model.")
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = _tied_names(model)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise TuneforgeError(f"{path}: the weights do not fit this model (missing {missing[:3]}, "
+                             f"unexpected {list(unexpected)[:3]}).")
+
+
+def _tied_names(model) -> set[str]:
+    """Parameter names that share storage with another parameter (tied embeddings are saved once)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.data_ptr() in seen:
+            tied.update({name, seen[p.data_ptr()]})
+        else:
+            seen[p.data_ptr()] = name
+    return tied

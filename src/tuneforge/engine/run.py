@@ -1,0 +1,112 @@
+"""`tuneforge train`: config -> objective -> data -> model (+ adapter) -> Trainer -> output_dir."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+from tuneforge.config.schema import Config
+
+log = logging.getLogger("tuneforge")
+
+
+def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | None = None):
+    """Run the training the config describes; returns the `TrainResult`.
+
+    On SIGINT/SIGTERM the run saves a checkpoint, prints the command that resumes it and exits with
+    128 + the signal number.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import set_seed
+
+    from tuneforge.methods import get_objective
+    from tuneforge.models.adapters import apply_adapter
+    from tuneforge.models.load import count_parameters, load_model
+    from tuneforge.models.tokenizer import load_tokenizer
+
+    from . import outputs, plot
+    from .signals import TrainingInterrupted
+    from .trainer import Trainer
+
+    objective = get_objective(cfg)  # an unimplemented method fails here, before anything loads
+    _quiet_libraries()
+    out = cfg.output_path()
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg)
+    data = objective.prepare_data(tokenizer)
+    _log_data(data)
+    set_seed(cfg.seed)  # the model's random parts (reinit, LoRA init) do not depend on data preparation
+    model = load_model(cfg, tokenizer)
+    main = PartialState().is_main_process
+    if main:
+        outputs.write_run_files(cfg, tokenizer, out)
+        if cfg.adapter and cfg.reinit_weights and not (out / "base_model").exists():
+            outputs.save_random_base(model, tokenizer, out)
+    model = apply_adapter(cfg, model)
+    trainable, total = count_parameters(model)
+    log.info("model: %s parameters, %s trainable", f"{total:,}", f"{trainable:,}")
+
+    trainer = Trainer(cfg, model, tokenizer, objective, data, output_dir=out, show_progress=show_progress)
+    try:
+        result = trainer.train()
+    except TrainingInterrupted as stop:
+        command = resume_command(cfg, argv, stop.checkpoint)
+        print(f"\nTraining interrupted by {signal.Signals(stop.signum).name} after step {stop.step}; "
+              f"checkpoint saved to {stop.checkpoint}.\nResume with:\n  {command}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.signum) from None
+    if trainer.accelerator.is_main_process:
+        outputs.save_final(cfg, model, tokenizer, out, result)
+        plot.plot_metrics(result.history, out)
+        _log_summary(result, out)
+    return result
+
+
+def resume_command(cfg: Config, argv: list[str] | None, checkpoint: Path) -> str:
+    """The user's own command line with `--resume-from-checkpoint <checkpoint>` (replacing an earlier one)."""
+    if argv and len(argv) > 1 and "train" in argv[1:]:
+        args = list(argv[argv.index("train", 1):])
+    else:
+        args = ["train", str(cfg.source_file or "config.yaml")]
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in ("--resume-from-checkpoint", "--resume_from_checkpoint"):
+            skip = True
+            continue
+        if a.startswith(("--resume-from-checkpoint=", "--resume_from_checkpoint=")):
+            continue
+        kept.append(a)
+    return shlex.join(["tuneforge", *kept, "--resume-from-checkpoint", str(checkpoint)])
+
+
+def _quiet_libraries() -> None:
+    """tuneforge shows its own progress; the libraries' per-file bars would interleave with it."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _log_data(data) -> None:
+    for split, stats in data.stats.items():
+        d = stats.as_dict()
+        log.info("%s data: %d rows (%d in), %s tokens, %s trained%s", split, d["rows_out"], d["rows_in"],
+                 f"{d['tokens']:,}", f"{d['trained_tokens']:,}",
+                 f"; dropped {d['dropped']}" if d["dropped"] else "")
+
+
+def _log_summary(result, out: Path) -> None:
+    parts = [f"{result.state.global_step} steps in {result.state.train_seconds:.1f} s"]
+    if result.train_metrics:
+        parts.append(f"final loss {result.train_metrics['loss']:.4f}")
+    if result.eval_metrics:
+        ev = result.eval_metrics
+        parts.append(f"eval loss {ev.get('eval_loss', float('nan')):.4f}")
+        if "eval_accuracy" in ev:
+            parts.append(f"held-out exact-match accuracy {ev['eval_accuracy']:.1%}")
+    log.info("done: %s. Outputs in %s", ", ".join(parts), out)

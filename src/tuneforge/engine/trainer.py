@@ -1,0 +1,427 @@
+"""The training loop: one explicit loop for every objective.
+
+    for each optimizer step:
+        micro-batches  <- the step plan (deterministic in seed and epoch; see plan.py)
+        n              <- items the objective sums over in the whole step, summed over all ranks
+        for each micro-batch:  backward(objective.loss(model, batch, n))   (no gradient sync until the last)
+        clip gradients; watchdog on loss and grad norm; optimizer and scheduler step
+        log; evaluate / checkpoint when due; on SIGINT/SIGTERM checkpoint and stop
+
+Why the loss is divided by `n` of the *whole step*: then the accumulated gradient is the gradient of
+the mean over every trained token of the step, independent of how rows are split into micro-batches
+or ranks (data-parallel gradients are averaged over ranks, hence the `* num_processes`).
+
+accelerate handles devices, mixed precision, data-parallel wrapping and trackers. The model is wrapped
+in `ObjectiveRunner`, whose forward runs the objective's function: every objective (one forward for
+SFT, several for preference methods) then runs inside a single DDP forward, as DDP requires.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneforge.config.schema import Config
+from tuneforge.errors import TuneforgeError
+from tuneforge.methods.base import Batch, Objective
+from tuneforge.models.load import mixed_precision
+
+from . import checkpoint as ckpt
+from . import trackers
+from .metrics import FlopCounter, MetricsLogger, peak_flops
+from .optim import build_optimizer
+from .plan import Cadence, MicroBatch, Position, StepPlan
+from .schedule import build_scheduler
+from .signals import StopFlag, TrainingInterrupted
+from .watchdog import LossWatchdog
+
+log = logging.getLogger("tuneforge")
+
+DEFAULT_EVERY = 500  # transformers' default save_steps/eval_steps when only the strategy is given
+
+
+class ObjectiveRunner(torch.nn.Module):
+    """`runner(fn, *args)` runs `fn(model, *args)` as this module's forward (see the module docstring)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args):
+        return fn(self.model, *args)
+
+
+@dataclass
+class TrainState:
+    global_step: int = 0
+    epoch: int = 0  # data position: epoch ...
+    index: int = 0  # ... and its next micro-batch
+    tokens_seen: int = 0  # real (non-padding) input tokens, this rank
+    trained_tokens_seen: int = 0  # items of the objective (SFT: trained tokens), all ranks
+    train_seconds: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    train_metrics: dict = field(default_factory=dict)  # the last logged training record
+    eval_metrics: dict | None = None  # the last evaluation record
+    last_checkpoint: Path | None = None
+    history: list[dict] = field(default_factory=list)  # every record written to metrics.jsonl
+    model: Any = None  # the trained (PEFT or transformers) model
+
+
+class _Rows:
+    """Fetch the documents of a tokenized dataset by index (the objective's `row_columns`), and their lengths."""
+
+    def __init__(self, ds, columns: tuple[str, ...]):
+        self.columns = tuple(c for c in columns if c in ds.column_names)
+        self.ds = ds.select_columns(list(self.columns))
+        self.lengths = [int(n) for n in ds["length"]]
+
+    def rows(self, mb: MicroBatch) -> list[list[dict]]:
+        from tuneforge.data.batches import gather
+
+        return gather(self.ds, mb, self.columns)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model, tokenizer, objective: Objective, data, *, output_dir: Path | None = None,
+                 accelerator=None, show_progress: bool | None = None):
+        self.cfg = cfg
+        self.model = model  # the (PEFT-wrapped) transformers model; saved as is
+        self.tokenizer = tokenizer
+        self.objective = objective
+        self.out = Path(output_dir) if output_dir is not None else cfg.output_path()
+        self.adapter = bool(cfg.adapter)
+        self.precision = mixed_precision(cfg)
+        names = trackers.requested(cfg)
+        trackers.check_installed(names)
+        self.accelerator = accelerator or _accelerator(self.precision, names, self.out)
+        acc = self.accelerator
+        self.tracker_names = names
+        self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+
+        self.train_rows = _Rows(data.train, objective.row_columns)
+        self.plan = StepPlan(cfg, self.train_rows.lengths, world_size=acc.num_processes, rank=acc.process_index)
+        self.total_steps = self.plan.total_steps
+        has_eval = data.eval is not None and cfg.eval_strategy != "no"
+        self.eval_rows = _Rows(data.eval, objective.row_columns) if has_eval else None
+
+        optimizer = build_optimizer(cfg, model)
+        self.scheduler = build_scheduler(cfg, optimizer, self.total_steps)
+        # The scheduler is stepped by hand: accelerate's wrapper would step it once per process.
+        self.runner, self.optimizer = acc.prepare(ObjectiveRunner(model), optimizer)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+        self.eval_cadence = self._eval_cadence()
+        self.save_cadence = self._save_cadence()
+
+        self.state = TrainState()
+        self.watchdog = LossWatchdog(cfg.loss_watchdog_threshold, cfg.loss_watchdog_patience, self.precision)
+        self.flops = FlopCounter(model, self.adapter)
+        self.peak = peak_flops(acc.device)
+        self.logger = MetricsLogger(self.out, self.total_steps, enabled=acc.is_main_process, accelerator=acc,
+                                    trackers=bool(names), progress=show_progress)
+        self.last_checkpoint: Path | None = None
+        self.last_eval: dict | None = None
+        self.last_train: dict = {}
+        self._eval_plan: list[MicroBatch] | None = None
+
+    # ------------------------------------------------------------------------------------------ loop
+    def train(self) -> TrainResult:
+        resumed_at = self._resume()
+        cfg, state = self.cfg, self.state
+        if self.accelerator.is_main_process:
+            ckpt.clean_partial(self.out)
+        trackers.start(cfg, self.accelerator, self.tracker_names, _public_config(cfg))
+        self.logger.start(state.global_step, keep_until=resumed_at)
+        log.info("training for %d optimizer steps (%d micro-batches of %d rows per step, %d process(es))",
+                 self.total_steps, cfg.grad_accum, cfg.micro_batch_size, self.accelerator.num_processes)
+        window = _Window()
+        evaluated_at = -1
+        try:
+            with StopFlag() as stop:
+                while state.global_step < self.total_steps:
+                    epoch = state.epoch
+                    mbs, nxt, epoch_end = self.plan.next_step(Position(state.epoch, state.index))
+                    start = time.perf_counter()
+                    batches = [self._batch(self.train_rows, mb, training=True) for mb in mbs]
+                    out = self._optimizer_step(batches)
+                    seconds = time.perf_counter() - start
+                    state.global_step += 1
+                    state.epoch, state.index = nxt.epoch, nxt.index
+                    state.tokens_seen += out["tokens"]
+                    state.trained_tokens_seen += out["num_items"]
+                    state.train_seconds += seconds
+                    window.add(out, seconds)
+                    step = state.global_step
+                    if step % cfg.logging_steps == 0 or step == self.total_steps or stop.requested:
+                        self._log_window(window, nxt)
+                        window = _Window()
+                    else:
+                        self.logger.advance(step)
+                    if stop.requested and step < self.total_steps:
+                        path = self.save_checkpoint(resumable=True)
+                        raise TrainingInterrupted(stop.signum, path, step)
+                    epoch_step = self.plan.steps_done_in_epoch(nxt, epoch_end, epoch)
+                    in_epoch = self.plan.steps_in_epoch(epoch)
+                    if self.eval_cadence and self.eval_cadence.due(step, epoch_step, in_epoch):
+                        self.evaluate()
+                        evaluated_at = step
+                    if (self.save_cadence and self.save_cadence.due(step, epoch_step, in_epoch)) or (
+                            cfg.save_first_step and step == 1):
+                        self.save_checkpoint()
+            if self.eval_rows is not None and evaluated_at != state.global_step:
+                self.evaluate()
+        finally:
+            self.objective.close()
+            self.logger.close()
+            if self.tracker_names:
+                self.accelerator.end_training()
+        return TrainResult(state, self.last_train, self.last_eval, self.last_checkpoint, list(self.logger.records),
+                           self.model)
+
+    def _optimizer_step(self, batches: list[Batch]) -> dict:
+        acc, objective = self.accelerator, self.objective
+        self.runner.train()
+        batches = [objective.rollout(self.model, b) for b in batches]
+        num_items = int(self._sum_over_ranks([float(sum(objective.num_items(b) for b in batches))])[0])
+        sums: dict[str, float] = defaultdict(float)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.runner):
+                loss, metrics = self.runner(objective.loss, batch, num_items)
+                acc.backward(loss * acc.num_processes)
+            for k, v in metrics.items():
+                sums[k] += v
+        keys = sorted(sums)
+        sums = dict(zip(keys, self._sum_over_ranks([sums[k] for k in keys]), strict=True))
+        grad_norm = self._clip_gradients()
+        summary = objective.summarize(sums, num_items)
+        lr = self.scheduler.get_last_lr()[0]
+        # Before the update: a non-finite loss or gradient must never reach the weights.
+        self.watchdog.check(summary.get("loss", 0.0), None if self.precision == "fp16" else grad_norm,
+                            self.state.global_step + 1, lr, str(self.last_checkpoint) if self.last_checkpoint else None)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "sums": sums, "num_items": num_items, "grad_norm": grad_norm, "lr": lr,
+            "tokens": sum(b["num_tokens"] for b in batches),
+            "flops": sum(self.flops.step_flops(b["num_tokens"], b["sum_sq_lengths"]) for b in batches),
+        }
+
+    def _clip_gradients(self) -> float:
+        max_norm = self.cfg.max_grad_norm or float("inf")
+        norm = self.accelerator.clip_grad_norm_(self.trainable, max_norm)
+        return float(norm) if norm is not None else float("nan")
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        if self.accelerator.num_processes == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(t, reduction="sum").tolist()
+
+    def _batch(self, rows: _Rows, mb: MicroBatch, *, training: bool) -> Batch:
+        batch = self.objective.collate(rows.rows(mb), self.pad_id, training=training)
+        lengths = [rows.lengths[i] for row in mb for i in row]
+        device = self.accelerator.device
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch["num_tokens"] = sum(lengths)
+        batch["sum_sq_lengths"] = sum(n * n for n in lengths)
+        return batch
+
+    # ------------------------------------------------------------------------------------------ schedule
+    def _eval_cadence(self) -> Cadence | None:
+        cfg = self.cfg
+        if self.eval_rows is None:
+            return None
+        chosen = self.plan.cadence(cfg.eval_steps, cfg.evals_per_epoch)
+        if chosen is None and cfg.eval_strategy == "steps":
+            return Cadence(every=DEFAULT_EVERY)
+        return chosen or Cadence(per_epoch=1)  # default: at the end of every epoch
+
+    def _save_cadence(self) -> Cadence | None:
+        cfg = self.cfg
+        if cfg.save_strategy == "no":
+            return None
+        chosen = self.plan.cadence(cfg.save_steps, cfg.saves_per_epoch)
+        if chosen is None and cfg.save_strategy == "epoch":
+            return Cadence(per_epoch=1)
+        return chosen or Cadence(every=DEFAULT_EVERY)
+
+    # ------------------------------------------------------------------------------------------ logging
+    def _log_window(self, window: _Window, pos: Position) -> None:
+        summary = self.objective.summarize(window.sums, window.items)
+        record = {
+            "type": "train",
+            "step": self.state.global_step,
+            "epoch": round(self.plan.epoch_progress(pos), 4),
+            **summary,
+            "lr": window.lr,
+            "grad_norm": window.grad_norm(),
+            "tokens": window.tokens,
+            "trained_tokens": window.items,
+            "tokens_per_second": window.tokens / max(window.seconds, 1e-9),
+            "total_tokens": self.state.tokens_seen,
+            "step_time": window.seconds / max(window.steps, 1),
+        }
+        if self.peak:
+            record["mfu"] = window.flops / (window.seconds * self.peak)
+        self.last_train = record
+        self.logger.train_step(record)
+
+    # ------------------------------------------------------------------------------------------ eval
+    def eval_batches(self) -> list[MicroBatch]:
+        """This rank's evaluation micro-batches, in dataset order (planned once)."""
+        from tuneforge.data.batches import plan_epoch
+
+        if self._eval_plan is not None:
+            return self._eval_plan
+        cfg, acc = self.cfg, self.accelerator
+        planned = plan_epoch(
+            self.eval_rows.lengths, epoch=0, seed=cfg.seed, micro_batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+            packed=cfg.packing_for_eval, capacity=cfg.eval_sequence_len or cfg.sequence_len, shuffle=False,
+            group_size=cfg.sample_packing_group_size, max_docs=cfg.sample_packing_bin_size,
+        )
+        self._eval_plan = planned[acc.process_index :: acc.num_processes]
+        return self._eval_plan
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token-weighted loss, perplexity and accuracy over the whole eval set; logged and returned."""
+        inner = self.accelerator.unwrap_model(self.runner)  # no DDP: ranks may see different batch counts
+        inner.eval()
+        sums: dict[str, float] = defaultdict(float)
+        with self.accelerator.autocast():
+            for mb in self.eval_batches():
+                batch = self._batch(self.eval_rows, mb, training=False)
+                for k, v in inner(self.objective.evaluate, batch).items():
+                    sums[k] += v
+        inner.train()
+        keys = sorted(sums)
+        sums = dict(zip(keys, self._sum_over_ranks([sums[k] for k in keys]), strict=True))
+        summary = self.objective.summarize_eval(sums)
+        record = {"type": "eval", "step": self.state.global_step,
+                  "epoch": round(self.plan.epoch_progress(Position(self.state.epoch, self.state.index)), 4),
+                  **{f"eval_{k}": v for k, v in summary.items()}}
+        self.last_eval = record
+        self.logger.eval_result(record)
+        return record
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, resumable: bool = False) -> Path:
+        """Write checkpoint-<step>; `resumable` forces optimizer state even with save_only_model."""
+        state = {
+            **asdict(self.state),
+            "total_steps": self.total_steps,
+            "watchdog": self.watchdog.state_dict(),
+            "plan": self._plan_signature(),
+        }
+        path = ckpt.save_checkpoint(
+            self.out, self.state.global_step, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
+            scheduler=self.scheduler, state=state, only_model=self.cfg.save_only_model and not resumable,
+            accelerator=self.accelerator, safe=self.cfg.save_safetensors,
+        )
+        if self.accelerator.is_main_process:
+            ckpt.rotate(self.out, self.cfg.save_total_limit, keep=path)
+        self.last_checkpoint = path
+        log.info("saved %s", path)
+        return path
+
+    def _plan_signature(self) -> dict:
+        c = self.cfg
+        return {"rows": len(self.train_rows.lengths), "seed": c.seed, "micro_batch_size": c.micro_batch_size,
+                "grad_accum": c.grad_accum, "sample_packing": c.sample_packing, "sequence_len": c.sequence_len,
+                "world_size": self.accelerator.num_processes}
+
+    def _resume_path(self) -> Path | None:
+        cfg = self.cfg
+        if cfg.resume_from_checkpoint:
+            path = Path(cfg.resolve_path(cfg.resume_from_checkpoint) or cfg.resume_from_checkpoint)
+            if not path.is_dir():
+                raise TuneforgeError(f"resume_from_checkpoint: {cfg.resume_from_checkpoint} does not exist.")
+            return path
+        if cfg.auto_resume_from_checkpoints:
+            return ckpt.latest_checkpoint(self.out)
+        return None
+
+    def _resume(self) -> int | None:
+        """Restore everything from the checkpoint to resume from, if any; returns its step."""
+        path = self._resume_path()
+        if path is None:
+            return None
+        saved = ckpt.load_training_state(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                         process_index=self.accelerator.process_index, adapter=self.adapter)
+        fields = TrainState.__dataclass_fields__
+        self.state = TrainState(**{k: saved[k] for k in fields if k in saved})
+        self.watchdog.load_state_dict(saved.get("watchdog", {}))
+        changed = {k: (v, saved.get("plan", {}).get(k)) for k, v in self._plan_signature().items()
+                   if saved.get("plan", {}).get(k) != v}
+        if changed:
+            log.warning("resuming with different data settings %s (now, then): the data order after resume will "
+                        "not match the original run", changed)
+        if self.state.global_step >= self.total_steps:
+            raise TuneforgeError(
+                f"{path} is at step {self.state.global_step}, and this config trains {self.total_steps} steps in all: "
+                "nothing left to train. Raise num_epochs or max_steps to continue training from it.")
+        self.last_checkpoint = path
+        log.info("resumed from %s: step %d, epoch %d, micro-batch %d", path, self.state.global_step,
+                 self.state.epoch, self.state.index)
+        return self.state.global_step
+
+
+class _Window:
+    """Totals over the steps between two log lines."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.items = 0
+        self.tokens = 0
+        self.seconds = 0.0
+        self.flops = 0.0
+        self.steps = 0
+        self.norms: list[float] = []
+        self.lr = 0.0
+
+    def add(self, out: dict, seconds: float) -> None:
+        for k, v in out["sums"].items():
+            self.sums[k] += v
+        self.items += out["num_items"]
+        self.tokens += out["tokens"]
+        self.flops += out["flops"]
+        self.seconds += seconds
+        self.steps += 1
+        self.lr = out["lr"]
+        if out["grad_norm"] is not None and math.isfinite(out["grad_norm"]):
+            self.norms.append(out["grad_norm"])
+
+    def grad_norm(self) -> float | None:
+        return sum(self.norms) / len(self.norms) if self.norms else None
+
+
+def _accelerator(precision: str, trackers_: list[str], out: Path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != precision and hasattr(AcceleratorState, "_reset_state"):
+        # accelerate keeps its state in a process-wide singleton that refuses a new precision; one process
+        # may train several times (tests, notebooks), so start it afresh (accelerate's own tests do this).
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=precision, log_with=trackers_ or None, project_dir=str(out / "runs"))
+
+
+def _public_config(cfg: Config) -> dict:
+    from tuneforge.config import dump
+
+    return dump(cfg)

@@ -1,0 +1,89 @@
+"""The interface between the training loop and a training objective (SFT, DPO, GRPO, ...).
+
+The loop in `tuneforge.engine.trainer` knows an objective only through this class. An optimizer step is:
+
+    batches = [objective.rollout(model, b) for b in micro_batches]   # online methods generate here
+    n = sum(objective.num_items(b) for b in batches), summed over every data-parallel rank
+    for b in batches:  loss, sums = objective.loss(model, b, n);  backward(loss)
+    logged = objective.summarize(sum of sums, n)
+
+`loss` must return the objective's *sum* over the items of the micro-batch divided by `n`, the item
+count of the whole optimizer step. Then gradient accumulation and data parallelism are exact: the
+gradient of a step is the same however its rows are split into micro-batches and ranks.
+
+`metrics` holds additive quantities (sums over items: `loss_sum`, `num_tokens`, ...); the loop adds
+them over micro-batches and ranks and hands the totals to `summarize`, so means are token-weighted
+over the whole step rather than averages of per-batch averages.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tuneforge.config.schema import Config
+
+Batch = dict[str, Any]
+
+
+class Objective:
+    """Base class of training objectives. Subclasses set `name` and implement `loss`."""
+
+    name: str = "objective"
+    # Keys beyond the collate contract that this objective adds to batches (documentation, and for checks).
+    extra_batch_keys: tuple[str, ...] = ()
+    # Dataset columns each document carries into `collate` (a dataset without one of them skips it):
+    # preference pairs, KTO labels and cached reference log-probs travel this way.
+    row_columns: tuple[str, ...] = ("input_ids", "labels")
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    # ---- data -------------------------------------------------------------------------------------
+    def prepare_data(self, tokenizer):
+        """Tokenized train/eval datasets (`tuneforge.data.pipeline.PreparedData`)."""
+        from tuneforge.data.pipeline import prepare
+
+        return prepare(self.cfg, tokenizer)
+
+    def collate(self, rows: list[list[dict]], pad_id: int, *, training: bool) -> Batch:
+        """Tensors for one micro-batch: `rows` is a list of packed rows, each a list of documents."""
+        from tuneforge.data.collate import collate
+
+        pack = self.cfg.sample_packing if training else self.cfg.packing_for_eval
+        pad_to = self.cfg.sequence_len if (self.cfg.pad_to_sequence_len or (self.cfg.pad_to_sequence_len is None
+                                                                           and pack)) else None
+        if not training and self.cfg.eval_sequence_len and pad_to:
+            pad_to = self.cfg.eval_sequence_len
+        return collate(rows, pad_id, pad_to=pad_to, multiple_of=self.cfg.pad_to_multiple_of)
+
+    # ---- one optimizer step -----------------------------------------------------------------------
+    def rollout(self, model, batch: Batch) -> Batch:
+        """Online methods generate completions (and score them) here; offline methods return the batch."""
+        return batch
+
+    def num_items(self, batch: Batch) -> int:
+        """How many items of this micro-batch the loss sums over (SFT: trained tokens)."""
+        return int(batch["num_target_tokens"])
+
+    def loss(self, model, batch: Batch, num_items: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss to backpropagate = sum over this batch's items / num_items, additive metrics)."""
+        raise NotImplementedError
+
+    def summarize(self, sums: dict[str, float], num_items: int) -> dict[str, float]:
+        """Turn metric totals of a step (or of an evaluation) into logged values."""
+        return {k: v / max(num_items, 1) for k, v in sums.items()}
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, model, batch: Batch) -> dict[str, float]:
+        """Additive evaluation metrics of one batch (no gradients); `summarize_eval` finishes them."""
+        _, sums = self.loss(model, batch, 1)
+        return sums
+
+    def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]:
+        return self.summarize(sums, int(sums.get("num_tokens", 1)))
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release what the objective started (generation workers, reward pools); called once at the end."""

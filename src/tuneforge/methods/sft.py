@@ -1,0 +1,77 @@
+"""Supervised fine-tuning: next-token cross-entropy over the trained tokens.
+
+Normalisation: the loss of a micro-batch is its *sum* of token losses divided by the trained tokens of
+the whole optimizer step (all micro-batches, all ranks). So `micro_batch_size: 4` with one micro-batch
+and `micro_batch_size: 1` with four give the same gradient, and packed and unpacked batches of the
+same rows give the same loss.
+
+Evaluation also reports `accuracy`: the share of documents whose trained tokens are all the argmax
+prediction given the true prefix. By induction over positions this is exactly "greedy decoding from
+the prompt reproduces the reference answer" (for multi-turn rows: every trained turn, given the true
+history), and it costs one forward pass instead of a generate() loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tuneforge.models.losses import causal_lm_token_loss, chunked_predictions
+
+from .base import Batch, Objective
+
+
+class SFTObjective(Objective):
+    name = "sft"
+
+    def loss(self, model, batch: Batch, num_items: int) -> tuple[torch.Tensor, dict[str, float]]:
+        out = causal_lm_token_loss(model, batch)
+        loss = out.loss_sum / max(num_items, 1)
+        return loss, {"loss_sum": float(out.loss_sum.detach()), "num_tokens": float(out.num_tokens)}
+
+    def summarize(self, sums: dict[str, float], num_items: int) -> dict[str, float]:
+        return {"loss": sums["loss_sum"] / max(num_items, 1)}
+
+    @torch.no_grad()
+    def evaluate(self, model, batch: Batch) -> dict[str, float]:
+        out = causal_lm_token_loss(model, batch)
+        targets = batch["target_ids"][out.mask]
+        correct = chunked_predictions(out.head, out.hidden) == targets
+        docs, exact = exact_match_documents(batch["position_ids"], out.mask, correct)
+        return {
+            "loss_sum": float(out.loss_sum),
+            "num_tokens": float(out.num_tokens),
+            "correct_tokens": float(correct.sum()),
+            "documents": float(docs),
+            "exact_documents": float(exact),
+        }
+
+    def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums["num_tokens"], 1.0)
+        loss = sums["loss_sum"] / n
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "token_accuracy": sums["correct_tokens"] / n,
+            "accuracy": sums["exact_documents"] / max(sums["documents"], 1.0),
+            "tokens": sums["num_tokens"],
+        }
+
+
+def exact_match_documents(position_ids: torch.Tensor, mask: torch.Tensor, correct: torch.Tensor) -> tuple[int, int]:
+    """(documents with trained tokens, documents whose trained tokens are all predicted correctly).
+
+    Documents start where position_ids is 0 (collate restarts positions per document; padding continues
+    the last document's positions, and carries no trained tokens).
+    """
+    starts = (position_ids == 0).flatten()
+    doc = torch.cumsum(starts.long(), 0) - 1
+    doc_of_trained = doc[mask.flatten()]
+    n_docs = int(doc[-1]) + 1 if doc.numel() else 0
+    trained = torch.zeros(n_docs, dtype=torch.long, device=doc.device)
+    wrong = torch.zeros(n_docs, dtype=torch.long, device=doc.device)
+    trained.index_add_(0, doc_of_trained, torch.ones_like(doc_of_trained))
+    wrong.index_add_(0, doc_of_trained, (~correct).long())
+    has = trained > 0
+    return int(has.sum()), int((has & (wrong == 0)).sum())

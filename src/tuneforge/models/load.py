@@ -1,0 +1,289 @@
+"""Load the base model as the config describes: source, config overrides, precision, attention,
+quantization, embeddings resize, gradient checkpointing and frozen parameters.
+
+Precision policy (documented choice):
+- Full fine-tuning keeps fp32 master weights and runs forward/backward under autocast (`bf16`/`fp16`
+  mixed precision through accelerate). Optimizer states are then fp32 too, which keeps small updates
+  from being rounded away. `torch_dtype: bfloat16` opts into pure bf16 weights (half the memory;
+  the optimizer states follow the weights' dtype).
+- Adapter runs load the frozen base in the mixed-precision dtype (bf16/fp16) when it is enabled - the
+  base never receives updates, so nothing is lost - while PEFT keeps the adapter weights in fp32.
+- `bf16: auto` means bf16 on a CUDA GPU that supports it and fp32 elsewhere (CPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from tuneforge.config.schema import Config
+from tuneforge.errors import ModelError, NotSupportedYet
+from tuneforge.models.tokenizer import model_source
+
+log = logging.getLogger("tuneforge")
+
+_ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention", "varlen")
+
+
+# ---------------------------------------------------------------- precision
+def mixed_precision(cfg: Config) -> str:
+    """'bf16', 'fp16' or 'no', from bf16/fp16 and the hardware."""
+    cuda = torch.cuda.is_available()
+    if cfg.fp16:
+        if not cuda:
+            raise ModelError("`fp16: true` needs a CUDA GPU (fp16 with loss scaling); on CPU remove it or use bf16.")
+        return "fp16"
+    if cfg.bf16 is True:
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise ModelError("`bf16: true` but this GPU has no bfloat16 support; use `fp16: true` or `bf16: false`.")
+        return "bf16"
+    if cfg.bf16 == "auto" and cuda and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def weights_dtype(cfg: Config) -> torch.dtype:
+    if cfg.torch_dtype and cfg.torch_dtype != "auto":
+        return getattr(torch, cfg.torch_dtype)
+    precision = mixed_precision(cfg)
+    if cfg.adapter and precision != "no":
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.float32
+
+
+def apply_tf32(cfg: Config) -> None:
+    if torch.cuda.is_available() and cfg.tf32 in (True, "auto"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# ---------------------------------------------------------------- attention
+def attention_implementation(cfg: Config) -> str:
+    impl = cfg.attn_implementation or "sdpa"
+    if impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelError(
+            "attn_implementation: flash_attention_2 needs the flash-attn package, which is not installed. "
+            "Use `attn_implementation: sdpa` (default; packed rows stay separated), `flex_attention`, "
+            "`varlen` (CUDA, no extra package) or `eager`, or install flash-attn."
+        )
+    if impl == "varlen":
+        try:
+            from tuneforge.models import attention  # the lead's varlen kernel registers itself here
+        except ImportError:
+            raise NotSupportedYet(
+                "attn_implementation: varlen is not available in this build yet; use sdpa (default)."
+            ) from None
+        return attention.register()
+    return impl
+
+
+# ---------------------------------------------------------------- config and classes
+def auto_class(cfg: Config):
+    import transformers
+
+    name = cfg.model_type or "AutoModelForCausalLM"
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ModelError(
+            f"model_type `{name}` is not a transformers model class; use e.g. AutoModelForCausalLM, "
+            "AutoModelForSequenceClassification or AutoModelForTokenClassification."
+        )
+    return cls
+
+
+def load_config(cfg: Config):
+    """The model config from base_model (or base_model_config), with `model_config` overrides applied."""
+    from transformers import AutoConfig
+
+    src = model_source(cfg, cfg.base_model_config or cfg.base_model)
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.model_revision and src == cfg.base_model:
+        kwargs["revision"] = cfg.model_revision
+    try:
+        config = AutoConfig.from_pretrained(src, **kwargs)
+    except Exception as exc:
+        raise ModelError(_load_hint(src, exc, "base_model_config" if cfg.base_model_config else "base_model")) from None
+    for key, value in (cfg.model_config_overrides or {}).items():
+        current = getattr(config, key, None)
+        if isinstance(current, dict) and isinstance(value, dict):
+            value = {**current, **value}
+        setattr(config, key, value)
+    if cfg.num_labels is not None:
+        config.num_labels = cfg.num_labels
+    return config
+
+
+def _load_hint(src: str, exc: Exception, key: str) -> str:
+    if Path(src).exists():
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"could not load the model from {src} ({key}): {type(exc).__name__}: {first}"
+    if src.startswith((".", "/", "~")) or src.count("/") > 1:
+        return f"model folder not found: {src}. Check `{key}` (relative paths are looked up next to the config file)."
+    return (
+        f"could not load the model `{src}` ({key}): it is not a local folder and the hub is unreachable or has "
+        f"no such repository ({type(exc).__name__}). Check the name, or download it and point {key} to the folder."
+    )
+
+
+# ---------------------------------------------------------------- quantization
+def quantization_config(cfg: Config):
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return None
+    key = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
+    if not torch.cuda.is_available():
+        raise ModelError(
+            f"`{key}: true` needs a CUDA GPU (bitsandbytes quantized layers); on CPU remove it and use "
+            "`adapter: lora` on unquantized weights."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"`{key}: true` needs the bitsandbytes package: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, **(cfg.bnb_config_kwargs or {}))
+    compute = torch.bfloat16 if mixed_precision(cfg) != "fp16" else torch.float16
+    options = {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": compute,
+        "bnb_4bit_quant_storage": compute,
+        **(cfg.bnb_config_kwargs or {}),
+    }
+    return BitsAndBytesConfig(**options)
+
+
+# ---------------------------------------------------------------- the model
+def load_model(cfg: Config, tokenizer):
+    """Build the model to train (before any adapter is added)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    cls = auto_class(cfg)
+    config = load_config(cfg)
+    attn = attention_implementation(cfg)
+    dtype = weights_dtype(cfg)
+    quant = quantization_config(cfg)
+    apply_tf32(cfg)
+    if cfg.reinit_weights:
+        if quant is not None:
+            raise ModelError("`reinit_weights: true` cannot be combined with load_in_4bit/load_in_8bit.")
+        # Seeded by the caller (engine.run sets `seed` first), so the random init is reproducible.
+        model = cls.from_config(config, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
+        log.info("initialised %s randomly from its config (reinit_weights)", type(model).__name__)
+    else:
+        model = _from_pretrained(cfg, cls, config, attn, dtype, quant)
+    resize_embeddings(cfg, model, tokenizer)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # training never reuses keys/values; a cache would also disable packing masks
+    enable_gradient_checkpointing(cfg, model)
+    if cfg.unfrozen_parameters:
+        freeze_except(model, cfg.unfrozen_parameters)
+    return model
+
+
+def _from_pretrained(cfg: Config, cls, config, attn: str, dtype, quant):
+    src = model_source(cfg)
+    kwargs = {
+        "config": config,
+        "dtype": dtype,
+        "attn_implementation": attn,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if cfg.model_revision:
+        kwargs["revision"] = cfg.model_revision
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = cfg.device_map or {"": torch.cuda.current_device()}
+    elif cfg.device_map is not None:
+        kwargs["device_map"] = cfg.device_map
+    if cfg.low_cpu_mem_usage is not None:
+        kwargs["low_cpu_mem_usage"] = cfg.low_cpu_mem_usage
+    kwargs.update(cfg.model_kwargs or {})
+    if Path(src).is_dir() and not _has_weights(Path(src)):
+        raise ModelError(
+            f"{src} has a config but no weights (*.safetensors / *.bin). Set `reinit_weights: true` to train "
+            "from a random initialisation, or point base_model to a folder with weights."
+        )
+    try:
+        return cls.from_pretrained(src, **kwargs)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(_load_hint(src, exc, "base_model")) from None
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.safetensors.index.json"))
+
+
+def resize_embeddings(cfg: Config, model, tokenizer) -> bool:
+    """Grow the embeddings when the tokenizer has more tokens than the model; returns whether it grew."""
+    if tokenizer is None or model.get_input_embeddings() is None:
+        return False
+    have, need = model.get_input_embeddings().weight.shape[0], len(tokenizer)
+    if need <= have:
+        return False
+    model.resize_token_embeddings(need)
+    log.info("resized the embeddings from %d to %d tokens (special_tokens / tokens added)", have, need)
+    if cfg.adapter:
+        names = {_module_name(model, model.get_input_embeddings()), _module_name(model, model.get_output_embeddings())}
+        names.discard(None)
+        missing = sorted(n for n in names if n not in (cfg.lora_modules_to_save or []))
+        if missing:
+            raise ModelError(
+                f"the tokenizer gained {need - have} tokens, whose new embeddings would stay untrained under "
+                f"`adapter: {cfg.adapter}`. Add `lora_modules_to_save: {sorted(names)}` (missing: {missing})."
+            )
+    return True
+
+
+def _module_name(model, module) -> str | None:
+    if module is None:
+        return None
+    for name, m in model.named_modules():
+        if m is module:
+            return name.rsplit(".", 1)[-1]
+    return None
+
+
+def enable_gradient_checkpointing(cfg: Config, model) -> None:
+    if not cfg.gradient_checkpointing:
+        return
+    if cfg.gradient_checkpointing in ("unsloth", "offload"):
+        log.warning("gradient_checkpointing: %s (activation offloading) is not implemented; using standard "
+                    "gradient checkpointing", cfg.gradient_checkpointing)
+    kwargs = {"use_reentrant": False, **(cfg.gradient_checkpointing_kwargs or {})}
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def freeze_except(model, patterns: list[str]) -> list[str]:
+    """Train only parameters whose name matches one of the regexes; returns the trained names."""
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as exc:
+        raise ModelError(f"unfrozen_parameters: invalid regular expression ({exc}).") from None
+    trained = []
+    for name, param in model.named_parameters():
+        param.requires_grad = any(c.search(name) for c in compiled)
+        if param.requires_grad:
+            trained.append(name)
+    if not trained:
+        sample = ", ".join(n for n, _ in list(model.named_parameters())[:4])
+        raise ModelError(f"unfrozen_parameters {patterns} match no parameter name (names look like: {sample}, ...).")
+    return trained
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

@@ -1,0 +1,81 @@
+"""Learning-rate schedules: closed-form values and parity with transformers' schedulers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tuneforge.config import load
+from tuneforge.engine.schedule import build_scheduler, multiplier_fn, warmup_steps
+from tuneforge.errors import TuneforgeError
+
+
+def _cfg(tmp_path, **keys):
+    return load(data={"base_model": "x", "learning_rate": 0.1, **keys})
+
+
+def _lrs(cfg, total):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    sched = build_scheduler(cfg, opt, total)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant_with_warmup"])
+def test_matches_transformers(tmp_path, name):
+    from transformers import get_scheduler
+
+    total, warm = 23, 4
+    cfg = _cfg(tmp_path, lr_scheduler=name, warmup_steps=warm)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    ref = get_scheduler(name, opt, num_warmup_steps=warm, num_training_steps=total)
+    expected = []
+    for _ in range(total):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert _lrs(cfg, total) == pytest.approx(expected, abs=1e-12)
+
+
+def test_cosine_with_min_lr_matches_transformers(tmp_path):
+    from transformers import get_scheduler
+
+    cfg = _cfg(tmp_path, lr_scheduler="cosine_with_min_lr", cosine_min_lr_ratio=0.1, warmup_steps=3)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    ref = get_scheduler("cosine_with_min_lr", opt, num_warmup_steps=3, num_training_steps=20,
+                        scheduler_specific_kwargs={"min_lr_rate": 0.1})
+    expected = []
+    for _ in range(20):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    assert _lrs(cfg, 20) == pytest.approx(expected, abs=1e-12)
+
+
+def test_closed_form_values(tmp_path):
+    f = multiplier_fn(_cfg(tmp_path, lr_scheduler="cosine", warmup_steps=2), 12)
+    assert [f(0), f(1), f(2)] == [0.0, 0.5, 1.0]
+    assert f(7) == pytest.approx(0.5)  # half-way through the decay: cos(pi/2)
+    assert f(12) == pytest.approx(0.0)
+    g = multiplier_fn(_cfg(tmp_path, lr_scheduler="cosine", cosine_min_lr_ratio=0.2), 10)
+    assert g(10) == pytest.approx(0.2) and g(5) == pytest.approx(0.2 + 0.8 * 0.5)
+    h = multiplier_fn(_cfg(tmp_path, lr_scheduler="linear", warmup_ratio=0.25), 8)
+    assert [h(0), h(1), h(2), h(5), h(8)] == pytest.approx([0, 0.5, 1.0, 0.5, 0.0])
+    assert multiplier_fn(_cfg(tmp_path, lr_scheduler="constant"), 5)(3) == 1.0
+
+
+def test_warmup_ratio_rounds_up(tmp_path):
+    assert warmup_steps(_cfg(tmp_path, warmup_ratio=0.1), 25) == math.ceil(2.5)
+
+
+def test_bad_scheduler_options_are_clear(tmp_path):
+    with pytest.raises(TuneforgeError, match="cosine_min_lr_ratio"):
+        multiplier_fn(_cfg(tmp_path, lr_scheduler="cosine_with_min_lr"), 10)
+    with pytest.raises(TuneforgeError, match="unknown option"):
+        multiplier_fn(_cfg(tmp_path, lr_scheduler_kwargs={"power": 2}), 10)

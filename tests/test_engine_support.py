@@ -1,0 +1,117 @@
+"""Helpers shared by the engine tests (tiny pre-tokenized data, configs, runs) and checks of the step plan."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train faster on one thread, and the test machine's cores are shared; import this fixture."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_rows(n: int = 24, seed: int = 0, lo: int = 6, hi: int = 28, prompt: int = 3, vocab: int = 900) -> list[dict]:
+    """Pre-tokenized rows of varied length whose first `prompt` tokens are not trained."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        ids = [rng.randint(10, vocab) for _ in range(rng.randint(lo, hi))]
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def make_config(folder: Path, model_dir: Path, rows: list[dict] | None = None, name: str = "config.yaml", **keys):
+    """Write data + YAML into `folder` and load it through the real config loader."""
+    from tuneforge.config import load
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "data.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps(r) + "\n" for r in (rows or make_rows())))
+    base = {
+        "base_model": str(model_dir),
+        "output_dir": str(folder / "out"),
+        "datasets": [{"path": str(data)}],
+        "sequence_len": 64,
+        "micro_batch_size": 2,
+        "learning_rate": 1e-3,
+        "optimizer": "adamw_torch",
+        "seed": 7,
+    }
+    base.update(keys)
+    path = folder / name
+    path.write_text(yaml.safe_dump(base, sort_keys=False))
+    return load(path)
+
+
+def train(cfg, argv=None):
+    from tuneforge.engine.run import train as run_train
+
+    return run_train(cfg, argv, show_progress=False)
+
+
+def losses(result) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in result.history if r["type"] == "train"}
+
+
+# ---------------------------------------------------------------- the step plan itself
+def test_plan_counts_steps_from_every_epoch_and_partial_accumulation(tmp_path, tiny_model_dir):
+    from tuneforge.engine.plan import Position, StepPlan
+
+    cfg = make_config(tmp_path, tiny_model_dir, micro_batch_size=3, gradient_accumulation_steps=2, num_epochs=2)
+    lengths = [10] * 20  # 7 micro-batches per epoch (3,3,3,3,3,3,2) -> 4 steps, the last with one micro-batch
+    plan = StepPlan(cfg, lengths)
+    assert [len(plan.epoch(e)) for e in (0, 1)] == [7, 7]
+    assert plan.total_steps == 8
+    pos, seen, ends = Position(), [], []
+    for _ in range(plan.total_steps):
+        mbs, pos, end = plan.next_step(pos)
+        seen.append(len(mbs))
+        ends.append(end)
+    assert seen == [2, 2, 2, 1, 2, 2, 2, 1]
+    assert ends == [False, False, False, True] * 2
+    assert pos.epoch == 2 and pos.index == 0
+    # every row appears exactly once per epoch
+    assert sorted(i for mb in plan.epoch(1) for row in mb for i in row) == list(range(20))
+
+
+def test_plan_fractional_epochs_and_max_steps(tmp_path, tiny_model_dir):
+    from tuneforge.engine.plan import StepPlan
+
+    cfg = make_config(tmp_path, tiny_model_dir, micro_batch_size=2, num_epochs=1.5)
+    plan = StepPlan(cfg, [10] * 20)  # 10 micro-batches per epoch; half of the second
+    assert plan.total_steps == 15
+    cfg2 = make_config(tmp_path, tiny_model_dir, name="b.yaml", micro_batch_size=2, max_steps=33)
+    assert StepPlan(cfg2, [10] * 20).total_steps == 33
+    assert StepPlan(cfg2, [10] * 20).cadence(0.25, None).every == 9  # a fraction of total steps, rounded up
+
+
+def test_per_epoch_cadence_ends_on_the_epoch_boundary():
+    from tuneforge.engine.plan import Cadence
+
+    twice = Cadence(per_epoch=2)
+    assert [s for s in range(1, 126) if twice.due(s, s, 125)] == [62, 125]
+    thrice = Cadence(per_epoch=3)
+    assert [s for s in range(1, 8) if thrice.due(s, s, 7)] == [2, 5, 7]
+    assert [s for s in range(1, 20) if Cadence(every=5).due(s, 0, 0)] == [5, 10, 15]
+
+
+def test_plan_shards_micro_batches_across_ranks(tmp_path, tiny_model_dir):
+    from tuneforge.engine.plan import StepPlan
+
+    cfg = make_config(tmp_path, tiny_model_dir, micro_batch_size=1)
+    plans = [StepPlan(cfg, [10] * 9, world_size=2, rank=r) for r in (0, 1)]
+    a, b = (p.epoch(0) for p in plans)
+    assert len(a) == len(b) == 4  # 9 micro-batches -> 4 each, the odd one dropped so ranks stay in step
+    assert not {i for mb in a for r in mb for i in r} & {i for mb in b for r in mb for i in r}

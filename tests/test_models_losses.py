@@ -1,0 +1,115 @@
+"""The SFT loss: chunked == full-logits reference, packed == unpacked, and the normalisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_engine_support import one_thread  # noqa: F401
+from tuneforge.data.collate import collate
+from tuneforge.models.losses import causal_lm_token_loss, chunked_cross_entropy, reference_token_loss
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation="sdpa")
+    return m.train()
+
+
+def _docs(seed: int = 0, n: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for i in range(n):
+        length = 5 + 4 * i
+        ids = torch.randint(10, 900, (length,), generator=g).tolist()
+        docs.append({"input_ids": ids, "labels": [-100] * (1 + i) + ids[1 + i :]})
+    return docs
+
+
+def _grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_chunked_loss_matches_full_logits_reference(model):
+    batch = collate([[d] for d in _docs()], pad_id=0)
+    ours = causal_lm_token_loss(model, batch, chunk=7)  # several chunks
+    ref = reference_token_loss(model, batch)
+    assert ours.num_tokens == batch["num_target_tokens"] > 0
+    assert torch.allclose(ours.loss_sum, ref, rtol=1e-6, atol=1e-5)
+    g_ours, g_ref = _grads(model, ours.loss_sum), _grads(model, ref)
+    for name in g_ref:
+        assert torch.allclose(g_ours[name], g_ref[name], atol=1e-6), name
+
+
+def test_chunked_cross_entropy_closed_form():
+    class Head:  # identity head: logits are the hidden states themselves
+        vocab = 3
+
+        def __call__(self, h):
+            return h.float()
+
+    hidden = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    targets = torch.tensor([2, 0])
+    expected = torch.log(torch.tensor(3.0)) + (torch.log(torch.e + torch.tensor(2.0)) - 1.0)
+    assert torch.allclose(chunked_cross_entropy(Head(), hidden, targets, chunk=1), expected)
+
+
+def test_packed_and_unpacked_batches_give_the_same_loss_and_gradient(model):
+    docs = _docs(seed=1)
+    unpacked = collate([[d] for d in docs], pad_id=0)
+    packed = collate([docs[:3], docs[3:]], pad_id=0)  # two rows: three documents packed, then one
+    assert packed["input_ids"].shape[0] == 2 and packed["num_target_tokens"] == unpacked["num_target_tokens"]
+    a = causal_lm_token_loss(model, unpacked).loss_sum
+    b = causal_lm_token_loss(model, packed).loss_sum
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-5)
+    ga, gb = _grads(model, a), _grads(model, b)
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], atol=1e-6), name
+
+
+def test_packing_without_position_restart_would_leak(model):
+    """The test above can fail: the same packed row with plain 0..T-1 positions gives another loss."""
+    docs = _docs(seed=1)
+    packed = collate([docs[:3], docs[3:]], pad_id=0)
+    leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
+    with torch.no_grad():
+        good = causal_lm_token_loss(model, packed).loss_sum
+        bad = causal_lm_token_loss(model, leaky).loss_sum
+    assert abs(float(good - bad)) > 1e-3
+
+
+def test_step_normalisation_makes_micro_batch_split_irrelevant(model):
+    """sum / (tokens of the whole step) per micro-batch == one big batch; a mean of means is not."""
+    docs = _docs(seed=2)
+    whole = collate([[d] for d in docs], pad_id=0)
+    parts = [collate([[d]], pad_id=0) for d in docs]
+    n = whole["num_target_tokens"]
+    g_whole = _grads(model, causal_lm_token_loss(model, whole).loss_sum / n)
+    total = sum(causal_lm_token_loss(model, p).loss_sum / n for p in parts)
+    g_split = _grads(model, total)
+    mean_of_means = sum(causal_lm_token_loss(model, p).loss_sum / p["num_target_tokens"] for p in parts) / len(parts)
+    g_naive = _grads(model, mean_of_means)
+    worst = max((g_whole[k] - g_split[k]).abs().max().item() for k in g_whole)
+    naive = max((g_whole[k] - g_naive[k]).abs().max().item() for k in g_whole)
+    assert worst < 1e-6
+    assert naive > 100 * max(worst, 1e-9)
+
+
+def test_logit_transforms_match_the_model_forward():
+    """Architectures that post-process logits (Gemma 2 soft-capping) get the same loss as their forward."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    cfg = Gemma2Config(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=3.0,
+                       attn_logit_softcapping=None, sliding_window=16)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20)  # make the soft-cap matter
+    batch = collate([[{"input_ids": list(range(3, 15)), "labels": list(range(3, 15))}]], pad_id=0)
+    ours = causal_lm_token_loss(m, batch).loss_sum
+    assert torch.allclose(ours, reference_token_loss(m, batch), rtol=1e-5)
