@@ -6,7 +6,9 @@ FlashAttention kernel shipped with PyTorch, so no flash-attn install and no [T, 
 Register it with `register()`, load the model with `attn_implementation="tuneforge_varlen"` and call
 the model with `**varlen_kwargs(batch)`.
 
-Without the cumulative lengths (e.g. during generation) the function falls back to causal SDPA.
+Without the cumulative lengths (generation, other objectives' plain forwards) the function falls back
+to SDPA with the mask transformers builds for SDPA (padding, KV cache and packed position_ids all
+handled there), so the implementation is always correct and only fast where it matters.
 """
 
 from __future__ import annotations
@@ -68,17 +70,14 @@ def _sdpa_fallback(query, key, value, attention_mask, scaling):
     return out.transpose(1, 2).contiguous(), None
 
 
-def _no_mask(*args, **kwargs):
-    return None
-
-
 def register() -> str:
     """Register the kernel under `tuneforge_varlen` (idempotent); returns the name."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(NAME, varlen_attention_forward)
-    AttentionMaskInterface.register(NAME, _no_mask)
+    # The SDPA mask serves the fallback path; the varlen kernel ignores it.
+    AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME
 
 

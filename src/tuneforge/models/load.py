@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.config.schema import Config
-from tuneforge.errors import ModelError, NotSupportedYet
+from tuneforge.errors import ModelError
 from tuneforge.models.tokenizer import model_source
 
 log = logging.getLogger("tuneforge")
@@ -63,7 +63,12 @@ def apply_tf32(cfg: Config) -> None:
 
 # ---------------------------------------------------------------- attention
 def attention_implementation(cfg: Config) -> str:
-    impl = cfg.attn_implementation or "sdpa"
+    impl = cfg.attn_implementation
+    if impl is None:
+        from tuneforge.models import attention
+
+        # The fast path switches on by itself on CUDA: packed documents through a varlen kernel.
+        impl = "varlen" if attention.available() else "sdpa"
     if impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelError(
             "attn_implementation: flash_attention_2 needs the flash-attn package, which is not installed. "
@@ -71,12 +76,13 @@ def attention_implementation(cfg: Config) -> str:
             "`varlen` (CUDA, no extra package) or `eager`, or install flash-attn."
         )
     if impl == "varlen":
-        try:
-            from tuneforge.models import attention  # the lead's varlen kernel registers itself here
-        except ImportError:
-            raise NotSupportedYet(
-                "attn_implementation: varlen is not available in this build yet; use sdpa (default)."
-            ) from None
+        from tuneforge.models import attention
+
+        if not attention.available():
+            raise ModelError(
+                "attn_implementation: varlen needs a CUDA GPU and torch.nn.attention.varlen (torch >= 2.10); "
+                "use sdpa on this machine (packed rows stay separated there too)."
+            )
         return attention.register()
     return impl
 

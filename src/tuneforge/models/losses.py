@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tuneforge.models import attention
+
 IGNORE_INDEX = -100
 # Elements of fp32 logits per chunk (64 Mi floats = 256 MiB): 512 positions at a 128K vocabulary.
 _CHUNK_ELEMENTS = 1 << 26
@@ -35,10 +37,14 @@ def unwrap_peft(model):
 def decoder_hidden_states(model, batch: dict) -> torch.Tensor:
     """Final hidden states [B, T, H] of the decoder stack, with per-document attention from position_ids."""
     base = unwrap_peft(model)
+    extra = {}
+    if getattr(base.config, "_attn_implementation", None) == attention.NAME and "cu_seqlens" in batch:
+        extra = attention.varlen_kwargs(batch)  # the packed documents' boundaries, for the varlen kernel
     out = base.get_decoder()(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
         use_cache=False,
+        **extra,
     )
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
