@@ -96,6 +96,8 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path) -> d
         cfg.update(adapter="lora", lora_r=16, lora_alpha=32, lora_target_linear=True)
     if args.gc:
         cfg["gradient_checkpointing"] = True
+    if args.compile:
+        cfg["torch_compile"] = True
     import torch
 
     torch.cuda.reset_peak_memory_stats()
@@ -168,6 +170,22 @@ def run_hf(args, model_dir: Path, rows: list[list[int]], lengths: list[int], wor
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "timed_steps": len(rates)}
 
 
+def profiled(args, model_dir: Path, rows: list[list[int]], work: Path) -> dict:
+    """The tuneforge run under torch.profiler: where the GPU time goes, and how busy the GPU is."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        res = run_tuneforge(args, model_dir, rows, work)
+    wall = time.perf_counter() - t0
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+    Path(args.profile).write_text(f"wall {wall:.1f} s, GPU kernels {busy:.1f} s\n{table}\n")
+    torch.cuda.synchronize()
+    return res
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
@@ -181,7 +199,9 @@ def main(argv=None) -> int:
     p.add_argument("--attn", default=None, help="attn_implementation for tuneforge (default: automatic)")
     p.add_argument("--gc", action="store_true", help="gradient checkpointing in both engines")
     p.add_argument("--engines", default="tuneforge,hf")
+    p.add_argument("--compile", action="store_true", help="torch_compile: true for tuneforge")
     p.add_argument("--out", default=None)
+    p.add_argument("--profile", default=None, help="write a CUDA kernel-time table of the tuneforge run here")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     lengths = alpaca_lengths(args.rows)
@@ -191,8 +211,12 @@ def main(argv=None) -> int:
         model_dir = make_model_dir(work, args.shape)
         rows = make_rows(lengths, 1000)
         for engine in args.engines.split(","):
-            fn = run_tuneforge if engine == "tuneforge" else None
-            res = fn(args, model_dir, rows, work) if fn else run_hf(args, model_dir, rows, lengths, work)
+            if engine == "tuneforge" and args.profile:
+                res = profiled(args, model_dir, rows, work)
+            elif engine == "tuneforge":
+                res = run_tuneforge(args, model_dir, rows, work)
+            else:
+                res = run_hf(args, model_dir, rows, lengths, work)
             res.update(shape=args.shape, mode=args.mode, seq_len=args.seq_len, steps=args.steps)
             print(json.dumps(res), flush=True)
             results.append(res)

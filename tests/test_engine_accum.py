@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from test_engine_support import make_config, make_rows, one_thread, train  # noqa: F401
 
 SGD = {"optimizer": "sgd", "learning_rate": 1.0, "lr_scheduler": "constant", "max_grad_norm": None,
-       "max_steps": 1, "shuffle_merged_datasets": False}
+       "max_steps": 1, "shuffle_merged_datasets": False,
+       "bf16": False, "tf32": False}  # exact fp32 arithmetic on GPUs too
 
 
 def _update(tmp_path, tiny_model_dir, name: str, **keys) -> tuple[dict, float]:

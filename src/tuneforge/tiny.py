@@ -25,20 +25,7 @@ SPECIAL_TOKENS = [
 
 def _corpus(n: int = 4000, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    words = (
-        "the a an of to and in is it you that he was for on are with as his they be at one have this from "
-        "or had by word but what some we can out other were all there when up use your how said each she "
-        "which do their time if will way about many then them write would like so these her long make thing "
-        "see him two has look more day could go come did number sound no most people my over know water "
-        "than call first who may down side been now find any new work part take get place made live where "
-        "after back little only round man year came show every good me give our under name very through "
-        "just form sentence great think say help low line differ turn cause much mean before move right boy "
-        "old too same tell does set three want air well also play small end put home read hand port large "
-        "spell add even land here must big high such follow act why ask men change went light kind off need "
-        "house picture try us again animal point mother world near build self earth father answer question "
-        "reverse copy sort count sum user assistant system tool call result weather city function arguments "
-        "name value true false null hello thanks please instruction input output response task"
-    ).split()
+    words = ["the", "a", "an", "of", "to", "and", "in", "is", "it", "you", "that", "he", "was", "for", "on", "are", "with", "as", "his", "they", "be", "at", "one", "have", "this", "from", "or", "had", "by", "word", "but", "what", "some", "we", "can", "out", "other", "were", "all", "there", "when", "up", "use", "your", "how", "said", "each", "she", "which", "do", "their", "time", "if", "will", "way", "about", "many", "then", "them", "write", "would", "like", "so", "these", "her", "long", "make", "thing", "see", "him", "two", "has", "look", "more", "day", "could", "go", "come", "did", "number", "sound", "no", "most", "people", "my", "over", "know", "water", "than", "call", "first", "who", "may", "down", "side", "been", "now", "find", "any", "new", "work", "part", "take", "get", "place", "made", "live", "where", "after", "back", "little", "only", "round", "man", "year", "came", "show", "every", "good", "me", "give", "our", "under", "name", "very", "through", "just", "form", "sentence", "great", "think", "say", "help", "low", "line", "differ", "turn", "cause", "much", "mean", "before", "move", "right", "boy", "old", "too", "same", "tell", "does", "set", "three", "want", "air", "well", "also", "play", "small", "end", "put", "home", "read", "hand", "port", "large", "spell", "add", "even", "land", "here", "must", "big", "high", "such", "follow", "act", "why", "ask", "men", "change", "went", "light", "kind", "off", "need", "house", "picture", "try", "us", "again", "animal", "point", "mother", "world", "near", "build", "self", "earth", "father", "answer", "question", "reverse", "copy", "sort", "count", "sum", "user", "assistant", "system", "tool", "call", "result", "weather", "city", "function", "arguments", "name", "value", "true", "false", "null", "hello", "thanks", "please", "instruction", "input", "output", "response", "task"]
     lines = []
     for _ in range(n):
         kind = rng.random()
@@ -50,7 +37,7 @@ def _corpus(n: int = 4000, seed: int = 0) -> list[str]:
             a, b = rng.randint(0, 999), rng.randint(0, 999)
             lines.append(f"{a} + {b} = {a + b}")
         else:
-            lines.append('{"name": "%s", "arguments": {"%s": "%s"}}' % tuple(rng.choice(words) for _ in range(3)))
+            lines.append('{"name": "%s", "arguments": {"%s": "%s"}}' % tuple(rng.choice(words) for _ in range(3)))  # noqa: UP031
     lines += ["### Instruction:\n", "### Input:\n", "### Response:\n", "Below is an instruction"]
     return lines
 

@@ -41,8 +41,6 @@ NOT_SUPPORTED_YET = {
     "liger_fused_linear_cross_entropy": "Liger kernels are planned",
     "cut_cross_entropy": "fused cross-entropy is planned",
     "chunked_cross_entropy": "chunked cross-entropy is planned",
-    "torch_compile": "torch.compile support is planned",
-    "torch_compile_backend": "torch.compile support is planned",
     "torch_compile_mode": "torch.compile support is planned",
     "neftune_noise_alpha": "NEFTune is not implemented",
     "relora": "ReLoRA is not implemented",

@@ -94,6 +94,12 @@ class ModelKeys(Section):
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
         None, description="Options for gradient checkpointing, e.g. {use_reentrant: false}."
     )
+    torch_compile: bool | Literal["auto"] = Field(
+        False,
+        description="Compile each transformer block with torch.compile (fuses norms, activations, RoPE; "
+        "CUDA only, the first steps pay the compile time). auto: on when CUDA is used.",
+    )
+    torch_compile_backend: str | None = Field(None, description="torch.compile backend (default: inductor).")
     unfrozen_parameters: list[str] | None = Field(
         None, description="Regexes of parameter names to train; every other parameter is frozen (full fine-tune)."
     )

@@ -61,6 +61,21 @@ class TRLBlock(Section):
     log_completions: bool | None = Field(None, description="Log a sample of completions.")
     async_prefetch: bool | None = Field(None, description="Generate the next batch while the current one trains.")
     skip_zero_advantage_batches: bool | None = Field(None, description="Skip micro-batches with no learning signal.")
+    # Added with the GRPO objective (methods/grpo.py).
+    reward_timeout: float | None = Field(
+        None, gt=0, description="Seconds a reward call may take in reward_num_workers worker processes (default: no limit)."
+    )
+    prefetch_depth: int | None = Field(None, ge=1, description="Rollouts generated ahead with async_prefetch (default 1).")
+    use_data_producer: bool | None = Field(None, description="Accepted for Axolotl compatibility; same as async_prefetch.")
+    vllm_sync_interval: int | None = Field(None, ge=1, description="Optimizer steps between weight syncs to the sampler.")
+    vllm_importance_sampling_clip_min: float | None = Field(
+        None, ge=0, description="Lower bound of the importance weight (default: none; Axolotl uses 1/cap)."
+    )
+    off_policy_mask_threshold: float | None = Field(
+        None, description="Drop negative-advantage sequences whose mean sampler-vs-policy log-ratio exceeds this."
+    )
+    use_bias_correction_kl: bool | None = Field(None, description="Multiply the KL term by the importance ratio.")
+    num_completions_to_print: int | None = Field(None, ge=0, description="Completions logged per step with log_completions.")
 
 
 class VLLMBlock(Section):

@@ -24,7 +24,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
 
     from tuneforge.methods import get_objective
     from tuneforge.models.adapters import apply_adapter
-    from tuneforge.models.load import count_parameters, load_model
+    from tuneforge.models.load import compile_blocks, count_parameters, load_model
     from tuneforge.models.tokenizer import load_tokenizer
 
     from . import outputs, plot
@@ -46,6 +46,8 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
         if cfg.adapter and cfg.reinit_weights and not (out / "base_model").exists():
             outputs.save_random_base(model, tokenizer, out)
     model = apply_adapter(cfg, model)
+    if compile_blocks(cfg, model):
+        log.info("torch.compile: transformer blocks compile during the first steps")
     trainable, total = count_parameters(model)
     log.info("model: %s parameters, %s trainable", f"{total:,}", f"{trainable:,}")
 

@@ -23,10 +23,13 @@ def linear_module_names(model) -> list[str]:
 
     bitsandbytes' Linear4bit/Linear8bitLt subclass nn.Linear, so quantized models are covered too.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    heads = [model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None]
+    if type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        # A classification head (reward models) is new and trained in full: PEFT puts it in modules_to_save.
+        heads += [getattr(model, "score", None), getattr(model, "classifier", None)]
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module is not head and name:
+        if isinstance(module, torch.nn.Linear) and not any(module is h for h in heads) and name:
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
 

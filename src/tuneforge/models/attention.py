@@ -41,9 +41,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                              scaling: float | None = None, **kwargs):
     """query/key/value: [B, H, T, D]; returns ([B, T, H, D], None) as transformers expects."""
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is None:
+    dtype = _kernel_dtype(query)
+    if cu is None or dtype is None:
         return _sdpa_fallback(query, key, value, attention_mask, scaling)
     from torch.nn.attention.varlen import varlen_attn
+
+    out_dtype = query.dtype
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
 
     B, H, T, D = query.shape
     q = query.transpose(1, 2).reshape(B * T, H, D)
@@ -58,7 +62,16 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
             v = v.repeat_interleave(H // v.shape[1], dim=1)
     max_len = int(kwargs.get("max_length_q") or T)
     out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **extra)
-    return out.reshape(B, T, H, D), None
+    return out.reshape(B, T, H, D).to(out_dtype), None
+
+
+def _kernel_dtype(query):
+    """The flash kernel takes bf16/fp16 only: under autocast use its dtype; plain fp32 falls back."""
+    if query.dtype in (torch.bfloat16, torch.float16):
+        return query.dtype
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return None
 
 
 def _sdpa_fallback(query, key, value, attention_mask, scaling):

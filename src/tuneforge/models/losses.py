@@ -23,8 +23,16 @@ from torch.utils.checkpoint import checkpoint
 from tuneforge.models import attention
 
 IGNORE_INDEX = -100
-# Elements of fp32 logits per chunk (64 Mi floats = 256 MiB): 512 positions at a 128K vocabulary.
+# Elements of fp32 logits per chunk. CPU: 64 Mi floats (256 MiB, 512 positions at a 128K vocabulary).
+# CUDA: 256 Mi floats (1 GiB): every chunk adds a full-size LM-head weight gradient, so few large
+# chunks cost far less memory traffic than many small ones (measured on an H200: see benchmarks.md).
 _CHUNK_ELEMENTS = 1 << 26
+_CHUNK_ELEMENTS_CUDA = 1 << 28
+
+
+def _chunk_rows(head: LogitHead, hidden: torch.Tensor) -> int:
+    elements = _CHUNK_ELEMENTS_CUDA if hidden.is_cuda else _CHUNK_ELEMENTS
+    return max(256, elements // head.vocab)
 
 
 def unwrap_peft(model):
@@ -84,7 +92,7 @@ def _chunk_loss(head: LogitHead, hidden: torch.Tensor, targets: torch.Tensor) ->
 def chunked_cross_entropy(head: LogitHead, hidden: torch.Tensor, targets: torch.Tensor,
                           chunk: int | None = None) -> torch.Tensor:
     """Sum of cross-entropy over rows of `hidden` [N, H] against `targets` [N] (all trained)."""
-    chunk = chunk or max(256, _CHUNK_ELEMENTS // head.vocab)
+    chunk = chunk or _chunk_rows(head, hidden)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start : start + chunk], targets[start : start + chunk]
@@ -98,7 +106,7 @@ def chunked_cross_entropy(head: LogitHead, hidden: torch.Tensor, targets: torch.
 
 def chunked_predictions(head: LogitHead, hidden: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """argmax token id for each row of `hidden` [N, H], chunk by chunk (no gradients)."""
-    chunk = chunk or max(256, _CHUNK_ELEMENTS // head.vocab)
+    chunk = chunk or _chunk_rows(head, hidden)
     with torch.no_grad():
         parts = [head(hidden[s : s + chunk]).argmax(-1) for s in range(0, hidden.shape[0], chunk)]
     return torch.cat(parts) if parts else hidden.new_zeros((0,), dtype=torch.long)

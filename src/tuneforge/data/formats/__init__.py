@@ -51,14 +51,45 @@ class Format:
 
 
 _REGISTRY: dict[str, Format] = {}
+# Some `type:` values mean a different row shape for another family of methods: no type is pre-tokenized
+# SFT rows, or prompt/chosen/rejected rows for DPO; `chatml.intel` is a pair for DPO and an unpaired
+# completion for KTO. A format registered with `method=` replaces the plain one for that family.
+_VARIANTS: dict[str, dict[str, Format]] = {}
 
 
-def register(name: str, *, version: str) -> Callable[[FormatBuilder], FormatBuilder]:
+def register(name: str, *, version: str, method: str | None = None) -> Callable[[FormatBuilder], FormatBuilder]:
     def deco(fn: FormatBuilder) -> FormatBuilder:
-        _REGISTRY[name] = Format(name, fn, version)
+        if method is None:
+            _REGISTRY[name] = Format(name, fn, version)
+        else:
+            _VARIANTS.setdefault(name, {})[method] = Format(name, fn, version)
         return fn
 
     return deco
+
+
+def method_family(cfg: Config) -> str | None:
+    """The family of row shapes the configured method trains on (None: the plain formats)."""
+    if cfg.rl == "kto":
+        return "kto"
+    if cfg.rl in ("dpo", "ipo", "simpo", "orpo") or cfg.reward_model:
+        return "preference"
+    if cfg.process_reward_model:
+        return "stepwise"
+    return None
+
+
+def _with_variants(fmt: Format) -> Format:
+    """`fmt`, or a format that picks its method variant from the config when one is registered."""
+    variants = _VARIANTS.get(fmt.name)
+    if not variants:
+        return fmt
+
+    def builder(ctx: FormatContext) -> RowFn:
+        return variants.get(method_family(ctx.cfg) or "", fmt).builder(ctx)
+
+    version = ";".join([fmt.version, *(f"{k}={v.version}" for k, v in sorted(variants.items()))])
+    return Format(fmt.name, builder, version)
 
 
 def registered() -> dict[str, Format]:
@@ -68,19 +99,31 @@ def registered() -> dict[str, Format]:
 
 def _import_builtin() -> None:
     # Importing the modules registers their formats.
-    from . import alpaca, chat_template, completion, input_output, pretokenized, user_defined  # noqa: F401
+    from . import (  # noqa: F401
+        alpaca,
+        bradley_terry,
+        chat_template,
+        completion,
+        input_output,
+        kto,
+        preference,
+        pretokenized,
+        stepwise,
+        user_defined,
+    )
 
 
 def resolve(type_spec: str | UserDefinedFormat | None, where: str = "datasets") -> tuple[Format, str | None]:
     """Find the format for a `type:` value; returns it and the optional `:style` suffix."""
     _import_builtin()
     if type_spec is None:
-        return _REGISTRY["pretokenized"], None
+        return _with_variants(_REGISTRY["pretokenized"]), None
     if isinstance(type_spec, UserDefinedFormat):
-        return _REGISTRY["user_defined"], None
+        return _with_variants(_REGISTRY["user_defined"]), None
     name, _, style = type_spec.partition(":")
+    # Registered names (dotted ones such as `chatml.intel` included) win over the `module.function` fallback.
     if name in _REGISTRY:
-        return _REGISTRY[name], style or None
+        return _with_variants(_REGISTRY[name]), style or None
     if "." in name:
         return _user_module_format(name, where), style or None
     close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.5)

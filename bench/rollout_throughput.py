@@ -1,0 +1,170 @@
+"""Rollout throughput: tuneforge's embedded engine vs `model.generate`, in the same run (issue 6).
+
+Workload: Qwen2.5-0.5B- and Llama-3.2-1B-shaped models with random weights (built from a config, no
+download), bf16 on CUDA, `--batch` prompts of `--prompt-len` random tokens, `--new-tokens` sampled
+tokens per prompt at temperature 1.0 with no stop token (every row generates exactly --new-tokens, so
+both engines do the same work). Reported: generated tokens/s (best of --repeats after a warm-up), for
+
+- embedded:        static KV cache + CUDA-graph-captured decode step (tuneforge default)
+- embedded-eager:  the same engine without graph capture (what the graph buys)
+- generate:        transformers `model.generate(do_sample=True)` with its default (dynamic) cache
+- generate-static: the same with `cache_implementation="static"`
+
+and the speed-up of `embedded` over `generate` (target: >= 5x on an H200). One JSON line per engine is
+printed and appended to --out.
+
+    python bench/rollout_throughput.py                         # both shapes, batch 256, 256 + 512 tokens
+    python bench/rollout_throughput.py --tiny                  # CPU smoke check in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                                   tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=32768)),
+    "llama-3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                   tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=8192)),
+    "tiny": ("llama", dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)),
+}
+
+
+def build(shape: str, device: str, dtype):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    kind, kw = SHAPES[shape]
+    config = (Qwen2Config if kind == "qwen2" else LlamaConfig)(**kw, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    import torch
+
+    fn()  # warm-up (and CUDA graph capture / kernel selection)
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run(shape: str, args) -> list[dict]:
+    import torch
+
+    from tuneforge.rollout.base import SamplingParams
+    from tuneforge.rollout.embedded import EmbeddedSampler
+
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = build(shape, device, dtype)
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, vocab, (args.batch, args.prompt_len), generator=g)
+    prompt_lists = prompts.tolist()
+    params = SamplingParams(temperature=1.0, max_tokens=args.new_tokens)
+    generated = args.batch * args.new_tokens
+    results = []
+
+    def embedded(graphs: bool):
+        sampler = EmbeddedSampler(model, pad_id=0, cuda_graphs=graphs)
+
+        def go():
+            r = sampler.generate(prompt_lists, 1, params)
+            assert r.num_tokens == generated, r.num_tokens
+            go.graphs = r.meta.get("cuda_graphs")
+        return go
+
+    def generate(static: bool):
+        ids = prompts.to(device)
+        mask = torch.ones_like(ids)
+        extra = {"cache_implementation": "static"} if static else {}
+
+        def go():
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                                     top_p=1.0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                     eos_token_id=None, pad_token_id=0, **extra)
+            assert out.shape[1] == args.prompt_len + args.new_tokens
+        return go
+
+    engines = {"embedded": embedded(True), "embedded-eager": embedded(False), "generate": generate(False),
+               "generate-static": generate(True)}
+    for name in args.engines:
+        fn = engines[name]
+        try:
+            seconds = timed(fn, device, args.repeats)
+        except Exception as exc:  # noqa: BLE001 - report and continue with the other engines
+            results.append({"shape": shape, "engine": name, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        rec = {"shape": shape, "engine": name, "device": device, "batch": args.batch, "prompt_len": args.prompt_len,
+               "new_tokens": args.new_tokens, "seconds": round(seconds, 4), "tokens_per_second": round(generated / seconds, 1)}
+        if name.startswith("embedded"):
+            rec["cuda_graphs"] = bool(getattr(fn, "graphs", False))
+        if device == "cuda":
+            rec["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        results.append(rec)
+    base = next((r for r in results if r["engine"] == "generate" and "tokens_per_second" in r), None)
+    for r in results:
+        if base and "tokens_per_second" in r:
+            r["speedup_vs_generate"] = round(r["tokens_per_second"] / base["tokens_per_second"], 2)
+    engines.clear()  # drop the closures holding the model before the next shape is built
+    return results
+
+
+def _free_cuda() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b", "llama-3.2-1b"], choices=sorted(SHAPES))
+    p.add_argument("--engines", nargs="+", default=["embedded", "embedded-eager", "generate", "generate-static"])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke check: tiny shape, batch 8, 16 + 16 tokens")
+    p.add_argument("--out", type=Path, default=Path("bench/results/rollout_throughput.jsonl"))
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.shapes, args.batch, args.prompt_len, args.new_tokens, args.repeats = ["tiny"], 8, 16, 16, 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    failed = False
+    for shape in args.shapes:
+        records = run(shape, args)
+        _free_cuda()
+        for rec in records:
+            print(json.dumps(rec), flush=True)
+            failed |= "error" in rec
+            with args.out.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

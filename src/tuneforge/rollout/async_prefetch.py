@@ -1,0 +1,85 @@
+"""Asynchronous generation: the next rollout is sampled while the current batch trains.
+
+The training loop hands the objective one prompt batch per step and wants completions at once, so the
+overlap is built with a lag (Axolotl's async GRPO works the same way):
+
+    step k:  submit prompts b_k to the background thread (sampler weights synced to the policy now)
+             train on the completions of b_{k-depth}, generated during the previous steps
+
+The first `depth` steps have nothing in flight yet and generate their own batch synchronously (those
+prompts are then seen twice, once on-policy and once from the queue; the last `depth` prompt batches of
+the run are never trained on). Completions used at step k were sampled with weights up to `depth`
+optimizer steps old: the objective recomputes pi_old with the current weights and corrects the gap
+with the truncated importance weight pi_old / pi_sampler (see `methods/grpo_loss.importance_weights`).
+
+The background sampler generates with a *snapshot* of the policy (a deep copy refreshed in place before
+each submission), so the optimizer may update the live weights while generation runs. This costs one
+extra copy of the weights; torch ops release the GIL, so the thread overlaps with training.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from .base import Sampler, SamplingParams
+
+
+class WeightSnapshot:
+    """A frozen copy of a model whose parameters and buffers are refreshed in place from the policy."""
+
+    def __init__(self, model):
+        self.copy = copy.deepcopy(model)
+        self.copy.requires_grad_(False)
+        self.syncs = 0
+
+    @torch.no_grad()
+    def refresh(self, model) -> None:
+        for dst, src in zip(self.copy.parameters(), model.parameters(), strict=True):
+            dst.copy_(src)
+        for dst, src in zip(self.copy.buffers(), model.buffers(), strict=True):
+            dst.copy_(src)
+        self.syncs += 1
+
+
+class Prefetcher:
+    """Keeps up to `depth` rollouts in flight on one background thread, each with its own weight snapshot.
+
+    Snapshots rotate: the job submitted at step k uses snapshot k % depth, which belonged to the job
+    popped at the same step (already finished), so a snapshot is never refreshed while in use.
+    """
+
+    def __init__(self, model, make_sampler, foreground: Sampler, *, depth: int = 1):
+        self.snapshots = [WeightSnapshot(model) for _ in range(depth)]
+        self.samplers = [make_sampler(s.copy) for s in self.snapshots]
+        self.foreground = foreground  # generates with the live weights (the synchronous first steps)
+        self.depth = depth
+        self.submitted = 0
+        self.queue: deque[tuple[Future, object]] = deque()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneforge-rollout")
+
+    def step(self, model, prompt_ids: list[list[int]], n: int, params: SamplingParams, tag=None):
+        """Submit this batch; return (rollout to train on now, whether it came from the queue, its tag).
+
+        `tag` travels with the submission (the objective passes the prompt batch, whose reward columns
+        belong to the rollout that comes back steps later). Runs on the training thread between
+        optimizer steps, so snapshots never copy half-updated weights.
+        """
+        ready = self.queue.popleft() if len(self.queue) >= self.depth else None
+        result = (ready[0].result(), True, ready[1]) if ready is not None else None
+        slot = self.submitted % self.depth
+        self.snapshots[slot].refresh(model)
+        self.queue.append((self.pool.submit(self.samplers[slot].generate, prompt_ids, n, params), tag))
+        self.submitted += 1
+        if result is not None:
+            return result
+        return self.foreground.generate(prompt_ids, n, params), False, tag
+
+    def close(self) -> None:
+        for f, _ in self.queue:
+            f.cancel()
+        self.queue.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,83 @@
+"""The sampler interface of online RL: prompts in, completions with per-token log-probs out.
+
+Backends: `embedded.EmbeddedSampler` (the default; generates in the training process with the current
+weights) and `vllm_client.VLLMServerSampler` (experimental; talks to a vLLM server). The objective
+only sees this interface, so the importance-sampling logic is the same for every backend.
+
+Log-probs convention: `logprobs[i][t]` is log softmax(logits / temperature) of the sampled token, the
+quantity the trainer recomputes. Top-k/top-p/min-p truncation and the repetition penalty shape which
+token is drawn but are not folded into the returned log-prob, so an on-policy sampler gives
+importance weights of exactly 1 up to kernel numerics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 256
+    stop_token_ids: tuple[int, ...] = ()  # generation of a row ends after any of these (it is kept)
+
+    @classmethod
+    def from_trl(cls, trl, tokenizer, max_completion_length: int) -> SamplingParams:
+        """The `trl:` block's sampling keys; stops on EOS and the chat template's end-of-turn tokens."""
+        extra = dict(getattr(trl, "generation_kwargs", None) or {}) if trl is not None else {}
+        def get(k, d):
+            return (d if trl is None or getattr(trl, k, None) is None else getattr(trl, k))
+        stops = list(extra.get("stop_token_ids") or [])
+        stops += end_of_turn_ids(tokenizer)
+        return cls(temperature=float(get("temperature", 1.0)), top_p=float(get("top_p", 1.0)),
+                   top_k=int(get("top_k", 0) or 0), min_p=float(get("min_p", 0.0) or 0.0),
+                   repetition_penalty=float(get("repetition_penalty", 1.0)), max_tokens=max_completion_length,
+                   stop_token_ids=tuple(dict.fromkeys(stops)))
+
+
+# Special tokens that end an assistant turn in the named chat templates.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """EOS plus the end-of-turn tokens this tokenizer knows (as a single token)."""
+    ids = []
+    if tokenizer is None:
+        return ids
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for tok in _END_OF_TURN:
+        if tok in vocab and tokenizer.chat_template is not None and tok in str(tokenizer.chat_template):
+            ids.append(int(vocab[tok]))
+    return list(dict.fromkeys(ids))
+
+
+@dataclass
+class Rollout:
+    """Completions of a batch of prompts, `n` per prompt, grouped: rows [p*n, (p+1)*n) share prompt p."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    logprobs: list[list[float]]
+    finished: list[bool]  # ended on a stop token (False: cut at max_tokens, i.e. truncated)
+    n: int = 1
+    seconds: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c) for c in self.completion_ids)
+
+
+class Sampler(Protocol):
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Rollout: ...
+
+    def sync_weights(self, model) -> None:
+        """Make the sampler generate with `model`'s current weights."""
+        ...

@@ -1,0 +1,268 @@
+"""The embedded rollout engine: batched sampling in the training process with the live policy weights.
+
+Why not `model.generate`: it re-plans every step on the host (logits processors, stopping criteria,
+cache bookkeeping), so small models are host-bound on a GPU. Here one generation is:
+
+1. Prefill. Prompts are left-padded to a common length P (rounded up to a bucket, so shapes repeat
+   across batches) and run once through the model into a static KV cache of P + max_tokens slots.
+2. Decode. `_DecodeStep` advances every row by one token using only fixed-shape tensors: the next
+   cache slot and position come from a step counter tensor, the attention mask is a preallocated
+   [N, 1, 1, L] buffer whose next column is opened in place, and tokens and log-probs are written into
+   preallocated output buffers. Because nothing in a step depends on Python values, on CUDA the step is
+   captured once as a CUDA graph and replayed (one launch per token instead of hundreds of kernels).
+   On CPU, and whenever capture fails, the same step runs eagerly.
+3. Rows that emitted a stop token keep "generating" padding (masked out) until every row is done or
+   max_tokens is reached; completion is checked every `check_every` steps.
+
+Sampling: repetition penalty (over prompt and generated tokens, HF's rule), temperature, top-k, top-p,
+min-p; temperature 0 is greedy. Draws use the exponential-race trick (argmax p / E, E ~ Exp(1)),
+which is exact sampling and capturable. Returned log-probs follow `rollout.base` (log softmax of
+logits / temperature of the sampled token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import torch
+
+from tuneforge.models.losses import unwrap_peft
+
+from .base import Rollout, SamplingParams
+
+log = logging.getLogger("tuneforge")
+
+_MASKABLE = ("sdpa", "eager")  # implementations that accept our 4D mask
+
+
+def _bucket(n: int, multiple: int = 16) -> int:
+    return -(-n // multiple) * multiple
+
+
+def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus / min-p set to -inf ([N, V], already temperature-scaled)."""
+    neg = torch.finfo(scaled.dtype).min
+    if top_k and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, neg)
+    if min_p > 0.0:
+        probs = torch.softmax(scaled, dim=-1)
+        scaled = scaled.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, neg)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) > top_p  # keep the token that crosses top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, neg)
+    return scaled
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF's rule on tokens already present: positive logits / penalty, negative logits x penalty."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token [N], log-prob [N] of that token under log_softmax(logits / T)) from raw logits [N, V]."""
+    logits = logits.float()
+    temperature = params.temperature if params.temperature > 0 else 1.0
+    logps = torch.log_softmax(logits / temperature, dim=-1)
+    shaped = apply_repetition_penalty(logits, seen, params.repetition_penalty) if seen is not None else logits
+    if params.temperature <= 0:
+        token = shaped.argmax(-1)
+    else:
+        scaled = filter_logits(shaped / temperature, params.top_k, params.top_p, params.min_p)
+        probs = torch.softmax(scaled, dim=-1)
+        race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+        token = (probs / race).argmax(-1)
+    return token, logps.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+
+
+class _DecodeStep:
+    """One decode step over static buffers (see the module docstring); `run()` advances all rows."""
+
+    def __init__(self, model, cache, mask: torch.Tensor, open_value, prompt_lens: torch.Tensor, P: int,
+                 first: torch.Tensor, first_logp: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
+                 stop_ids: torch.Tensor, pad_id: int, autocast):
+        N, T = first.shape[0], params.max_tokens
+        dev = first.device
+        self.model, self.cache, self.mask, self.open_value = model, cache, mask, open_value
+        self.params, self.seen, self.stop_ids, self.pad_id, self.autocast = params, seen, stop_ids, pad_id, autocast
+        self.P = P
+        self.prompt_lens = prompt_lens
+        self.step = torch.zeros((), dtype=torch.long, device=dev)  # tokens already in the output
+        self.tokens = torch.full((N, T), pad_id, dtype=torch.long, device=dev)
+        self.logps = torch.zeros((N, T), dtype=torch.float32, device=dev)
+        self.done = torch.zeros(N, dtype=torch.bool, device=dev)
+        self.lengths = torch.zeros(N, dtype=torch.long, device=dev)
+        self.current = torch.zeros(N, dtype=torch.long, device=dev)  # static input of the next step
+        self._write(first, first_logp)
+        self.steps_done = 1  # host-side count of written steps (the tensor `step` never needs a sync)
+        self.graph = None
+
+    def _write(self, token: torch.Tensor, logp: torch.Tensor) -> None:
+        """Record the token of step `self.step` for unfinished rows, then advance the counter."""
+        token = torch.where(self.done, torch.full_like(token, self.pad_id), token)
+        col = self.step.view(1, 1).expand(token.shape[0], 1)
+        self.tokens.scatter_(1, col, token.unsqueeze(1))
+        self.logps.scatter_(1, col, torch.where(self.done, torch.zeros_like(logp), logp).unsqueeze(1))
+        self.lengths += (~self.done).long()
+        if self.seen is not None:
+            self.seen.scatter_(1, token.unsqueeze(1), True)
+        self.done |= torch.isin(token, self.stop_ids)
+        self.current.copy_(token)  # in place: a captured graph reads this buffer on every replay
+        self.step += 1
+
+    def _forward(self) -> None:
+        slot = self.P + self.step - 1  # cache slot of the last written token
+        self.mask.index_fill_(-1, slot.view(1), self.open_value)
+        position = (self.prompt_lens + self.step - 1).unsqueeze(1)
+        with self.autocast():
+            out = self.model(input_ids=self.current.unsqueeze(1), attention_mask=self.mask, position_ids=position,
+                             cache=self.cache, use_cache=True, logits_to_keep=1)
+        token, logp = sample_next(out.logits[:, -1], self.params, self.seen)
+        self._write(token, logp)
+
+    def capture(self) -> bool:
+        """Record `_forward` as a CUDA graph after one warm-up step on a side stream. False: stay eager.
+
+        The warm-up is a real decode step (its token is kept). Capture itself only records kernels, it
+        does not run them, so the buffers are unchanged by it.
+        """
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._forward()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.steps_done += 1
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._forward()
+            self.graph = graph
+            return True
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager decoding
+            log.warning("CUDA graph capture of the decode step failed (%s); decoding eagerly", exc)
+            self.graph = None
+            return False
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._forward()
+        self.steps_done += 1
+
+
+class EmbeddedSampler:
+    """Generates with the given (training) model. `cuda_graphs`: capture the decode step on CUDA."""
+
+    def __init__(self, model, pad_id: int, *, max_batch: int | None = None, cuda_graphs: bool = True,
+                 check_every: int = 8, autocast_dtype: torch.dtype | None = None):
+        self.model = model
+        self.pad_id = pad_id
+        self.max_batch = max_batch
+        self.cuda_graphs = cuda_graphs
+        self.check_every = check_every
+        self.autocast_dtype = autocast_dtype
+        self.used_graphs = False
+
+    def sync_weights(self, model) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Rollout:
+        start = time.perf_counter()
+        rows = [p for p in prompt_ids for _ in range(n)]
+        chunk = self.max_batch or len(rows)
+        comp, logps, finished = [], [], []
+        with _generation_mode(self.model) as net:
+            for at in range(0, len(rows), chunk):
+                c, lp, f = self._generate_rows(net, rows[at : at + chunk], params)
+                comp += c
+                logps += lp
+                finished += f
+        return Rollout([list(p) for p in prompt_ids], comp, logps, finished, n=n, seconds=time.perf_counter() - start,
+                       meta={"cuda_graphs": self.used_graphs})
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext
+        return lambda: torch.autocast(device.type, dtype=self.autocast_dtype)
+
+    def _generate_rows(self, net, rows: list[list[int]], params: SamplingParams):
+        from transformers import StaticCache
+
+        dev = next(net.parameters()).device
+        N, T = len(rows), params.max_tokens
+        lens = torch.tensor([len(r) for r in rows], device=dev)
+        if int(lens.min()) == 0:
+            raise ValueError("an empty prompt cannot be continued; give every prompt at least one token")
+        P = _bucket(int(lens.max()))
+        L = P + T
+        ids = torch.full((N, P), self.pad_id, dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):
+            ids[i, P - len(r):] = torch.tensor(r, dtype=torch.long, device=dev)
+        valid = torch.arange(P, device=dev).unsqueeze(0) >= (P - lens).unsqueeze(1)  # [N, P] real prompt tokens
+
+        sdpa = net.config._attn_implementation == "sdpa"
+        dtype = torch.float32
+        closed, opened = (False, True) if sdpa else (torch.finfo(dtype).min, 0.0)
+        keys = torch.zeros((N, L), dtype=torch.bool, device=dev)
+        keys[:, :P] = valid
+        q = torch.arange(P, device=dev)
+        k = torch.arange(L, device=dev)
+        allowed = (keys.unsqueeze(1) & (k.view(1, 1, L) <= q.view(1, P, 1))) | (k.view(1, 1, L) == q.view(1, P, 1))
+        prefill_mask = allowed.unsqueeze(1) if sdpa else torch.where(allowed, 0.0, closed).unsqueeze(1).to(dtype)
+        decode_mask = keys.view(N, 1, 1, L).clone() if sdpa else torch.where(keys, 0.0, closed).view(N, 1, 1, L).to(dtype)
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+        cache = StaticCache(config=net.config, max_cache_len=L)
+        autocast = self._autocast(dev)
+        with autocast():
+            out = net(input_ids=ids, attention_mask=prefill_mask, position_ids=positions, cache=cache, use_cache=True,
+                      logits_to_keep=1)
+        seen = None
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros((N, out.logits.shape[-1]), dtype=torch.bool, device=dev)
+            seen.scatter_(1, ids, valid)
+        first, first_logp = sample_next(out.logits[:, -1], params, seen)
+        stop = torch.tensor(sorted(params.stop_token_ids) or [-1], dtype=torch.long, device=dev)
+        step = _DecodeStep(net, cache, decode_mask, opened, lens, P, first, first_logp, params, seen, stop,
+                           self.pad_id, autocast)
+        self.used_graphs = False
+        if self.cuda_graphs and dev.type == "cuda" and T > 2:
+            self.used_graphs = step.capture()
+        while step.steps_done < T:
+            if step.steps_done % self.check_every == 0 and bool(step.done.all()):
+                break
+            step.run()
+        tokens, logps, lengths = step.tokens.tolist(), step.logps.tolist(), step.lengths.tolist()
+        done = step.done.tolist()
+        comp = [tokens[i][: lengths[i]] for i in range(N)]
+        lps = [logps[i][: lengths[i]] for i in range(N)]
+        return comp, lps, done
+
+
+@contextlib.contextmanager
+def _generation_mode(model):
+    """The transformers model (LoRA layers stay active), in eval mode, with an attention that takes our mask."""
+    net = unwrap_peft(model)
+    was_training = net.training
+    impl = net.config._attn_implementation
+    switched = impl not in _MASKABLE
+    if switched:
+        net.set_attn_implementation("sdpa")
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+        if switched:
+            net.set_attn_implementation(impl)

@@ -1,0 +1,174 @@
+"""EXPERIMENTAL: generation on a vLLM server (`trl.use_vllm: true`, `trl.vllm_mode: server`).
+
+Speaks the HTTP protocol of TRL's `vllm-serve` with Axolotl's additions (rl.md section 3.2):
+`GET /health/`, `POST /generate/` (token-id prompts, `n`, sampling fields, `logprobs: 0`),
+`POST /reset_prefix_cache/`, and two ways to sync weights that need no NCCL:
+- LoRA (`trl.vllm_lora_sync: true` with an adapter): the adapter is saved to a temporary folder and
+  loaded with `POST /v1/load_lora_adapter` (vLLM's native endpoint), falling back to Axolotl's
+  `POST /set_lora_adapter/`;
+- otherwise the merged weights go over `POST /http_update_weights/` (base64 tensors, chunked).
+The NCCL endpoints (`/init_communicator/`, `/update_named_param/`) are not used.
+
+vLLM cannot be installed on the machines this was written on: this client is tested only against the
+fake server in `rollout/fake_vllm.py`, which implements the same endpoints. Treat it as experimental
+until it has run against a real server; the embedded engine is the tested default.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from tuneforge.errors import TuneforgeError
+
+from .base import Rollout, SamplingParams
+
+log = logging.getLogger("tuneforge")
+_CHUNK_BYTES = 10 * 1024 * 1024
+
+
+class VLLMError(TuneforgeError):
+    """The vLLM server cannot be reached or answered with an error."""
+
+
+class VLLMClient:
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, timeout: float = 240.0):
+        self.base = f"http://{host}:{port}"
+        self.timeout = timeout
+
+    def _request(self, method: str, path: str, payload: dict | None = None, timeout: float | None = None) -> dict:
+        data = json.dumps(payload).encode() if payload is not None else None
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
+                body = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise VLLMError(f"vLLM server {self.base}{path} answered {exc.code}: {exc.read()[:500]!r}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise VLLMError(f"cannot reach the vLLM server at {self.base} ({exc}). Start a server that speaks TRL's "
+                            "`vllm-serve` protocol, or check trl.vllm_server_host/port.") from None
+        return json.loads(body) if body else {}
+
+    def wait_ready(self) -> None:
+        """Poll /health/ until the server answers or `timeout` seconds pass (TRL's vllm_server_timeout)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                if self._request("GET", "/health/", timeout=5).get("status") == "ok":
+                    return
+            except VLLMError:
+                pass
+            if time.monotonic() > deadline:
+                raise VLLMError(f"the vLLM server at {self.base} was not ready within {self.timeout:.0f} s "
+                                "(trl.vllm_server_timeout).")
+            time.sleep(0.5)
+
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> dict:
+        payload = {"prompts": prompts, "n": n, "temperature": params.temperature, "top_p": params.top_p,
+                   "top_k": params.top_k if params.top_k else -1, "min_p": params.min_p,
+                   "repetition_penalty": params.repetition_penalty, "max_tokens": params.max_tokens, "logprobs": 0,
+                   "generation_kwargs": {"stop_token_ids": list(params.stop_token_ids)}}
+        return self._request("POST", "/generate/", payload)
+
+    def reset_prefix_cache(self) -> None:
+        self._request("POST", "/reset_prefix_cache/", {})
+
+    def update_weights(self, named: dict[str, torch.Tensor]) -> None:
+        """Send tensors over HTTP in chunks of about 10 MB (no NCCL group needed)."""
+        batch, size = [], 0
+        for name, t in named.items():
+            t = t.detach().to("cpu").contiguous()
+            raw = t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
+            batch.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                          "data": base64.b64encode(raw).decode()})
+            size += len(raw)
+            if size >= _CHUNK_BYTES:
+                self._request("POST", "/http_update_weights/", {"params": batch})
+                batch, size = [], 0
+        if batch:
+            self._request("POST", "/http_update_weights/", {"params": batch})
+
+    def load_lora(self, path: str, name: str, version: int) -> None:
+        try:
+            self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path, "load_inplace": True})
+        except VLLMError:
+            self._request("POST", "/set_lora_adapter/", {"lora_name": name, "lora_int_id": version, "lora_path": path,
+                                                         "load_inplace": True})
+
+
+def merged_weights(model) -> dict[str, torch.Tensor]:
+    """The policy's weights under the base model's parameter names, LoRA deltas folded in (W + s B A),
+    computed as new tensors: the training model is never merged in place."""
+    if not (hasattr(model, "peft_config") and hasattr(model, "get_base_model")):
+        return {k: v for k, v in model.state_dict().items()}
+    base = model.get_base_model()
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for mod_name, module in base.named_modules():
+            if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
+                weight = module.base_layer.weight
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+                out[f"{mod_name}.weight"] = weight + delta
+                if getattr(module.base_layer, "bias", None) is not None:
+                    out[f"{mod_name}.bias"] = module.base_layer.bias
+        for name, t in base.state_dict().items():
+            if "lora_" in name or ".base_layer." in name:
+                continue
+            out.setdefault(name.replace(".modules_to_save.default", "").replace(".original_module", ""), t)
+    return out
+
+
+class VLLMServerSampler:
+    """The `Sampler` interface over `VLLMClient`; `sync_weights` pushes the policy before generating."""
+
+    def __init__(self, client: VLLMClient, *, lora_sync: bool = False):
+        self.client = client
+        self.lora_sync = lora_sync
+        self.version = 0
+        self._dir = tempfile.TemporaryDirectory(prefix="tuneforge-lora-sync-")
+        self._ready = False
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer) -> VLLMServerSampler:
+        t = cfg.trl
+        log.warning("trl.use_vllm is EXPERIMENTAL in tuneforge: tested only against a fake server")
+        client = VLLMClient(t.vllm_server_host or "127.0.0.1", t.vllm_server_port or 8000, t.vllm_server_timeout or 240.0)
+        return cls(client, lora_sync=bool(t.vllm_lora_sync) and bool(cfg.adapter))
+
+    def _ensure_ready(self) -> None:
+        if not self._ready:
+            self.client.wait_ready()
+            self._ready = True
+
+    def sync_weights(self, model) -> None:
+        self._ensure_ready()
+        self.version += 1
+        if self.lora_sync:
+            path = Path(self._dir.name) / f"v{self.version}"
+            model.save_pretrained(str(path))
+            self.client.load_lora(str(path), "tuneforge", self.version)
+        else:
+            self.client.update_weights(merged_weights(model))
+        self.client.reset_prefix_cache()
+
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Rollout:
+        self._ensure_ready()
+        start = time.perf_counter()
+        out = self.client.generate(prompt_ids, n, params)
+        comp = [list(c) for c in out["completion_ids"]]
+        if len(comp) != len(prompt_ids) * n:
+            raise VLLMError(f"the vLLM server returned {len(comp)} completions for {len(prompt_ids)} prompts x n={n}")
+        logps = [[float(tok[0]) for tok in seq] for seq in out["logprobs"]]
+        stops = set(params.stop_token_ids)
+        finished = [bool(c) and (c[-1] in stops or len(c) < params.max_tokens) for c in comp]
+        return Rollout([list(p) for p in prompt_ids], comp, logps, finished, n=n, seconds=time.perf_counter() - start,
+                       meta={"backend": "vllm-server"})
