@@ -18,11 +18,15 @@ import torch
 
 from tuneforge.methods import grpo_loss as gl
 
-torch.set_default_dtype(torch.float64)
 
 
-def teardown_module(module):
-    torch.set_default_dtype(torch.float32)
+@pytest.fixture(autouse=True)
+def _float64():
+    """This file's arithmetic runs in float64; restore the default so other test files are unaffected."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _adv(rewards, G, **kw):
