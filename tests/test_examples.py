@@ -70,3 +70,14 @@ def test_sft_tiny_learns_the_held_out_task(tmp_path, monkeypatch):
     assert accuracy >= 0.9, result.eval_metrics
     assert result.train_metrics["loss"] < 0.5  # from ~6.9 (uniform over the vocabulary) at the start
     assert (tmp_path / "outputs" / "sft-tiny" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_preprocess_debug(config, tmp_path):
+    """`tuneforge preprocess --debug` runs on every example and shows at least one decoded sample."""
+    from tuneforge.cli import app
+
+    result = CliRunner().invoke(app, ["preprocess", str(config), "--debug",
+                                      "--dataset-prepared-path", str(tmp_path / "prepared")])
+    assert result.exit_code == 0, result.output
+    assert "rows" in result.output or "prompts" in result.output

@@ -39,10 +39,26 @@ def run(cfg: Config, debug: bool = False, num_examples: int = 1, text_only: bool
     if not console.is_terminal:  # logs and pipes: keep table rows on one line
         console.width = max(console.width, 140)
     tokenizer = load_tokenizer(cfg)
+    if cfg.rl in ("grpo", "gdpo"):
+        return _preview_prompts(console, cfg, tokenizer, num_examples if debug else 0)
     data = prepare(cfg, tokenizer, rebuild=True)
     print_summary(console, cfg, data)
     if debug:
         print_samples(console, data.train, tokenizer, num_examples, text_only, data.by_dataset.get("train"))
+    return data
+
+
+def _preview_prompts(console: Console, cfg: Config, tokenizer, num_examples: int) -> PreparedData:
+    """Online RL trains on generated completions: show the prompt rows (nothing is cached or masked)."""
+    from .formats.grpo import prepare_prompts
+
+    data = prepare_prompts(cfg, tokenizer)
+    for split, stats in data.stats.items():
+        console.print(f"{split}: {stats.rows_out} prompts (from {stats.rows_in} rows), {stats.tokens:,} prompt tokens")
+    for i in range(min(num_examples, len(data.train))):
+        row = data.train[i]
+        console.print(f"--- prompt {i} ({row['length']} tokens)")
+        console.print(tokenizer.decode(row["input_ids"]) if "input_ids" in row else str(row.get("prompt")))
     return data
 
 

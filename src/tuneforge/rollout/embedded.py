@@ -37,6 +37,17 @@ log = logging.getLogger("tuneforge")
 _MASKABLE = ("sdpa", "eager")  # implementations that accept our 4D mask
 
 
+def cache_kwargs(model, cache) -> dict:
+    """The KV-cache keyword of this transformers release: `cache` (>= 5.2x) or `past_key_values` (5.17).
+
+    Passing the wrong one is silently swallowed by **kwargs and decoding runs without a cache.
+    """
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
 def _bucket(n: int, multiple: int = 16) -> int:
     return -(-n // multiple) * multiple
 
@@ -125,7 +136,7 @@ class _DecodeStep:
         position = (self.prompt_lens + self.step - 1).unsqueeze(1)
         with self.autocast():
             out = self.model(input_ids=self.current.unsqueeze(1), attention_mask=self.mask, position_ids=position,
-                             cache=self.cache, use_cache=True, logits_to_keep=1)
+                             **cache_kwargs(self.model, self.cache), use_cache=True, logits_to_keep=1)
         token, logp = sample_next(out.logits[:, -1], self.params, self.seen)
         self._write(token, logp)
 
@@ -226,7 +237,7 @@ class EmbeddedSampler:
         cache = StaticCache(config=net.config, max_cache_len=L)
         autocast = self._autocast(dev)
         with autocast():
-            out = net(input_ids=ids, attention_mask=prefill_mask, position_ids=positions, cache=cache, use_cache=True,
+            out = net(input_ids=ids, attention_mask=prefill_mask, position_ids=positions, **cache_kwargs(net, cache), use_cache=True,
                       logits_to_keep=1)
         seen = None
         if params.repetition_penalty != 1.0:
