@@ -94,3 +94,16 @@ def test_metrics_file_and_plot(tmp_path, tiny_model_dir):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", png[16:24])
     assert width > 100 and height > 100
+
+
+def test_merge_lora_key_writes_a_merged_model_with_the_adapter_logits(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_config(tmp_path, tiny_model_dir, max_steps=3, adapter="lora", lora_r=4, lora_alpha=16,
+                      lora_target_linear=True, learning_rate=1e-2, merge_lora=True)
+    result = train(cfg)
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "merged"))
+    trained = _logits(result.model)
+    torch.testing.assert_close(_logits(merged), trained, rtol=1e-4, atol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    assert not torch.allclose(_logits(base), trained, atol=1e-4)  # the merge carries the trained update

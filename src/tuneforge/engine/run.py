@@ -62,6 +62,10 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     if trainer.accelerator.is_main_process:
         outputs.save_final(cfg, model, tokenizer, out, result)
         plot.plot_metrics(result.history, out)
+        if cfg.merge_lora and cfg.adapter:
+            from tuneforge.merge import run as merge
+
+            log.info("merge_lora: merged model written to %s", merge(cfg))
         _log_summary(result, out)
     return result
 
