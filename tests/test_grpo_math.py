@@ -19,7 +19,6 @@ import torch
 from tuneforge.methods import grpo_loss as gl
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     """This file's arithmetic runs in float64; restore the default so other test files are unaffected."""
