@@ -193,6 +193,10 @@ class GRPOObjective(Objective):
         super().__init__(cfg)
         self.s = GRPOSettings.from_config(cfg)
         self.rewards = RewardSet.from_config(cfg)  # import errors surface before any model loads
+        # Axolotl/TRL count completions per device batch; here a micro-batch holds prompts. Say so once.
+        log.info("GRPO: micro_batch_size %d counts prompts: %d completions per micro-batch (Axolotl counts "
+                 "completions; divide an Axolotl value by trl.num_generations)", cfg.micro_batch_size,
+                 cfg.micro_batch_size * self.s.num_generations)
         self.reference = Reference(cfg) if self.s.beta != 0.0 else None
         self.tokenizer = None
         self.params = None
