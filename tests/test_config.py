@@ -186,3 +186,8 @@ def test_validate_cli_lists_every_problem(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tuneforge.cli", "validate", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "2 problems" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unquoted_no_strategy_means_no(tmp_path):
+    cfg = _load_text(tmp_path, BASE + "save_strategy: no\neval_strategy: no\n")
+    assert cfg.save_strategy == "no" and cfg.eval_strategy == "no"

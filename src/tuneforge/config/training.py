@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .base import Section
 
@@ -85,6 +85,13 @@ class TrainingKeys(Section):
     auto_resume_from_checkpoints: bool = Field(
         False, description="Resume from the newest checkpoint in output_dir when there is one."
     )
+
+
+    @field_validator("eval_strategy", "save_strategy", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value):
+        # YAML 1.1 reads an unquoted `no` as false; it means the strategy "no".
+        return "no" if value is False else value
 
 
 class LoggingKeys(Section):
