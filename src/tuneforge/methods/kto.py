@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.config.schema import Config
-from tuneforge.errors import DataError
 
 from .base import Batch, Objective
 from .preference import (
@@ -37,6 +36,7 @@ from .preference import (
     disable_dropout,
     layout,
     precompute_columns,
+    require_columns,
     sequence_logps,
     sub_batch,
 )
@@ -109,13 +109,10 @@ class KTOObjective(Objective):
             ds = getattr(data, split)
             if ds is None:
                 continue
-            missing = [c for c in ("label", "prompt_len") if c not in ds.column_names]
-            if missing:
-                raise DataError(
-                    f"KTO trains on completions labelled desirable/undesirable, but the {split} data has no "
-                    f"{', '.join(missing)}. Use a KTO dataset type (chatml.intel, llama3.argilla, ...), a dict type "
-                    "with field_completion/field_label, or rows with prompt/completion/label."
-                )
+            require_columns(ds, split, ("label", "prompt_len"),
+                            "KTO trains on completions labelled desirable/undesirable",
+                            "Use a KTO dataset type (chatml.intel, llama3.argilla, ...), a dict type with "
+                            "field_completion/field_label, or rows with prompt/completion/label.")
             self._check_balance(ds, split)
             setattr(data, split, add_kl_completions(ds, self.cfg.micro_batch_size, self.cfg.sequence_len))
         if self.cfg.precompute_ref_log_probs:

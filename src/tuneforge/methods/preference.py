@@ -343,6 +343,14 @@ def _save_npz(path: Path, values: dict[str, np.ndarray]) -> None:
 
 
 # ---------------------------------------------------------------- data preparation shared by the pair methods
+def require_columns(ds, split: str, columns: tuple[str, ...], what: str, fix: str) -> None:
+    """Fail with one message when a prepared split lacks the columns an objective trains on."""
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{what}, but the {split} data has no {', '.join(missing)} "
+                        f"(columns: {', '.join(ds.column_names)}). {fix}")
+
+
 def pair_lengths(ds):
     """`length` = chosen + rejected tokens: what a pair puts through the model, and what packing fits."""
     import pyarrow as pa
@@ -409,13 +417,10 @@ class PairObjective(Objective):
             ds = getattr(data, split)
             if ds is None:
                 continue
-            missing = [c for c in ("chosen_input_ids", "rejected_input_ids") if c not in ds.column_names]
-            if missing:
-                raise DataError(
-                    f"{self.name} trains on preference pairs, but the {split} data has no {', '.join(missing)} "
-                    f"(columns: {', '.join(ds.column_names)}). Use a preference dataset type such as chatml.intel, "
-                    "chat_template.default, or rows with prompt/chosen/rejected."
-                )
+            require_columns(ds, split, ("chosen_input_ids", "rejected_input_ids"),
+                            f"{self.name} trains on preference pairs",
+                            "Use a preference dataset type such as chatml.intel, chat_template.default, or rows "
+                            "with prompt/chosen/rejected.")
             ds = pair_lengths(ds)
             if self.cfg.sample_packing if split == "train" else self.cfg.packing_for_eval:
                 ds = drop_unpackable(ds, self.cfg, split)
