@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# What we run on the lent H200 (see docs/benchmarks.md): install the wheels the image lacks
-# (carried in .whl/), check the CUDA paths with the GPU tests, then the training throughput bench.
-# Usage (on the device): bash bench/h200_session.sh [bench args...]; results go to $OUT.
+# What we run on the lent H200 (see docs/benchmarks.md): install the wheels the image lacks (carried in
+# .whl/), then the steps named in STEPS, each under its own time limit, results and logs in $OUT.
+#
+#   STEPS="tests rollout train-full train-lora pref-full" bash bench/h200_session.sh
+#
+# tests: the CUDA tests (TESTS overrides the list); rollout: bench/rollout_throughput.py (ROLLOUT_ARGS);
+# train-MODE: bench/train_throughput.py --mode MODE (TRAIN_ARGS, e.g. --compile --engines tuneforge);
+# pref-MODE: bench/preference_packing.py --mode MODE (PREF_ARGS). STEP_TIMEOUT bounds each step (s).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -9,10 +14,18 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft, accelerate, datasets, pyarrow; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)" | tee -a "$OUT/gpu.txt"
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout 240 python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/test_packed_attention.py tests/test_models_losses.py tests/test_engine_accum.py tests/test_chat_masking.py tests/test_config.py} 2>&1 | tail -25 | tee "$OUT/tests.txt"
-fi
-for mode in ${MODES:-full lora}; do
-  timeout ${BENCH_TIMEOUT:-200} python3 bench/train_throughput.py --mode "$mode" --out "$OUT/train_$mode.jsonl" "$@" 2>&1 \
-    | grep -v -E "it/s|Warning|warn" | tail -20
+DEFAULT_TESTS="tests/test_gpu_paths.py tests/test_packed_attention.py tests/test_models_losses.py tests/test_rollout_embedded.py tests/test_engine_accum.py"
+quiet() { grep -v -E "it/s\]|Warning|warn" | tail -${TAIL:-20}; }
+for step in ${STEPS:-tests train-full train-lora}; do
+  echo "=== $step ($(date +%T))"
+  case $step in
+    tests) timeout ${STEP_TIMEOUT:-240} python3 -m pytest -q -x -p no:cacheprovider -rs ${TESTS:-$DEFAULT_TESTS} 2>&1 \
+             | tail -25 | tee "$OUT/tests.txt" ;;
+    rollout) timeout ${STEP_TIMEOUT:-240} python3 bench/rollout_throughput.py --out "$OUT/rollout.jsonl" ${ROLLOUT_ARGS:-} 2>&1 | quiet ;;
+    train-*) timeout ${STEP_TIMEOUT:-240} python3 bench/train_throughput.py --mode "${step#train-}" \
+               --out "$OUT/train_${step#train-}.jsonl" ${TRAIN_ARGS:-} 2>&1 | quiet ;;
+    pref-*) timeout ${STEP_TIMEOUT:-240} python3 bench/preference_packing.py --mode "${step#pref-}" \
+              --out "$OUT/pref_${step#pref-}.jsonl" ${PREF_ARGS:-} 2>&1 | quiet ;;
+    *) echo "unknown step $step" ;;
+  esac
 done

@@ -7,6 +7,7 @@ both engines do the same work). Reported: generated tokens/s (best of --repeats 
 
 - embedded:        static KV cache + CUDA-graph-captured decode step (tuneforge default)
 - embedded-eager:  the same engine without graph capture (what the graph buys)
+- embedded-compiled: the same with the model's forward torch.compile'd for decoding
 - generate:        transformers `model.generate(do_sample=True)` with its default (dynamic) cache
 - generate-static: the same with `cache_implementation="static"`
 
@@ -50,10 +51,13 @@ def build(shape: str, device: str, dtype):
     return model.eval()
 
 
-def timed(fn, device: str, repeats: int) -> float:
+def timed(fn, device: str, repeats: int) -> tuple[float, float]:
+    """(best of `repeats` timed calls, seconds of the first call: warm-up, compilation, graph capture)."""
     import torch
 
-    fn()  # warm-up (and CUDA graph capture / kernel selection)
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
     best = float("inf")
     for _ in range(repeats):
         if device == "cuda":
@@ -63,7 +67,7 @@ def timed(fn, device: str, repeats: int) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
-    return best
+    return best, first
 
 
 def run(shape: str, args) -> list[dict]:
@@ -83,8 +87,8 @@ def run(shape: str, args) -> list[dict]:
     generated = args.batch * args.new_tokens
     results = []
 
-    def embedded(graphs: bool):
-        sampler = EmbeddedSampler(model, pad_id=0, cuda_graphs=graphs)
+    def embedded(graphs: bool, compile: bool = False):
+        sampler = EmbeddedSampler(model, pad_id=0, cuda_graphs=graphs, compile=compile)
 
         def go():
             r = sampler.generate(prompt_lists, 1, params)
@@ -105,28 +109,45 @@ def run(shape: str, args) -> list[dict]:
             assert out.shape[1] == args.prompt_len + args.new_tokens
         return go
 
-    engines = {"embedded": embedded(True), "embedded-eager": embedded(False), "generate": generate(False),
-               "generate-static": generate(True)}
+    engines = {"embedded": embedded(True), "embedded-eager": embedded(False), "embedded-compiled": embedded(True, True),
+               "generate": generate(False), "generate-static": generate(True)}
+    if args.profile:
+        profile_decode(EmbeddedSampler(model, pad_id=0, cuda_graphs=False), prompt_lists, params, args.profile, shape)
     for name in args.engines:
         fn = engines[name]
         try:
-            seconds = timed(fn, device, args.repeats)
+            seconds, first = timed(fn, device, args.repeats)
         except Exception as exc:  # noqa: BLE001 - report and continue with the other engines
             results.append({"shape": shape, "engine": name, "error": f"{type(exc).__name__}: {exc}"})
             continue
         rec = {"shape": shape, "engine": name, "device": device, "batch": args.batch, "prompt_len": args.prompt_len,
-               "new_tokens": args.new_tokens, "seconds": round(seconds, 4), "tokens_per_second": round(generated / seconds, 1)}
+               "new_tokens": args.new_tokens, "seconds": round(seconds, 4), "first_call_seconds": round(first, 2), "tokens_per_second": round(generated / seconds, 1)}
         if name.startswith("embedded"):
             rec["cuda_graphs"] = bool(getattr(fn, "graphs", False))
         if device == "cuda":
             rec["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         results.append(rec)
+        print("measured", json.dumps(rec), flush=True)  # as soon as measured (a later engine may time out)
     base = next((r for r in results if r["engine"] == "generate" and "tokens_per_second" in r), None)
     for r in results:
         if base and "tokens_per_second" in r:
             r["speedup_vs_generate"] = round(r["tokens_per_second"] / base["tokens_per_second"], 2)
     engines.clear()  # drop the closures holding the model before the next shape is built
     return results
+
+
+def profile_decode(sampler, prompts, params, path: Path, shape: str) -> None:
+    """Kernel-time table of one eager (no graph) generation: where a decode step's time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    sampler.generate(prompts, 1, params)  # warm-up
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        sampler.generate(prompts, 1, params)
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=30)
+    with Path(path).open("a") as f:
+        f.write(f"== {shape}: {params.max_tokens} decode steps\n{table}\n")
 
 
 def _free_cuda() -> None:
@@ -148,6 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--profile", type=Path, default=None, help="append a kernel-time table per shape to this file")
     p.add_argument("--tiny", action="store_true", help="CPU smoke check: tiny shape, batch 8, 16 + 16 tokens")
     p.add_argument("--out", type=Path, default=Path("bench/results/rollout_throughput.jsonl"))
     args = p.parse_args(argv)

@@ -113,3 +113,42 @@ def test_logit_transforms_match_the_model_forward():
     batch = collate([[{"input_ids": list(range(3, 15)), "labels": list(range(3, 15))}]], pad_id=0)
     ours = causal_lm_token_loss(m, batch).loss_sum
     assert torch.allclose(ours, reference_token_loss(m, batch), rtol=1e-5)
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_fused_linear_cross_entropy_equals_the_plain_head(weight_grad):
+    """LinearCrossEntropy (gradients in forward) == logits -> F.cross_entropy, loss and both gradients."""
+    from tuneforge.models.losses import LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(23, 16, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, requires_grad=weight_grad)
+    targets = torch.randint(0, 50, (23,), generator=g)
+    fused = LinearCrossEntropy.apply(hidden, weight, targets, 5) * 0.37  # upstream gradient != 1
+    gh, *gw = torch.autograd.grad(fused, [hidden, weight] if weight_grad else [hidden])
+    plain = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum") * 0.37
+    rh, *rw = torch.autograd.grad(plain, [hidden, weight] if weight_grad else [hidden])
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(gh, rh)
+    for a, b in zip(gw, rw, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_fused_linear_cross_entropy_under_bf16_autocast():
+    """Under autocast the matmuls run in bf16 like nn.Linear would: same loss and gradients within bf16 error."""
+    from tuneforge.models.losses import LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(40, 32, generator=g, requires_grad=True)
+    weight = (torch.randn(64, 32, generator=g) * 0.2).requires_grad_()
+    targets = torch.randint(0, 64, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = LinearCrossEntropy.apply(hidden, weight, targets, 16)
+        plain = torch.nn.functional.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+    assert fused.dtype == torch.float32 and weight.dtype == torch.float32
+    f_grads = torch.autograd.grad(fused, [hidden, weight])
+    p_grads = torch.autograd.grad(plain, [hidden, weight])
+    torch.testing.assert_close(fused, plain, rtol=2e-2, atol=0.5)
+    for a, b in zip(f_grads, p_grads, strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)

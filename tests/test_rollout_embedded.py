@@ -142,3 +142,18 @@ def test_end_of_turn_ids(tiny_tokenizer):
         assert end_of_turn_ids(tok) == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
     finally:
         tok.chat_template = old
+
+
+def test_decode_attention_equals_sdpa_with_expanded_heads():
+    """The grouped decode attention equals SDPA over repeated KV heads, with padding and unwritten slots masked."""
+    from tuneforge.models.attention import decode_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, L, D = 3, 6, 2, 11, 8
+    q, k, v = (torch.randn(B, h, t, D, generator=g) for h, t in ((Hq, 1), (Hkv, L), (Hkv, L)))
+    mask = torch.rand(B, 1, 1, L, generator=g) > 0.4
+    mask[..., 0] = True
+    out, _ = decode_attention_forward(None, q, k, v, mask, scaling=0.3)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1), attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-6)

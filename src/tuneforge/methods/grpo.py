@@ -247,9 +247,13 @@ class GRPOObjective(Objective):
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_precision(self.cfg))
         device = next(model.parameters()).device
         autocast = autocast if device.type == "cuda" else None
-        cuda_graphs = bool(((self.cfg.trl.generation_kwargs if self.cfg.trl else None) or {}).get("cuda_graphs", True))
+        gen_kwargs = (self.cfg.trl.generation_kwargs if self.cfg.trl else None) or {}
+        cuda_graphs = bool(gen_kwargs.get("cuda_graphs", True))
+        # torch_compile also compiles the decode step (first generation pays the compile time).
+        compile_decode = bool(gen_kwargs.get("compile", self.cfg.torch_compile in (True, "auto")))
+
         def make(m):
-            return (EmbeddedSampler(m, pad, cuda_graphs=cuda_graphs, autocast_dtype=autocast))
+            return EmbeddedSampler(m, pad, cuda_graphs=cuda_graphs, autocast_dtype=autocast, compile=compile_decode)
         if self.s.use_vllm:
             from tuneforge.rollout.vllm_client import VLLMServerSampler
 

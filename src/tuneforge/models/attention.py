@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 NAME = "tuneforge_varlen"
+DECODE_NAME = "tuneforge_decode"
 
 
 def available() -> bool:
@@ -92,6 +93,41 @@ def register() -> str:
     # The SDPA mask serves the fallback path; the varlen kernel ignores it.
     AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME
+
+
+def decode_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """Attention for generation over a static KV cache; returns ([B, T, H, D], None).
+
+    One query token per row (decode): the query heads that share a KV head are grouped, so the cache
+    is read once as [B, Hkv, L, D] and never expanded to all query heads. SDPA with a mask (needed for
+    left padding and unwritten cache slots) would first copy every KV head `Hq / Hkv` times, which for
+    a batch of 256 over a 768-slot cache is gigabytes of traffic per generated token. `attention_mask`
+    is boolean [B, 1, 1, L] (True = attend). Prompts (several query tokens, once per generation) go
+    through SDPA.
+    """
+    if query.shape[2] != 1:
+        return _sdpa_fallback(query, key, value, attention_mask, scaling)
+    B, Hq, _, D = query.shape
+    Hkv = key.shape[1]
+    scale = scaling if scaling is not None else D**-0.5
+    q = query.reshape(B, Hkv, Hq // Hkv, D)  # [B, Hkv, G, D]: heads h = kv * G + g, as repeat_kv orders them
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask.view(B, 1, 1, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)  # [B, Hkv, G, D]
+    return out.reshape(B, 1, Hq, D), None
+
+
+def register_decode() -> str:
+    """Register the generation attention under `tuneforge_decode` (idempotent); returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(DECODE_NAME, decode_attention_forward)
+    AttentionMaskInterface.register(DECODE_NAME, sdpa_mask)
+    return DECODE_NAME
 
 
 def varlen_kwargs(batch: dict) -> dict:

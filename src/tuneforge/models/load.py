@@ -300,7 +300,8 @@ def compile_blocks(cfg: Config, model) -> int:
     """torch.compile every transformer block in place (CUDA); returns how many were compiled.
 
     Blocks rather than the whole model: the blocks share one code object, so one compilation serves
-    all of them, and the loss (chunked over trained positions, data-dependent shapes) stays eager.
+    all of them. The loss's per-chunk softmax-and-gradient step is compiled with dynamic shapes (the
+    number of trained positions changes every batch); its matmuls stay eager.
     """
     want = cfg.torch_compile
     if want is False or not torch.cuda.is_available():
@@ -318,4 +319,7 @@ def compile_blocks(cfg: Config, model) -> int:
     kwargs = {"backend": cfg.torch_compile_backend} if cfg.torch_compile_backend else {}
     for layer in layers:
         layer.compile(**kwargs)
+    from tuneforge.models.losses import compile_loss
+
+    compile_loss(**kwargs)
     return len(layers)
