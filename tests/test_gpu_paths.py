@@ -49,7 +49,10 @@ def test_torch_compile_full_finetune_learns(tmp_path, monkeypatch):
     assert result.eval_metrics["eval_accuracy"] >= 0.9, result.eval_metrics
 
 
-def test_fused_loss_bf16_cuda_matches_plain_head():
+def test_fused_loss_bf16_cuda_is_as_accurate_as_the_plain_head():
+    """Compiled fused loss under bf16 autocast vs the plain bf16 head, both against an fp64 reference:
+    the fused loss and gradients are no less accurate (per-chunk bf16 rounding of the weight gradient
+    is summed in fp32)."""
     from tuneforge.models import losses
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -65,9 +68,13 @@ def test_fused_loss_bf16_cuda_matches_plain_head():
         p_grads = torch.autograd.grad(plain, [hidden, weight])
     finally:
         losses._ce_step = losses._ce_and_grad
-    torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1.0)
-    for a, b in zip(f_grads, p_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    exact = torch.nn.functional.cross_entropy(h64 @ w64.T, targets, reduction="sum")
+    r_grads = torch.autograd.grad(exact, [h64, w64])
+    assert abs(fused.item() - exact.item()) <= 2 * abs(plain.item() - exact.item()) + 1e-3 * abs(exact.item())
+    for f, p, r in zip(f_grads, p_grads, r_grads, strict=True):
+        err_fused, err_plain = (f.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
+        assert err_fused <= 2 * err_plain + 1e-5, (err_fused, err_plain)
 
 
 def test_embedded_rollout_with_cuda_graphs_equals_generate(tiny_model_dir):
