@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tuneforge.rollout.base import SamplingParams
-from tuneforge.rollout.fake_vllm import FakeVLLMServer
+from tuneforge.rollout.generation_server import EmbeddedBackend, GenerationServer
 from tuneforge.rollout.vllm_client import VLLMClient, VLLMError, VLLMServerSampler, merged_weights
 
 
@@ -40,7 +40,7 @@ def test_generate_groups_and_full_weight_sync(model):
     policy = _perturbed(model)
     prompts = [[5, 6, 7], [8, 9]]
     params = SamplingParams(temperature=1.0, max_tokens=5, stop_token_ids=(2,))
-    with FakeVLLMServer(model) as server:
+    with GenerationServer(EmbeddedBackend(model)) as server:
         sampler = VLLMServerSampler(VLLMClient(server.host, server.port, timeout=10))
         before = sampler.generate(prompts, 3, params)
         assert len(before.completion_ids) == 6 and before.n == 3
@@ -62,7 +62,7 @@ def test_lora_sync_through_the_filesystem(model):
     policy = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                              init_lora_weights=False))
     prompts = [[5, 6, 7, 8]]
-    with FakeVLLMServer(model) as server:
+    with GenerationServer(EmbeddedBackend(model)) as server:
         sampler = VLLMServerSampler(VLLMClient(server.host, server.port, timeout=10), lora_sync=True)
         sampler.sync_weights(policy)
         r = sampler.generate(prompts, 2, SamplingParams(max_tokens=4))
@@ -89,3 +89,24 @@ def test_unreachable_server_is_one_clear_error():
         client.wait_ready()
     with pytest.raises(VLLMError, match="cannot reach the vLLM server"):
         client.generate([[1]], 1, SamplingParams())
+
+
+def test_served_embedded_engine_from_a_config(write_config, tiny_model_dir):
+    """What `tuneforge vllm-serve config.yaml --engine embedded` serves: the config's model, over HTTP."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.config import load
+    from tuneforge.rollout.generation_server import backend_from_config
+
+    cfg = load(write_config({"rl": "grpo"}))
+    with GenerationServer(backend_from_config(cfg, "embedded")) as server:
+        client = VLLMClient(server.host, server.port, timeout=10)
+        client.wait_ready()
+        assert client._request("GET", "/get_world_size/") == {"world_size": 1}
+        comp, logps = client.generate([[5, 6, 7]], 2, SamplingParams(temperature=1.0, max_tokens=4))
+        client.clear_lora()
+        with pytest.raises(VLLMError, match="404"):
+            client._request("POST", "/no_such_endpoint/", {})
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    assert len(comp) == 2 and all(len(c) == 4 for c in comp)
+    assert torch.allclose(torch.tensor(logps[1]), _logps(base, [5, 6, 7], comp[1]), atol=2e-5)

@@ -117,12 +117,17 @@ def merge_lora(
 
 
 @app.command("vllm-serve", context_settings=EXTRA)
-def vllm_serve(ctx: typer.Context, config: Path) -> None:
-    """Start a vLLM generation server for online RL (experimental)."""
-    from tuneforge.errors import NotSupportedYet
+def vllm_serve(
+    ctx: typer.Context,
+    config: Path,
+    engine: str = typer.Option("vllm", "--engine", help="vllm (needs vllm installed) or embedded (tuneforge's engine)."),
+    host: str | None = typer.Option(None, "--host", help="Listen address (default: vllm.host, 0.0.0.0)."),
+    port: int | None = typer.Option(None, "--port", help="Port (default: vllm.port, 8000)."),
+) -> None:
+    """Serve generation for `trl.use_vllm` training over TRL's vllm-serve protocol (experimental)."""
+    from tuneforge.rollout.generation_server import serve
 
-    _load(config, ctx.args)
-    raise NotSupportedYet("vllm-serve is not implemented yet; GRPO uses the embedded rollout engine.")
+    serve(_load(config, ctx.args), engine=engine, host=host, port=port)
 
 
 @app.command()

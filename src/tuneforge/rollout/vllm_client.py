@@ -9,27 +9,27 @@ Speaks the HTTP protocol of TRL's `vllm-serve` with Axolotl's additions (rl.md s
 - otherwise the merged weights go over `POST /http_update_weights/` (base64 tensors, chunked).
 The NCCL endpoints (`/init_communicator/`, `/update_named_param/`) are not used.
 
-vLLM cannot be installed on the machines this was written on: this client is tested only against the
-fake server in `rollout/fake_vllm.py`, which implements the same endpoints. Treat it as experimental
-until it has run against a real server; the embedded engine is the tested default.
+`VLLMClient` is itself a `generation_server.Backend` (the same calls, over HTTP), so the sampler is the
+colocate sampler plus a readiness wait. vLLM cannot be installed on the machines this was written on:
+the client is tested against `tuneforge vllm-serve --engine embedded` (`generation_server.py`), which
+serves the same endpoints. Treat the vLLM path as experimental until it has run against a real vLLM;
+the embedded engine is the tested default.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import torch
 
 from tuneforge.errors import TuneforgeError
 
-from .base import Rollout, SamplingParams
+from .base import SamplingParams
+from .generation_server import BackendSampler, encode_tensor
 
 log = logging.getLogger("tuneforge")
 _CHUNK_BYTES = 10 * 1024 * 1024
@@ -72,25 +72,31 @@ class VLLMClient:
                                 "(trl.vllm_server_timeout).")
             time.sleep(0.5)
 
-    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> dict:
+    world_size = 1
+
+    def request_generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> dict:
         payload = {"prompts": prompts, "n": n, "temperature": params.temperature, "top_p": params.top_p,
                    "top_k": params.top_k if params.top_k else -1, "min_p": params.min_p,
                    "repetition_penalty": params.repetition_penalty, "max_tokens": params.max_tokens, "logprobs": 0,
                    "generation_kwargs": {"stop_token_ids": list(params.stop_token_ids)}}
         return self._request("POST", "/generate/", payload)
 
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> tuple[list, list]:
+        out = self.request_generate(prompts, n, params)
+        comp = [list(c) for c in out["completion_ids"]]
+        if len(comp) != len(prompts) * n:
+            raise VLLMError(f"the vLLM server returned {len(comp)} completions for {len(prompts)} prompts x n={n}")
+        return comp, [[float(tok[0]) for tok in seq] for seq in out["logprobs"]]
+
     def reset_prefix_cache(self) -> None:
         self._request("POST", "/reset_prefix_cache/", {})
 
-    def update_weights(self, named: dict[str, torch.Tensor]) -> None:
+    def load_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
         """Send tensors over HTTP in chunks of about 10 MB (no NCCL group needed)."""
         batch, size = [], 0
-        for name, t in named.items():
-            t = t.detach().to("cpu").contiguous()
-            raw = t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
-            batch.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                          "data": base64.b64encode(raw).decode()})
-            size += len(raw)
+        for name, t in named:
+            batch.append(encode_tensor(name, t))
+            size += t.numel() * t.element_size()
             if size >= _CHUNK_BYTES:
                 self._request("POST", "/http_update_weights/", {"params": batch})
                 batch, size = [], 0
@@ -103,6 +109,9 @@ class VLLMClient:
         except VLLMError:
             self._request("POST", "/set_lora_adapter/", {"lora_name": name, "lora_int_id": version, "lora_path": path,
                                                          "load_inplace": True})
+
+    def clear_lora(self) -> None:
+        self._request("POST", "/clear_lora_adapter/", {})
 
 
 def merged_weights(model) -> dict[str, torch.Tensor]:
@@ -127,20 +136,18 @@ def merged_weights(model) -> dict[str, torch.Tensor]:
     return out
 
 
-class VLLMServerSampler:
-    """The `Sampler` interface over `VLLMClient`; `sync_weights` pushes the policy before generating."""
+class VLLMServerSampler(BackendSampler):
+    """The `Sampler` interface over a server: waits for /health/ once, then syncs and generates over HTTP."""
 
     def __init__(self, client: VLLMClient, *, lora_sync: bool = False):
+        super().__init__(client, lora_sync=lora_sync)
         self.client = client
-        self.lora_sync = lora_sync
-        self.version = 0
-        self._dir = tempfile.TemporaryDirectory(prefix="tuneforge-lora-sync-")
         self._ready = False
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> VLLMServerSampler:
         t = cfg.trl
-        log.warning("trl.use_vllm is EXPERIMENTAL in tuneforge: tested only against a fake server")
+        log.warning("trl.use_vllm is EXPERIMENTAL in tuneforge: its client is tested against tuneforge's own server")
         client = VLLMClient(t.vllm_server_host or "127.0.0.1", t.vllm_server_port or 8000, t.vllm_server_timeout or 240.0)
         return cls(client, lora_sync=bool(t.vllm_lora_sync) and bool(cfg.adapter))
 
@@ -151,24 +158,10 @@ class VLLMServerSampler:
 
     def sync_weights(self, model) -> None:
         self._ensure_ready()
-        self.version += 1
-        if self.lora_sync:
-            path = Path(self._dir.name) / f"v{self.version}"
-            model.save_pretrained(str(path))
-            self.client.load_lora(str(path), "tuneforge", self.version)
-        else:
-            self.client.update_weights(merged_weights(model))
-        self.client.reset_prefix_cache()
+        super().sync_weights(model)
 
-    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Rollout:
+    def generate(self, prompt_ids, n, params):
         self._ensure_ready()
-        start = time.perf_counter()
-        out = self.client.generate(prompt_ids, n, params)
-        comp = [list(c) for c in out["completion_ids"]]
-        if len(comp) != len(prompt_ids) * n:
-            raise VLLMError(f"the vLLM server returned {len(comp)} completions for {len(prompt_ids)} prompts x n={n}")
-        logps = [[float(tok[0]) for tok in seq] for seq in out["logprobs"]]
-        stops = set(params.stop_token_ids)
-        finished = [bool(c) and (c[-1] in stops or len(c) < params.max_tokens) for c in comp]
-        return Rollout([list(p) for p in prompt_ids], comp, logps, finished, n=n, seconds=time.perf_counter() - start,
-                       meta={"backend": "vllm-server"})
+        rollout = super().generate(prompt_ids, n, params)
+        rollout.meta["backend"] = "vllm-server"
+        return rollout
