@@ -37,7 +37,7 @@ def _config(write_config, reward: str, loss_type: str, steps: int, lr: float = 6
         "datasets": [{"path": "prompts.jsonl", "type": "prompt"}],
         "trl": {"num_generations": 8, "max_completion_length": 8, "reward_funcs": [f"toy_rewards.{reward}"],
                 "loss_type": loss_type, **trl},
-        "micro_batch_size": 8, "gradient_accumulation_steps": 1, "max_steps": steps, "learning_rate": lr,
+        "micro_batch_size": 64, "gradient_accumulation_steps": 1, "max_steps": steps, "learning_rate": lr,
         "lr_scheduler": "constant", "optimizer": "adamw_torch", "weight_decay": 0.0, "logging_steps": 1,
         "save_strategy": "no", "seed": 0,
     })

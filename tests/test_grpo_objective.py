@@ -39,7 +39,7 @@ def _setup(write_config, write_jsonl, tiny_tokenizer, trl=None, rows=None, **top
     cfg = load(write_config({"rl": "grpo", "datasets": [{"path": "p.jsonl", "type": "prompt"}],
                              "trl": {"num_generations": 4, "max_completion_length": 6,
                                      "reward_funcs": ["obj_rewards.parity"], **(trl or {})},
-                             "micro_batch_size": 2, "seed": 0, **top}))
+                             "micro_batch_size": 8, "seed": 0, **top}))
     obj = get_objective(cfg)
     data = obj.prepare_data(tiny_tokenizer)
     return cfg, obj, data
@@ -268,3 +268,20 @@ def test_config_errors_come_before_any_model(write_config, rewards_module):
     gdpo = get_objective(load(write_config({"rl": "gdpo", "datasets": [{"path": "x"}],
                                             "trl": {"reward_funcs": ["obj_rewards.constant"]}})))
     assert gdpo.s.aggregation == "normalize_then_sum" and gdpo.s.loss_type == "dapo" and gdpo.s.beta == 0.0
+
+
+def test_micro_batch_size_counts_completions_as_in_axolotl(write_config, rewards_module):
+    from tuneforge.config import load
+    from tuneforge.config.errors import ConfigError
+    from tuneforge.methods import get_objective
+
+    def objective(**top):
+        return get_objective(load(write_config({"rl": "grpo", "datasets": [{"path": "x"}],
+                                                "trl": {"reward_funcs": ["obj_rewards.constant"], "num_generations": 4},
+                                                **top})))
+
+    assert objective(micro_batch_size=8).rows_per_micro_batch() == 2  # 8 completions = 2 prompts x 4
+    assert objective().rows_per_micro_batch() == 1  # unset: one prompt's group per micro-batch
+    with pytest.raises(ConfigError, match=r"micro_batch_size: counts completions .* multiple of trl.num_generations "
+                                          r"\(4\).* use 4, 8, 16"):
+        objective(micro_batch_size=6)

@@ -29,8 +29,10 @@ class Position:
 
 
 class StepPlan:
-    def __init__(self, cfg: Config, lengths: list[int], *, world_size: int = 1, rank: int = 0):
+    def __init__(self, cfg: Config, lengths: list[int], *, world_size: int = 1, rank: int = 0,
+                 rows_per_micro_batch: int | None = None):
         self.cfg = cfg
+        self.micro_batch_size = rows_per_micro_batch or cfg.micro_batch_size
         self.lengths = lengths
         self.world = world_size
         self.rank = rank
@@ -50,7 +52,7 @@ class StepPlan:
         if e not in self._epochs:
             cfg = self.cfg
             planned = plan_epoch(
-                self.lengths, epoch=e, seed=cfg.seed, micro_batch_size=cfg.micro_batch_size,
+                self.lengths, epoch=e, seed=cfg.seed, micro_batch_size=self.micro_batch_size,
                 packed=cfg.sample_packing, capacity=cfg.sequence_len, group_size=cfg.sample_packing_group_size,
                 max_docs=cfg.sample_packing_bin_size, sequential=cfg.sample_packing_sequentially,
             )

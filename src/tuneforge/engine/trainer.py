@@ -111,7 +111,8 @@ class Trainer:
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
         self.train_rows = _Rows(data.train, objective.row_columns)
-        self.plan = StepPlan(cfg, self.train_rows.lengths, world_size=acc.num_processes, rank=acc.process_index)
+        self.plan = StepPlan(cfg, self.train_rows.lengths, world_size=acc.num_processes, rank=acc.process_index,
+                             rows_per_micro_batch=objective.rows_per_micro_batch())
         self.total_steps = self.plan.total_steps
         has_eval = data.eval is not None and cfg.eval_strategy != "no"
         self.eval_rows = _Rows(data.eval, objective.row_columns) if has_eval else None
@@ -289,7 +290,8 @@ class Trainer:
             return self._eval_plan
         cfg, acc = self.cfg, self.accelerator
         planned = plan_epoch(
-            self.eval_rows.lengths, epoch=0, seed=cfg.seed, micro_batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+            self.eval_rows.lengths, epoch=0, seed=cfg.seed,
+            micro_batch_size=cfg.eval_batch_size or self.objective.rows_per_micro_batch(),
             packed=cfg.packing_for_eval, capacity=cfg.eval_sequence_len or cfg.sequence_len, shuffle=False,
             group_size=cfg.sample_packing_group_size, max_docs=cfg.sample_packing_bin_size,
         )

@@ -40,6 +40,10 @@ class Objective:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
+    def rows_per_micro_batch(self) -> int:
+        """Dataset rows the planner puts in one training micro-batch (GRPO: prompts, not completions)."""
+        return self.cfg.micro_batch_size
+
     # ---- data -------------------------------------------------------------------------------------
     def prepare_data(self, tokenizer):
         """Tokenized train/eval datasets (`tuneforge.data.pipeline.PreparedData`)."""

@@ -12,9 +12,10 @@ One optimizer step of the engine loop, for this objective:
                                 completion at the sampling temperature, the clipped surrogate
                                 (grpo_loss.token_loss) and the aggregation of `loss_type`
 
-Batch geometry: a micro-batch holds `micro_batch_size` *prompts*, each with `num_generations`
-completions, so every group is complete inside its micro-batch. (TRL and Axolotl count completions in
-the per-device batch size instead; see docs/grpo.md.) `num_iterations: mu` reuses one generation for mu
+Batch geometry: `micro_batch_size` counts completions, as in Axolotl and TRL. It must be a multiple of
+`num_generations` here: a micro-batch holds `micro_batch_size / num_generations` prompts with all their
+completions, so every group is complete inside its micro-batch (TRL may split groups across
+micro-batches; see docs/grpo.md). `num_iterations: mu` reuses one generation for mu
 optimizer steps (the prompts the loop hands in meanwhile are skipped), with pi_old fixed at generation.
 
 pi_old: on-policy with num_iterations 1, pi_old = pi.detach() (ratio exactly 1, REINFORCE with a group
@@ -120,11 +121,14 @@ class GRPOSettings:
         if cfg.sample_packing:
             raise config_error("sample_packing", "GRPO batches are prompts and their generated completions; "
                                                  "remove sample_packing (or set it to false).")
+        G = self.num_generations
+        if completions_per_micro_batch(cfg, G) % G:
+            fits = ", ".join(str(G * k) for k in (1, 2, 4))
+            raise config_error("micro_batch_size", f"counts completions (as in Axolotl/TRL) and must be a multiple "
+                               f"of trl.num_generations ({G}), so that each prompt's {G} completions train in "
+                               f"one micro-batch: use {fits}, ... (or lower num_generations).")
         if self.temperature <= 0:
             raise config_error("trl.temperature", "GRPO samples completions; the temperature must be > 0.")
-        if self.use_vllm and cfg.trl.vllm_mode == "colocate":
-            raise NotSupportedYet("trl.vllm_mode: colocate is not implemented; use the embedded engine (remove "
-                                  "use_vllm) or `vllm_mode: server` (experimental).")
         if self.async_prefetch and self.use_vllm:
             raise NotSupportedYet("trl.async_prefetch with use_vllm is not implemented yet; use one of them.")
 
@@ -184,6 +188,11 @@ def training_layout(prompts: list[list[int]], completions: list[list[int]], pad_
     return batch
 
 
+def completions_per_micro_batch(cfg: Config, num_generations: int) -> int:
+    """`micro_batch_size` (completions, as in Axolotl); unset, one prompt's group per micro-batch."""
+    return cfg.micro_batch_size if "micro_batch_size" in cfg.model_fields_set else num_generations
+
+
 # ---------------------------------------------------------------- the objective
 class GRPOObjective(Objective):
     name = "grpo"
@@ -193,10 +202,9 @@ class GRPOObjective(Objective):
         super().__init__(cfg)
         self.s = GRPOSettings.from_config(cfg)
         self.rewards = RewardSet.from_config(cfg)  # import errors surface before any model loads
-        # Axolotl/TRL count completions per device batch; here a micro-batch holds prompts. Say so once.
-        log.info("GRPO: micro_batch_size %d counts prompts: %d completions per micro-batch (Axolotl counts "
-                 "completions; divide an Axolotl value by trl.num_generations)", cfg.micro_batch_size,
-                 cfg.micro_batch_size * self.s.num_generations)
+        log.info("GRPO: %d completions = %d prompts x %d generations per micro-batch",
+                 completions_per_micro_batch(cfg, self.s.num_generations), self.rows_per_micro_batch(),
+                 self.s.num_generations)
         self.reference = Reference(cfg) if self.s.beta != 0.0 else None
         self.tokenizer = None
         self.params = None
@@ -212,6 +220,10 @@ class GRPOObjective(Objective):
         self._rollouts = 0
         self._train_clock: float | None = None
         self._last_train_seconds = 0.0
+
+    def rows_per_micro_batch(self) -> int:
+        G = self.s.num_generations
+        return completions_per_micro_batch(self.cfg, G) // G  # prompts; checked to divide evenly
 
     # ---- data
     def prepare_data(self, tokenizer):
@@ -254,7 +266,13 @@ class GRPOObjective(Objective):
 
         def make(m):
             return EmbeddedSampler(m, pad, cuda_graphs=cuda_graphs, autocast_dtype=autocast, compile=compile_decode)
-        if self.s.use_vllm:
+        if self.s.use_vllm and self.cfg.trl.vllm_mode == "colocate":
+            from tuneforge.rollout.generation_server import BackendSampler, backend_from_config
+
+            log.warning("trl.vllm_mode: colocate is EXPERIMENTAL: tested only against a stand-in for vllm.LLM")
+            lora_sync = bool(self.cfg.trl.vllm_lora_sync) and bool(self.cfg.adapter)
+            self.sampler = BackendSampler(backend_from_config(self.cfg, "vllm", colocate=True), lora_sync=lora_sync)
+        elif self.s.use_vllm:
             from tuneforge.rollout.vllm_client import VLLMServerSampler
 
             self.sampler = VLLMServerSampler.from_config(self.cfg, self.tokenizer)
