@@ -57,7 +57,7 @@ def _batches(obj, data, starts, size=2):
 
 def _step(obj, model, batches, optimizer=None):
     """One optimizer step exactly as engine/trainer.py runs it."""
-    rolled = [obj.rollout(model, b) for b in batches]
+    rolled = obj.rollout_step(model, batches)
     n = sum(obj.num_items(b) for b in rolled)
     out = []
     for b in rolled:
@@ -280,8 +280,31 @@ def test_micro_batch_size_counts_completions_as_in_axolotl(write_config, rewards
                                                 "trl": {"reward_funcs": ["obj_rewards.constant"], "num_generations": 4},
                                                 **top})))
 
-    assert objective(micro_batch_size=8).rows_per_micro_batch() == 2  # 8 completions = 2 prompts x 4
+    # prompts generated per optimizer step = micro_batch_size x gradient_accumulation_steps / num_generations
+    assert objective(micro_batch_size=8).rows_per_micro_batch() == 2
+    split = objective(micro_batch_size=2, gradient_accumulation_steps=4)
+    assert split.rows_per_micro_batch() == 2 and split.micro_batches_per_step() == 1
     assert objective().rows_per_micro_batch() == 1  # unset: one prompt's group per micro-batch
-    with pytest.raises(ConfigError, match=r"micro_batch_size: counts completions .* multiple of trl.num_generations "
-                                          r"\(4\).* use 4, 8, 16"):
+    with pytest.raises(ConfigError, match=r"micro_batch_size: counts completions .* = 6 completions per optimizer "
+                                          r"step, which must be a multiple of trl.num_generations \(4\)"):
         objective(micro_batch_size=6)
+
+
+def test_splitting_a_generation_into_micro_batches_keeps_the_gradient(rewards_module, write_config, write_jsonl,
+                                                                       tiny_tokenizer, tiny_model_dir):
+    """2 prompts x 4 completions trained as one micro-batch of 8, or as 4 micro-batches of 2 completions
+    (groups split across micro-batches, TRL's layout): same advantages, same summed gradient."""
+    grads, advantages = [], []
+    for top in ({"micro_batch_size": 8}, {"micro_batch_size": 2, "gradient_accumulation_steps": 4}):
+        cfg, obj, data = _setup(write_config, write_jsonl, tiny_tokenizer, trl={"loss_type": "dapo"}, **top)
+        model = _model(tiny_model_dir)
+        torch.manual_seed(0)
+        batch = obj.collate([[data.train[i]] for i in range(obj.rows_per_micro_batch())], 0, training=True)
+        out = _step(obj, model, [batch])
+        assert [len(b["texts"]) for _, _, b in out] == ([8] if top["micro_batch_size"] == 8 else [2, 2, 2, 2])
+        assert sum(sums["gen_seconds"] > 0 for _, sums, _ in out) == 1  # generation time counted once
+        advantages.append(torch.cat([b["advantages"] for _, _, b in out]))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.equal(advantages[0], advantages[1]) and bool(advantages[0].any())
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)

@@ -30,13 +30,13 @@ class Position:
 
 class StepPlan:
     def __init__(self, cfg: Config, lengths: list[int], *, world_size: int = 1, rank: int = 0,
-                 rows_per_micro_batch: int | None = None):
+                 rows_per_micro_batch: int | None = None, micro_batches_per_step: int | None = None):
         self.cfg = cfg
         self.micro_batch_size = rows_per_micro_batch or cfg.micro_batch_size
         self.lengths = lengths
         self.world = world_size
         self.rank = rank
-        self.accum = cfg.grad_accum
+        self.accum = micro_batches_per_step or cfg.grad_accum
         self._epochs: dict[int, list[MicroBatch]] = {}
         if cfg.max_steps:
             self.num_epochs = None

@@ -112,7 +112,8 @@ class Trainer:
 
         self.train_rows = _Rows(data.train, objective.row_columns)
         self.plan = StepPlan(cfg, self.train_rows.lengths, world_size=acc.num_processes, rank=acc.process_index,
-                             rows_per_micro_batch=objective.rows_per_micro_batch())
+                             rows_per_micro_batch=objective.rows_per_micro_batch(),
+                             micro_batches_per_step=objective.micro_batches_per_step())
         self.total_steps = self.plan.total_steps
         has_eval = data.eval is not None and cfg.eval_strategy != "no"
         self.eval_rows = _Rows(data.eval, objective.row_columns) if has_eval else None
@@ -194,7 +195,7 @@ class Trainer:
     def _optimizer_step(self, batches: list[Batch]) -> dict:
         acc, objective = self.accelerator, self.objective
         self.runner.train()
-        batches = [objective.rollout(self.model, b) for b in batches]
+        batches = objective.rollout_step(self.model, batches)
         num_items = int(self._sum_over_ranks([float(sum(objective.num_items(b) for b in batches))])[0])
         sums: dict[str, float] = defaultdict(float)
         for i, batch in enumerate(batches):

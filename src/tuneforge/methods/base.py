@@ -41,8 +41,12 @@ class Objective:
         self.cfg = cfg
 
     def rows_per_micro_batch(self) -> int:
-        """Dataset rows the planner puts in one training micro-batch (GRPO: prompts, not completions)."""
+        """Dataset rows the planner puts in one planned micro-batch (GRPO: the prompts of a whole step)."""
         return self.cfg.micro_batch_size
+
+    def micro_batches_per_step(self) -> int:
+        """Planned micro-batches per optimizer step (GRPO: 1, split after generation by `rollout_step`)."""
+        return self.cfg.grad_accum
 
     # ---- data -------------------------------------------------------------------------------------
     def prepare_data(self, tokenizer):
@@ -66,6 +70,10 @@ class Objective:
     def rollout(self, model, batch: Batch) -> Batch:
         """Online methods generate completions (and score them) here; offline methods return the batch."""
         return batch
+
+    def rollout_step(self, model, batches: list[Batch]) -> list[Batch]:
+        """The micro-batches one optimizer step trains on, from its planned batches (default: `rollout` each)."""
+        return [self.rollout(model, b) for b in batches]
 
     def num_items(self, batch: Batch) -> int:
         """How many items of this micro-batch the loss sums over (SFT: trained tokens)."""

@@ -12,10 +12,11 @@ One optimizer step of the engine loop, for this objective:
                                 completion at the sampling temperature, the clipped surrogate
                                 (grpo_loss.token_loss) and the aggregation of `loss_type`
 
-Batch geometry: `micro_batch_size` counts completions, as in Axolotl and TRL. It must be a multiple of
-`num_generations` here: a micro-batch holds `micro_batch_size / num_generations` prompts with all their
-completions, so every group is complete inside its micro-batch (TRL may split groups across
-micro-batches; see docs/grpo.md). `num_iterations: mu` reuses one generation for mu
+Batch geometry (as in TRL with `steps_per_generation` = gradient accumulation): `micro_batch_size`
+counts completions. One generation per optimizer step covers `micro_batch_size x
+gradient_accumulation_steps / num_generations` prompts (the planner hands them over as one batch);
+their advantages are computed over the whole generation, then `rollout_step` splits the completions
+into micro-batches of `micro_batch_size` (a group may span two micro-batches). `num_iterations: mu` reuses one generation for mu
 optimizer steps (the prompts the loop hands in meanwhile are skipped), with pi_old fixed at generation.
 
 pi_old: on-policy with num_iterations 1, pi_old = pi.detach() (ratio exactly 1, REINFORCE with a group
@@ -122,11 +123,12 @@ class GRPOSettings:
             raise config_error("sample_packing", "GRPO batches are prompts and their generated completions; "
                                                  "remove sample_packing (or set it to false).")
         G = self.num_generations
-        if completions_per_micro_batch(cfg, G) % G:
-            fits = ", ".join(str(G * k) for k in (1, 2, 4))
-            raise config_error("micro_batch_size", f"counts completions (as in Axolotl/TRL) and must be a multiple "
-                               f"of trl.num_generations ({G}), so that each prompt's {G} completions train in "
-                               f"one micro-batch: use {fits}, ... (or lower num_generations).")
+        per_step = completions_per_micro_batch(cfg, G) * cfg.grad_accum
+        if per_step % G:
+            raise config_error("micro_batch_size", f"counts completions (as in Axolotl/TRL): micro_batch_size x "
+                               f"gradient_accumulation_steps = {per_step} completions per optimizer step, which must "
+                               f"be a multiple of trl.num_generations ({G}) so that every prompt gets its {G} "
+                               "completions. Change one of the three.")
         if self.temperature <= 0:
             raise config_error("trl.temperature", "GRPO samples completions; the temperature must be > 0.")
         if self.async_prefetch and self.use_vllm:
@@ -188,6 +190,34 @@ def training_layout(prompts: list[list[int]], completions: list[list[int]], pad_
     return batch
 
 
+def split_rollout(batch: Batch, size: int) -> list[Batch]:
+    """Micro-batches of `size` completion rows from one scored rollout (advantages already set).
+
+    Per-row tensors and lists are sliced; the varlen boundaries are rebuilt (one padded document per
+    row); generation time and tokens stay with the first chunk so they are counted once.
+    """
+    n_rows, width = batch["input_ids"].shape
+    if n_rows <= size:
+        return [batch]
+    chunks = []
+    for start in range(0, n_rows, size):
+        end = min(n_rows, start + size)
+        chunk = {}
+        for key, value in batch.items():
+            per_row = (torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n_rows) or (
+                isinstance(value, list) and len(value) == n_rows)
+            chunk[key] = value[start:end] if per_row and key != "cu_seqlens" else value
+        rows = end - start
+        lengths = batch["row_lengths"][start:end]
+        chunk.update(cu_seqlens=torch.arange(rows + 1, dtype=torch.int32, device=batch["cu_seqlens"].device) * width,
+                     max_seqlen=width, num_target_tokens=int((chunk["target_ids"] != IGNORE_INDEX).sum()),
+                     num_tokens=sum(lengths), sum_sq_lengths=sum(n * n for n in lengths))
+        if start:
+            chunk.update(gen_seconds=0.0, gen_tokens=0)
+        chunks.append(chunk)
+    return chunks
+
+
 def completions_per_micro_batch(cfg: Config, num_generations: int) -> int:
     """`micro_batch_size` (completions, as in Axolotl); unset, one prompt's group per micro-batch."""
     return cfg.micro_batch_size if "micro_batch_size" in cfg.model_fields_set else num_generations
@@ -202,9 +232,9 @@ class GRPOObjective(Objective):
         super().__init__(cfg)
         self.s = GRPOSettings.from_config(cfg)
         self.rewards = RewardSet.from_config(cfg)  # import errors surface before any model loads
-        log.info("GRPO: %d completions = %d prompts x %d generations per micro-batch",
-                 completions_per_micro_batch(cfg, self.s.num_generations), self.rows_per_micro_batch(),
-                 self.s.num_generations)
+        log.info("GRPO: %d prompts x %d generations per optimizer step, in micro-batches of %d completions",
+                 self.rows_per_micro_batch(), self.s.num_generations,
+                 completions_per_micro_batch(cfg, self.s.num_generations))
         self.reference = Reference(cfg) if self.s.beta != 0.0 else None
         self.tokenizer = None
         self.params = None
@@ -223,7 +253,16 @@ class GRPOObjective(Objective):
 
     def rows_per_micro_batch(self) -> int:
         G = self.s.num_generations
-        return completions_per_micro_batch(self.cfg, G) // G  # prompts; checked to divide evenly
+        return completions_per_micro_batch(self.cfg, G) * self.cfg.grad_accum // G  # prompts; checked to divide
+
+    def micro_batches_per_step(self) -> int:
+        return 1  # the step's prompts arrive as one batch; rollout_step splits their completions
+
+    def rollout_step(self, model, batches: list[Batch]) -> list[Batch]:
+        rolled = [self.rollout(model, b) for b in batches]
+        self._finish()  # advantages over the whole generation, before it is split
+        size = completions_per_micro_batch(self.cfg, self.s.num_generations)
+        return [chunk for b in rolled for chunk in split_rollout(b, size)]
 
     # ---- data
     def prepare_data(self, tokenizer):
@@ -333,6 +372,7 @@ class GRPOObjective(Objective):
                                         extra={"trainer_state": SimpleNamespace(global_step=self._rollouts - 1),
                                                "max_completion_length": self.s.max_completion_length})
         prompt_ids = [p for p in rollout.prompt_ids for _ in range(G)]
+        row_lengths = [len(p) + len(c) for p, c in zip(prompt_ids, rollout.completion_ids, strict=True)]
         out = training_layout(prompt_ids, rollout.completion_ids, source["pad_id"])
         device = next(model.parameters()).device
         out = {k: v.to(device) if torch.is_tensor(v) else v for k, v in out.items()}
@@ -346,9 +386,7 @@ class GRPOObjective(Objective):
         out.update(mask=mask, truncated=truncated, rewards_per_func=per_func, sampler_logps=sampler_logps,
                    off_policy=off_policy, gen_seconds=rollout.seconds, gen_tokens=rollout.num_tokens,
                    texts=texts, prompt_texts=[p if isinstance(p, str) else p[-1]["content"] for p in source["prompts"]],
-                   num_tokens=int(sum(len(p) + len(c) for p, c in zip(prompt_ids, rollout.completion_ids, strict=True))),
-                   sum_sq_lengths=int(sum((len(p) + len(c)) ** 2 for p, c in zip(prompt_ids, rollout.completion_ids,
-                                                                                 strict=True))))
+                   row_lengths=row_lengths, num_tokens=sum(row_lengths), sum_sq_lengths=sum(n * n for n in row_lengths))
         needs_old = self.s.num_iterations > 1 or (off_policy and self.s.correct_is) or self.s.opsm is not None
         if needs_old:
             out["old_logps"] = completion_logps(model, out, self.s.temperature)
