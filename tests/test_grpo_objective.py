@@ -288,6 +288,10 @@ def test_micro_batch_size_counts_completions_as_in_axolotl(write_config, rewards
     with pytest.raises(ConfigError, match=r"micro_batch_size: counts completions .* = 6 completions per optimizer "
                                           r"step, which must be a multiple of trl.num_generations \(4\)"):
         objective(micro_batch_size=6)
+    with pytest.raises(ConfigError, match=r"trl.generation_batch_size: is 16, .* = 8 completions"):
+        get_objective(load(write_config({"rl": "grpo", "datasets": [{"path": "x"}], "micro_batch_size": 8,
+                                         "trl": {"reward_funcs": ["obj_rewards.constant"], "num_generations": 4,
+                                                 "generation_batch_size": 16}})))
 
 
 def test_splitting_a_generation_into_micro_batches_keeps_the_gradient(rewards_module, write_config, write_jsonl,

@@ -19,7 +19,9 @@ class TRLBlock(Section):
     max_completion_length: int | None = Field(None, ge=1, description="Maximum generated tokens per completion.")
     max_prompt_length: int | None = Field(None, ge=1, description="Maximum prompt tokens.")
     num_generations: int | None = Field(None, ge=2, description="Completions sampled per prompt (GRPO group size).")
-    generation_batch_size: int | None = Field(None, ge=1, description="Completions generated per generation round.")
+    generation_batch_size: int | None = Field(
+        None, ge=1, description="Completions generated per generation round; tuneforge generates once per optimizer "
+        "step, so it must equal micro_batch_size x gradient_accumulation_steps (or be unset).")
     reward_funcs: list[str] | None = Field(None, description="Reward functions as `module.function` references.")
     reward_weights: list[float] | None = Field(None, description="Weights of the reward functions.")
     multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] | None = Field(

@@ -129,6 +129,11 @@ class GRPOSettings:
                                f"gradient_accumulation_steps = {per_step} completions per optimizer step, which must "
                                f"be a multiple of trl.num_generations ({G}) so that every prompt gets its {G} "
                                "completions. Change one of the three.")
+        wanted = cfg.trl.generation_batch_size if cfg.trl else None
+        if wanted is not None and wanted != per_step:
+            raise config_error("trl.generation_batch_size", f"is {wanted}, but tuneforge generates once per optimizer "
+                               f"step: micro_batch_size x gradient_accumulation_steps = {per_step} completions. "
+                               f"Remove it or set it to {per_step}.")
         if self.temperature <= 0:
             raise config_error("trl.temperature", "GRPO samples completions; the temperature must be > 0.")
         if self.async_prefetch and self.use_vllm:
