@@ -312,3 +312,16 @@ def test_splitting_a_generation_into_micro_batches_keeps_the_gradient(rewards_mo
     assert torch.equal(advantages[0], advantages[1]) and bool(advantages[0].any())
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_validate_runs_the_method_checks(write_config, rewards_module):
+    """`tuneforge validate` reports what training would reject (here GRPO's batch geometry), exit status 2."""
+    import subprocess
+    import sys
+
+    path = write_config({"rl": "grpo", "datasets": [{"path": "x"}], "micro_batch_size": 3,
+                         "trl": {"reward_funcs": ["obj_rewards.constant"], "num_generations": 4}})
+    done = subprocess.run([sys.executable, "-m", "tuneforge.cli", "validate", str(path)], capture_output=True,
+                          text=True, cwd=path.parent)
+    assert done.returncode == 2, done.stderr
+    assert "micro_batch_size: counts completions" in done.stderr and "Traceback" not in done.stderr

@@ -45,8 +45,11 @@ def validate(ctx: typer.Context, config: Path) -> None:
     import yaml
 
     from tuneforge.config import dump
+    from tuneforge.methods import get_objective
 
     cfg = _load(config, ctx.args)
+    # The method's own checks too (GRPO batch geometry, reward functions importable, ...); no model loads.
+    get_objective(cfg).close()
     typer.echo(yaml.safe_dump(dump(cfg), sort_keys=False))
     typer.secho(f"{config}: valid", fg="green", err=True)
 
