@@ -298,6 +298,7 @@ class GRPOObjective(Objective):
         disable_dropout(model)  # pi_old, pi and pi_ref must agree on the same tokens
         self._ready.add(id(model))
         from tuneforge.rollout.embedded import EmbeddedSampler
+        from tuneforge.rollout.snapshot import HalfPrecisionSampler, wants_half_precision_copy
 
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None and self.tokenizer.pad_token_id is not None else 0
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(_precision(self.cfg))
@@ -308,8 +309,14 @@ class GRPOObjective(Objective):
         # torch_compile also compiles the decode step (first generation pays the compile time).
         compile_decode = bool(gen_kwargs.get("compile", self.cfg.torch_compile in (True, "auto")))
 
+        # Full fine-tuning keeps fp32 weights: generate from a half-precision copy (see rollout/snapshot.py).
+        half = autocast if (gen_kwargs.get("half_precision_copy", True)
+                            and wants_half_precision_copy(model, autocast)) else None
+
         def make(m):
-            return EmbeddedSampler(m, pad, cuda_graphs=cuda_graphs, autocast_dtype=autocast, compile=compile_decode)
+            return EmbeddedSampler(m, pad, cuda_graphs=cuda_graphs, autocast_dtype=None if half else autocast,
+                                   compile=compile_decode)
+
         if self.s.use_vllm and self.cfg.trl.vllm_mode == "colocate":
             from tuneforge.rollout.generation_server import BackendSampler, backend_from_config
 
@@ -321,11 +328,11 @@ class GRPOObjective(Objective):
 
             self.sampler = VLLMServerSampler.from_config(self.cfg, self.tokenizer)
         else:
-            self.sampler = make(model)
+            self.sampler = HalfPrecisionSampler(model, make, half) if half else make(model)
         if self.s.async_prefetch:
             from tuneforge.rollout.async_prefetch import Prefetcher
 
-            self.prefetcher = Prefetcher(model, make, self.sampler, depth=self.s.prefetch_depth)
+            self.prefetcher = Prefetcher(model, make, self.sampler, depth=self.s.prefetch_depth, dtype=half)
 
     def _start_step(self) -> bool:
         """First rollout call of an optimizer step: True when the step replays the last generation."""
@@ -357,8 +364,8 @@ class GRPOObjective(Objective):
         G, prompts = self.s.num_generations, batch["prompt_ids"]
         if self.prefetcher is not None:
             return self.prefetcher.step(model, prompts, G, self.params, tag=batch)
-        if self.s.use_vllm and self._rollouts % self.s.sync_interval == 0:
-            self.sampler.sync_weights(model)
+        if not self.s.use_vllm or self._rollouts % self.s.sync_interval == 0:
+            self.sampler.sync_weights(model)  # embedded: a no-op, or the half-precision copy's refresh
         return self.sampler.generate(prompts, G, self.params), self.s.use_vllm, batch
 
     @torch.no_grad()

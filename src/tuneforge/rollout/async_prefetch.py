@@ -19,30 +19,11 @@ extra copy of the weights; torch ops release the GIL, so the thread overlaps wit
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import torch
-
 from .base import Sampler, SamplingParams
-
-
-class WeightSnapshot:
-    """A frozen copy of a model whose parameters and buffers are refreshed in place from the policy."""
-
-    def __init__(self, model):
-        self.copy = copy.deepcopy(model)
-        self.copy.requires_grad_(False)
-        self.syncs = 0
-
-    @torch.no_grad()
-    def refresh(self, model) -> None:
-        for dst, src in zip(self.copy.parameters(), model.parameters(), strict=True):
-            dst.copy_(src)
-        for dst, src in zip(self.copy.buffers(), model.buffers(), strict=True):
-            dst.copy_(src)
-        self.syncs += 1
+from .snapshot import WeightSnapshot
 
 
 class Prefetcher:
@@ -52,8 +33,8 @@ class Prefetcher:
     popped at the same step (already finished), so a snapshot is never refreshed while in use.
     """
 
-    def __init__(self, model, make_sampler, foreground: Sampler, *, depth: int = 1):
-        self.snapshots = [WeightSnapshot(model) for _ in range(depth)]
+    def __init__(self, model, make_sampler, foreground: Sampler, *, depth: int = 1, dtype=None):
+        self.snapshots = [WeightSnapshot(model, dtype) for _ in range(depth)]
         self.samplers = [make_sampler(s.copy) for s in self.snapshots]
         self.foreground = foreground  # generates with the live weights (the synchronous first steps)
         self.depth = depth
@@ -76,6 +57,7 @@ class Prefetcher:
         self.submitted += 1
         if result is not None:
             return result
+        self.foreground.sync_weights(model)
         return self.foreground.generate(prompt_ids, n, params), False, tag
 
     def close(self) -> None:
