@@ -14,9 +14,11 @@ from test_engine_support import one_thread  # noqa: F401
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
+GPU_CONFIGS = sorted((EXAMPLES / "gpu").glob("*.yaml"))  # real models from the Hub: validated, not run here
 
 
 def test_examples_exist():
+    assert {p.name for p in GPU_CONFIGS} >= {"qwen2.5-1.5b-lora.yaml", "qwen2.5-0.5b-grpo-gsm8k.yaml"}
     names = {p.name for p in CONFIGS}
     assert {"sft-tiny.yaml", "lora-tiny.yaml", "alpaca-tiny.yaml"} <= names
     model = EXAMPLES / "tiny-llama"
@@ -24,7 +26,7 @@ def test_examples_exist():
     assert not list(model.glob("*.safetensors")) and not list(model.glob("*.bin"))  # no weights shipped
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", CONFIGS + GPU_CONFIGS, ids=lambda p: p.name)
 def test_validate(config):
     from tuneforge.cli import app
 
