@@ -19,6 +19,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     On SIGINT/SIGTERM the run saves a checkpoint, prints the command that resumes it and exits with
     128 + the signal number.
     """
+    import torch
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
@@ -34,13 +35,17 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     objective = get_objective(cfg)  # an unimplemented method fails here, before anything loads
     _quiet_libraries()
     out = cfg.output_path()
+    # Several processes (torchrun / accelerate launch): gloo on CPU, NCCL on GPUs. The first process
+    # prepares (and caches) the data while the others wait, then they load its cache.
+    state = PartialState(cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
-    data = objective.prepare_data(tokenizer)
+    with state.main_process_first():
+        data = objective.prepare_data(tokenizer)
     _log_data(data)
     set_seed(cfg.seed)  # the model's random parts (reinit, LoRA init) do not depend on data preparation
     model = load_model(cfg, tokenizer)
-    main = PartialState().is_main_process
+    main = state.is_main_process
     if main:
         outputs.write_run_files(cfg, tokenizer, out)
         if cfg.adapter and cfg.reinit_weights and not (out / "base_model").exists():

@@ -421,7 +421,8 @@ def _accelerator(precision: str, trackers_: list[str], out: Path):
         # accelerate keeps its state in a process-wide singleton that refuses a new precision; one process
         # may train several times (tests, notebooks), so start it afresh (accelerate's own tests do this).
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=precision, log_with=trackers_ or None, project_dir=str(out / "runs"))
+    return Accelerator(mixed_precision=precision, log_with=trackers_ or None, project_dir=str(out / "runs"),
+                       cpu=not torch.cuda.is_available())  # several CPU processes: gloo data parallelism
 
 
 def _public_config(cfg: Config) -> dict:

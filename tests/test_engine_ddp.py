@@ -1,0 +1,43 @@
+"""Data parallelism, run for real: two CPU processes (torchrun, gloo) train exactly like one process
+that accumulates the same two micro-batches, and only the first process writes outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_engine_support import losses, make_config, make_rows, train
+
+RUN = {"micro_batch_size": 2, "max_steps": 4, "learning_rate": 1e-3, "lr_scheduler": "constant",
+       "optimizer": "adamw_torch", "save_steps": 2, "save_strategy": "steps"}
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_accumulating(tmp_path, tiny_model_dir):
+    rows = make_rows(n=24, seed=3)
+    single = train(make_config(tmp_path / "single", tiny_model_dir, rows, gradient_accumulation_steps=2, **RUN))
+    make_config(tmp_path / "ddp", tiny_model_dir, rows, gradient_accumulation_steps=1, **RUN)  # writes the YAML
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "-m", "tuneforge.cli", "train", str(tmp_path / "ddp" / "config.yaml")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "ddp" / "out"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # one writer: no duplicated lines
+    for r in steps:
+        assert abs(r["loss"] - losses(single)[r["step"]]) <= 1e-5, (r, losses(single))
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "single" / "out" / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    ckpt = out / "checkpoint-2"
+    assert (ckpt / "rng_state_0.pt").exists() and (ckpt / "rng_state_1.pt").exists()  # every rank's RNG
+    assert not torch.equal(a["model.embed_tokens.weight"], load_file(str(Path(tiny_model_dir) / "model.safetensors"))[
+        "model.embed_tokens.weight"])  # it trained
