@@ -41,3 +41,30 @@ def test_two_processes_equal_one_process_accumulating(tmp_path, tiny_model_dir):
     assert (ckpt / "rng_state_0.pt").exists() and (ckpt / "rng_state_1.pt").exists()  # every rank's RNG
     assert not torch.equal(a["model.embed_tokens.weight"], load_file(str(Path(tiny_model_dir) / "model.safetensors"))[
         "model.embed_tokens.weight"])  # it trained
+
+
+@pytest.mark.slow
+def test_grpo_on_two_processes(tmp_path, tiny_model_dir):
+    """GRPO with batch-scaled rewards under torchrun: each process generates for its own prompts, the batch
+    statistics and the logged metrics cover both, one process writes."""
+    import yaml
+
+    (tmp_path / "ddp_rewards.py").write_text("def hits(completions, **kw):\n"
+                                             "    return [1.0 if '7' in c else 0.0 for c in completions]\n")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"hi {i}"}) + "\n" for i in range(16)))
+    config = tmp_path / "grpo.yaml"
+    config.write_text(yaml.safe_dump({
+        "base_model": str(tiny_model_dir), "output_dir": str(tmp_path / "out"), "rl": "grpo",
+        "datasets": [{"path": "prompts.jsonl", "type": "prompt"}],
+        "trl": {"num_generations": 4, "max_completion_length": 6, "reward_funcs": ["ddp_rewards.hits"],
+                "scale_rewards": "batch"},
+        "micro_batch_size": 8, "max_steps": 2, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no"}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "-m", "tuneforge.cli", "train", str(config)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r["type"] == "train"]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["completions/count"] == 16 for r in steps)  # 2 processes x 8 completions, summed over both

@@ -330,3 +330,30 @@ def test_opsm_and_delta_equal_trl():
     terms = gl.token_loss(cur, old, adv, mask, epsilon_high=0.28, delta=1.5, keep=keep)
     ours = gl.loss_sum(terms.loss, mask, "dapo", c) / gl.loss_items("dapo", mask)
     assert ours.item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+def test_batch_statistics_span_every_process():
+    """scale_rewards: batch / GDPO: the batch mean and std cover all processes' rewards (as TRL gathers them).
+    Two simulated ranks, each summing its own and the other's partial sums, get the statistics of the union."""
+    from tuneforge.methods.grpo_loss import batch_mean_std, nanstd
+
+    g = torch.Generator().manual_seed(0)
+    ranks = [torch.randn(12, generator=g, dtype=torch.float64) * 3 + 1, torch.randn(20, generator=g, dtype=torch.float64)]
+    ranks[1][4] = float("nan")  # an unscorable completion stays out
+    union = torch.cat(ranks)
+    expected = (torch.nanmean(union).item(), nanstd(union).item())
+    assert batch_mean_std(union) == pytest.approx(expected, rel=1e-12)
+    calls = {"n": 0}
+    partials: list = []
+
+    def two_ranks(t):  # what all_reduce(sum) returns: this rank's tensor plus the other rank's
+        calls["n"] += 1
+        return t + partials.pop(0)
+
+    other = ranks[1][~torch.isnan(ranks[1])]
+    partials[:] = [torch.stack([torch.tensor(float(other.numel()), dtype=torch.float64), other.sum()])]
+    mean = expected[0]
+    partials.append(((other - mean) ** 2).sum().reshape(1))
+    got = batch_mean_std(ranks[0], two_ranks)
+    assert calls["n"] == 2 and got == pytest.approx(expected, rel=1e-12)
+    assert batch_mean_std(ranks[0]) != pytest.approx(expected, rel=1e-3)  # one rank alone differs

@@ -223,6 +223,22 @@ def split_rollout(batch: Batch, size: int) -> list[Batch]:
     return chunks
 
 
+def _all_reduce_sum():
+    """A function summing a tensor over the data-parallel processes, or None with one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device)
+        dist.all_reduce(t)
+        return t.cpu()
+
+    return reduce
+
+
 def completions_per_micro_batch(cfg: Config, num_generations: int) -> int:
     """`micro_batch_size` (completions, as in Axolotl); unset, one prompt's group per micro-batch."""
     return cfg.micro_batch_size if "micro_batch_size" in cfg.model_fields_set else num_generations
@@ -422,7 +438,7 @@ class GRPOObjective(Objective):
             every = torch.cat([b["rewards_per_func"] for b in pending])
             whole = gl.group_advantages(every, w, self.s.num_generations, scale_rewards=self.s.scale_rewards,
                                         aggregation=self.s.aggregation)
-            stats = (torch.nanmean(whole.rewards).item(), gl.nanstd(whole.rewards).item())
+            stats = gl.batch_mean_std(whole.rewards, _all_reduce_sum())  # TRL gathers over processes too
         for b in pending:
             adv = gl.group_advantages(b["rewards_per_func"], w, self.s.num_generations,
                                       scale_rewards=self.s.scale_rewards, aggregation=self.s.aggregation,
@@ -508,6 +524,7 @@ class GRPOObjective(Objective):
             out.update(_mean_std(f"rewards/{name}", sums[key], sums[f"r/{name}/sq"], sums[f"r/{name}/n"]))
         out.update(_mean_std("advantages", sums.get("adv_sum", 0.0), sums.get("adv_sq", 0.0), n))
         out["frac_reward_zero_std"] = sums.get("zero_std", 0.0) / n
+        out["completions/count"] = sums.get("completions", 0.0)  # over every process
         out["completions/mean_length"] = sums.get("length_sum", 0.0) / n
         out["completions/clipped_ratio"] = sums.get("truncated", 0.0) / n
         tokens = max(sums.get("tokens_in_loss", 0.0), 1.0)

@@ -80,6 +80,25 @@ def group_advantages(per_func: torch.Tensor, weights: torch.Tensor, num_generati
     return Advantages(adv, rewards, std_is_zero)
 
 
+def batch_mean_std(rewards: torch.Tensor, all_reduce=None) -> tuple[float, float]:
+    """(mean, unbiased std) of the non-NaN rewards of the whole generation batch, over every process.
+
+    `all_reduce(t)` sums a float64 tensor over the data-parallel processes (None: one process). Two
+    passes (the mean, then the squared deviations from it), as nanmean / nanstd compute on one process.
+    """
+    def reduced(t: torch.Tensor) -> torch.Tensor:
+        return all_reduce(t) if all_reduce is not None else t
+
+    ok = ~torch.isnan(rewards)
+    r = rewards[ok].double()
+    count, total = reduced(torch.stack([r.new_tensor(float(r.numel())), r.sum()])).tolist()
+    if count == 0:
+        return math.nan, math.nan
+    mean = total / count
+    sq = reduced(((r - mean) ** 2).sum().reshape(1)).item()
+    return mean, (math.sqrt(sq / (count - 1)) if count > 1 else math.nan)
+
+
 def needs_batch_stats(scale_rewards: str, aggregation: str) -> bool:
     """Whether advantages depend on statistics of the whole generation batch, not only of each group."""
     return aggregation == "normalize_then_sum" or scale_rewards == "batch"
