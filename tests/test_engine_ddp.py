@@ -68,3 +68,29 @@ def test_grpo_on_two_processes(tmp_path, tiny_model_dir):
     steps = [r for r in steps if r["type"] == "train"]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["completions/count"] == 16 for r in steps)  # 2 processes x 8 completions, summed over both
+
+
+@pytest.mark.slow
+def test_packed_dpo_on_two_processes_equals_one_process_accumulating(tmp_path, monkeypatch):
+    """Preference loss normalised by pairs over all processes: the shipped DPO example (packed pairs, frozen
+    reference copy) on 2 processes gives the per-step losses of 1 process accumulating 2 micro-batches."""
+    from tuneforge.config import load
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "dpo-tiny.yaml"
+    common = ["--max-steps", "3", "--micro-batch-size", "2", "--logging-steps", "1", "--eval-strategy", "no",
+              "--dataset-prepared-path", str(tmp_path / "prepared")]
+    monkeypatch.chdir(tmp_path)
+    single = train(load(example, [*common, "--gradient-accumulation-steps", "2",
+                                  "--output-dir", str(tmp_path / "single")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tuneforge.cli",
+                           "train", str(example), *common, "--gradient-accumulation-steps", "1",
+                           "--output-dir", str(tmp_path / "ddp")],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    got = {r["step"]: r["loss"] for r in steps if r["type"] == "train"}
+    want = losses(single)
+    assert sorted(got) == [1, 2, 3]
+    for step, loss in got.items():
+        assert abs(loss - want[step]) <= 1e-5, (step, got, want)
