@@ -94,3 +94,36 @@ def test_packed_dpo_on_two_processes_equals_one_process_accumulating(tmp_path, m
     assert sorted(got) == [1, 2, 3]
     for step, loss in got.items():
         assert abs(loss - want[step]) <= 1e-5, (step, got, want)
+
+
+@pytest.mark.slow
+def test_grpo_with_a_generation_server_on_two_processes(tmp_path, tiny_model_dir):
+    """trl.use_vllm, vllm_mode: server, 2 training processes: one weight push per sync (not one per process),
+    and both processes generate from the server."""
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.rollout.generation_server import EmbeddedBackend, GenerationServer
+
+    (tmp_path / "srv_rewards.py").write_text("def hits(completions, **kw):\n"
+                                             "    return [1.0 if '7' in c else 0.0 for c in completions]\n")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"hi {i}"}) + "\n" for i in range(16)))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    with GenerationServer(EmbeddedBackend(model)) as server:
+        config = tmp_path / "grpo.yaml"
+        config.write_text(yaml.safe_dump({
+            "base_model": str(tiny_model_dir), "output_dir": str(tmp_path / "out"), "rl": "grpo",
+            "datasets": [{"path": "prompts.jsonl", "type": "prompt"}],
+            "trl": {"num_generations": 4, "max_completion_length": 6, "reward_funcs": ["srv_rewards.hits"],
+                    "use_vllm": True, "vllm_mode": "server", "vllm_server_host": server.host,
+                    "vllm_server_port": server.port, "vllm_server_timeout": 30},
+            "micro_batch_size": 8, "max_steps": 2, "learning_rate": 1e-3, "logging_steps": 1,
+            "save_strategy": "no"}))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path)}
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "-m", "tuneforge.cli", "train", str(config)],
+                              capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        paths = [p for p, _ in server.calls]
+    assert paths.count("/generate/") == 4  # 2 steps x 2 processes
+    assert paths.count("/reset_prefix_cache/") == 2  # one sync per step, by one process

@@ -205,8 +205,8 @@ class Trainer:
                 acc.backward(loss * acc.num_processes)
             for k, v in metrics.items():
                 sums[k] += v
-        keys = sorted(sums)
-        sums = dict(zip(keys, self._sum_over_ranks([sums[k] for k in keys]), strict=True))
+        keys = self._keys_over_ranks(sums)  # a rank may lack a key (e.g. it skipped a micro-batch)
+        sums = dict(zip(keys, self._sum_over_ranks([sums.get(k, 0.0) for k in keys]), strict=True))
         grad_norm = self._clip_gradients()
         summary = objective.summarize(sums, num_items)
         lr = self.scheduler.get_last_lr()[0]
@@ -226,6 +226,14 @@ class Trainer:
         max_norm = self.cfg.max_grad_norm or float("inf")
         norm = self.accelerator.clip_grad_norm_(self.trainable, max_norm)
         return float(norm) if norm is not None else float("nan")
+
+    def _keys_over_ranks(self, sums: dict[str, float]) -> list[str]:
+        """The sorted union of every process's metric names, so the summed vectors line up."""
+        if self.accelerator.num_processes == 1:
+            return sorted(sums)
+        gathered: list = [None] * self.accelerator.num_processes
+        torch.distributed.all_gather_object(gathered, sorted(sums))
+        return sorted(set().union(*gathered))
 
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
         if self.accelerator.num_processes == 1:
@@ -311,8 +319,8 @@ class Trainer:
                 for k, v in inner(self.objective.evaluate, batch).items():
                     sums[k] += v
         inner.train()
-        keys = sorted(sums)
-        sums = dict(zip(keys, self._sum_over_ranks([sums[k] for k in keys]), strict=True))
+        keys = self._keys_over_ranks(sums)  # a rank may lack a key (e.g. it skipped a micro-batch)
+        sums = dict(zip(keys, self._sum_over_ranks([sums.get(k, 0.0) for k in keys]), strict=True))
         summary = self.objective.summarize_eval(sums)
         record = {"type": "eval", "step": self.state.global_step,
                   "epoch": round(self.plan.epoch_progress(Position(self.state.epoch, self.state.index)), 4),

@@ -157,8 +157,16 @@ class VLLMServerSampler(BackendSampler):
             self._ready = True
 
     def sync_weights(self, model) -> None:
+        """One process pushes the weights (they are identical on every data-parallel process); the others
+        wait for it, so no process generates from a half-updated server."""
+        import torch.distributed as dist
+
         self._ensure_ready()
-        super().sync_weights(model)
+        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not several or dist.get_rank() == 0:
+            super().sync_weights(model)
+        if several:
+            dist.barrier()
 
     def generate(self, prompt_ids, n, params):
         self._ensure_ready()
