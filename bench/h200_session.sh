@@ -6,7 +6,8 @@
 #
 # tests: the CUDA tests (TESTS overrides the list); rollout: bench/rollout_throughput.py (ROLLOUT_ARGS);
 # train-MODE: bench/train_throughput.py --mode MODE (TRAIN_ARGS, e.g. --compile --engines tuneforge);
-# pref-MODE: bench/preference_packing.py --mode MODE (PREF_ARGS). STEP_TIMEOUT bounds each step (s).
+# pref-MODE: bench/preference_packing.py --mode MODE (PREF_ARGS); grpo-MODE: bench/grpo_step.py --mode MODE
+# (GRPO_ARGS). STEP_TIMEOUT bounds each step (s).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -26,6 +27,8 @@ for step in ${STEPS:-tests train-full train-lora}; do
                --out "$OUT/train_${step#train-}.jsonl" ${TRAIN_ARGS:-} 2>&1 | quiet ;;
     pref-*) timeout ${STEP_TIMEOUT:-240} python3 bench/preference_packing.py --mode "${step#pref-}" \
               --out "$OUT/pref_${step#pref-}.jsonl" ${PREF_ARGS:-} 2>&1 | quiet ;;
+    grpo-*) timeout ${STEP_TIMEOUT:-240} python3 bench/grpo_step.py --mode "${step#grpo-}" \
+              --out "$OUT/grpo_${step#grpo-}.jsonl" ${GRPO_ARGS:-} 2>&1 | quiet ;;
     *) echo "unknown step $step" ;;
   esac
 done
