@@ -78,6 +78,13 @@ class _StandInLLM:
     def reset_prefix_cache(self):
         self.calls.append("reset_prefix_cache")
 
+    def sleep(self, level=1):
+        assert self.kwargs.get("enable_sleep_mode"), "vLLM refuses sleep() without enable_sleep_mode"
+        self.calls.append(f"sleep{level}")
+
+    def wake_up(self, tags=None):
+        self.calls.append("wake_up")
+
 
 @pytest.fixture
 def standin_vllm(monkeypatch):
@@ -147,9 +154,12 @@ def test_vllm_serve_without_vllm_is_one_clear_error(write_config, monkeypatch, c
     assert "vllm is not installed" in err and "--engine embedded" in err and "Traceback" not in err
 
 
-def test_grpo_colocate_trains_through_the_backend(standin_vllm, write_config, write_jsonl, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sleep", [False, True])
+def test_grpo_colocate_trains_through_the_backend(standin_vllm, write_config, write_jsonl, tmp_path, monkeypatch,
+                                                  sleep):
     """`trl.use_vllm` + `vllm_mode: colocate`: an in-process LLM with TRL's colocate memory default (0.3),
-    weights synced before each generation, importance-sampling correction on (vLLM is another sampler)."""
+    weights synced before each generation, importance-sampling correction on (vLLM is another sampler).
+    With `vllm_enable_sleep_mode` the engine sleeps after each generation and wakes before the next sync."""
     import textwrap
 
     from tuneforge.config import load
@@ -164,12 +174,17 @@ def test_grpo_colocate_trains_through_the_backend(standin_vllm, write_config, wr
     cfg = load(write_config({
         "rl": "grpo", "datasets": [{"path": "prompts.jsonl", "type": "prompt"}],
         "trl": {"num_generations": 4, "max_completion_length": 6, "reward_funcs": ["colocate_rewards.hits"],
-                "use_vllm": True, "vllm_mode": "colocate"},
+                "use_vllm": True, "vllm_mode": "colocate", "vllm_enable_sleep_mode": sleep},
         "micro_batch_size": 16, "max_steps": 2, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no",
     }))
     result = train(cfg, show_progress=False)
     llm = standin_vllm.instances[0]
     assert llm.kwargs["gpu_memory_utilization"] == 0.3
     assert llm.calls.count("generate") == 2 and llm.calls.count("load_named_weights") == 2
+    if sleep:
+        assert llm.calls == ["load_named_weights", "reset_prefix_cache", "generate", "sleep1",
+                             "wake_up", "load_named_weights", "reset_prefix_cache", "generate", "sleep1"]
+    else:
+        assert "sleep1" not in llm.calls and "enable_sleep_mode" not in llm.kwargs
     steps = [r for r in result.history if r["type"] == "train"]
     assert len(steps) == 2 and "sampling/importance_sampling_ratio/mean" in steps[0]

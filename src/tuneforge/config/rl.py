@@ -34,6 +34,9 @@ class TRLBlock(Section):
     vllm_server_port: int | None = Field(None, description="vLLM server port.")
     vllm_server_timeout: float | None = Field(None, description="Seconds to wait for the vLLM server.")
     vllm_lora_sync: bool | None = Field(None, description="Sync LoRA adapters to vLLM instead of merged weights.")
+    vllm_enable_sleep_mode: bool | None = Field(
+        None, description="Colocate: put vLLM to sleep between generations (weights to CPU, KV cache freed) so "
+        "training gets the GPU memory back (EXPERIMENTAL).")
     vllm_importance_sampling_correction: bool | None = Field(
         None, description="Correct the sampler/trainer mismatch with truncated importance weights."
     )

@@ -127,7 +127,7 @@ class VLLMBackend:
     def __init__(self, model: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
                  dtype: str = "auto", max_model_len: int | None = None, enable_prefix_caching: bool | None = None,
                  enforce_eager: bool | None = None, max_lora_rank: int | None = None, seed: int = 0,
-                 extra: dict | None = None):
+                 sleep: bool = False, extra: dict | None = None):
         try:
             import vllm
         except ImportError:
@@ -145,12 +145,21 @@ class VLLMBackend:
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         if max_lora_rank:
             kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+        if sleep:
+            kwargs["enable_sleep_mode"] = True
         kwargs.update(extra or {})
         self.llm = vllm.LLM(**kwargs)
         self.world_size = tensor_parallel_size
         self.lora = None
+        self.sleep, self.sleeping = sleep, False
+
+    def _awake(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
 
     def generate(self, prompts, n, params):
+        self._awake()
         sp = self.vllm.SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p,
                                       top_k=params.top_k or -1, min_p=params.min_p,
                                       repetition_penalty=params.repetition_penalty, max_tokens=params.max_tokens,
@@ -163,9 +172,13 @@ class VLLMBackend:
                 ids = list(out.token_ids)
                 completions.append(ids)
                 logps.append([float(step[tok].logprob) for step, tok in zip(out.logprobs, ids, strict=True)])
+        if self.sleep:  # level 1: weights to CPU memory, KV cache dropped; training gets the GPU back
+            self.llm.sleep(level=1)
+            self.sleeping = True
         return completions, logps
 
     def load_weights(self, named):
+        self._awake()
         self.llm.collective_rpc("load_named_weights", args=(list(named),))
 
     def load_lora(self, path, name, version):
@@ -177,6 +190,7 @@ class VLLMBackend:
         self.lora = None
 
     def reset_prefix_cache(self):
+        self._awake()
         self.llm.reset_prefix_cache()
 
 
@@ -324,7 +338,8 @@ def backend_from_config(cfg, engine: str, *, colocate: bool = False) -> Backend:
                            gpu_memory_utilization=memory, dtype=v.dtype if v else "auto",
                            max_model_len=v.max_model_len if v else None,
                            enable_prefix_caching=v.enable_prefix_caching if v else None,
-                           enforce_eager=v.enforce_eager if v else None, max_lora_rank=lora_rank, seed=cfg.seed or 0)
+                           enforce_eager=v.enforce_eager if v else None, max_lora_rank=lora_rank, seed=cfg.seed or 0,
+                           sleep=colocate and bool(cfg.trl and cfg.trl.vllm_enable_sleep_mode))
     if engine == "embedded":
         from tuneforge.models.load import load_model
 
