@@ -2,13 +2,14 @@
 
 One optimizer step of the engine loop, for this objective:
 
-    rollout(batch of prompts)   sample num_generations completions per prompt (embedded engine, the
-                                async prefetcher, or a vLLM server), score them with the reward
-                                functions, compute group advantages; no-grad passes for pi_old (when
-                                needed) and pi_ref (beta != 0); importance weights for off-policy samples
-    num_items(batch)            finishes advantages that need statistics of the whole step (scale_rewards:
-                                batch, GDPO) and counts the loss items of `loss_type`
-    loss(batch)                 one forward over prompt+completion rows, per-token log-probs of the
+    rollout_step([prompts])     rollout(prompts): sample num_generations completions per prompt (embedded
+                                engine, the async prefetcher, or vLLM), score them with the reward
+                                functions; no-grad passes for pi_old (when needed) and pi_ref (beta != 0);
+                                importance weights for off-policy samples. Then the advantages (statistics
+                                of the whole generation, over every process for scale_rewards: batch and
+                                GDPO), and the split into micro-batches of `micro_batch_size` completions
+    num_items(micro-batch)      the loss items of `loss_type`
+    loss(micro-batch)           one forward over prompt+completion rows, per-token log-probs of the
                                 completion at the sampling temperature, the clipped surrogate
                                 (grpo_loss.token_loss) and the aggregation of `loss_type`
 
@@ -16,8 +17,9 @@ Batch geometry (as in TRL with `steps_per_generation` = gradient accumulation): 
 counts completions. One generation per optimizer step covers `micro_batch_size x
 gradient_accumulation_steps / num_generations` prompts (the planner hands them over as one batch);
 their advantages are computed over the whole generation, then `rollout_step` splits the completions
-into micro-batches of `micro_batch_size` (a group may span two micro-batches). `num_iterations: mu` reuses one generation for mu
-optimizer steps (the prompts the loop hands in meanwhile are skipped), with pi_old fixed at generation.
+into micro-batches of `micro_batch_size` (a group may span two micro-batches). `num_iterations: mu`
+reuses one generation for mu optimizer steps (the prompts the loop hands in meanwhile are skipped),
+with pi_old fixed at generation.
 
 pi_old: on-policy with num_iterations 1, pi_old = pi.detach() (ratio exactly 1, REINFORCE with a group
 baseline). Otherwise, and for off-policy samplers, a no-grad pass at rollout time with the current
