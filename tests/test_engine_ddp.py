@@ -127,3 +127,43 @@ def test_grpo_with_a_generation_server_on_two_processes(tmp_path, tiny_model_dir
         paths = [p for p, _ in server.calls]
     assert paths.count("/generate/") == 4  # 2 steps x 2 processes
     assert paths.count("/reset_prefix_cache/") == 2  # one sync per step, by one process
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_one_checkpoint(tmp_path, tiny_model_dir):
+    """A signal that reaches one process only (or the processes at different points of a step): all of them
+    must agree on the step after which they stop (no rank left waiting in a collective), write one complete
+    checkpoint, and the run must resume from it."""
+    import signal
+    import time
+
+    rows = make_rows(n=24, seed=3)
+    make_config(tmp_path / "run", tiny_model_dir, rows, max_steps=100000, logging_steps=1, save_strategy="no")
+    config = tmp_path / "run" / "config.yaml"
+    metrics = tmp_path / "run" / "out" / "metrics.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tuneforge.cli", "train"]
+    proc = subprocess.Popen([*launch, str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(max(workers, key=int)), signal.SIGTERM)  # one worker only
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
+        pytest.fail("the processes did not stop after SIGTERM (a rank is stuck in a collective)")
+    checkpoints = sorted((tmp_path / "run" / "out").glob("checkpoint-*"))
+    assert len(checkpoints) == 1, (checkpoints, err[-3000:])
+    ckpt = checkpoints[0]
+    assert (ckpt / "optimizer.pt").exists() and (ckpt / "rng_state_0.pt").exists() and (ckpt / "rng_state_1.pt").exists()
+    assert "Resume with" in err
+    step = int(ckpt.name.split("-")[1])
+    done = subprocess.run([*launch, str(config), "--resume-from-checkpoint", str(ckpt), "--max-steps", str(step + 2)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = [json.loads(x) for x in metrics.read_text().splitlines()][-1]
+    assert last["type"] == "train" and last["step"] == step + 2

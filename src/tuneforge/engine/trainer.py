@@ -166,14 +166,15 @@ class Trainer:
                     state.train_seconds += seconds
                     window.add(out, seconds)
                     step = state.global_step
-                    if step % cfg.logging_steps == 0 or step == self.total_steps or stop.requested:
+                    signum = self._signal_on_any_rank(stop.signum)  # all processes stop after the same step
+                    if step % cfg.logging_steps == 0 or step == self.total_steps or signum:
                         self._log_window(window, nxt)
                         window = _Window()
                     else:
                         self.logger.advance(step)
-                    if stop.requested and step < self.total_steps:
+                    if signum and step < self.total_steps:
                         path = self.save_checkpoint(resumable=True)
-                        raise TrainingInterrupted(stop.signum, path, step)
+                        raise TrainingInterrupted(signum, path, step)
                     epoch_step = self.plan.steps_done_in_epoch(nxt, epoch_end, epoch)
                     in_epoch = self.plan.steps_in_epoch(epoch)
                     if self.eval_cadence and self.eval_cadence.due(step, epoch_step, in_epoch):
@@ -226,6 +227,15 @@ class Trainer:
         max_norm = self.cfg.max_grad_norm or float("inf")
         norm = self.accelerator.clip_grad_norm_(self.trainable, max_norm)
         return float(norm) if norm is not None else float("nan")
+
+    def _signal_on_any_rank(self, signum: int | None) -> int:
+        """The stop signal received by any process (0: none). A signal may reach one process only, or the
+        processes at different points of a step; without agreeing, one would stop and save while another
+        waited in the next step's gradient all-reduce forever."""
+        if self.accelerator.num_processes == 1:
+            return signum or 0
+        t = torch.tensor([float(signum or 0)], device=self.accelerator.device)
+        return int(self.accelerator.reduce(t, reduction="max").item())
 
     def _keys_over_ranks(self, sums: dict[str, float]) -> list[str]:
         """The sorted union of every process's metric names, so the summed vectors line up."""
