@@ -36,7 +36,7 @@ from .preference import (
     disable_dropout,
     layout,
     precompute_columns,
-    require_columns,
+    prepare_checked,
     sequence_logps,
     sub_batch,
 )
@@ -101,18 +101,14 @@ class KTOObjective(Objective):
 
     # ---- data
     def prepare_data(self, tokenizer):
-        from tuneforge.data.pipeline import prepare
-
-        self.reference.tokenizer = tokenizer
-        data = prepare(self.cfg, tokenizer)
+        data = prepare_checked(self.cfg, tokenizer, self.reference, ("label", "prompt_len"),
+                               "KTO trains on completions labelled desirable/undesirable",
+                               "Use a KTO dataset type (chatml.intel, llama3.argilla, ...), a dict type with "
+                               "field_completion/field_label, or rows with prompt/completion/label.")
         for split in ("train", "eval"):
             ds = getattr(data, split)
             if ds is None:
                 continue
-            require_columns(ds, split, ("label", "prompt_len"),
-                            "KTO trains on completions labelled desirable/undesirable",
-                            "Use a KTO dataset type (chatml.intel, llama3.argilla, ...), a dict type with "
-                            "field_completion/field_label, or rows with prompt/completion/label.")
             self._check_balance(ds, split)
             setattr(data, split, add_kl_completions(ds, self.cfg.micro_batch_size, self.cfg.sequence_len))
         if self.cfg.precompute_ref_log_probs:
@@ -154,11 +150,7 @@ class KTOObjective(Objective):
         kl_batch = sub_batch(batch, KL_PREFIX)
         with torch.no_grad():
             policy = sequence_logps(model, kl_batch).logps
-            if "ref_kl_logps" in batch:
-                ref = batch["ref_kl_logps"]
-            else:
-                with self.reference.network(model) as net:
-                    ref = sequence_logps(net, kl_batch).logps
+            ref = self.reference.sequence_logps(model, kl_batch, batch.get("ref_kl_logps"))
             kl = (policy - ref).mean()
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(kl)
@@ -171,12 +163,7 @@ class KTOObjective(Objective):
             self._ready.add(id(model))
         kl = self._kl(model, batch)
         logps = sequence_logps(model, batch).logps
-        if "ref_logps" in batch:
-            ref = batch["ref_logps"]
-        else:
-            with self.reference.network(model) as net:
-                ref = sequence_logps(net, batch).logps
-        h = logps - ref
+        h = logps - self.reference.sequence_logps(model, batch, batch.get("ref_logps"))
         good = batch["label"].to(h.device)
         losses = torch.where(good, self.w_d * (1 - F.sigmoid(self.beta * (h - kl))),
                              self.w_u * (1 - F.sigmoid(self.beta * (kl - h))))

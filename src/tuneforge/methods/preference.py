@@ -242,6 +242,28 @@ class Reference:
                 self.copy = load_reference(self.cfg, self.tokenizer, device)
             yield self.copy
 
+    def sequence_logps(self, model, batch: Batch, cached: torch.Tensor | None) -> torch.Tensor:
+        """Per-sequence reference log-probs of `batch`: the precomputed `cached` when given, else a pass."""
+        if cached is not None:
+            return cached
+        with self.network(model) as net:
+            return sequence_logps(net, batch).logps
+
+
+def prepare_checked(cfg: Config, tokenizer, reference: Reference | None, columns: tuple[str, ...], what: str,
+                    fix: str):
+    """Prepared data of a preference-style method, every split checked for the columns it trains on."""
+    from tuneforge.data.pipeline import prepare
+
+    if reference is not None:
+        reference.tokenizer = tokenizer
+    data = prepare(cfg, tokenizer)
+    for split in ("train", "eval"):
+        ds = getattr(data, split)
+        if ds is not None:
+            require_columns(ds, split, columns, what, fix)
+    return data
+
 
 # ---------------------------------------------------------------- precomputed reference log-probs
 def _reference_key(cfg: Config, family: str, extra: dict[str, Any]) -> str:
@@ -408,19 +430,14 @@ class PairObjective(Objective):
 
     # ---- data
     def prepare_data(self, tokenizer):
-        from tuneforge.data.pipeline import prepare
-
-        if self.reference is not None:
-            self.reference.tokenizer = tokenizer
-        data = prepare(self.cfg, tokenizer)
+        data = prepare_checked(self.cfg, tokenizer, self.reference, ("chosen_input_ids", "rejected_input_ids"),
+                               f"{self.name} trains on preference pairs",
+                               "Use a preference dataset type such as chatml.intel, chat_template.default, or rows "
+                               "with prompt/chosen/rejected.")
         for split in ("train", "eval"):
             ds = getattr(data, split)
             if ds is None:
                 continue
-            require_columns(ds, split, ("chosen_input_ids", "rejected_input_ids"),
-                            f"{self.name} trains on preference pairs",
-                            "Use a preference dataset type such as chatml.intel, chat_template.default, or rows "
-                            "with prompt/chosen/rejected.")
             ds = pair_lengths(ds)
             if self.cfg.sample_packing if split == "train" else self.cfg.packing_for_eval:
                 ds = drop_unpackable(ds, self.cfg, split)
