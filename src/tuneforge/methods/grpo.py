@@ -283,7 +283,10 @@ class GRPOObjective(Objective):
 
     def rollout_step(self, model, batches: list[Batch]) -> list[Batch]:
         rolled = [self.rollout(model, b) for b in batches]
+        self._in_step = False
+        self._uses += 1
         self._finish()  # advantages over the whole generation, before it is split
+        self._train_clock = time.perf_counter()
         size = completions_per_micro_batch(self.cfg, self.s.num_generations)
         return [chunk for b in rolled for chunk in split_rollout(b, size)]
 
@@ -452,11 +455,6 @@ class GRPOObjective(Objective):
             self._log_completions(pending[0])
 
     def num_items(self, batch: Batch) -> int:
-        if self._in_step:
-            self._in_step = False
-            self._uses += 1
-            self._finish()
-            self._train_clock = time.perf_counter()
         return gl.loss_items(self.s.loss_type, batch["mask"])
 
     # ---- loss
