@@ -111,6 +111,7 @@ class _DecodeStep:
         N, T = first.shape[0], params.max_tokens
         dev = first.device
         self.forward_fn, self.sample_fn = forward_fn or (model, sample_next)
+        self.cache_kwargs = cache_kwargs(model, cache)  # once, not per token (it inspects a signature)
         self.model, self.cache, self.mask, self.open_value = model, cache, mask, open_value
         self.params, self.seen, self.stop_ids, self.pad_id, self.autocast = params, seen, stop_ids, pad_id, autocast
         self.P = P
@@ -144,7 +145,7 @@ class _DecodeStep:
         position = (self.prompt_lens + self.step - 1).unsqueeze(1)
         with self.autocast():
             out = self.forward_fn(input_ids=self.current.unsqueeze(1), attention_mask=self.mask, position_ids=position,
-                             **cache_kwargs(self.model, self.cache), use_cache=True, logits_to_keep=1)
+                             **self.cache_kwargs, use_cache=True, logits_to_keep=1)
         token, logp = self.sample_fn(out.logits[:, -1], self.params, self.seen)
         self._write(token, logp)
 
