@@ -20,6 +20,9 @@ import torch.nn.functional as F
 
 NAME = "tuneforge_varlen"
 DECODE_NAME = "tuneforge_decode"
+# Model-forward keywords that reach the decode attention: each row's first cache slot to attend ([B]
+# int32) and one past the last filled slot ([1] int32, a device tensor so captured graphs stay valid).
+KV_START, KV_END = "tuneforge_kv_start", "tuneforge_kv_end"
 
 
 def available() -> bool:
@@ -103,12 +106,20 @@ def decode_attention_forward(module, query, key, value, attention_mask, dropout:
     is read once as [B, Hkv, L, D] and never expanded to all query heads. SDPA with a mask (needed for
     left padding and unwritten cache slots) would first copy every KV head `Hq / Hkv` times, which for
     a batch of 256 over a 768-slot cache is gigabytes of traffic per generated token. `attention_mask`
-    is boolean [B, 1, 1, L] (True = attend). Prompts (several query tokens, once per generation) go
-    through SDPA.
+    is boolean [B, 1, 1, L] (True = attend). When the caller passes the filled slot range (`KV_START`,
+    `KV_END` keywords), the mask is not read and only that range of the cache is (custom op in
+    `decode_kernel`). Prompts (several query tokens, once per generation) go through SDPA.
     """
     if query.shape[2] != 1:
         return _sdpa_fallback(query, key, value, attention_mask, scaling)
     B, Hq, _, D = query.shape
+    start = kwargs.get(KV_START)
+    if start is not None:  # the filled cache range is known: read only that (see models/decode_kernel.py)
+        from .decode_kernel import decode_attention
+
+        scale = scaling if scaling is not None else D**-0.5
+        out = decode_attention(query.reshape(B, Hq, D), key, value, start, kwargs[KV_END], scale)
+        return out.view(B, 1, Hq, D), None
     Hkv = key.shape[1]
     scale = scaling if scaling is not None else D**-0.5
     q = query.reshape(B, Hkv, Hq // Hkv, D)  # [B, Hkv, G, D]: heads h = kv * G + g, as repeat_kv orders them
