@@ -15,13 +15,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft, accelerate, datasets, pyarrow; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__, 'pyarrow', pyarrow.__version__)" | tee -a "$OUT/gpu.txt"
-DEFAULT_TESTS="tests/test_gpu_paths.py tests/test_packed_attention.py tests/test_models_losses.py tests/test_rollout_embedded.py tests/test_engine_accum.py"
+DEFAULT_TESTS="tests/test_decode_kernel.py tests/test_fused_decode.py tests/test_gpu_paths.py tests/test_packed_attention.py tests/test_models_losses.py tests/test_rollout_embedded.py tests/test_engine_accum.py"
 quiet() { grep -v -E "it/s\]|Warning|warn" | tail -${TAIL:-20}; }
 for step in ${STEPS:-tests train-full train-lora}; do
   echo "=== $step ($(date +%T))"
   case $step in
-    tests) timeout ${STEP_TIMEOUT:-240} python3 -m pytest -q -x -p no:cacheprovider -rs ${TESTS:-$DEFAULT_TESTS} 2>&1 \
-             | tail -25 | tee "$OUT/tests.txt" ;;
+    tests) timeout ${STEP_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -rfEs --show-capture=no \
+             ${TESTS:-$DEFAULT_TESTS} > "$OUT/tests.txt" 2>&1; tail -25 "$OUT/tests.txt" ;;
     rollout) timeout ${STEP_TIMEOUT:-240} python3 bench/rollout_throughput.py --out "$OUT/rollout.jsonl" ${ROLLOUT_ARGS:-} 2>&1 | quiet ;;
     train-*) timeout ${STEP_TIMEOUT:-240} python3 bench/train_throughput.py --mode "${step#train-}" \
                --out "$OUT/train_${step#train-}.jsonl" ${TRAIN_ARGS:-} 2>&1 | quiet ;;

@@ -8,6 +8,10 @@ both engines do the same work). Reported: generated tokens/s (best of --repeats 
 - embedded:        static KV cache + CUDA-graph-captured decode step (tuneforge default)
 - embedded-eager:  the same engine without graph capture (what the graph buys)
 - embedded-compiled: the same with the model's forward torch.compile'd for decoding
+- embedded-compiled-transformers: the same through the transformers layers instead of tuneforge's fused
+                   decode step (rollout/fused_decode.py: fused q/k/v and gate/up projections)
+- embedded-compiled-whole-cache: transformers layers, attention over every static-cache slot instead of
+                   only the filled ones (what the filled-range decode kernel buys)
 - generate:        transformers `model.generate(do_sample=True)` with its default (dynamic) cache
 - generate-static: the same with `cache_implementation="static"`
 
@@ -87,8 +91,9 @@ def run(shape: str, args) -> list[dict]:
     generated = args.batch * args.new_tokens
     results = []
 
-    def embedded(graphs: bool, compile: bool = False):
-        sampler = EmbeddedSampler(model, pad_id=0, cuda_graphs=graphs, compile=compile)
+    def embedded(graphs: bool, compile: bool = False, filled_range: bool = True, fused: bool = True):
+        sampler = EmbeddedSampler(model, pad_id=0, cuda_graphs=graphs, compile=compile, filled_range=filled_range,
+                                  fused=fused)
 
         def go():
             r = sampler.generate(prompt_lists, 1, params)
@@ -110,9 +115,12 @@ def run(shape: str, args) -> list[dict]:
         return go
 
     engines = {"embedded": embedded(True), "embedded-eager": embedded(False), "embedded-compiled": embedded(True, True),
+               "embedded-compiled-transformers": embedded(True, True, fused=False),
+               "embedded-compiled-whole-cache": embedded(True, True, filled_range=False),
                "generate": generate(False), "generate-static": generate(True)}
     if args.profile:
-        profile_decode(EmbeddedSampler(model, pad_id=0, cuda_graphs=False), prompt_lists, params, args.profile, shape)
+        sampler = EmbeddedSampler(model, pad_id=0, cuda_graphs=False, compile=device == "cuda")
+        profile_decode(sampler, prompt_lists, params, args.profile, shape)
     for name in args.engines:
         fn = engines[name]
         try:
@@ -137,7 +145,7 @@ def run(shape: str, args) -> list[dict]:
 
 
 def profile_decode(sampler, prompts, params, path: Path, shape: str) -> None:
-    """Kernel-time table of one eager (no graph) generation: where a decode step's time goes."""
+    """Kernel-time table of one generation without graph capture (compiled on CUDA): where a step's time goes."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 

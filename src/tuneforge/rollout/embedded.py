@@ -10,21 +10,25 @@ cache bookkeeping), so small models are host-bound on a GPU. Here one generation
    [N, 1, 1, L] buffer whose next column is opened in place, and tokens and log-probs are written into
    preallocated output buffers. Because nothing in a step depends on Python values, on CUDA the step is
    captured once as a CUDA graph and replayed (one launch per token instead of hundreds of kernels).
-   On CPU, and whenever capture fails, the same step runs eagerly. Attention during generation is
-   `models.attention.decode_attention_forward`: grouped-query heads read the cache once instead of
-   SDPA's per-head copies, which dominated the step time.
+   On CPU, and whenever capture fails, the same step runs eagerly. For Llama, Mistral, Qwen2 and
+   Qwen3 the step is tuneforge's own (`fused_decode.py`: fused q/k/v and gate/up projections); other
+   models decode through their transformers layers. Either way attention reads only the filled cache
+   slots of each row (`models/decode_kernel.py`, a Triton kernel on CUDA), with the query heads that
+   share a KV head grouped so the cache is read once.
 3. Rows that emitted a stop token keep "generating" padding (masked out) until every row is done or
    max_tokens is reached; completion is checked every `check_every` steps.
 
 Sampling: repetition penalty (over prompt and generated tokens, HF's rule), temperature, top-k, top-p,
 min-p; temperature 0 is greedy. Draws use the exponential-race trick (argmax p / E, E ~ Exp(1)),
-which is exact sampling and capturable. Returned log-probs follow `rollout.base` (log softmax of
+which is exact sampling and capturable; without filters it runs in two stages (a vocabulary block,
+then a token in it) to need ~2 sqrt(V) random numbers per row instead of V. Returned log-probs follow `rollout.base` (log softmax of
 logits / temperature of the sampled token).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 
@@ -34,6 +38,7 @@ from tuneforge.models import attention
 from tuneforge.models.losses import unwrap_peft
 
 from .base import Rollout, SamplingParams
+from .fused_decode import fused_decoder
 
 log = logging.getLogger("tuneforge")
 
@@ -90,6 +95,10 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
     logits = logits.float()
     temperature = params.temperature if params.temperature > 0 else 1.0
     scaled = logits / temperature
+    if params.temperature > 0 and seen is None and not _filters(params, scaled.shape[-1]) \
+            and scaled.shape[-1] >= 2 * DRAW_BLOCK:
+        token, lse = _two_stage_draw(scaled, generator)
+        return token, scaled.gather(-1, token.unsqueeze(-1)).squeeze(-1) - lse
     lse = torch.logsumexp(scaled, dim=-1)
     shaped = apply_repetition_penalty(logits, seen, params.repetition_penalty) if seen is not None else logits
     if params.temperature <= 0:
@@ -102,17 +111,47 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
     return token, scaled.gather(-1, token.unsqueeze(-1)).squeeze(-1) - lse
 
 
-class _DecodeStep:
-    """One decode step over static buffers (see the module docstring); `run()` advances all rows."""
+DRAW_BLOCK = 1024  # vocabulary block of the two-stage draw
 
-    def __init__(self, model, cache, mask: torch.Tensor, open_value, prompt_lens: torch.Tensor, P: int,
-                 first: torch.Tensor, first_logp: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
-                 stop_ids: torch.Tensor, pad_id: int, autocast, forward_fn=None):
+
+def _filters(params: SamplingParams, vocab: int) -> bool:
+    return bool(params.top_k and params.top_k < vocab) or params.top_p < 1.0 or params.min_p > 0.0
+
+
+def _two_stage_draw(scaled: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token [N], logsumexp [N]): an exact draw from softmax(scaled) with ~2 sqrt(V) random numbers per row.
+
+    First a block of DRAW_BLOCK vocabulary entries is drawn by its total probability (Gumbel-max over the
+    blocks' log-sum-exps), then a token inside that block: P(block) x P(token | block) = P(token). A
+    one-stage race needs V exponential draws per row; for 256 rows over a 128K vocabulary that RNG pass
+    was the slowest kernel of the sampler on an H200.
+    """
+    N, V = scaled.shape
+    blocks = -(-V // DRAW_BLOCK)
+    padded = torch.nn.functional.pad(scaled, (0, blocks * DRAW_BLOCK - V), value=float("-inf"))
+    padded = padded.view(N, blocks, DRAW_BLOCK)
+    block_lse = torch.logsumexp(padded, dim=-1)  # [N, blocks]
+    race = torch.empty_like(block_lse).exponential_(1.0, generator=generator).log_()
+    block = (block_lse - race).argmax(-1)
+    inside = padded.gather(1, block.view(N, 1, 1).expand(N, 1, DRAW_BLOCK)).squeeze(1)  # [N, DRAW_BLOCK]
+    race = torch.empty_like(inside).exponential_(1.0, generator=generator).log_()
+    return block * DRAW_BLOCK + (inside - race).argmax(-1), torch.logsumexp(block_lse, dim=-1)
+
+
+class _DecodeStep:
+    """One decode step over static buffers (see the module docstring); `run()` advances all rows.
+
+    `decode(ids [N], positions [N], slot, end) -> logits [N, V]` runs the model for one token per row
+    (`_TransformersDecode` or `fused_decode.FusedDecoder`); slot is the cache slot of the fed token and
+    `end` one past it, both device tensors.
+    """
+
+    def __init__(self, decode, prompt_lens: torch.Tensor, P: int, first: torch.Tensor, first_logp: torch.Tensor,
+                 params: SamplingParams, seen: torch.Tensor | None, stop_ids: torch.Tensor, pad_id: int, autocast,
+                 sample_fn=None):
         N, T = first.shape[0], params.max_tokens
         dev = first.device
-        self.forward_fn, self.sample_fn = forward_fn or (model, sample_next)
-        self.cache_kwargs = cache_kwargs(model, cache)  # once, not per token (it inspects a signature)
-        self.model, self.cache, self.mask, self.open_value = model, cache, mask, open_value
+        self.decode, self.sample_fn = decode, sample_fn or sample_next
         self.params, self.seen, self.stop_ids, self.pad_id, self.autocast = params, seen, stop_ids, pad_id, autocast
         self.P = P
         self.prompt_lens = prompt_lens
@@ -141,12 +180,9 @@ class _DecodeStep:
 
     def _forward(self) -> None:
         slot = self.P + self.step - 1  # cache slot of the last written token
-        self.mask.index_fill_(-1, slot.view(1), self.open_value)
-        position = (self.prompt_lens + self.step - 1).unsqueeze(1)
         with self.autocast():
-            out = self.forward_fn(input_ids=self.current.unsqueeze(1), attention_mask=self.mask, position_ids=position,
-                             **self.cache_kwargs, use_cache=True, logits_to_keep=1)
-        token, logp = self.sample_fn(out.logits[:, -1], self.params, self.seen)
+            logits = self.decode(self.current, self.prompt_lens + self.step - 1, slot, (slot + 1).to(torch.int32).view(1))
+        token, logp = self.sample_fn(logits, self.params, self.seen)
         self._write(token, logp)
 
     def capture(self) -> bool:
@@ -184,8 +220,12 @@ class EmbeddedSampler:
     """Generates with the given (training) model. `cuda_graphs`: capture the decode step on CUDA."""
 
     def __init__(self, model, pad_id: int, *, max_batch: int | None = None, cuda_graphs: bool = True,
-                 check_every: int = 8, autocast_dtype: torch.dtype | None = None, compile: bool = False):
+                 check_every: int = 8, autocast_dtype: torch.dtype | None = None, compile: bool = False,
+                 filled_range: bool = True, fused: bool = True):
         self.model = model
+        self.filled_range = filled_range  # False: attention reads the whole static cache (benchmark baseline)
+        self.fused = fused  # fused projections for Llama/Mistral/Qwen2/Qwen3 (rollout/fused_decode.py)
+        self.used_fused = False
         self.compile = compile
         self.pad_id = pad_id
         self.max_batch = max_batch
@@ -239,23 +279,29 @@ class EmbeddedSampler:
         # A padded query position sees itself only, so its softmax is defined; its output is never used.
         allowed = (keys.unsqueeze(1) & (k.view(1, 1, L) <= q.view(1, P, 1))) | (k.view(1, 1, L) == q.view(1, P, 1))
         prefill_mask = allowed.unsqueeze(1)
-        decode_mask = keys.view(N, 1, 1, L).clone()
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
 
         cache = StaticCache(config=net.config, max_cache_len=L)
         autocast = self._autocast(dev)
-        with autocast():
-            out = net(input_ids=ids, attention_mask=prefill_mask, position_ids=positions, **cache_kwargs(net, cache), use_cache=True,
-                      logits_to_keep=1)
+        with autocast(), _eager():
+            out = net(input_ids=ids, attention_mask=prefill_mask, position_ids=positions, **cache_kwargs(net, cache),
+                      use_cache=True, logits_to_keep=1)
         seen = None
         if params.repetition_penalty != 1.0:
             seen = torch.zeros((N, out.logits.shape[-1]), dtype=torch.bool, device=dev)
             seen.scatter_(1, ids, valid)
         first, first_logp = sample_next(out.logits[:, -1], params, seen)
         stop = torch.tensor(sorted(params.stop_token_ids) or [-1], dtype=torch.long, device=dev)
-        forward_fn = _compiled(net) if self.compile and dev.type == "cuda" else None
-        step = _DecodeStep(net, cache, decode_mask, True, lens, P, first, first_logp, params, seen, stop,
-                           self.pad_id, autocast, forward_fn)
+        compiled = self.compile and dev.type == "cuda"
+        kv_start = (P - lens).to(torch.int32) if self.filled_range else None  # first cache slot of each prompt
+        decoder = fused_decoder(net, cache, L, self.autocast_dtype) if self.fused and kv_start is not None else None
+        if decoder is not None:
+            decode = _FusedDecode(decoder, kv_start, compiled)
+        else:
+            decode = _TransformersDecode(net, cache, keys.view(N, 1, 1, L).clone(), kv_start, compiled)
+        self.used_fused = decoder is not None
+        step = _DecodeStep(decode, lens, P, first, first_logp, params, seen, stop, self.pad_id, autocast,
+                           _compiled_sampler() if compiled else None)
         self.used_graphs = False
         if self.cuda_graphs and dev.type == "cuda" and T > 2:
             self.used_graphs = step.capture()
@@ -270,20 +316,64 @@ class EmbeddedSampler:
         return comp, lps, done
 
 
-def _compiled(net):
-    """(model forward, sampler) compiled for decoding: fused norms, RoPE, activations, softmax.
+class _TransformersDecode:
+    """Decode through the transformers forward: mask column opened in place, filled range passed along."""
 
-    Measured on an H200, the eager decode step is a thousand small kernels of 2-10 us each, so fusion
-    rather than launch overhead (which the CUDA graph already removes) decides the speed.
+    def __init__(self, net, cache, mask: torch.Tensor, kv_start: torch.Tensor | None, compiled: bool):
+        self.forward = _compiled_forward(net) if compiled else _eager()(net)
+        self.cache_kwargs = cache_kwargs(net, cache)  # once, not per token (it inspects a signature)
+        self.mask, self.kv_start = mask, kv_start
 
-    Compiled once per model and reused; each new batch shape compiles again (prompt lengths are
-    bucketed, so shapes repeat). The CUDA graph is captured around the compiled kernels as before.
-    """
-    fns = getattr(net, "_tuneforge_decode_fns", None)
-    if fns is None:
-        fns = (torch.compile(net.forward, dynamic=False), torch.compile(sample_next, dynamic=False))
-        net._tuneforge_decode_fns = fns
-    return fns
+    def __call__(self, ids, positions, slot, end):
+        self.mask.index_fill_(-1, slot.view(1), True)
+        filled = {}
+        if self.kv_start is not None:  # attention reads cache slots [kv_start, slot] only
+            filled = {attention.KV_START: self.kv_start, attention.KV_END: end}
+        out = self.forward(input_ids=ids.unsqueeze(1), attention_mask=self.mask, position_ids=positions.unsqueeze(1),
+                           **self.cache_kwargs, **filled, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+
+class _FusedDecode:
+    """Decode through `fused_decode.FusedDecoder` (fused projections, filled-range attention)."""
+
+    def __init__(self, decoder, kv_start: torch.Tensor, compiled: bool):
+        self.decoder, self.kv_start = decoder, kv_start
+        self.step = _compiled_fused_step() if compiled else _fused_step
+
+    def __call__(self, ids, positions, slot, end):
+        return self.step(self.decoder, ids, positions, slot, self.kv_start, end)
+
+
+def _fused_step(decoder, ids, positions, slot, start, end):
+    return decoder(ids, positions, slot, start, end)
+
+
+# Compiled once per process (or per model) and reused; each new batch shape compiles again (prompt
+# lengths are bucketed, so shapes repeat). Measured on an H200, the eager decode step is a thousand
+# small kernels of 2-10 us each, so fusion rather than launch overhead (which the CUDA graph already
+# removes) decides the speed. The CUDA graph is captured around the compiled kernels.
+@functools.cache
+def _compiled_fused_step():
+    return torch.compile(_fused_step, dynamic=False)
+
+
+@functools.cache
+def _compiled_sampler():
+    return torch.compile(sample_next, dynamic=False)
+
+
+def _compiled_forward(net):
+    fn = getattr(net, "_tuneforge_decode_forward", None)
+    if fn is None:
+        fn = net._tuneforge_decode_forward = torch.compile(net.forward, dynamic=False)
+    return fn
+
+
+def _eager():
+    """Run transformers layers eagerly even where training compiled them (`torch_compile` compiles each
+    block): with a KV cache they would recompile per layer until dynamo's limit, then fall back anyway."""
+    return torch.compiler.set_stance("force_eager")
 
 
 @contextlib.contextmanager
