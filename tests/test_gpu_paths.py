@@ -44,8 +44,8 @@ def test_qlora_with_paged_8bit_adam_learns(tmp_path, monkeypatch):
 
 def test_torch_compile_full_finetune_learns(tmp_path, monkeypatch):
     """Compiled blocks + compiled fused loss train the tiny example as well as the eager CPU run does."""
-    result = _train(tmp_path, monkeypatch, "sft-tiny.yaml", "--torch-compile", "true", "--bf16", "true",
-                    "--num-epochs", "1")
+    # The example's 2 epochs: after 1 epoch the GPU runs (eager fp32 and bf16 alike) are at 82-89%.
+    result = _train(tmp_path, monkeypatch, "sft-tiny.yaml", "--torch-compile", "true", "--bf16", "true")
     assert result.eval_metrics["eval_accuracy"] >= 0.9, result.eval_metrics
 
 

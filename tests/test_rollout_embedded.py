@@ -130,6 +130,24 @@ def test_sampling_frequencies_match_the_distribution():
     assert torch.allclose(logps, torch.log(p)[tokens])  # log-prob of the temperature-scaled distribution
 
 
+def test_two_stage_draw_is_exact_sampling():
+    """Unfiltered sampling over a large vocabulary (block, then token in block) has the softmax's frequencies."""
+    from tuneforge.rollout.embedded import DRAW_BLOCK
+
+    torch.manual_seed(0)
+    V = 3 * DRAW_BLOCK + 77  # a partial last block
+    base = torch.full((V,), -30.0)
+    hot = torch.tensor([0, 5, DRAW_BLOCK + 3, 2 * DRAW_BLOCK + 9, V - 1])  # mass in several blocks
+    base[hot] = torch.tensor([1.0, 0.2, 0.8, -0.5, 0.4])
+    logits = base.expand(60000, V)
+    tokens, logps = sample_next(logits, SamplingParams(temperature=0.9))
+    p = torch.softmax(base / 0.9, -1)
+    freq = torch.bincount(tokens, minlength=V).float() / len(tokens)
+    assert torch.allclose(freq[hot], p[hot], atol=0.01)
+    assert freq.sum() - freq[hot].sum() < 1e-3
+    torch.testing.assert_close(logps, torch.log_softmax(base / 0.9, -1)[tokens])
+
+
 def test_end_of_turn_ids(tiny_tokenizer):
     from tuneforge.chat_templates import resolve
 

@@ -51,6 +51,9 @@ from .preference import Reference, beta_of, config_error, disable_dropout
 from .rewards import RewardSet
 
 log = logging.getLogger("tuneforge")
+
+# trl.generation_kwargs keys the embedded engine reads (vLLM receives the dict as it is).
+EMBEDDED_GENERATION_KWARGS = frozenset({"stop_token_ids", "cuda_graphs", "compile", "half_precision_copy", "fused_decode"})
 _CHUNK_ELEMENTS = 1 << 26
 
 
@@ -327,16 +330,22 @@ class GRPOObjective(Objective):
         autocast = autocast if device.type == "cuda" else None
         gen_kwargs = (self.cfg.trl.generation_kwargs if self.cfg.trl else None) or {}
         cuda_graphs = bool(gen_kwargs.get("cuda_graphs", True))
+        fused = bool(gen_kwargs.get("fused_decode", True))
+        if not self.s.use_vllm and (ignored := sorted(set(gen_kwargs) - EMBEDDED_GENERATION_KWARGS)):
+            log.warning("trl.generation_kwargs %s are not used by the embedded engine (it reads %s)", ignored,
+                        sorted(EMBEDDED_GENERATION_KWARGS))
         # torch_compile also compiles the decode step (first generation pays the compile time).
         compile_decode = bool(gen_kwargs.get("compile", self.cfg.torch_compile in (True, "auto")))
 
         # Full fine-tuning keeps fp32 weights: generate from a half-precision copy (see rollout/snapshot.py).
-        half = autocast if (gen_kwargs.get("half_precision_copy", True)
-                            and wants_half_precision_copy(model, autocast)) else None
+        # Without the copy, fp32 weights generate in fp32: under autocast, RoPE over the fp32 embeddings
+        # gives fp32 keys next to half-precision values, which transformers' static cache cannot hold.
+        mostly_fp32 = wants_half_precision_copy(model, autocast)
+        half = autocast if gen_kwargs.get("half_precision_copy", True) and mostly_fp32 else None
 
         def make(m):
-            return EmbeddedSampler(m, pad, cuda_graphs=cuda_graphs, autocast_dtype=None if half else autocast,
-                                   compile=compile_decode)
+            return EmbeddedSampler(m, pad, cuda_graphs=cuda_graphs, autocast_dtype=None if mostly_fp32 else autocast,
+                                   compile=compile_decode, fused=fused)
 
         if self.s.use_vllm and self.cfg.trl.vllm_mode == "colocate":
             from tuneforge.rollout.generation_server import BackendSampler, backend_from_config
