@@ -78,3 +78,49 @@ def test_sliding_window_cache_layers_are_refused():
     assert fused_decoder(_model(config), StaticCache(config=config, max_cache_len=32), 32) is None
     plain = Qwen2Config(**SMALL)
     assert fused_decoder(_model(plain), StaticCache(config=plain, max_cache_len=32), 32) is not None
+
+
+def test_the_compiled_step_does_not_recompile_for_every_cache_length(monkeypatch):
+    """GRPO prompts fall into many length buckets; each gives another cache length. The compiled decode
+    step must compile at most twice (static, then with the length symbolic), not once per length: each
+    compilation costs 15-30 s on a GPU and dynamo gives up after 8."""
+    from torch._dynamo.testing import CompileCounter
+    from transformers import StaticCache
+
+    from tuneforge.rollout import embedded
+    from tuneforge.rollout.fused_decode import fused_decoder
+
+    counter, real_compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counter}))
+    embedded._compiled_fused_step.cache_clear()
+    config = CONFIGS["llama (llama3 RoPE scaling, attention bias)"]()
+    model = _model(config)
+    try:
+        for P in (16, 32, 48, 64):
+            L, N = P + 8, 3
+            cache = StaticCache(config=config, max_cache_len=L)
+            with torch.no_grad():
+                model(input_ids=torch.randint(3, 100, (N, P)), past_key_values=cache, use_cache=True)
+                decode = embedded._FusedDecode(fused_decoder(model, cache, L), torch.zeros(N, dtype=torch.int32), True)
+                slot = torch.tensor(P)
+                logits = decode(torch.tensor([5, 6, 7]), torch.full((N,), P), slot, (slot + 1).int().view(1))
+            assert logits.shape == (N, config.vocab_size)
+    finally:
+        embedded._compiled_fused_step.cache_clear()
+    assert 1 <= counter.frame_count <= 2, counter.frame_count
+
+
+@pytest.mark.parametrize("max_batch", [None, 4])  # 4 rows per chunk splits groups of 3: no sharing then
+def test_a_prompt_is_prefilled_once_for_all_its_generations(max_batch):
+    model = _model(CONFIGS["qwen2 (q/k/v bias)"]())
+    params = SamplingParams(temperature=0.0, max_tokens=10)
+    results, prefilled = {}, {}
+    for fused in (True, False):
+        sampler = EmbeddedSampler(model, pad_id=0, fused=fused, max_batch=max_batch)
+        rows, real = [], sampler._prefill
+        sampler._prefill = lambda net, r, T, real=real, rows=rows: (rows.append(len(r)), real(net, r, T))[1]
+        results[fused] = sampler.generate(PROMPTS, 3, params)
+        prefilled[fused] = sum(rows)
+    _assert_same(results[True], results[False])
+    assert prefilled[False] == 3 * len(PROMPTS)
+    assert prefilled[True] == (len(PROMPTS) if max_batch is None else 3 * len(PROMPTS))

@@ -175,6 +175,11 @@ def test_async_prefetch_trains_on_the_previous_batch_with_importance_weights(rew
         batches = [_batches(obj, data, [s]) for s in (0, 2, 4)]
         b0 = _step(obj, model, batches[0], opt)[0][2]
         b1 = _step(obj, model, batches[1], opt)[0][2]
+        # Move the weights for sure (a step whose advantages are all zero would leave them unchanged):
+        # the completions trained next were sampled before this change.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
         b2 = _step(obj, model, batches[2], opt)[0][2]
     finally:
         obj.close()

@@ -31,6 +31,7 @@ import contextlib
 import functools
 import logging
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -216,6 +217,25 @@ class _DecodeStep:
         self.steps_done += 1
 
 
+class _Prefilled:
+    """Prompts after the prefill: padded ids [N, P], real-token mask, lengths, attendable cache slots
+    [N, L], the KV cache and the last position's logits [N, V]."""
+
+    def __init__(self, ids, valid, lens, slots, P: int, L: int, cache, logits):
+        self.ids, self.valid, self.lens, self.slots = ids, valid, lens, slots
+        self.P, self.L, self.cache, self.logits = P, L, cache, logits
+
+    def repeated(self, group: int) -> _Prefilled:
+        """Every row `group` times in a row, KV cache included (a plain cache the fused decoder reads)."""
+        def rep(t):
+            return t.repeat_interleave(group, dim=0)
+
+        layers = [SimpleNamespace(keys=rep(layer.keys), values=rep(layer.values), max_cache_len=layer.max_cache_len)
+                  for layer in self.cache.layers]
+        return _Prefilled(rep(self.ids), rep(self.valid), rep(self.lens), rep(self.slots), self.P, self.L,
+                          SimpleNamespace(layers=layers), rep(self.logits))
+
+
 class EmbeddedSampler:
     """Generates with the given (training) model. `cuda_graphs`: capture the decode step on CUDA."""
 
@@ -243,9 +263,10 @@ class EmbeddedSampler:
         rows = [p for p in prompt_ids for _ in range(n)]
         chunk = self.max_batch or len(rows)
         comp, logps, finished = [], [], []
+        group = n if chunk % n == 0 else 1  # a chunk holds whole groups of one prompt's generations
         with _generation_mode(self.model) as net:
             for at in range(0, len(rows), chunk):
-                c, lp, f = self._generate_rows(net, rows[at : at + chunk], params)
+                c, lp, f = self._generate_rows(net, rows[at : at + chunk], params, group)
                 comp += c
                 logps += lp
                 finished += f
@@ -257,14 +278,13 @@ class EmbeddedSampler:
             return contextlib.nullcontext
         return lambda: torch.autocast(device.type, dtype=self.autocast_dtype)
 
-    def _generate_rows(self, net, rows: list[list[int]], params: SamplingParams):
+    def _prefill(self, net, rows: list[list[int]], T: int) -> _Prefilled:
+        """Left-pad the prompts to a bucketed length P and run them once into a static cache of P + T slots."""
         from transformers import StaticCache
 
         dev = next(net.parameters()).device
-        N, T = len(rows), params.max_tokens
+        N = len(rows)
         lens = torch.tensor([len(r) for r in rows], device=dev)
-        if int(lens.min()) == 0:
-            raise ValueError("an empty prompt cannot be continued; give every prompt at least one token")
         P = _bucket(int(lens.max()))
         L = P + T
         ids = torch.full((N, P), self.pad_id, dtype=torch.long, device=dev)
@@ -272,33 +292,52 @@ class EmbeddedSampler:
             ids[i, P - len(r):] = torch.tensor(r, dtype=torch.long, device=dev)
         valid = torch.arange(P, device=dev).unsqueeze(0) >= (P - lens).unsqueeze(1)  # [N, P] real prompt tokens
 
-        keys = torch.zeros((N, L), dtype=torch.bool, device=dev)  # cache slots a row may attend to
-        keys[:, :P] = valid
+        slots = torch.zeros((N, L), dtype=torch.bool, device=dev)  # cache slots a row may attend to
+        slots[:, :P] = valid
         q = torch.arange(P, device=dev)
         k = torch.arange(L, device=dev)
         # A padded query position sees itself only, so its softmax is defined; its output is never used.
-        allowed = (keys.unsqueeze(1) & (k.view(1, 1, L) <= q.view(1, P, 1))) | (k.view(1, 1, L) == q.view(1, P, 1))
-        prefill_mask = allowed.unsqueeze(1)
+        allowed = (slots.unsqueeze(1) & (k.view(1, 1, L) <= q.view(1, P, 1))) | (k.view(1, 1, L) == q.view(1, P, 1))
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
 
         cache = StaticCache(config=net.config, max_cache_len=L)
+        with self._autocast(dev)(), _eager():
+            out = net(input_ids=ids, attention_mask=allowed.unsqueeze(1), position_ids=positions,
+                      **cache_kwargs(net, cache), use_cache=True, logits_to_keep=1)
+        return _Prefilled(ids, valid, lens, slots, P, L, cache, out.logits[:, -1])
+
+    def _generate_rows(self, net, rows: list[list[int]], params: SamplingParams, group: int = 1):
+        """Generate for `rows`, which come in runs of `group` identical prompts (GRPO's generations).
+
+        With the fused decode step each distinct prompt is prefilled once and its KV cache copied to
+        the rows of its group: prefill compute divided by the group size.
+        """
+        if min(len(r) for r in rows) == 0:
+            raise ValueError("an empty prompt cannot be continued; give every prompt at least one token")
+        T = params.max_tokens
+        fused = self.fused and self.filled_range
+        share = fused and group > 1
+        pre = self._prefill(net, rows[::group] if share else rows, T)
+        decoder = None
+        if fused:
+            pre = pre.repeated(group) if share else pre
+            decoder = fused_decoder(net, pre.cache, pre.L, self.autocast_dtype)
+            if decoder is None and share:  # the transformers layers need a cache of their own for every row
+                pre = self._prefill(net, rows, T)
+        N, P, L, lens, dev = len(rows), pre.P, pre.L, pre.lens, pre.ids.device
         autocast = self._autocast(dev)
-        with autocast(), _eager():
-            out = net(input_ids=ids, attention_mask=prefill_mask, position_ids=positions, **cache_kwargs(net, cache),
-                      use_cache=True, logits_to_keep=1)
         seen = None
         if params.repetition_penalty != 1.0:
-            seen = torch.zeros((N, out.logits.shape[-1]), dtype=torch.bool, device=dev)
-            seen.scatter_(1, ids, valid)
-        first, first_logp = sample_next(out.logits[:, -1], params, seen)
+            seen = torch.zeros((N, pre.logits.shape[-1]), dtype=torch.bool, device=dev)
+            seen.scatter_(1, pre.ids, pre.valid)
+        first, first_logp = sample_next(pre.logits, params, seen)
         stop = torch.tensor(sorted(params.stop_token_ids) or [-1], dtype=torch.long, device=dev)
         compiled = self.compile and dev.type == "cuda"
         kv_start = (P - lens).to(torch.int32) if self.filled_range else None  # first cache slot of each prompt
-        decoder = fused_decoder(net, cache, L, self.autocast_dtype) if self.fused and kv_start is not None else None
         if decoder is not None:
             decode = _FusedDecode(decoder, kv_start, compiled)
         else:
-            decode = _TransformersDecode(net, cache, keys.view(N, 1, 1, L).clone(), kv_start, compiled)
+            decode = _TransformersDecode(net, pre.cache, pre.slots.view(N, 1, 1, L).clone(), kv_start, compiled)
         self.used_fused = decoder is not None
         step = _DecodeStep(decode, lens, P, first, first_logp, params, seen, stop, self.pad_id, autocast,
                            _compiled_sampler() if compiled else None)
@@ -349,24 +388,26 @@ def _fused_step(decoder, ids, positions, slot, start, end):
     return decoder(ids, positions, slot, start, end)
 
 
-# Compiled once per process (or per model) and reused; each new batch shape compiles again (prompt
-# lengths are bucketed, so shapes repeat). Measured on an H200, the eager decode step is a thousand
-# small kernels of 2-10 us each, so fusion rather than launch overhead (which the CUDA graph already
-# removes) decides the speed. The CUDA graph is captured around the compiled kernels.
+# Compiled once per process (or per model) and reused. Measured on an H200, the eager decode step is a
+# thousand small kernels of 2-10 us each, so fusion rather than launch overhead (which the CUDA graph
+# already removes) decides the speed. The CUDA graph is captured around the compiled kernels. Shapes
+# use torch's automatic dynamic mode: every prompt-length bucket gives another cache length (and the
+# last batch may be smaller), and a static compile per shape would cost 15-30 s each and hit dynamo's
+# recompile limit; instead the second shape compiles once more with that dimension symbolic.
 @functools.cache
 def _compiled_fused_step():
-    return torch.compile(_fused_step, dynamic=False)
+    return torch.compile(_fused_step)
 
 
 @functools.cache
 def _compiled_sampler():
-    return torch.compile(sample_next, dynamic=False)
+    return torch.compile(sample_next)
 
 
 def _compiled_forward(net):
     fn = getattr(net, "_tuneforge_decode_forward", None)
     if fn is None:
-        fn = net._tuneforge_decode_forward = torch.compile(net.forward, dynamic=False)
+        fn = net._tuneforge_decode_forward = torch.compile(net.forward)
     return fn
 
 
