@@ -21,8 +21,8 @@ cache bookkeeping), so small models are host-bound on a GPU. Here one generation
 Sampling: repetition penalty (over prompt and generated tokens, HF's rule), temperature, top-k, top-p,
 min-p; temperature 0 is greedy. Draws use the exponential-race trick (argmax p / E, E ~ Exp(1)),
 which is exact sampling and capturable; without filters it runs in two stages (a vocabulary block,
-then a token in it) to need ~2 sqrt(V) random numbers per row instead of V. Returned log-probs follow `rollout.base` (log softmax of
-logits / temperature of the sampled token).
+then a token in it) to need ~2 sqrt(V) random numbers per row instead of V. Returned log-probs follow
+`rollout.base` (log softmax of logits / temperature of the sampled token).
 """
 
 from __future__ import annotations
@@ -306,15 +306,9 @@ class EmbeddedSampler:
                       **cache_kwargs(net, cache), use_cache=True, logits_to_keep=1)
         return _Prefilled(ids, valid, lens, slots, P, L, cache, out.logits[:, -1])
 
-    def _generate_rows(self, net, rows: list[list[int]], params: SamplingParams, group: int = 1):
-        """Generate for `rows`, which come in runs of `group` identical prompts (GRPO's generations).
-
-        With the fused decode step each distinct prompt is prefilled once and its KV cache copied to
-        the rows of its group: prefill compute divided by the group size.
-        """
-        if min(len(r) for r in rows) == 0:
-            raise ValueError("an empty prompt cannot be continued; give every prompt at least one token")
-        T = params.max_tokens
+    def _prefill_and_decoder(self, net, rows: list[list[int]], T: int, group: int):
+        """(prefilled prompts, decode function): the fused decode step where it applies, sharing each
+        prompt's prefill across its group; otherwise every row prefilled and decoded by transformers."""
         fused = self.fused and self.filled_range
         share = fused and group > 1
         pre = self._prefill(net, rows[::group] if share else rows, T)
@@ -324,8 +318,25 @@ class EmbeddedSampler:
             decoder = fused_decoder(net, pre.cache, pre.L, self.autocast_dtype)
             if decoder is None and share:  # the transformers layers need a cache of their own for every row
                 pre = self._prefill(net, rows, T)
-        N, P, L, lens, dev = len(rows), pre.P, pre.L, pre.lens, pre.ids.device
-        autocast = self._autocast(dev)
+        self.used_fused = decoder is not None
+        compiled = self.compile and pre.ids.device.type == "cuda"
+        kv_start = (pre.P - pre.lens).to(torch.int32) if self.filled_range else None  # first slot of each prompt
+        if decoder is not None:
+            return pre, _FusedDecode(decoder, kv_start, compiled)
+        mask = pre.slots.view(len(rows), 1, 1, pre.L).clone()
+        return pre, _TransformersDecode(net, pre.cache, mask, kv_start, compiled)
+
+    def _generate_rows(self, net, rows: list[list[int]], params: SamplingParams, group: int = 1):
+        """Generate for `rows`, which come in runs of `group` identical prompts (GRPO's generations).
+
+        With the fused decode step each distinct prompt is prefilled once and its KV cache copied to
+        the rows of its group: prefill compute divided by the group size.
+        """
+        if min(len(r) for r in rows) == 0:
+            raise ValueError("an empty prompt cannot be continued; give every prompt at least one token")
+        T = params.max_tokens
+        pre, decode = self._prefill_and_decoder(net, rows, T, group)
+        N, dev = len(rows), pre.ids.device
         seen = None
         if params.repetition_penalty != 1.0:
             seen = torch.zeros((N, pre.logits.shape[-1]), dtype=torch.bool, device=dev)
@@ -333,14 +344,8 @@ class EmbeddedSampler:
         first, first_logp = sample_next(pre.logits, params, seen)
         stop = torch.tensor(sorted(params.stop_token_ids) or [-1], dtype=torch.long, device=dev)
         compiled = self.compile and dev.type == "cuda"
-        kv_start = (P - lens).to(torch.int32) if self.filled_range else None  # first cache slot of each prompt
-        if decoder is not None:
-            decode = _FusedDecode(decoder, kv_start, compiled)
-        else:
-            decode = _TransformersDecode(net, pre.cache, pre.slots.view(N, 1, 1, L).clone(), kv_start, compiled)
-        self.used_fused = decoder is not None
-        step = _DecodeStep(decode, lens, P, first, first_logp, params, seen, stop, self.pad_id, autocast,
-                           _compiled_sampler() if compiled else None)
+        step = _DecodeStep(decode, pre.lens, pre.P, first, first_logp, params, seen, stop, self.pad_id,
+                           self._autocast(dev), _compiled_sampler() if compiled else None)
         self.used_graphs = False
         if self.cuda_graphs and dev.type == "cuda" and T > 2:
             self.used_graphs = step.capture()
