@@ -1,7 +1,8 @@
 """Rollout throughput: tuneforge's embedded engine vs `model.generate`, in the same run (issue 6).
 
 Workload: Qwen2.5-0.5B- and Llama-3.2-1B-shaped models with random weights (built from a config, no
-download), bf16 on CUDA, `--batch` prompts of `--prompt-len` random tokens, `--new-tokens` sampled
+download), bf16 on CUDA, `--batch` rows: `--batch / --generations` prompts of `--prompt-len` random tokens,
+each continued `--generations` times (GRPO's num_generations; 1 by default), `--new-tokens` sampled
 tokens per prompt at temperature 1.0 with no stop token (every row generates exactly --new-tokens, so
 both engines do the same work). Reported: generated tokens/s (best of --repeats after a warm-up), for
 
@@ -85,7 +86,10 @@ def run(shape: str, args) -> list[dict]:
     model = build(shape, device, dtype)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
-    prompts = torch.randint(3, vocab, (args.batch, args.prompt_len), generator=g)
+    if args.batch % args.generations:
+        raise SystemExit("--batch must be a multiple of --generations")
+    n = args.generations
+    prompts = torch.randint(3, vocab, (args.batch // n, args.prompt_len), generator=g)
     prompt_lists = prompts.tolist()
     params = SamplingParams(temperature=1.0, max_tokens=args.new_tokens)
     generated = args.batch * args.new_tokens
@@ -96,7 +100,7 @@ def run(shape: str, args) -> list[dict]:
                                   fused=fused)
 
         def go():
-            r = sampler.generate(prompt_lists, 1, params)
+            r = sampler.generate(prompt_lists, n, params)
             assert r.num_tokens == generated, r.num_tokens
             go.graphs = r.meta.get("cuda_graphs")
         return go
@@ -110,8 +114,8 @@ def run(shape: str, args) -> list[dict]:
             with torch.no_grad():
                 out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                                      top_p=1.0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                     eos_token_id=None, pad_token_id=0, **extra)
-            assert out.shape[1] == args.prompt_len + args.new_tokens
+                                     eos_token_id=None, pad_token_id=0, num_return_sequences=n, **extra)
+            assert out.shape == (args.batch, args.prompt_len + args.new_tokens)
         return go
 
     engines = {"embedded": embedded(True), "embedded-eager": embedded(False), "embedded-compiled": embedded(True, True),
@@ -120,7 +124,7 @@ def run(shape: str, args) -> list[dict]:
                "generate": generate(False), "generate-static": generate(True)}
     if args.profile:
         sampler = EmbeddedSampler(model, pad_id=0, cuda_graphs=False, compile=device == "cuda")
-        profile_decode(sampler, prompt_lists, params, args.profile, shape)
+        profile_decode(sampler, prompt_lists, n, params, args.profile, shape)
     for name in args.engines:
         fn = engines[name]
         try:
@@ -128,7 +132,8 @@ def run(shape: str, args) -> list[dict]:
         except Exception as exc:  # noqa: BLE001 - report and continue with the other engines
             results.append({"shape": shape, "engine": name, "error": f"{type(exc).__name__}: {exc}"})
             continue
-        rec = {"shape": shape, "engine": name, "device": device, "batch": args.batch, "prompt_len": args.prompt_len,
+        rec = {"shape": shape, "engine": name, "device": device, "batch": args.batch, "generations": n,
+               "prompt_len": args.prompt_len,
                "new_tokens": args.new_tokens, "seconds": round(seconds, 4), "first_call_seconds": round(first, 2), "tokens_per_second": round(generated / seconds, 1)}
         if name.startswith("embedded"):
             rec["cuda_graphs"] = bool(getattr(fn, "graphs", False))
@@ -144,15 +149,15 @@ def run(shape: str, args) -> list[dict]:
     return results
 
 
-def profile_decode(sampler, prompts, params, path: Path, shape: str) -> None:
+def profile_decode(sampler, prompts, n: int, params, path: Path, shape: str) -> None:
     """Kernel-time table of one generation without graph capture (compiled on CUDA): where a step's time goes."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
-    sampler.generate(prompts, 1, params)  # warm-up
+    sampler.generate(prompts, n, params)  # warm-up
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        sampler.generate(prompts, 1, params)
+        sampler.generate(prompts, n, params)
     table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=30)
     with Path(path).open("a") as f:
         f.write(f"== {shape}: {params.max_tokens} decode steps\n{table}\n")
@@ -173,7 +178,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=["qwen2.5-0.5b", "llama-3.2-1b"], choices=sorted(SHAPES))
     p.add_argument("--engines", nargs="+", default=["embedded", "embedded-eager", "generate", "generate-static"])
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=256, help="rows generated at once (prompts x generations)")
+    p.add_argument("--generations", type=int, default=1, help="completions per prompt (GRPO's num_generations)")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
