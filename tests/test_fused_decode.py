@@ -124,3 +124,16 @@ def test_a_prompt_is_prefilled_once_for_all_its_generations(max_batch):
     _assert_same(results[True], results[False])
     assert prefilled[False] == 3 * len(PROMPTS)
     assert prefilled[True] == (len(PROMPTS) if max_batch is None else 3 * len(PROMPTS))
+
+
+def test_without_the_fused_step_every_generation_row_is_prefilled():
+    """DoRA has no fused path: the shared prefill is dropped and every row is prefilled for transformers."""
+    from peft import LoraConfig, get_peft_model
+
+    base = _model(CONFIGS["mistral"]())
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, use_dora=True))
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    sampler = EmbeddedSampler(model, pad_id=0)
+    out = sampler.generate(PROMPTS, 2, params)
+    assert not sampler.used_fused
+    _assert_same(out, EmbeddedSampler(model, pad_id=0, fused=False).generate(PROMPTS, 2, params))
