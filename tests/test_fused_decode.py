@@ -69,6 +69,14 @@ def test_lora_adapters_are_folded_in_and_dora_falls_back(dora):
     assert fused.completion_ids != before.completion_ids  # the adapter changes what is generated
 
 
+def test_a_sliding_window_shorter_than_the_generation_is_one_clear_error():
+    model = _model(Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=8, max_window_layers=0))
+    from tuneforge.errors import NotSupportedYet
+
+    with pytest.raises(NotSupportedYet, match="sliding window of 8"):
+        EmbeddedSampler(model, pad_id=0).generate(PROMPTS, 1, SamplingParams(max_tokens=4))
+
+
 def test_sliding_window_cache_layers_are_refused():
     from transformers import StaticCache
 

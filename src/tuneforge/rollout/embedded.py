@@ -35,6 +35,7 @@ from types import SimpleNamespace
 
 import torch
 
+from tuneforge.errors import DataError, NotSupportedYet
 from tuneforge.models import attention
 from tuneforge.models.losses import unwrap_peft
 
@@ -301,6 +302,11 @@ class EmbeddedSampler:
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
 
         cache = StaticCache(config=net.config, max_cache_len=L)
+        window = min(layer.max_cache_len for layer in cache.layers)
+        if window < L:
+            raise NotSupportedYet(f"the embedded engine needs every layer to attend to the whole prompt and completion "
+                             f"({L} tokens here), but this model keeps a sliding window of {window}; lower "
+                             f"max_completion_length / the prompt length below it, or generate with vLLM (trl.use_vllm)")
         with self._autocast(dev)(), _eager():
             out = net(input_ids=ids, attention_mask=allowed.unsqueeze(1), position_ids=positions,
                       **cache_kwargs(net, cache), use_cache=True, logits_to_keep=1)
@@ -333,7 +339,7 @@ class EmbeddedSampler:
         the rows of its group: prefill compute divided by the group size.
         """
         if min(len(r) for r in rows) == 0:
-            raise ValueError("an empty prompt cannot be continued; give every prompt at least one token")
+            raise DataError("an empty prompt cannot be continued; give every prompt at least one token")
         T = params.max_tokens
         pre, decode = self._prefill_and_decoder(net, rows, T, group)
         N, dev = len(rows), pre.ids.device
