@@ -112,23 +112,18 @@ def decode_attention_forward(module, query, key, value, attention_mask, dropout:
     """
     if query.shape[2] != 1:
         return _sdpa_fallback(query, key, value, attention_mask, scaling)
+    from .decode_kernel import decode_attention, grouped_attention
+
     B, Hq, _, D = query.shape
+    scale = scaling if scaling is not None else D**-0.5
+    q = query.reshape(B, Hq, D)
     start = kwargs.get(KV_START)
     if start is not None:  # the filled cache range is known: read only that (see models/decode_kernel.py)
-        from .decode_kernel import decode_attention
-
-        scale = scaling if scaling is not None else D**-0.5
-        out = decode_attention(query.reshape(B, Hq, D), key, value, start, kwargs[KV_END], scale)
-        return out.view(B, 1, Hq, D), None
-    Hkv = key.shape[1]
-    scale = scaling if scaling is not None else D**-0.5
-    q = query.reshape(B, Hkv, Hq // Hkv, D)  # [B, Hkv, G, D]: heads h = kv * G + g, as repeat_kv orders them
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
-    if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask.view(B, 1, 1, -1), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value)  # [B, Hkv, G, D]
-    return out.reshape(B, 1, Hq, D), None
+        out = decode_attention(q, key, value, start, kwargs[KV_END], scale)
+    else:  # transformers' boolean mask [B, 1, 1, L] (True = attend)
+        valid = torch.ones_like(key[:, 0, :, 0], dtype=torch.bool) if attention_mask is None else attention_mask
+        out = grouped_attention(q, key, value, valid.view(B, -1), scale)
+    return out.view(B, 1, Hq, D), None
 
 
 def register_decode() -> str:

@@ -44,11 +44,16 @@ def triton_usable(device: torch.device) -> bool:
 
 def reference(q, k, v, start, end, scale: float) -> torch.Tensor:
     """The kernel's contract in plain torch: softmax(q k^T * scale) v over slots start[b] <= s < end."""
+    slots = torch.arange(k.shape[2], device=q.device).view(1, -1)
+    return grouped_attention(q, k, v, (slots >= start.view(-1, 1)) & (slots < end.view(1, 1)), scale)
+
+
+def grouped_attention(q, k, v, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per row over the slots where `valid` [B, L] is True, query heads grouped per KV head
+    (head h uses KV head h // (Hq / Hkv), as repeat_kv orders them), so K and V are never expanded."""
     B, Hq, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
-    slots = torch.arange(L, device=q.device)
-    valid = (slots.view(1, L) >= start.view(B, 1)) & (slots.view(1, L) < end.view(1, 1))
-    qg = q.reshape(B, Hkv, Hq // Hkv, D).to(k.dtype)  # heads h = kv * G + g
+    qg = q.reshape(B, Hkv, Hq // Hkv, D).to(k.dtype)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
     scores = scores.masked_fill(~valid.view(B, 1, 1, L), float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
