@@ -35,6 +35,7 @@ from .preference import (
     config_error,
     disable_dropout,
     layout,
+    map_splits,
     precompute_columns,
     prepare_checked,
     sequence_logps,
@@ -105,12 +106,11 @@ class KTOObjective(Objective):
                                "KTO trains on completions labelled desirable/undesirable",
                                "Use a KTO dataset type (chatml.intel, llama3.argilla, ...), a dict type with "
                                "field_completion/field_label, or rows with prompt/completion/label.")
-        for split in ("train", "eval"):
-            ds = getattr(data, split)
-            if ds is None:
-                continue
+        def balanced_with_kl(ds, split):
             self._check_balance(ds, split)
-            setattr(data, split, add_kl_completions(ds, self.cfg.micro_batch_size, self.cfg.sequence_len))
+            return add_kl_completions(ds, self.cfg.micro_batch_size, self.cfg.sequence_len)
+
+        map_splits(data, balanced_with_kl)
         if self.cfg.precompute_ref_log_probs:
             splits = precompute_columns(
                 self.cfg, tokenizer, {"train": data.train, "eval": data.eval},

@@ -258,11 +258,20 @@ def prepare_checked(cfg: Config, tokenizer, reference: Reference | None, columns
     if reference is not None:
         reference.tokenizer = tokenizer
     data = prepare(cfg, tokenizer)
+    def checked(ds, split):
+        require_columns(ds, split, columns, what, fix)
+        return ds
+
+    map_splits(data, checked)
+    return data
+
+
+def map_splits(data, fn) -> None:
+    """Replace each present split (train, eval) of prepared `data` by `fn(dataset, split_name)`."""
     for split in ("train", "eval"):
         ds = getattr(data, split)
         if ds is not None:
-            require_columns(ds, split, columns, what, fix)
-    return data
+            setattr(data, split, fn(ds, split))
 
 
 # ---------------------------------------------------------------- precomputed reference log-probs
@@ -434,14 +443,12 @@ class PairObjective(Objective):
                                f"{self.name} trains on preference pairs",
                                "Use a preference dataset type such as chatml.intel, chat_template.default, or rows "
                                "with prompt/chosen/rejected.")
-        for split in ("train", "eval"):
-            ds = getattr(data, split)
-            if ds is None:
-                continue
+        def lengths_and_packing(ds, split):
             ds = pair_lengths(ds)
-            if self.cfg.sample_packing if split == "train" else self.cfg.packing_for_eval:
-                ds = drop_unpackable(ds, self.cfg, split)
-            setattr(data, split, ds)
+            packed = self.cfg.sample_packing if split == "train" else self.cfg.packing_for_eval
+            return drop_unpackable(ds, self.cfg, split) if packed else ds
+
+        map_splits(data, lengths_and_packing)
         if self.uses_reference and self.cfg.precompute_ref_log_probs:
             splits = precompute_columns(
                 self.cfg, tokenizer, {"train": data.train, "eval": data.eval}, PAIR_COLUMNS,
