@@ -98,11 +98,14 @@ def run(shape: str, args) -> list[dict]:
     def embedded(graphs: bool, compile: bool = False, filled_range: bool = True, fused: bool = True):
         sampler = EmbeddedSampler(model, pad_id=0, cuda_graphs=graphs, compile=compile, filled_range=filled_range,
                                   fused=fused)
+        prefill_seconds = time_prefill(sampler, device)
 
         def go():
+            prefill_seconds.clear()
             r = sampler.generate(prompt_lists, n, params)
             assert r.num_tokens == generated, r.num_tokens
             go.graphs = r.meta.get("cuda_graphs")
+            go.prefill = sum(prefill_seconds)
         return go
 
     def generate(static: bool):
@@ -137,6 +140,7 @@ def run(shape: str, args) -> list[dict]:
                "new_tokens": args.new_tokens, "seconds": round(seconds, 4), "first_call_seconds": round(first, 2), "tokens_per_second": round(generated / seconds, 1)}
         if name.startswith("embedded"):
             rec["cuda_graphs"] = bool(getattr(fn, "graphs", False))
+            rec["prefill_seconds_last_call"] = round(fn.prefill, 4)
         if device == "cuda":
             rec["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         results.append(rec)
@@ -147,6 +151,28 @@ def run(shape: str, args) -> list[dict]:
             r["speedup_vs_generate"] = round(r["tokens_per_second"] / base["tokens_per_second"], 2)
     engines.clear()  # drop the closures holding the model before the next shape is built
     return results
+
+
+def time_prefill(sampler, device: str) -> list[float]:
+    """Record the seconds of each prefill (prompts into the KV cache, decoder set up) of `sampler`: the
+    rest of a call is the decode loop. Synchronizes around the prefill, so only for this breakdown."""
+    import torch
+
+    seconds = []
+    inner = sampler._prefill_and_decoder
+
+    def timed_prefill(*a, **kw):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = inner(*a, **kw)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+        return out
+
+    sampler._prefill_and_decoder = timed_prefill
+    return seconds
 
 
 def profile_decode(sampler, prompts, n: int, params, path: Path, shape: str) -> None:

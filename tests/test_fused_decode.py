@@ -78,55 +78,77 @@ def test_a_sliding_window_shorter_than_the_generation_is_one_clear_error():
 
 
 def test_sliding_window_cache_layers_are_refused():
-    from transformers import StaticCache
-
     from tuneforge.rollout.fused_decode import fused_decoder
 
     config = Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=8, max_window_layers=0)
-    assert fused_decoder(_model(config), StaticCache(config=config, max_cache_len=32), 32) is None
-    plain = Qwen2Config(**SMALL)
-    assert fused_decoder(_model(plain), StaticCache(config=plain, max_cache_len=32), 32) is not None
+    assert fused_decoder(_model(config), 2, 32) is None
+    assert fused_decoder(_model(config), 2, 8) is not None  # the window covers the whole cache
+    assert fused_decoder(_model(Qwen2Config(**SMALL)), 2, 32) is not None
 
 
-def test_the_compiled_step_does_not_recompile_for_every_cache_length(monkeypatch):
-    """GRPO prompts fall into many length buckets; each gives another cache length. The compiled decode
-    step must compile at most twice (static, then with the length symbolic), not once per length: each
-    compilation costs 15-30 s on a GPU and dynamo gives up after 8."""
+def test_the_fused_prefill_fills_the_cache_like_transformers():
+    """Keys and values of every real prompt slot, for each generation row of a prompt, equal the
+    transformers prefill's StaticCache; the last position's logits too."""
+    from tuneforge.rollout.embedded import _Prompts
+    from tuneforge.rollout.fused_decode import fused_decoder
+
+    model = _model(CONFIGS["qwen3 (q/k norms, head_dim 32)"]())
+    group, T = 2, 4
+    sampler = EmbeddedSampler(model, pad_id=0)
+    plain = _Prompts([p for p in PROMPTS for _ in range(group)], T, 0, torch.device("cpu"))
+    cache, _ = sampler._prefill(model, plain)
+    distinct = _Prompts(PROMPTS, T, 0, torch.device("cpu"))
+    decoder = fused_decoder(model, len(PROMPTS) * group, distinct.L)
+    with torch.no_grad():
+        logits = decoder.prefill(distinct.ids, distinct.valid, group)
+    torch.testing.assert_close(logits.repeat_interleave(group, 0), plain.logits, rtol=0, atol=1e-5)
+    real = plain.valid.view(-1, 1, plain.P, 1)  # padded slots hold values nobody reads
+    for ours, theirs in zip(decoder.layers, cache.layers, strict=True):
+        for a, b in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+            torch.testing.assert_close(a[:, :, :plain.P] * real, b[:, :, :plain.P] * real, rtol=0, atol=1e-5)
+
+
+def test_the_compiled_prefill_and_step_do_not_recompile_for_every_cache_length(monkeypatch):
+    """GRPO prompts fall into many length buckets; each gives another cache length. The compiled prefill
+    and decode step must compile at most twice each (static, then with the length symbolic), not once per
+    length: each compilation costs 15-30 s on a GPU and dynamo gives up after 8."""
     from torch._dynamo.testing import CompileCounter
-    from transformers import StaticCache
 
     from tuneforge.rollout import embedded
     from tuneforge.rollout.fused_decode import fused_decoder
 
     counter, real_compile = CompileCounter(), torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counter}))
-    embedded._compiled_fused_step.cache_clear()
+    compiled = (embedded._compiled_fused_step, embedded._compiled_fused_prefill)
+    for fn in compiled:
+        fn.cache_clear()
     config = CONFIGS["llama (llama3 RoPE scaling, attention bias)"]()
     model = _model(config)
     try:
         for P in (16, 32, 48, 64):
-            L, N = P + 8, 3
-            cache = StaticCache(config=config, max_cache_len=L)
+            N = 3
+            prompts = embedded._Prompts([[5] * (P - 2)] * N, 8, 0, torch.device("cpu"))
+            decoder = fused_decoder(model, N, prompts.L)
             with torch.no_grad():
-                model(input_ids=torch.randint(3, 100, (N, P)), past_key_values=cache, use_cache=True)
-                decode = embedded._FusedDecode(fused_decoder(model, cache, L), torch.zeros(N, dtype=torch.int32), True)
+                embedded._compiled_fused_prefill()(decoder, prompts.ids, prompts.valid, 1)
+                decode = embedded._FusedDecode(decoder, torch.zeros(N, dtype=torch.int32), True)
                 slot = torch.tensor(P)
                 logits = decode(torch.tensor([5, 6, 7]), torch.full((N,), P), slot, (slot + 1).int().view(1))
             assert logits.shape == (N, config.vocab_size)
     finally:
-        embedded._compiled_fused_step.cache_clear()
-    assert 1 <= counter.frame_count <= 2, counter.frame_count
+        for fn in compiled:
+            fn.cache_clear()
+    assert 2 <= counter.frame_count <= 4, counter.frame_count
 
 
 @pytest.mark.parametrize("max_batch", [None, 4])  # 4 rows per chunk splits groups of 3: no sharing then
-def test_a_prompt_is_prefilled_once_for_all_its_generations(max_batch):
+def test_a_prompt_is_prefilled_once_for_all_its_generations(max_batch, monkeypatch):
     model = _model(CONFIGS["qwen2 (q/k/v bias)"]())
     params = SamplingParams(temperature=0.0, max_tokens=10)
     results, prefilled = {}, {}
     for fused in (True, False):
         sampler = EmbeddedSampler(model, pad_id=0, fused=fused, max_batch=max_batch)
-        rows, real = [], sampler._prefill
-        sampler._prefill = lambda net, r, T, real=real, rows=rows: (rows.append(len(r)), real(net, r, T))[1]
+        rows = _count_prefilled_rows(monkeypatch, sampler)
         results[fused] = sampler.generate(PROMPTS, 3, params)
         prefilled[fused] = sum(rows)
     _assert_same(results[True], results[False])
@@ -134,7 +156,18 @@ def test_a_prompt_is_prefilled_once_for_all_its_generations(max_batch):
     assert prefilled[True] == (len(PROMPTS) if max_batch is None else 3 * len(PROMPTS))
 
 
-def test_without_the_fused_step_every_generation_row_is_prefilled():
+def _count_prefilled_rows(monkeypatch, sampler) -> list[int]:
+    """Rows run through either prefill (transformers' or the fused one) by `sampler`, appended per call."""
+    from tuneforge.rollout.fused_decode import FusedDecoder
+
+    rows, fused_prefill, plain_prefill = [], FusedDecoder.prefill, sampler._prefill
+    monkeypatch.setattr(FusedDecoder, "prefill", lambda self, ids, *a: (rows.append(len(ids)),
+                                                                          fused_prefill(self, ids, *a))[1])
+    sampler._prefill = lambda net, prompts: (rows.append(len(prompts.ids)), plain_prefill(net, prompts))[1]
+    return rows
+
+
+def test_without_the_fused_step_every_generation_row_is_prefilled(monkeypatch):
     """DoRA has no fused path: the shared prefill is dropped and every row is prefilled for transformers."""
     from peft import LoraConfig, get_peft_model
 
@@ -142,6 +175,7 @@ def test_without_the_fused_step_every_generation_row_is_prefilled():
     model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, use_dora=True))
     params = SamplingParams(temperature=0.0, max_tokens=6)
     sampler = EmbeddedSampler(model, pad_id=0)
+    rows = _count_prefilled_rows(monkeypatch, sampler)
     out = sampler.generate(PROMPTS, 2, params)
-    assert not sampler.used_fused
+    assert not sampler.used_fused and sum(rows) == 2 * len(PROMPTS)
     _assert_same(out, EmbeddedSampler(model, pad_id=0, fused=False).generate(PROMPTS, 2, params))

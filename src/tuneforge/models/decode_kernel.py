@@ -12,7 +12,7 @@ graph.
 - on CUDA with Triton installed, a split-KV ("flash-decoding") Triton kernel. Program (b, kv-head,
   split) keeps the Hq/Hkv query heads that share the KV head together, so each cache block is read
   once; splits only exist to fill the GPU when batch x KV heads is small, and a second tiny kernel
-  merges their partial softmax sums;
+  merges their partial softmax sums (with one split the first kernel writes the output itself);
 - everywhere else, the same arithmetic in plain torch (masked softmax over the whole cache).
 
 Shapes: q [B, Hq, D]; k, v [B, Hkv, L, D] (transformers' StaticCache layout); start [B] and end [1]
@@ -89,15 +89,22 @@ def _triton_decode(q, k, v, start, end, scale):
     split_len = math.ceil(math.ceil(L / S) / BLOCK) * BLOCK
     S = math.ceil(L / split_len)
     q = q.contiguous()
-    acc = torch.empty((B, Hkv, S, GP, D), dtype=torch.float32, device=q.device)
-    row_max = torch.empty((B, Hkv, S, GP), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    # One split per row (batch x KV heads already fills the GPU, as at GRPO batch sizes): the kernel
+    # normalises and writes the output itself; the partial buffers and the merge pass are skipped.
+    direct = S == 1
+    parts = (1, 1, 1, 1) if direct else (B, Hkv, S, GP)
+    acc = torch.empty((*parts, D), dtype=torch.float32, device=q.device)
+    row_max = torch.empty(parts, dtype=torch.float32, device=q.device)
     row_sum = torch.empty_like(row_max)
     precision = "ieee" if k.dtype == torch.float32 else "tf32"
     kernels.split[(B, Hkv, S)](
-        q, k, v, start, end, acc, row_max, row_sum, scale * 1.4426950408889634,
+        q, k, v, start, end, acc, row_max, row_sum, out, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        Hkv, S, split_len, G=G, GP=GP, D=D, BLOCK=BLOCK, PRECISION=precision, num_warps=4)
-    out = torch.empty_like(q)
+        out.stride(0), out.stride(1), Hkv, S, split_len, G=G, GP=GP, D=D, BLOCK=BLOCK, PRECISION=precision,
+        DIRECT=direct, num_warps=4)
+    if direct:
+        return out
     kernels.combine[(B, Hkv)](acc, row_max, row_sum, out, out.stride(0), out.stride(1), Hkv, S,
                               G=G, GP=GP, D=D, SP=max(2, 1 << (S - 1).bit_length()), num_warps=4)
     return out
@@ -110,9 +117,10 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def split(Q, K, V, Start, End, Acc, Max, Sum, qk_scale,
-              sqb, sqh, skb, skh, skl, svb, svh, svl, Hkv, S, split_len,
-              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    def split(Q, K, V, Start, End, Acc, Max, Sum, Out, qk_scale,
+              sqb, sqh, skb, skh, skl, svb, svh, svl, sob, soh, Hkv, S, split_len,
+              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+              DIRECT: tl.constexpr):
         b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         lo = tl.maximum(tl.load(Start + b), s * split_len)
         hi = tl.minimum(tl.load(End), (s + 1) * split_len)
@@ -140,10 +148,14 @@ def _kernels():
             acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
             total = total * alpha + tl.sum(p, 1)
             m = m_new
-        row = ((b * Hkv + h) * S + s) * GP + g
-        tl.store(Acc + row[:, None] * D + d[None, :], acc)
-        tl.store(Max + row, m)
-        tl.store(Sum + row, total)
+        if DIRECT:  # the only split: its softmax sums are final (a filled range is never empty)
+            tl.store(Out + b * sob + (h * G + g)[:, None] * soh + d[None, :],
+                     (acc / total[:, None]).to(Out.dtype.element_ty), mask=(g < G)[:, None])
+        else:
+            row = ((b * Hkv + h) * S + s) * GP + g
+            tl.store(Acc + row[:, None] * D + d[None, :], acc)
+            tl.store(Max + row, m)
+            tl.store(Sum + row, total)
 
     @triton.jit
     def combine(Acc, Max, Sum, Out, sob, soh, Hkv, S,

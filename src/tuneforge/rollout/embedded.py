@@ -4,7 +4,9 @@ Why not `model.generate`: it re-plans every step on the host (logits processors,
 cache bookkeeping), so small models are host-bound on a GPU. Here one generation is:
 
 1. Prefill. Prompts are left-padded to a common length P (rounded up to a bucket, so shapes repeat
-   across batches) and run once through the model into a static KV cache of P + max_tokens slots.
+   across batches) and run once into a static KV cache of P + max_tokens slots: for Llama, Mistral,
+   Qwen2 and Qwen3 by tuneforge's own compiled prefill (`fused_decode.py`), once per distinct prompt
+   for all its generations; for other models by the transformers forward, once per row.
 2. Decode. `_DecodeStep` advances every row by one token using only fixed-shape tensors: the next
    cache slot and position come from a step counter tensor, the attention mask is a preallocated
    [N, 1, 1, L] buffer whose next column is opened in place, and tokens and log-probs are written into
@@ -31,7 +33,6 @@ import contextlib
 import functools
 import logging
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -218,23 +219,29 @@ class _DecodeStep:
         self.steps_done += 1
 
 
-class _Prefilled:
-    """Prompts after the prefill: padded ids [N, P], real-token mask, lengths, attendable cache slots
-    [N, L], the KV cache and the last position's logits [N, V]."""
+class _Prompts:
+    """Prompts left-padded to a common length P: ids [N, P], real-token mask [N, P], lengths [N], and the
+    cache length L = P + max_tokens; `logits` [N, V] of the last prompt position once prefilled."""
 
-    def __init__(self, ids, valid, lens, slots, P: int, L: int, cache, logits):
-        self.ids, self.valid, self.lens, self.slots = ids, valid, lens, slots
-        self.P, self.L, self.cache, self.logits = P, L, cache, logits
+    def __init__(self, rows: list[list[int]], T: int, pad_id: int, device: torch.device):
+        lens = [len(r) for r in rows]
+        self.P = _bucket(max(lens))  # bucketed, so shapes repeat across batches
+        self.L = self.P + T
+        ids = torch.full((len(rows), self.P), pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, self.P - len(r):] = torch.tensor(r, dtype=torch.long)
+        self.ids = ids.to(device)  # one host-to-device copy, not one per row
+        self.lens = torch.tensor(lens, device=device)
+        self.valid = torch.arange(self.P, device=device).unsqueeze(0) >= (self.P - self.lens).unsqueeze(1)
+        self.logits = None
 
-    def repeated(self, group: int) -> _Prefilled:
-        """Every row `group` times in a row, KV cache included (a plain cache the fused decoder reads)."""
-        def rep(t):
-            return t.repeat_interleave(group, dim=0)
-
-        layers = [SimpleNamespace(keys=rep(layer.keys), values=rep(layer.values), max_cache_len=layer.max_cache_len)
-                  for layer in self.cache.layers]
-        return _Prefilled(rep(self.ids), rep(self.valid), rep(self.lens), rep(self.slots), self.P, self.L,
-                          SimpleNamespace(layers=layers), rep(self.logits))
+    def repeated(self, group: int, logits: torch.Tensor) -> _Prompts:
+        """Every row `group` times in a row (a prompt's generations), with the prefill's logits."""
+        out = object.__new__(_Prompts)
+        out.P, out.L = self.P, self.L
+        out.ids, out.lens, out.valid = (t.repeat_interleave(group, dim=0) for t in (self.ids, self.lens, self.valid))
+        out.logits = logits.repeat_interleave(group, dim=0)
+        return out
 
 
 class EmbeddedSampler:
@@ -279,27 +286,19 @@ class EmbeddedSampler:
             return contextlib.nullcontext
         return lambda: torch.autocast(device.type, dtype=self.autocast_dtype)
 
-    def _prefill(self, net, rows: list[list[int]], T: int) -> _Prefilled:
-        """Left-pad the prompts to a bucketed length P and run them once into a static cache of P + T slots."""
+    def _prefill(self, net, prompts: _Prompts):
+        """The transformers prefill: prompts through the model into a StaticCache of L slots.
+        Returns (cache, attendable cache slots [N, L]) and sets `prompts.logits`."""
         from transformers import StaticCache
 
-        dev = next(net.parameters()).device
-        N = len(rows)
-        lens = torch.tensor([len(r) for r in rows], device=dev)
-        P = _bucket(int(lens.max()))
-        L = P + T
-        ids = torch.full((N, P), self.pad_id, dtype=torch.long, device=dev)
-        for i, r in enumerate(rows):
-            ids[i, P - len(r):] = torch.tensor(r, dtype=torch.long, device=dev)
-        valid = torch.arange(P, device=dev).unsqueeze(0) >= (P - lens).unsqueeze(1)  # [N, P] real prompt tokens
-
+        N, P, L, dev = prompts.ids.shape[0], prompts.P, prompts.L, prompts.ids.device
         slots = torch.zeros((N, L), dtype=torch.bool, device=dev)  # cache slots a row may attend to
-        slots[:, :P] = valid
+        slots[:, :P] = prompts.valid
         q = torch.arange(P, device=dev)
         k = torch.arange(L, device=dev)
         # A padded query position sees itself only, so its softmax is defined; its output is never used.
         allowed = (slots.unsqueeze(1) & (k.view(1, 1, L) <= q.view(1, P, 1))) | (k.view(1, 1, L) == q.view(1, P, 1))
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        positions = (prompts.valid.long().cumsum(-1) - 1).clamp(min=0)
 
         cache = StaticCache(config=net.config, max_cache_len=L)
         window = min(layer.max_cache_len for layer in cache.layers)
@@ -308,35 +307,37 @@ class EmbeddedSampler:
                              f"({L} tokens here), but this model keeps a sliding window of {window}; lower "
                              f"max_completion_length / the prompt length below it, or generate with vLLM (trl.use_vllm)")
         with self._autocast(dev)(), _eager():
-            out = net(input_ids=ids, attention_mask=allowed.unsqueeze(1), position_ids=positions,
+            out = net(input_ids=prompts.ids, attention_mask=allowed.unsqueeze(1), position_ids=positions,
                       **cache_kwargs(net, cache), use_cache=True, logits_to_keep=1)
-        return _Prefilled(ids, valid, lens, slots, P, L, cache, out.logits[:, -1])
+        prompts.logits = out.logits[:, -1]
+        return cache, slots
 
     def _prefill_and_decoder(self, net, rows: list[list[int]], T: int, group: int):
-        """(prefilled prompts, decode function): the fused decode step where it applies, sharing each
-        prompt's prefill across its group; otherwise every row prefilled and decoded by transformers."""
-        fused = self.fused and self.filled_range
-        share = fused and group > 1
-        pre = self._prefill(net, rows[::group] if share else rows, T)
-        decoder = None
-        if fused:
-            pre = pre.repeated(group) if share else pre
-            decoder = fused_decoder(net, pre.cache, pre.L, self.autocast_dtype)
-            if decoder is None and share:  # the transformers layers need a cache of their own for every row
-                pre = self._prefill(net, rows, T)
+        """(prefilled prompts, decode function). The fused path where it applies: each distinct prompt is
+        prefilled once into the cache rows of its whole group; otherwise transformers prefills every row."""
+        dev = next(net.parameters()).device
+        compiled = self.compile and dev.type == "cuda"
+        want_fused = self.fused and self.filled_range
+        distinct = _Prompts(rows[::group] if want_fused else rows, T, self.pad_id, dev)
+        decoder = fused_decoder(net, len(rows), distinct.L, self.autocast_dtype) if want_fused else None
         self.used_fused = decoder is not None
-        compiled = self.compile and pre.ids.device.type == "cuda"
-        kv_start = (pre.P - pre.lens).to(torch.int32) if self.filled_range else None  # first slot of each prompt
         if decoder is not None:
-            return pre, _FusedDecode(decoder, kv_start, compiled)
-        mask = pre.slots.view(len(rows), 1, 1, pre.L).clone()
-        return pre, _TransformersDecode(net, pre.cache, mask, kv_start, compiled)
+            with self._autocast(dev)():
+                logits = (_compiled_fused_prefill() if compiled else _fused_prefill)(decoder, distinct.ids,
+                                                                                   distinct.valid, group)
+            pre = distinct.repeated(group, logits)
+            return pre, _FusedDecode(decoder, (pre.P - pre.lens).to(torch.int32), compiled)
+        pre = distinct if not want_fused or group == 1 else _Prompts(rows, T, self.pad_id, dev)
+        cache, slots = self._prefill(net, pre)
+        kv_start = (pre.P - pre.lens).to(torch.int32) if self.filled_range else None  # first slot of each prompt
+        mask = slots.view(len(rows), 1, 1, pre.L).clone()
+        return pre, _TransformersDecode(net, cache, mask, kv_start, compiled)
 
     def _generate_rows(self, net, rows: list[list[int]], params: SamplingParams, group: int = 1):
         """Generate for `rows`, which come in runs of `group` identical prompts (GRPO's generations).
 
-        With the fused decode step each distinct prompt is prefilled once and its KV cache copied to
-        the rows of its group: prefill compute divided by the group size.
+        With the fused path each distinct prompt is prefilled once, into the cache rows of its whole
+        group: prefill compute divided by the group size.
         """
         if min(len(r) for r in rows) == 0:
             raise DataError("an empty prompt cannot be continued; give every prompt at least one token")
@@ -399,6 +400,10 @@ def _fused_step(decoder, ids, positions, slot, start, end):
     return decoder(ids, positions, slot, start, end)
 
 
+def _fused_prefill(decoder, ids, valid, group: int):
+    return decoder.prefill(ids, valid, group)
+
+
 # Compiled once per process (or per model) and reused. Measured on an H200, the eager decode step is a
 # thousand small kernels of 2-10 us each, so fusion rather than launch overhead (which the CUDA graph
 # already removes) decides the speed. The CUDA graph is captured around the compiled kernels. Shapes
@@ -408,6 +413,11 @@ def _fused_step(decoder, ids, positions, slot, start, end):
 @functools.cache
 def _compiled_fused_step():
     return torch.compile(_fused_step)
+
+
+@functools.cache
+def _compiled_fused_prefill():
+    return torch.compile(_fused_prefill)
 
 
 @functools.cache

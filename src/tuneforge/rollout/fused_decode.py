@@ -1,19 +1,24 @@
-"""tuneforge's own decode step for the standard decoder family (Llama, Mistral, Qwen2, Qwen3).
+"""tuneforge's own prefill and decode step for the standard decoder family (Llama, Mistral, Qwen2, Qwen3).
 
 Why: at decode time a step is bound by reading the weights, and transformers' layers issue seven
 separate projections per layer. The small ones (k and v: 2 MB each for Llama-3.2-1B) run at a fraction
 of the memory bandwidth; measured on an H200 the seven GEMMs of a layer moved 116 MB in 74 us (1.6 TB/s).
-This step concatenates q/k/v and gate/up once per generation, so a layer runs four GEMMs, and it calls
-the filled-range decode attention (`models/decode_kernel.py`) directly on the static KV cache that the
-prefill (through the transformers model) filled.
+Here q/k/v and gate/up are concatenated once per generation, so a layer runs four GEMMs, and decode
+calls the filled-range decode attention (`models/decode_kernel.py`) on the decoder's own KV cache.
+
+The prefill is this module's too, for the same layers: the eager transformers prefill spent as long in
+small elementwise kernels (norms, rotary, casts) as in its GEMMs and attended over every static-cache
+slot; this one is compiled on CUDA, attends over the prompt only, and writes each prompt's keys and
+values straight into the cache rows of all its generations (GRPO's `num_generations`), so a prompt is
+prefilled once per group.
 
 What is reused from the transformers model, as modules: the token embedding, the RMSNorms (and Qwen3's
 per-head q/k norms), the rotary embedding (so every RoPE scaling type is the model's own), the MLP
 activation and the LM head. What is re-implemented: the layer wiring and rotate-half RoPE, identical to
-transformers' for these architectures (tests compare logits and greedy tokens with the model's own
+transformers' for these architectures (tests compare tokens and log-probs with the model's own
 forward). LoRA adapters are folded into the fused weights (`W + B A * scale`, PEFT's `get_delta_weight`).
-Anything else (other architectures, DoRA, quantized base weights, sliding-window cache layers) returns
-None from `fused_decoder`, and the caller decodes through the transformers forward.
+Anything else (other architectures, DoRA, quantized base weights, sliding-window layers) returns None
+from `fused_decoder`, and the caller prefills and decodes through the transformers forward.
 
 Memory: the fused q/k/v and gate/up copies exist only during a generation (for a 1B model ~1.2 GB,
 for 8B ~9 GB); `generation_kwargs: {fused_decode: false}` turns this path off.
@@ -37,10 +42,10 @@ class Unsupported(Exception):
     """This model (or one of its layers) has no fused decode path; decode through transformers instead."""
 
 
-def fused_decoder(net, cache, length: int, dtype: torch.dtype | None = None) -> FusedDecoder | None:
-    """A FusedDecoder over `net` and the prefilled StaticCache of `length` slots, or None (reason logged)."""
+def fused_decoder(net, rows: int, length: int, dtype: torch.dtype | None = None) -> FusedDecoder | None:
+    """A FusedDecoder over `net` with a KV cache of `rows` x `length` slots, or None (reason logged)."""
     try:
-        return FusedDecoder(net, cache, length, dtype)
+        return FusedDecoder(net, rows, length, dtype)
     except Unsupported as exc:
         log.debug("fused decode unavailable, decoding through transformers: %s", exc)
         return None
@@ -81,7 +86,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class _Layer:
-    def __init__(self, layer, cache_layer, dtype):
+    def __init__(self, layer, rows: int, length: int, dtype):
         attn, mlp = layer.self_attn, layer.mlp
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
@@ -92,40 +97,86 @@ class _Layer:
         self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj], dtype)
         self.down = _fuse([mlp.down_proj], dtype)
         self.act = mlp.act_fn
-        self.keys, self.values = cache_layer.keys, cache_layer.values
+        weight = self.qkv[0]
+        # Zeros, not empty: the torch attention path multiplies unattended slots by probability 0.
+        shape = (rows, self.sizes[1] // self.head_dim, length, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.values = torch.zeros_like(self.keys)
 
-    def __call__(self, h, cos, sin, slot, start, end):
-        n, d = h.shape[0], self.head_dim
+    def _qkv(self, h, cos, sin):
+        """q, k, v [..., heads, head_dim] of hidden states h [..., hidden], RoPE applied to q and k."""
         q, k, v = F.linear(self.input_norm(h), *self.qkv).split(self.sizes, dim=-1)
-        q, k, v = q.view(n, -1, d), k.view(n, -1, d), v.view(n, -1, d)
+        shape = (*h.shape[:-1], -1, self.head_dim)
+        q, k, v = q.view(shape), k.view(shape), v.view(shape)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        self.keys.index_copy_(2, slot.view(1), k.unsqueeze(2).to(self.keys.dtype))
-        self.values.index_copy_(2, slot.view(1), v.unsqueeze(2).to(self.values.dtype))
-        attn = decode_attention(q, self.keys, self.values, start, end, self.scaling)
-        h = h + F.linear(attn.reshape(n, -1).to(h.dtype), *self.o)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def _rest(self, h, attn):
+        """The layer after attention: output projection, residual, MLP, residual."""
+        h = h + F.linear(attn.to(h.dtype), *self.o)
         gate, up = F.linear(self.post_norm(h), *self.gate_up).chunk(2, dim=-1)
         return h + F.linear(self.act(gate) * up, *self.down)
 
+    def __call__(self, h, cos, sin, slot, start, end):
+        """One token per row: h [N, hidden], cos/sin [N, 1, head_dim]."""
+        q, k, v = self._qkv(h, cos, sin)
+        self.keys.index_copy_(2, slot.view(1), k.unsqueeze(2).to(self.keys.dtype))
+        self.values.index_copy_(2, slot.view(1), v.unsqueeze(2).to(self.values.dtype))
+        attn = decode_attention(q, self.keys, self.values, start, end, self.scaling)
+        return self._rest(h, attn.reshape(h.shape[0], -1))
+
+    def prefill(self, h, cos, sin, allowed, group: int):
+        """Prompts: h [n, P, hidden], cos/sin [n, P, 1, head_dim], allowed [n, 1, P, P]. Keys and values
+        go to cache slots [0, P) of rows i * group ... i * group + group - 1 for prompt i."""
+        n, P = h.shape[:2]
+        q, k, v = self._qkv(h, cos, sin)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [n, Hkv, P, D], the cache's layout
+        for cache, new in ((self.keys, k), (self.values, v)):
+            cache.view(n, group, *cache.shape[1:])[:, :, :, :P] = new.unsqueeze(1).to(cache.dtype)
+        repeat = q.shape[2] // k.shape[1]  # query heads per KV head, as transformers' repeat_kv orders them
+        attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(repeat, 1),
+                                              v.repeat_interleave(repeat, 1), attn_mask=allowed, scale=self.scaling)
+        return self._rest(h, attn.transpose(1, 2).reshape(n, P, -1))
+
 
 class FusedDecoder:
-    """`decoder(ids [N], positions [N], slot, start [N], end [1]) -> logits [N, V]` for one decode step.
+    """`prefill(ids, valid, group)` fills the cache with the prompts; then one decode step is
+    `decoder(ids [N], positions [N], slot, start [N], end [1]) -> logits [N, V]`.
 
     `slot` (0-d long tensor) is the cache slot the new token's keys and values go to; attention reads
-    slots start[b] <= s < end. All inputs are tensors, so the call can be captured as a CUDA graph.
+    slots start[b] <= s < end. All inputs are tensors, so the step can be captured as a CUDA graph.
     """
 
-    def __init__(self, net, cache, length: int, dtype: torch.dtype | None = None):
+    def __init__(self, net, rows: int, length: int, dtype: torch.dtype | None = None):
+        from transformers import StaticCache
+
         if type(net).__name__ not in ARCHITECTURES:
             raise Unsupported(f"architecture {type(net).__name__}")
-        short = [i for i, layer in enumerate(cache.layers) if layer.max_cache_len != length]
+        # transformers' own per-layer cache sizes (allocated lazily: nothing is allocated here)
+        short = [i for i, layer in enumerate(StaticCache(config=net.config, max_cache_len=length).layers)
+                 if layer.max_cache_len != length]
         if short:  # a sliding window shorter than the cache: those layers keep a rolling cache of their own
             raise Unsupported(f"layers {short} keep fewer than {length} cache slots (sliding window)")
         base = net.model
         self.embed, self.norm, self.rotary, self.lm_head = base.embed_tokens, base.norm, base.rotary_emb, net.lm_head
         with torch.no_grad():
-            self.layers = [_Layer(layer, cache.layers[i], dtype) for i, layer in enumerate(base.layers)]
+            self.layers = [_Layer(layer, rows, length, dtype) for layer in base.layers]
+
+    def prefill(self, ids: torch.Tensor, valid: torch.Tensor, group: int = 1) -> torch.Tensor:
+        """Run left-padded prompts ids [n, P] (valid: real tokens) into cache slots [0, P) of their `group`
+        rows each (n x group = the cache's rows); returns the last position's logits [n, V]."""
+        P = ids.shape[1]
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
+        # A padded query position sees itself only, so its softmax is defined; its output is never used.
+        allowed = (valid.unsqueeze(1) & causal) | torch.eye(P, dtype=torch.bool, device=ids.device)
+        h = self.embed(ids)
+        cos, sin = self.rotary(h, positions)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [n, P, 1, D]: broadcasts over the heads
+        for layer in self.layers:
+            h = layer.prefill(h, cos, sin, allowed.unsqueeze(1), group)
+        return self.lm_head(self.norm(h[:, -1]))
 
     def __call__(self, ids, positions, slot, start, end) -> torch.Tensor:
         h = self.embed(ids)
