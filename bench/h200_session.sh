@@ -7,7 +7,7 @@
 # tests: the CUDA tests (TESTS overrides the list); rollout: bench/rollout_throughput.py (ROLLOUT_ARGS);
 # train-MODE: bench/train_throughput.py --mode MODE (TRAIN_ARGS, e.g. --compile --engines tuneforge);
 # pref-MODE: bench/preference_packing.py --mode MODE (PREF_ARGS); grpo-MODE: bench/grpo_step.py --mode MODE
-# (GRPO_ARGS). STEP_TIMEOUT bounds each step (s).
+# (GRPO_ARGS); attn: bench/decode_attention.py (kernel launch configurations). STEP_TIMEOUT bounds each step (s).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -29,6 +29,8 @@ for step in ${STEPS:-tests train-full train-lora}; do
               --out "$OUT/pref_${step#pref-}.jsonl" ${PREF_ARGS:-} 2>&1 | quiet ;;
     grpo-*) timeout ${STEP_TIMEOUT:-240} python3 bench/grpo_step.py --mode "${step#grpo-}" \
               --out "$OUT/grpo_${step#grpo-}.jsonl" ${GRPO_ARGS:-} 2>&1 | quiet ;;
+    attn) timeout ${STEP_TIMEOUT:-240} python3 bench/decode_attention.py --out "$OUT/attn.jsonl" > "$OUT/attn.txt" 2>&1
+          sort -t: -k5 -n "$OUT/attn.jsonl" | grep -v error | python3 -c "import json,sys; rs=[json.loads(l) for l in sys.stdin]; [print(r['shape'], r['config'], r['us'], r['tb_per_s']) for r in sorted(rs, key=lambda r: (r['shape'], r['us']))[:40]]" ;;
     *) echo "unknown step $step" ;;
   esac
 done

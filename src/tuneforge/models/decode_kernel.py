@@ -73,20 +73,21 @@ def _(q, k, v, start, end, scale):
     return torch.empty_like(q)
 
 
-def _num_splits(programs: int, L: int, device: torch.device) -> int:
-    """Enough (b, head, split) programs for ~2 waves over the SMs, but never a split under BLOCK slots."""
+def _num_splits(programs: int, L: int, device: torch.device, block: int = BLOCK) -> int:
+    """Enough (b, head, split) programs for ~2 waves over the SMs, but never a split under `block` slots."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(math.ceil(L / BLOCK), math.ceil(2 * sms / programs)))
+    return max(1, min(math.ceil(L / block), math.ceil(2 * sms / programs)))
 
 
-def _triton_decode(q, k, v, start, end, scale):
+def _triton_decode(q, k, v, start, end, scale, block: int = BLOCK, num_warps: int = 4, num_stages: int | None = None):
+    """The kernels' launch; block / num_warps / num_stages are exposed for bench/decode_attention.py."""
     kernels = _kernels()
     B, Hq, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     G = Hq // Hkv
     GP = max(16, 1 << (G - 1).bit_length())  # tl.dot needs >= 16 rows; padded heads are masked out
-    S = _num_splits(B * Hkv, L, q.device)
-    split_len = math.ceil(math.ceil(L / S) / BLOCK) * BLOCK
+    S = _num_splits(B * Hkv, L, q.device, block)
+    split_len = math.ceil(math.ceil(L / S) / block) * block
     S = math.ceil(L / split_len)
     q = q.contiguous()
     out = torch.empty_like(q)
@@ -101,8 +102,8 @@ def _triton_decode(q, k, v, start, end, scale):
     kernels.split[(B, Hkv, S)](
         q, k, v, start, end, acc, row_max, row_sum, out, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), Hkv, S, split_len, G=G, GP=GP, D=D, BLOCK=BLOCK, PRECISION=precision,
-        DIRECT=direct, num_warps=4)
+        out.stride(0), out.stride(1), Hkv, S, split_len, G=G, GP=GP, D=D, BLOCK=block, PRECISION=precision,
+        DIRECT=direct, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
     if direct:
         return out
     kernels.combine[(B, Hkv)](acc, row_max, row_sum, out, out.stride(0), out.stride(1), Hkv, S,

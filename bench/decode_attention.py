@@ -1,0 +1,86 @@
+"""Decode attention kernel (models/decode_kernel.py) alone: effective bandwidth per launch configuration.
+
+Workload: the rollout benchmark's Llama-3.2-1B step at batch 256 (32 query heads over 8 KV heads of 64,
+a 768-slot bf16 cache, every row attending to slots [0, --filled)), and the Qwen2.5-0.5B one (14 over 2).
+For each (BLOCK, num_warps, num_stages) the kernel's time per call (CUDA events, median of --iters) and
+the bytes of filled K and V it must read per call divided by that time. The torch path over the same
+slots (`decode_kernel.reference`) is timed as a same-run baseline.
+
+    python bench/decode_attention.py            # on a CUDA machine with Triton
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+SHAPES = {"llama-3.2-1b": (256, 32, 8, 768, 64), "qwen2.5-0.5b": (256, 14, 2, 768, 64)}
+
+
+def time_call(fn, iters: int) -> float:
+    """Median seconds of fn() over `iters` calls, each between CUDA events."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1000)
+    return statistics.median(times)
+
+
+def measure(name: str, shape: tuple, args) -> list[dict]:
+    import torch
+
+    from tuneforge.models import decode_kernel
+
+    B, Hq, Hkv, L, D = shape
+    q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    start = torch.zeros(B, dtype=torch.int32, device="cuda")
+    end = torch.tensor([args.filled], dtype=torch.int32, device="cuda")
+    read = 2 * B * Hkv * args.filled * D * k.element_size()
+    runs = {"torch-reference": lambda: decode_kernel.reference(q, k, v, start, end, D ** -0.5)}
+    for block, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (None, 2, 3, 4)):
+        runs[f"triton-b{block}-w{warps}-s{stages or 'default'}"] = (
+            lambda b=block, w=warps, s=stages: decode_kernel._triton_decode(q, k, v, start, end, D ** -0.5, b, w, s))
+    want = decode_kernel.reference(q.float(), k.float(), v.float(), start, end, D ** -0.5)
+    records = []
+    for label, fn in runs.items():
+        try:
+            err = (fn().float() - want).abs().max().item()
+            seconds = time_call(fn, args.iters)
+        except Exception as exc:  # noqa: BLE001 - a configuration Triton cannot build is reported, not fatal
+            rec = {"shape": name, "config": label, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        else:
+            rec = {"shape": name, "config": label, "filled": args.filled, "us": round(seconds * 1e6, 2),
+                   "tb_per_s": round(read / seconds / 1e12, 3), "max_abs_err": err}
+        print(json.dumps(rec), flush=True)
+        records.append(rec)
+    return records
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--filled", type=int, default=512, help="filled slots per row (the rollout's average)")
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--out", type=Path, default=Path("bench/results/decode_attention.jsonl"))
+    args = p.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for name, shape in SHAPES.items():
+        with args.out.open("a") as f:
+            f.writelines(json.dumps(rec) + "\n" for rec in measure(name, shape, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
