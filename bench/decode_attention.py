@@ -2,7 +2,7 @@
 
 Workload: the rollout benchmark's Llama-3.2-1B step at batch 256 (32 query heads over 8 KV heads of 64,
 a 768-slot bf16 cache, every row attending to slots [0, --filled)), and the Qwen2.5-0.5B one (14 over 2).
-For each (BLOCK, num_warps, num_stages) the kernel's time per call (CUDA events, median of --iters) and
+For each (BLOCK, num_warps, num_stages) the kernel's GPU time per call (see `time_call`) and
 the bytes of filled K and V it must read per call divided by that time. The torch path over the same
 slots (`decode_kernel.reference`) is timed as a same-run baseline.
 
@@ -21,20 +21,28 @@ from pathlib import Path
 SHAPES = {"llama-3.2-1b": (256, 32, 8, 768, 64), "qwen2.5-0.5b": (256, 14, 2, 768, 64)}
 
 
-def time_call(fn, iters: int) -> float:
-    """Median seconds of fn() over `iters` calls, each between CUDA events."""
+def time_call(fn, iters: int, per_graph: int = 16) -> float:
+    """Median GPU seconds of one fn() call: `per_graph` calls are captured in a CUDA graph and each replay
+    timed between CUDA events. Launching from Python (Triton's launcher takes tens of microseconds) would
+    otherwise leave the GPU idle between calls and time the host instead, as it does not in the rollout,
+    where the decode step is one captured graph."""
     import torch
 
     fn()
     torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(per_graph):
+            fn()
+    graph.replay()
     times = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        graph.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) / 1000)
+        times.append(a.elapsed_time(b) / 1000 / per_graph)
     return statistics.median(times)
 
 
