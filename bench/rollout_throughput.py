@@ -13,6 +13,8 @@ both engines do the same work). Reported: generated tokens/s (best of --repeats 
                    decode step (rollout/fused_decode.py: fused q/k/v and gate/up projections)
 - embedded-compiled-whole-cache: transformers layers, attention over every static-cache slot instead of
                    only the filled ones (what the filled-range decode kernel buys)
+- embedded-compiled-fp8: the default compiled engine with an FP8 KV cache (opt-in,
+                   `generation_kwargs: {kv_cache_dtype: fp8}`; not the same arithmetic as the others)
 - generate:        transformers `model.generate(do_sample=True)` with its default (dynamic) cache
 - generate-static: the same with `cache_implementation="static"`
 
@@ -95,9 +97,9 @@ def run(shape: str, args) -> list[dict]:
     generated = args.batch * args.new_tokens
     results = []
 
-    def embedded(graphs: bool, compile: bool = False, filled_range: bool = True, fused: bool = True):
+    def embedded(graphs: bool, compile: bool = False, filled_range: bool = True, fused: bool = True, kv_dtype=None):
         sampler = EmbeddedSampler(model, pad_id=0, cuda_graphs=graphs, compile=compile, filled_range=filled_range,
-                                  fused=fused)
+                                  fused=fused, kv_cache_dtype=kv_dtype)
         prefill_seconds = time_prefill(sampler, device)
 
         def go():
@@ -124,6 +126,7 @@ def run(shape: str, args) -> list[dict]:
     engines = {"embedded": embedded(True), "embedded-eager": embedded(False), "embedded-compiled": embedded(True, True),
                "embedded-compiled-transformers": embedded(True, True, fused=False),
                "embedded-compiled-whole-cache": embedded(True, True, filled_range=False),
+               "embedded-compiled-fp8": embedded(True, True, kv_dtype=torch.float8_e4m3fn),
                "generate": generate(False), "generate-static": generate(True)}
     if args.profile:
         sampler = EmbeddedSampler(model, pad_id=0, cuda_graphs=False, compile=device == "cuda")

@@ -43,6 +43,22 @@ def test_reference_equals_sdpa_over_the_filled_slots():
                                    rtol=1e-5, atol=1e-6)
 
 
+def _fp8(k, v):
+    """k, v as float8_e4m3fn with one scale each (k = k8 * scales[0]), as the fused decoder stores them."""
+    scales = torch.stack([k.abs().amax(), v.abs().amax()]).float() * (2 / 448)
+    return (k.float() / scales[0]).to(torch.float8_e4m3fn), (v.float() / scales[1]).to(torch.float8_e4m3fn), scales
+
+
+def test_an_fp8_cache_attends_like_its_dequantized_values():
+    q, k, v, start, end = _case(SHAPES[0])
+    k8, v8, scales = _fp8(k, v)
+    got = decode_kernel.decode_attention(q, k8, v8, start, end, 0.2, scales)
+    want = decode_kernel.reference(q, k8.float() * scales[0], v8.float() * scales[1], start, end, 0.2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    exact = decode_kernel.reference(q, k, v, start, end, 0.2)
+    assert 0 < (got - exact).abs().max() < 0.1  # rounded to 3 mantissa bits, not garbage
+
+
 def test_decode_attention_forward_reads_the_given_range_not_the_mask():
     """With the range keywords the (all-open) mask is ignored: slots outside [start, end) do not count."""
     q, k, v, start, end = _case(SHAPES[0])
@@ -67,13 +83,18 @@ def test_triton_kernel_matches_the_reference_on_cuda(dtype):
         want = decode_kernel.reference(q.double(), k.double(), v.double(), start, end, shape[-1] ** -0.5)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, msg=lambda m, s=shape: f"{s}: {m}")
+        if dtype != torch.float32:  # FP8 cache, widened to q's dtype inside the kernel
+            k8, v8, scales = _fp8(k, v)
+            got = decode_kernel.decode_attention(q, k8, v8, start, end, shape[-1] ** -0.5, scales)
+            want = decode_kernel.reference(q.double(), k8, v8, start, end, shape[-1] ** -0.5, scales.double())
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, msg=lambda m, s=shape: f"fp8 {s}: {m}")
 
 
 INTERPRETED = textwrap.dedent("""
     import torch
     import triton.runtime.interpreter as interp
     from tuneforge.models import decode_kernel
-    from tests.test_decode_kernel import SHAPES, _case
+    from tests.test_decode_kernel import SHAPES, _case, _fp8
 
     # Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound with int(),
     # which numpy >= 2.4 refuses; take the element instead. Compiled kernels are unaffected.
@@ -90,6 +111,12 @@ INTERPRETED = textwrap.dedent("""
             got = decode_kernel._triton_decode(q, k, v, start, end, 0.125)
             want = decode_kernel.reference(q.double(), k.double(), v.double(), start, end, 0.125)
             torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    for i, shape in enumerate(SHAPES):  # FP8 cache under fp16 queries
+        q, k, v, start, end = _case(shape, torch.float16, seed=i)
+        k8, v8, scales = _fp8(k, v)
+        got = decode_kernel._triton_decode(q, k8, v8, start, end, 0.125, kv_scales=scales)
+        want = decode_kernel.reference(q.double(), k8, v8, start, end, 0.125, scales.double())
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
     print("ok")
 """)
 

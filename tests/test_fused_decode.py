@@ -108,6 +108,58 @@ def test_the_fused_prefill_fills_the_cache_like_transformers():
             torch.testing.assert_close(a[:, :, :plain.P] * real, b[:, :, :plain.P] * real, rtol=0, atol=1e-5)
 
 
+def test_an_fp8_kv_cache_stores_scaled_fp8_and_decodes_close_to_the_exact_cache():
+    """kv_cache_dtype fp8: the cache holds float8_e4m3fn values that, times the layer's scale, are the exact
+    keys/values to fp8 precision; greedy decoding stays close to the exact cache's (log-probs within 0.05)."""
+    from tuneforge.rollout.embedded import _Prompts
+    from tuneforge.rollout.fused_decode import fused_decoder
+
+    model = _model(CONFIGS["llama (llama3 RoPE scaling, attention bias)"]())
+    prompts = _Prompts(PROMPTS, 4, 0, torch.device("cpu"))
+    exact, fp8 = (fused_decoder(model, len(PROMPTS), prompts.L, kv_dtype=d) for d in (None, torch.float8_e4m3fn))
+    with torch.no_grad():
+        exact.prefill(prompts.ids, prompts.valid)
+        fp8.prefill(prompts.ids, prompts.valid)
+    real = prompts.valid.view(len(PROMPTS), 1, prompts.P, 1)
+    for a, b in zip(exact.layers, fp8.layers, strict=True):
+        assert b.cached()[0].dtype == torch.float8_e4m3fn and b.keys.element_size() == 1
+        for which, (x, x8) in enumerate(zip(a.cached(), b.cached(), strict=True)):
+            x, back = x[:, :, :prompts.P] * real, x8[:, :, :prompts.P].float() * b.scales[which] * real
+            assert (back - x).abs().max() <= x.abs().max() * 2 ** -4  # within fp8 e4m3 rounding (3 mantissa bits)
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    plain = EmbeddedSampler(model, pad_id=0).generate(PROMPTS, 1, params)
+    quantized = EmbeddedSampler(model, pad_id=0, kv_cache_dtype=torch.float8_e4m3fn).generate(PROMPTS, 1, params)
+    for a, b, la, lb in zip(plain.completion_ids, quantized.completion_ids, plain.logprobs, quantized.logprobs,
+                            strict=True):
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+        assert same >= 1  # the first token comes from the exact prefill
+        torch.testing.assert_close(torch.tensor(lb[:same]), torch.tensor(la[:same]), rtol=0, atol=0.05)
+    assert quantized.logprobs != plain.logprobs  # the cache really was rounded
+
+
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
+def test_the_compiled_prefill_and_step_equal_eager(kv_dtype):
+    """What runs on a GPU is the inductor-compiled prefill and step (writes into the cache included);
+    inductor's CPU backend checks the same graphs here."""
+    from tuneforge.rollout import embedded
+    from tuneforge.rollout.fused_decode import fused_decoder
+
+    model = _model(CONFIGS["llama (llama3 RoPE scaling, attention bias)"]())
+    prompts = embedded._Prompts(PROMPTS, 4, 0, torch.device("cpu"))
+    slot = torch.tensor(prompts.P)
+    results = []
+    for prefill, step in ((embedded._fused_prefill, embedded._fused_step),
+                          (torch.compile(embedded._fused_prefill), torch.compile(embedded._fused_step))):
+        decoder = fused_decoder(model, len(PROMPTS), prompts.L, kv_dtype=kv_dtype)
+        with torch.no_grad():
+            first = prefill(decoder, prompts.ids, prompts.valid, 1)
+            logits = step(decoder, torch.tensor([5, 6, 7]), prompts.lens, slot, (prompts.P - prompts.lens).int(),
+                          (slot + 1).int().view(1))
+        results.append([first, logits, *(t.float() for layer in decoder.layers for t in layer.cached())])
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_the_compiled_prefill_and_step_do_not_recompile_for_every_cache_length(monkeypatch):
     """GRPO prompts fall into many length buckets; each gives another cache length. The compiled prefill
     and decode step must compile at most twice each (static, then with the length symbolic), not once per

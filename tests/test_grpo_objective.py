@@ -270,6 +270,9 @@ def test_config_errors_come_before_any_model(write_config, rewards_module):
     with pytest.raises(ConfigError, match="sample_packing"):
         get_objective(load(write_config({"rl": "grpo", "sample_packing": True, "datasets": [{"path": "x"}],
                                          "trl": {"reward_funcs": ["obj_rewards.constant"]}})))
+    with pytest.raises(ConfigError, match=r"trl.generation_kwargs.kv_cache_dtype .*'fp4' is not one of auto, fp8"):
+        load(write_config({"rl": "grpo", "datasets": [{"path": "x"}],
+                           "trl": {"reward_funcs": ["obj_rewards.constant"], "generation_kwargs": {"kv_cache_dtype": "fp4"}}}))
     gdpo = get_objective(load(write_config({"rl": "gdpo", "datasets": [{"path": "x"}],
                                             "trl": {"reward_funcs": ["obj_rewards.constant"]}})))
     assert gdpo.s.aggregation == "normalize_then_sum" and gdpo.s.loss_type == "dapo" and gdpo.s.beta == 0.0

@@ -13,6 +13,9 @@ from .base import Section
 
 RLMethod = Literal["dpo", "ipo", "simpo", "kto", "orpo", "grpo", "gdpo", "ebft"]
 
+# `trl.generation_kwargs.kv_cache_dtype` values the embedded engine takes (vLLM's spelling); auto: the model's
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
 
 class TRLBlock(Section):
     beta: float | None = Field(None, description="KL / preference temperature (takes precedence over rl_beta).")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .errors import ConfigIssue
+from .rl import KV_CACHE_DTYPES
 from .schema import Config
 
 Rule = Callable[[Config], list[ConfigIssue]]
@@ -113,6 +114,10 @@ def _methods(cfg: Config) -> list[ConfigIssue]:
     trl = cfg.trl
     if trl and trl.reward_weights and trl.reward_funcs and len(trl.reward_weights) != len(trl.reward_funcs):
         issues.append(ConfigIssue("trl.reward_weights", "needs one weight per entry of trl.reward_funcs."))
+    kv_dtype = ((trl.generation_kwargs if trl else None) or {}).get("kv_cache_dtype", "auto")
+    if kv_dtype not in KV_CACHE_DTYPES:
+        issues.append(ConfigIssue("trl.generation_kwargs.kv_cache_dtype",
+                                  f"{kv_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)} (fp8 = float8_e4m3fn)."))
     return issues
 
 

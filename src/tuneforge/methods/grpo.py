@@ -53,7 +53,8 @@ from .rewards import RewardSet
 log = logging.getLogger("tuneforge")
 
 # trl.generation_kwargs keys the embedded engine reads (vLLM receives the dict as it is).
-EMBEDDED_GENERATION_KWARGS = frozenset({"stop_token_ids", "cuda_graphs", "compile", "half_precision_copy", "fused_decode"})
+EMBEDDED_GENERATION_KWARGS = frozenset({"stop_token_ids", "cuda_graphs", "compile", "half_precision_copy", "fused_decode",
+                                        "kv_cache_dtype"})
 _CHUNK_ELEMENTS = 1 << 26
 
 
@@ -343,9 +344,12 @@ class GRPOObjective(Objective):
         mostly_fp32 = wants_half_precision_copy(model, autocast)
         half = autocast if gen_kwargs.get("half_precision_copy", True) and mostly_fp32 else None
 
+        # values checked when the config loaded (config/rules.py)
+        kv_dtype = None if gen_kwargs.get("kv_cache_dtype", "auto") == "auto" else torch.float8_e4m3fn
+
         def make(m):
             return EmbeddedSampler(m, pad, cuda_graphs=cuda_graphs, autocast_dtype=None if mostly_fp32 else autocast,
-                                   compile=compile_decode, fused=fused)
+                                   compile=compile_decode, fused=fused, kv_cache_dtype=kv_dtype)
 
         if self.s.use_vllm and self.cfg.trl.vllm_mode == "colocate":
             from tuneforge.rollout.generation_server import BackendSampler, backend_from_config

@@ -17,6 +17,11 @@ graph.
 
 Shapes: q [B, Hq, D]; k, v [B, Hkv, L, D] (transformers' StaticCache layout); start [B] and end [1]
 int32; returns [B, Hq, D] in q's dtype. Query head h uses KV head h // (Hq / Hkv), as repeat_kv does.
+
+An FP8 cache (`kv_scales` [2] float32 given: k = k_fp8 * kv_scales[0], v = v_fp8 * kv_scales[1]) is
+read at one byte per value and widened to q's dtype in registers (every e4m3 value is exact in bf16);
+the key scale is folded into the softmax scale and the value scale into the output, so dequantizing
+costs no extra pass.
 """
 
 from __future__ import annotations
@@ -42,10 +47,14 @@ def triton_usable(device: torch.device) -> bool:
     return True
 
 
-def reference(q, k, v, start, end, scale: float) -> torch.Tensor:
+def reference(q, k, v, start, end, scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel's contract in plain torch: softmax(q k^T * scale) v over slots start[b] <= s < end."""
     slots = torch.arange(k.shape[2], device=q.device).view(1, -1)
-    return grouped_attention(q, k, v, (slots >= start.view(-1, 1)) & (slots < end.view(1, 1)), scale)
+    valid = (slots >= start.view(-1, 1)) & (slots < end.view(1, 1))
+    if kv_scales is None:
+        return grouped_attention(q, k, v, valid, scale)
+    out = grouped_attention(q, k.to(q.dtype), v.to(q.dtype), valid, scale * kv_scales[0])
+    return (out * kv_scales[1]).to(q.dtype)
 
 
 def grouped_attention(q, k, v, valid: torch.Tensor, scale: float) -> torch.Tensor:
@@ -62,14 +71,14 @@ def grouped_attention(q, k, v, valid: torch.Tensor, scale: float) -> torch.Tenso
 
 @torch.library.custom_op("tuneforge::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
-                     scale: float) -> torch.Tensor:
+                     scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
     if triton_usable(q.device):
-        return _triton_decode(q, k, v, start, end, scale)
-    return reference(q, k, v, start, end, scale)
+        return _triton_decode(q, k, v, start, end, scale, kv_scales=kv_scales)
+    return reference(q, k, v, start, end, scale, kv_scales)
 
 
 @decode_attention.register_fake
-def _(q, k, v, start, end, scale):
+def _(q, k, v, start, end, scale, kv_scales=None):
     return torch.empty_like(q)
 
 
@@ -79,7 +88,8 @@ def _num_splits(programs: int, L: int, device: torch.device, block: int = BLOCK)
     return max(1, min(math.ceil(L / block), math.ceil(2 * sms / programs)))
 
 
-def _triton_decode(q, k, v, start, end, scale, block: int = BLOCK, num_warps: int = 4, num_stages: int | None = None):
+def _triton_decode(q, k, v, start, end, scale, block: int = BLOCK, num_warps: int = 4, num_stages: int | None = None,
+                   kv_scales: torch.Tensor | None = None):
     """The kernels' launch; block / num_warps / num_stages are exposed for bench/decode_attention.py."""
     kernels = _kernels()
     B, Hq, D = q.shape
@@ -98,12 +108,13 @@ def _triton_decode(q, k, v, start, end, scale, block: int = BLOCK, num_warps: in
     acc = torch.empty((*parts, D), dtype=torch.float32, device=q.device)
     row_max = torch.empty(parts, dtype=torch.float32, device=q.device)
     row_sum = torch.empty_like(row_max)
-    precision = "ieee" if k.dtype == torch.float32 else "tf32"
+    scaled = kv_scales is not None
+    precision = "ieee" if (q.dtype if scaled else k.dtype) == torch.float32 else "tf32"
     kernels.split[(B, Hkv, S)](
-        q, k, v, start, end, acc, row_max, row_sum, out, scale * 1.4426950408889634,
+        q, k, v, start, end, kv_scales if scaled else row_max, acc, row_max, row_sum, out, scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), Hkv, S, split_len, G=G, GP=GP, D=D, BLOCK=block, PRECISION=precision,
-        DIRECT=direct, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
+        DIRECT=direct, SCALED=scaled, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
     if direct:
         return out
     kernels.combine[(B, Hkv)](acc, row_max, row_sum, out, out.stride(0), out.stride(1), Hkv, S,
@@ -118,17 +129,22 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def split(Q, K, V, Start, End, Acc, Max, Sum, Out, qk_scale,
+    def split(Q, K, V, Start, End, Scales, Acc, Max, Sum, Out, qk_scale,
               sqb, sqh, skb, skh, skl, svb, svh, svl, sob, soh, Hkv, S, split_len,
               G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-              DIRECT: tl.constexpr):
+              DIRECT: tl.constexpr, SCALED: tl.constexpr):
         b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         lo = tl.maximum(tl.load(Start + b), s * split_len)
         hi = tl.minimum(tl.load(End), (s + 1) * split_len)
         g = tl.arange(0, GP)
         d = tl.arange(0, D)
         q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=(g < G)[:, None], other=0.0)
-        q = q.to(K.dtype.element_ty)
+        v_scale = 1.0
+        if SCALED:  # FP8 cache: widen K and V to q's dtype, fold the key scale into the softmax scale
+            qk_scale = qk_scale * tl.load(Scales)
+            v_scale = tl.load(Scales + 1)
+        else:
+            q = q.to(K.dtype.element_ty)
         m = tl.full([GP], float("-inf"), tl.float32)
         total = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, D], tl.float32)
@@ -139,16 +155,17 @@ def _kernels():
         for n in range((lo // BLOCK) * BLOCK, hi, BLOCK):
             slot = n + tl.arange(0, BLOCK)
             valid = (slot >= lo) & (slot < hi)
-            kb = tl.load(k_base + slot[:, None] * skl + d[None, :], mask=valid[:, None], other=0.0)
+            kb = tl.load(k_base + slot[:, None] * skl + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
             scores = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * qk_scale  # log2 units
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
             p = tl.exp2(scores - m_new[:, None])
             alpha = tl.exp2(m - m_new)
-            vb = tl.load(v_base + slot[:, None] * svl + d[None, :], mask=valid[:, None], other=0.0)
+            vb = tl.load(v_base + slot[:, None] * svl + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
             total = total * alpha + tl.sum(p, 1)
             m = m_new
+        acc = acc * v_scale  # partial sums are linear in V: scaling them scales the merged output
         if DIRECT:  # the only split: its softmax sums are final (a filled range is never empty)
             tl.store(Out + b * sob + (h * G + g)[:, None] * soh + d[None, :],
                      (acc / total[:, None]).to(Out.dtype.element_ty), mask=(g < G)[:, None])

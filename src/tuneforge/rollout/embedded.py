@@ -249,8 +249,9 @@ class EmbeddedSampler:
 
     def __init__(self, model, pad_id: int, *, max_batch: int | None = None, cuda_graphs: bool = True,
                  check_every: int = 8, autocast_dtype: torch.dtype | None = None, compile: bool = False,
-                 filled_range: bool = True, fused: bool = True):
+                 filled_range: bool = True, fused: bool = True, kv_cache_dtype: torch.dtype | None = None):
         self.model = model
+        self.kv_cache_dtype = kv_cache_dtype  # e.g. torch.float8_e4m3fn (fused path only); None: the model's
         self.filled_range = filled_range  # False: attention reads the whole static cache (benchmark baseline)
         self.fused = fused  # fused projections for Llama/Mistral/Qwen2/Qwen3 (rollout/fused_decode.py)
         self.used_fused = False
@@ -319,8 +320,12 @@ class EmbeddedSampler:
         compiled = self.compile and dev.type == "cuda"
         want_fused = self.fused and self.filled_range
         distinct = _Prompts(rows[::group] if want_fused else rows, T, self.pad_id, dev)
-        decoder = fused_decoder(net, len(rows), distinct.L, self.autocast_dtype) if want_fused else None
+        decoder = (fused_decoder(net, len(rows), distinct.L, self.autocast_dtype, self.kv_cache_dtype)
+                   if want_fused else None)
         self.used_fused = decoder is not None
+        if decoder is None and self.kv_cache_dtype is not None:
+            _warn_once(f"kv_cache_dtype {self.kv_cache_dtype} needs the fused decode path (Llama, Mistral, Qwen2, "
+                       f"Qwen3 without DoRA or quantized weights); this model decodes with a cache in its own dtype")
         if decoder is not None:
             with self._autocast(dev)():
                 logits = (_compiled_fused_prefill() if compiled else _fused_prefill)(decoder, distinct.ids,
@@ -430,6 +435,11 @@ def _compiled_forward(net):
     if fn is None:
         fn = net._tuneforge_decode_forward = torch.compile(net.forward)
     return fn
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def _eager():

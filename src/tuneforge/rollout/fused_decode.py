@@ -22,6 +22,13 @@ from `fused_decoder`, and the caller prefills and decodes through the transforme
 
 Memory: the fused q/k/v and gate/up copies exist only during a generation (for a 1B model ~1.2 GB,
 for 8B ~9 GB); `generation_kwargs: {fused_decode: false}` turns this path off.
+
+FP8 KV cache (opt-in, `generation_kwargs: {kv_cache_dtype: fp8}`, as vLLM's `kv_cache_dtype`): keys and
+values are stored as float8_e4m3fn with one scale per layer for each, set from the prompts' largest
+absolute key / value (x2 headroom; decoded values beyond it saturate). Decode attention reads half the
+bytes, which is most of a large batch's step time; the prompt's own attention in the prefill is exact.
+The sampled tokens' log-probs then come from a slightly different model than the trainer's, which the
+importance-sampling correction (`vllm_importance_sampling_correction`) is there to absorb.
 """
 
 from __future__ import annotations
@@ -42,10 +49,11 @@ class Unsupported(Exception):
     """This model (or one of its layers) has no fused decode path; decode through transformers instead."""
 
 
-def fused_decoder(net, rows: int, length: int, dtype: torch.dtype | None = None) -> FusedDecoder | None:
+def fused_decoder(net, rows: int, length: int, dtype: torch.dtype | None = None,
+                  kv_dtype: torch.dtype | None = None) -> FusedDecoder | None:
     """A FusedDecoder over `net` with a KV cache of `rows` x `length` slots, or None (reason logged)."""
     try:
-        return FusedDecoder(net, rows, length, dtype)
+        return FusedDecoder(net, rows, length, dtype, kv_dtype)
     except Unsupported as exc:
         log.debug("fused decode unavailable, decoding through transformers: %s", exc)
         return None
@@ -85,8 +93,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_HEADROOM = 2.0  # the per-layer scale leaves room for decoded keys/values up to 2x the prompts' largest
+
+
 class _Layer:
-    def __init__(self, layer, rows: int, length: int, dtype):
+    def __init__(self, layer, rows: int, length: int, dtype, kv_dtype=None):
         attn, mlp = layer.self_attn, layer.mlp
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
@@ -100,8 +112,24 @@ class _Layer:
         weight = self.qkv[0]
         # Zeros, not empty: the torch attention path multiplies unattended slots by probability 0.
         shape = (rows, self.sizes[1] // self.head_dim, length, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        fp8 = kv_dtype is not None and kv_dtype.itemsize == 1
+        # An FP8 cache is held as bytes (uint8) and read as float8 by the attention: index_copy has no
+        # float8 kernels, and compiled code may not write to a view of another dtype.
+        self.kv_dtype = kv_dtype or weight.dtype
+        self.keys = torch.zeros(shape, dtype=torch.uint8 if fp8 else self.kv_dtype, device=weight.device)
         self.values = torch.zeros_like(self.keys)
+        # FP8 cache: one scale for the keys and one for the values of this layer, set by the prefill
+        self.scales = torch.ones(2, device=weight.device) if fp8 else None
+
+    def _to_cache(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        """x as the cache holds it (FP8: scaled, saturated, rounded, as bytes)."""
+        if self.scales is None:
+            return x.to(self.keys.dtype)
+        return (x.float() / self.scales[which]).clamp(-FP8_MAX, FP8_MAX).to(self.kv_dtype).view(torch.uint8)
+
+    def cached(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) in their element type (float8 views of the bytes for an FP8 cache)."""
+        return self.keys.view(self.kv_dtype), self.values.view(self.kv_dtype)
 
     def _qkv(self, h, cos, sin):
         """q, k, v [..., heads, head_dim] of hidden states h [..., hidden], RoPE applied to q and k."""
@@ -121,9 +149,9 @@ class _Layer:
     def __call__(self, h, cos, sin, slot, start, end):
         """One token per row: h [N, hidden], cos/sin [N, 1, head_dim]."""
         q, k, v = self._qkv(h, cos, sin)
-        self.keys.index_copy_(2, slot.view(1), k.unsqueeze(2).to(self.keys.dtype))
-        self.values.index_copy_(2, slot.view(1), v.unsqueeze(2).to(self.values.dtype))
-        attn = decode_attention(q, self.keys, self.values, start, end, self.scaling)
+        for which, (cache, new) in enumerate(((self.keys, k), (self.values, v))):
+            cache.index_copy_(2, slot.view(1), self._to_cache(new.unsqueeze(2), which))
+        attn = decode_attention(q, *self.cached(), start, end, self.scaling, self.scales)
         return self._rest(h, attn.reshape(h.shape[0], -1))
 
     def prefill(self, h, cos, sin, allowed, group: int):
@@ -132,8 +160,11 @@ class _Layer:
         n, P = h.shape[:2]
         q, k, v = self._qkv(h, cos, sin)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [n, Hkv, P, D], the cache's layout
-        for cache, new in ((self.keys, k), (self.values, v)):
-            cache.view(n, group, *cache.shape[1:])[:, :, :, :P] = new.unsqueeze(1).to(cache.dtype)
+        if self.scales is not None:  # attention below reads the unrounded prompt keys and values
+            amax = torch.stack([k.abs().amax(), v.abs().amax()]).float().clamp(min=1e-12)
+            self.scales.copy_(amax * (FP8_HEADROOM / FP8_MAX))
+        for which, (cache, new) in enumerate(((self.keys, k), (self.values, v))):
+            cache.view(n, group, *cache.shape[1:])[:, :, :, :P] = self._to_cache(new.unsqueeze(1), which)
         repeat = q.shape[2] // k.shape[1]  # query heads per KV head, as transformers' repeat_kv orders them
         attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.repeat_interleave(repeat, 1),
                                               v.repeat_interleave(repeat, 1), attn_mask=allowed, scale=self.scaling)
@@ -148,7 +179,8 @@ class FusedDecoder:
     slots start[b] <= s < end. All inputs are tensors, so the step can be captured as a CUDA graph.
     """
 
-    def __init__(self, net, rows: int, length: int, dtype: torch.dtype | None = None):
+    def __init__(self, net, rows: int, length: int, dtype: torch.dtype | None = None,
+                 kv_dtype: torch.dtype | None = None):
         from transformers import StaticCache
 
         if type(net).__name__ not in ARCHITECTURES:
@@ -161,7 +193,7 @@ class FusedDecoder:
         base = net.model
         self.embed, self.norm, self.rotary, self.lm_head = base.embed_tokens, base.norm, base.rotary_emb, net.lm_head
         with torch.no_grad():
-            self.layers = [_Layer(layer, rows, length, dtype) for layer in base.layers]
+            self.layers = [_Layer(layer, rows, length, dtype, kv_dtype) for layer in base.layers]
 
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, group: int = 1) -> torch.Tensor:
         """Run left-padded prompts ids [n, P] (valid: real tokens) into cache slots [0, P) of their `group`
