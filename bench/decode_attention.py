@@ -58,9 +58,16 @@ def measure(name: str, shape: tuple, args) -> list[dict]:
     end = torch.tensor([args.filled], dtype=torch.int32, device="cuda")
     read = 2 * B * Hkv * args.filled * D * k.element_size()
     runs = {"torch-reference": lambda: decode_kernel.reference(q, k, v, start, end, D ** -0.5)}
-    for block, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (None, 3)):
+    grid = itertools.product((32, 64, 128), (2, 4, 8), (None, 3)) if args.configs == "all" else [(64, 4, None)]
+    for block, warps, stages in grid:
         runs[f"triton-b{block}-w{warps}-s{stages or 'default'}"] = (
             lambda b=block, w=warps, s=stages: decode_kernel._triton_decode(q, k, v, start, end, D ** -0.5, b, w, s))
+    if args.fp8:  # the opt-in FP8 cache: half the bytes to read, widened in registers
+        scales = torch.stack([k.abs().amax(), v.abs().amax()]).float() / 224
+        k8, v8 = ((x.float() / s).to(torch.float8_e4m3fn) for x, s in ((k, scales[0]), (v, scales[1])))
+        for block, warps in ((32, 2), (64, 2), (64, 4), (128, 4)):
+            runs[f"triton-fp8-b{block}-w{warps}"] = (lambda b=block, w=warps: decode_kernel._triton_decode(
+                q, k8, v8, start, end, D ** -0.5, b, w, kv_scales=scales))
     want = decode_kernel.reference(q.float(), k.float(), v.float(), start, end, D ** -0.5)
     records = []
     for label, fn in runs.items():
@@ -81,6 +88,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--filled", type=int, default=512, help="filled slots per row (the rollout's average)")
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--fp8", action="store_true", help="also time an FP8 cache (bytes counted as bf16's)")
+    p.add_argument("--configs", choices=["all", "default"], default="all", help="default: only BLOCK=64, 4 warps")
     p.add_argument("--out", type=Path, default=Path("bench/results/decode_attention.jsonl"))
     args = p.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ for step in ${STEPS:-tests train-full train-lora}; do
               --out "$OUT/pref_${step#pref-}.jsonl" ${PREF_ARGS:-} 2>&1 | quiet ;;
     grpo-*) timeout ${STEP_TIMEOUT:-240} python3 bench/grpo_step.py --mode "${step#grpo-}" \
               --out "$OUT/grpo_${step#grpo-}.jsonl" ${GRPO_ARGS:-} 2>&1 | quiet ;;
-    attn) timeout ${STEP_TIMEOUT:-240} python3 bench/decode_attention.py --out "$OUT/attn.jsonl" > "$OUT/attn.txt" 2>&1
+    attn) timeout ${STEP_TIMEOUT:-240} python3 bench/decode_attention.py --out "$OUT/attn.jsonl" ${ATTN_ARGS:-} > "$OUT/attn.txt" 2>&1
           python3 -c "import json,sys; rs=[json.loads(l) for l in open(sys.argv[1]) if 'error' not in l]
 for r in sorted(rs, key=lambda r: (r['shape'], r['us']))[:60]: print(r['shape'], r['config'], r['us'], r['tb_per_s'])" "$OUT/attn.jsonl" ;;
     *) echo "unknown step $step" ;;
