@@ -99,8 +99,11 @@ def test_packed_dpo_on_two_processes_equals_one_process_accumulating(tmp_path, m
     got = {r["step"]: r["loss"] for r in steps if r["type"] == "train"}
     want = losses(single)
     assert sorted(got) == [1, 2, 3]
+    # On GPUs (NCCL) the all-reduced gradient and the locally accumulated one round differently, and Adam
+    # carries it: measured on 2 H200s in fp32 without TF32, 6.5e-6 after 2 steps and 1.5e-5 after 3.
+    tolerance = 1e-4 if torch.cuda.is_available() else 1e-5
     for step, loss in got.items():
-        assert abs(loss - want[step]) <= 1e-5, (step, got, want)
+        assert abs(loss - want[step]) <= tolerance, (step, got, want)
 
 
 @pytest.mark.slow
