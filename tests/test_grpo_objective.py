@@ -193,6 +193,25 @@ def test_async_prefetch_trains_on_the_previous_batch_with_importance_weights(rew
     assert not torch.allclose(b2["old_logps"][m], b2["sampler_logps"][m], atol=1e-4)  # sampled with stale weights
 
 
+def test_an_fp8_kv_cache_makes_the_sampler_off_policy_and_corrected(rewards_module, write_config, write_jsonl,
+                                                                    tiny_tokenizer, tiny_model_dir):
+    """kv_cache_dtype fp8 samples from a rounded model: its log-probs are not pi's, so pi_old is recomputed
+    and the importance weights pi_old / pi_sampler apply, as for vLLM."""
+    from tuneforge.methods import grpo_loss as gl
+
+    cfg, obj, data = _setup(write_config, write_jsonl, tiny_tokenizer, trl={"generation_kwargs": {"kv_cache_dtype": "fp8"}})
+    model = _model(tiny_model_dir)
+    torch.manual_seed(0)
+    (_, sums, b), = _step(obj, model, _batches(obj, data, [0]))
+    assert obj.sampler.used_fused and obj.sampler.kv_cache_dtype == torch.float8_e4m3fn
+    assert b["off_policy"] and "is_weights" in b
+    m = b["mask"]
+    assert torch.equal(b["is_weights"], gl.importance_weights(b["old_logps"], b["sampler_logps"], m, "token_truncate",
+                                                             cap=3.0))
+    assert not torch.equal(b["old_logps"][m], b["sampler_logps"][m])  # rounded, yet close:
+    assert torch.allclose(b["old_logps"][m], b["sampler_logps"][m], atol=0.1)
+
+
 def test_evaluate_reports_the_mean_reward_of_sampled_completions(rewards_module, write_config, write_jsonl,
                                                                   tiny_tokenizer, tiny_model_dir):
     cfg, obj, data = _setup(write_config, write_jsonl, tiny_tokenizer)

@@ -78,6 +78,7 @@ class GRPOSettings:
     async_prefetch: bool = False
     prefetch_depth: int = 1
     use_vllm: bool = False
+    rounded_kv_cache: bool = False  # generation_kwargs.kv_cache_dtype fp8: the sampler is not exactly pi
     is_correction: bool | None = None  # None: on for off-policy samplers
     is_mode: str = "token_truncate"
     is_cap: float = 3.0
@@ -110,6 +111,8 @@ class GRPOSettings:
             temperature=float(get("temperature", 1.0)),
             async_prefetch=bool(get("async_prefetch", False) or get("use_data_producer", False)),
             prefetch_depth=int(get("prefetch_depth", 1)), use_vllm=bool(get("use_vllm", False)),
+            rounded_kv_cache=not get("use_vllm", False) and
+            (get("generation_kwargs", None) or {}).get("kv_cache_dtype", "auto") != "auto",
             is_correction=get("vllm_importance_sampling_correction", None),
             is_mode=get("vllm_importance_sampling_mode", "token_truncate"),
             is_cap=float(get("vllm_importance_sampling_cap", 3.0)),
@@ -147,7 +150,7 @@ class GRPOSettings:
 
     @property
     def off_policy_sampler(self) -> bool:
-        return self.async_prefetch or self.use_vllm
+        return self.async_prefetch or self.use_vllm or self.rounded_kv_cache
 
     @property
     def correct_is(self) -> bool:
@@ -397,10 +400,11 @@ class GRPOObjective(Objective):
         """(rollout, off-policy?, the prompt batch the rollout belongs to)."""
         G, prompts = self.s.num_generations, batch["prompt_ids"]
         if self.prefetcher is not None:
-            return self.prefetcher.step(model, prompts, G, self.params, tag=batch)
+            rollout, queued, batch = self.prefetcher.step(model, prompts, G, self.params, tag=batch)
+            return rollout, queued or self.s.rounded_kv_cache, batch
         if not self.s.use_vllm or self._rollouts % self.s.sync_interval == 0:
             self.sampler.sync_weights(model)  # embedded: a no-op, or the half-precision copy's refresh
-        return self.sampler.generate(prompts, G, self.params), self.s.use_vllm, batch
+        return self.sampler.generate(prompts, G, self.params), self.s.use_vllm or self.s.rounded_kv_cache, batch
 
     @torch.no_grad()
     def _generate_and_score(self, model, batch: Batch) -> Batch:
