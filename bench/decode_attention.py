@@ -65,9 +65,14 @@ def measure(name: str, shape: tuple, args) -> list[dict]:
     if args.fp8:  # the opt-in FP8 cache: half the bytes to read, widened in registers
         scales = torch.stack([k.abs().amax(), v.abs().amax()]).float() / 224
         k8, v8 = ((x.float() / s).to(torch.float8_e4m3fn) for x, s in ((k, scales[0]), (v, scales[1])))
-        for block, warps in ((32, 2), (64, 2), (64, 4), (128, 4)):
-            runs[f"triton-fp8-b{block}-w{warps}"] = (lambda b=block, w=warps: decode_kernel._triton_decode(
-                q, k8, v8, start, end, D ** -0.5, b, w, kv_scales=scales))
+        # splits: a row's slots over several programs (shorter dependent chains per program, one more merge
+        # pass); the FP8 kernel reads half the bytes, so its per-program latency may now dominate
+        for block, warps, splits in itertools.product((32, 64, 128), (2, 4), (1, 2, 4)):
+            runs[f"triton-fp8-b{block}-w{warps}-S{splits}"] = (lambda b=block, w=warps, n=splits: decode_kernel._triton_decode(
+                q, k8, v8, start, end, D ** -0.5, b, w, kv_scales=scales, splits=n))
+    for splits in (2, 4):
+        runs[f"triton-b64-w4-S{splits}"] = (lambda n=splits: decode_kernel._triton_decode(
+            q, k, v, start, end, D ** -0.5, splits=n))
     want = decode_kernel.reference(q.float(), k.float(), v.float(), start, end, D ** -0.5)
     records = []
     for label, fn in runs.items():

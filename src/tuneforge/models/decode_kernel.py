@@ -89,14 +89,14 @@ def _num_splits(programs: int, L: int, device: torch.device, block: int = BLOCK)
 
 
 def _triton_decode(q, k, v, start, end, scale, block: int = BLOCK, num_warps: int = 4, num_stages: int | None = None,
-                   kv_scales: torch.Tensor | None = None):
-    """The kernels' launch; block / num_warps / num_stages are exposed for bench/decode_attention.py."""
+                   kv_scales: torch.Tensor | None = None, splits: int | None = None):
+    """The kernels' launch; block / num_warps / num_stages / splits are exposed for bench/decode_attention.py."""
     kernels = _kernels()
     B, Hq, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     G = Hq // Hkv
     GP = max(16, 1 << (G - 1).bit_length())  # tl.dot needs >= 16 rows; padded heads are masked out
-    S = _num_splits(B * Hkv, L, q.device, block)
+    S = splits or _num_splits(B * Hkv, L, q.device, block)
     split_len = math.ceil(math.ceil(L / S) / block) * block
     S = math.ceil(L / split_len)
     q = q.contiguous()
