@@ -95,9 +95,9 @@ def test_the_fused_prefill_fills_the_cache_like_transformers():
     model = _model(CONFIGS["qwen3 (q/k norms, head_dim 32)"]())
     group, T = 2, 4
     sampler = EmbeddedSampler(model, pad_id=0)
-    plain = _Prompts([p for p in PROMPTS for _ in range(group)], T, 0, torch.device("cpu"))
+    plain = _Prompts.padded([p for p in PROMPTS for _ in range(group)], T, 0, torch.device("cpu"))
     cache, _ = sampler._prefill(model, plain)
-    distinct = _Prompts(PROMPTS, T, 0, torch.device("cpu"))
+    distinct = _Prompts.padded(PROMPTS, T, 0, torch.device("cpu"))
     decoder = fused_decoder(model, len(PROMPTS) * group, distinct.L)
     with torch.no_grad():
         logits = decoder.prefill(distinct.ids, distinct.valid, group)
@@ -115,7 +115,7 @@ def test_an_fp8_kv_cache_stores_scaled_fp8_and_decodes_close_to_the_exact_cache(
     from tuneforge.rollout.fused_decode import fused_decoder
 
     model = _model(CONFIGS["llama (llama3 RoPE scaling, attention bias)"]())
-    prompts = _Prompts(PROMPTS, 4, 0, torch.device("cpu"))
+    prompts = _Prompts.padded(PROMPTS, 4, 0, torch.device("cpu"))
     exact, fp8 = (fused_decoder(model, len(PROMPTS), prompts.L, kv_dtype=d) for d in (None, torch.float8_e4m3fn))
     with torch.no_grad():
         exact.prefill(prompts.ids, prompts.valid)
@@ -145,7 +145,7 @@ def test_the_compiled_prefill_and_step_equal_eager(kv_dtype):
     from tuneforge.rollout.fused_decode import fused_decoder
 
     model = _model(CONFIGS["llama (llama3 RoPE scaling, attention bias)"]())
-    prompts = embedded._Prompts(PROMPTS, 4, 0, torch.device("cpu"))
+    prompts = embedded._Prompts.padded(PROMPTS, 4, 0, torch.device("cpu"))
     slot = torch.tensor(prompts.P)
     results = []
     for prefill, step in ((embedded._fused_prefill, embedded._fused_step),
@@ -179,7 +179,7 @@ def test_the_compiled_prefill_and_step_do_not_recompile_for_every_cache_length(m
     try:
         for P in (16, 32, 48, 64):
             N = 3
-            prompts = embedded._Prompts([[5] * (P - 2)] * N, 8, 0, torch.device("cpu"))
+            prompts = embedded._Prompts.padded([[5] * (P - 2)] * N, 8, 0, torch.device("cpu"))
             decoder = fused_decoder(model, N, prompts.L)
             with torch.no_grad():
                 embedded._compiled_fused_prefill()(decoder, prompts.ids, prompts.valid, 1)

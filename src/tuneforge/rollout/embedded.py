@@ -41,7 +41,7 @@ from tuneforge.models import attention
 from tuneforge.models.losses import unwrap_peft
 
 from .base import Rollout, SamplingParams
-from .fused_decode import fused_decoder
+from .fused_decode import fused_decoder, prompt_attention, prompt_positions
 
 log = logging.getLogger("tuneforge")
 
@@ -223,25 +223,24 @@ class _Prompts:
     """Prompts left-padded to a common length P: ids [N, P], real-token mask [N, P], lengths [N], and the
     cache length L = P + max_tokens; `logits` [N, V] of the last prompt position once prefilled."""
 
-    def __init__(self, rows: list[list[int]], T: int, pad_id: int, device: torch.device):
+    def __init__(self, ids, valid, lens, P: int, L: int, logits=None):
+        self.ids, self.valid, self.lens, self.P, self.L, self.logits = ids, valid, lens, P, L, logits
+
+    @classmethod
+    def padded(cls, rows: list[list[int]], T: int, pad_id: int, device: torch.device) -> _Prompts:
         lens = [len(r) for r in rows]
-        self.P = _bucket(max(lens))  # bucketed, so shapes repeat across batches
-        self.L = self.P + T
-        ids = torch.full((len(rows), self.P), pad_id, dtype=torch.long)
+        P = _bucket(max(lens))  # bucketed, so shapes repeat across batches
+        ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, self.P - len(r):] = torch.tensor(r, dtype=torch.long)
-        self.ids = ids.to(device)  # one host-to-device copy, not one per row
-        self.lens = torch.tensor(lens, device=device)
-        self.valid = torch.arange(self.P, device=device).unsqueeze(0) >= (self.P - self.lens).unsqueeze(1)
-        self.logits = None
+            ids[i, P - len(r):] = torch.tensor(r, dtype=torch.long)
+        lens = torch.tensor(lens, device=device)
+        valid = torch.arange(P, device=device).unsqueeze(0) >= (P - lens).unsqueeze(1)
+        return cls(ids.to(device), valid, lens, P, P + T)  # one host-to-device copy, not one per row
 
     def repeated(self, group: int, logits: torch.Tensor) -> _Prompts:
         """Every row `group` times in a row (a prompt's generations), with the prefill's logits."""
-        out = object.__new__(_Prompts)
-        out.P, out.L = self.P, self.L
-        out.ids, out.lens, out.valid = (t.repeat_interleave(group, dim=0) for t in (self.ids, self.lens, self.valid))
-        out.logits = logits.repeat_interleave(group, dim=0)
-        return out
+        ids, valid, lens, logits = (t.repeat_interleave(group, dim=0) for t in (self.ids, self.valid, self.lens, logits))
+        return _Prompts(ids, valid, lens, self.P, self.L, logits)
 
 
 class EmbeddedSampler:
@@ -295,11 +294,8 @@ class EmbeddedSampler:
         N, P, L, dev = prompts.ids.shape[0], prompts.P, prompts.L, prompts.ids.device
         slots = torch.zeros((N, L), dtype=torch.bool, device=dev)  # cache slots a row may attend to
         slots[:, :P] = prompts.valid
-        q = torch.arange(P, device=dev)
-        k = torch.arange(L, device=dev)
-        # A padded query position sees itself only, so its softmax is defined; its output is never used.
-        allowed = (slots.unsqueeze(1) & (k.view(1, 1, L) <= q.view(1, P, 1))) | (k.view(1, 1, L) == q.view(1, P, 1))
-        positions = (prompts.valid.long().cumsum(-1) - 1).clamp(min=0)
+        allowed = prompt_attention(prompts.valid, L)
+        positions = prompt_positions(prompts.valid)
 
         cache = StaticCache(config=net.config, max_cache_len=L)
         window = min(layer.max_cache_len for layer in cache.layers)
@@ -319,7 +315,7 @@ class EmbeddedSampler:
         dev = next(net.parameters()).device
         compiled = self.compile and dev.type == "cuda"
         want_fused = self.fused and self.filled_range
-        distinct = _Prompts(rows[::group] if want_fused else rows, T, self.pad_id, dev)
+        distinct = _Prompts.padded(rows[::group] if want_fused else rows, T, self.pad_id, dev)
         decoder = (fused_decoder(net, len(rows), distinct.L, self.autocast_dtype, self.kv_cache_dtype)
                    if want_fused else None)
         self.used_fused = decoder is not None
@@ -332,7 +328,7 @@ class EmbeddedSampler:
                                                                                    distinct.valid, group)
             pre = distinct.repeated(group, logits)
             return pre, _FusedDecode(decoder, (pre.P - pre.lens).to(torch.int32), compiled)
-        pre = distinct if not want_fused or group == 1 else _Prompts(rows, T, self.pad_id, dev)
+        pre = distinct if not want_fused or group == 1 else _Prompts.padded(rows, T, self.pad_id, dev)
         cache, slots = self._prefill(net, pre)
         kv_start = (pre.P - pre.lens).to(torch.int32) if self.filled_range else None  # first slot of each prompt
         mask = slots.view(len(rows), 1, 1, pre.L).clone()

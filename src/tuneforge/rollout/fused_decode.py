@@ -59,6 +59,22 @@ def fused_decoder(net, rows: int, length: int, dtype: torch.dtype | None = None,
         return None
 
 
+def prompt_positions(valid: torch.Tensor) -> torch.Tensor:
+    """RoPE positions of left-padded prompts (valid [n, P]: real tokens): 0 at each first real token."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prompt_attention(valid: torch.Tensor, length: int) -> torch.Tensor:
+    """[n, P, length] bool: the cache slots (the prompt's, at slots [0, P)) each prompt position attends to,
+    causal over real tokens. A padded position sees itself only, so its softmax is defined; its output is
+    never used."""
+    P = valid.shape[1]
+    q = torch.arange(P, device=valid.device).view(1, P, 1)
+    k = torch.arange(length, device=valid.device).view(1, 1, length)
+    real = torch.nn.functional.pad(valid, (0, length - P)).unsqueeze(1)
+    return (real & (k <= q)) | (k == q)
+
+
 def _effective_linear(linear, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of a plain Linear or a PEFT LoRA Linear with its active adapters folded in."""
     if type(linear) is torch.nn.Linear:
@@ -198,13 +214,9 @@ class FusedDecoder:
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, group: int = 1) -> torch.Tensor:
         """Run left-padded prompts ids [n, P] (valid: real tokens) into cache slots [0, P) of their `group`
         rows each (n x group = the cache's rows); returns the last position's logits [n, V]."""
-        P = ids.shape[1]
-        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
-        # A padded query position sees itself only, so its softmax is defined; its output is never used.
-        allowed = (valid.unsqueeze(1) & causal) | torch.eye(P, dtype=torch.bool, device=ids.device)
+        allowed = prompt_attention(valid, ids.shape[1])
         h = self.embed(ids)
-        cos, sin = self.rotary(h, positions)
+        cos, sin = self.rotary(h, prompt_positions(valid))
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [n, P, 1, D]: broadcasts over the heads
         for layer in self.layers:
             h = layer.prefill(h, cos, sin, allowed.unsqueeze(1), group)
