@@ -5,6 +5,8 @@
   tokenizer files              - so a checkpoint is itself a loadable model folder,
   optimizer.pt, scheduler.pt   - absent with save_only_model (then the run cannot resume from it),
   rng_state_<rank>.pt          - python, numpy, torch and CUDA generators (dropout masks),
+  objective_state_<rank>.pt    - what the objective carries between steps, where it carries anything
+                                 (GRPO: generations still to train on: async prefetch, num_iterations),
   trainer_state.json           - step, data position (epoch + micro-batch index), counters; written last.
 
 Atomicity: everything is written into `checkpoint-N.tmp/`, each file and the folder are fsynced, and
@@ -120,7 +122,7 @@ def save_model_files(model, tokenizer, folder: Path, safe: bool = True) -> None:
 
 
 def save_checkpoint(output_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict,
-                    only_model: bool, accelerator, safe: bool = True) -> Path:
+                    only_model: bool, accelerator, safe: bool = True, objective_state: dict | None = None) -> Path:
     """Write checkpoint-<step> atomically and return its path. `model` is the unwrapped model."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
@@ -132,6 +134,8 @@ def save_checkpoint(output_dir: Path, step: int, *, model, tokenizer, optimizer,
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if objective_state:
+        torch.save(objective_state, tmp / f"objective_state_{accelerator.process_index}.pt")
     if main:
         save_model_files(model, tokenizer, tmp, safe)
         if not only_model:
@@ -173,6 +177,9 @@ def load_training_state(path: Path, *, model, optimizer, scheduler, process_inde
     load_weights(path, model, adapter)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    objective_file = path / f"objective_state_{process_index}.pt"
+    if objective_file.exists():  # our own file (rollouts: python objects and tensors)
+        state["objective"] = torch.load(objective_file, map_location="cpu", weights_only=False)
     rng_file = path / f"rng_state_{process_index}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: python/numpy generator tuples

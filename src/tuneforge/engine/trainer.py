@@ -348,10 +348,11 @@ class Trainer:
             "watchdog": self.watchdog.state_dict(),
             "plan": self._plan_signature(),
         }
+        only_model = self.cfg.save_only_model and not resumable
         path = ckpt.save_checkpoint(
             self.out, self.state.global_step, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
-            scheduler=self.scheduler, state=state, only_model=self.cfg.save_only_model and not resumable,
-            accelerator=self.accelerator, safe=self.cfg.save_safetensors,
+            scheduler=self.scheduler, state=state, only_model=only_model, accelerator=self.accelerator,
+            safe=self.cfg.save_safetensors, objective_state=None if only_model else self.objective.state_dict(),
         )
         if self.accelerator.is_main_process:
             ckpt.rotate(self.out, self.cfg.save_total_limit, keep=path)
@@ -386,6 +387,7 @@ class Trainer:
         fields = TrainState.__dataclass_fields__
         self.state = TrainState(**{k: saved[k] for k in fields if k in saved})
         self.watchdog.load_state_dict(saved.get("watchdog", {}))
+        self.objective.load_state_dict(saved.get("objective", {}))
         changed = {k: (v, saved.get("plan", {}).get(k)) for k, v in self._plan_signature().items()
                    if saved.get("plan", {}).get(k) != v}
         if changed:

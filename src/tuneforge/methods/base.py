@@ -96,6 +96,15 @@ class Objective:
     def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]:
         return self.summarize(sums, int(sums.get("num_tokens", 1)))
 
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What this process's objective carries from one optimizer step to the next (empty for offline
+        methods), saved in every checkpoint so that a resumed run continues exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` from a checkpoint, before the first resumed step."""
+
     # ---- lifecycle --------------------------------------------------------------------------------
     def close(self) -> None:
         """Release what the objective started (generation workers, reward pools); called once at the end."""

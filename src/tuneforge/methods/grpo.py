@@ -278,6 +278,7 @@ class GRPOObjective(Objective):
         self._replay = False
         self._index = 0
         self._rollouts = 0
+        self._restored_prefetch: dict | None = None
         self._train_clock: float | None = None
         self._last_train_seconds = 0.0
 
@@ -370,6 +371,11 @@ class GRPOObjective(Objective):
             from tuneforge.rollout.async_prefetch import Prefetcher
 
             self.prefetcher = Prefetcher(model, make, self.sampler, depth=self.s.prefetch_depth, dtype=half)
+            if self._restored_prefetch:
+                self.prefetcher.load_state_dict(self._restored_prefetch)
+        # a checkpoint's generation comes back on the CPU
+        self._generation = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+                            for b in self._generation]
 
     def _start_step(self) -> bool:
         """First rollout call of an optimizer step: True when the step replays the last generation."""
@@ -594,6 +600,20 @@ class GRPOObjective(Objective):
                 f.writelines(json.dumps(r) + "\n" for r in records)
         except OSError as exc:
             log.warning("could not write completions.jsonl: %s", exc)
+
+    # ---- checkpoints: the generations still to be trained on travel with the checkpoint
+    def state_dict(self) -> dict:
+        state = {"rollouts": self._rollouts}
+        if self._generation and self._uses < self.s.num_iterations:  # num_iterations: replays left
+            state["generation"], state["uses"] = self._generation, self._uses
+        if self.prefetcher is not None:  # waits for the rollouts in flight (before the RNG state is saved)
+            state["prefetch"] = self.prefetcher.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rollouts = state.get("rollouts", 0)
+        self._generation, self._uses = state.get("generation", []), state.get("uses", 0)
+        self._restored_prefetch = state.get("prefetch")  # the prefetcher is built with the first rollout
 
     def close(self) -> None:
         if self.prefetcher is not None:

@@ -60,6 +60,18 @@ class Prefetcher:
         self.foreground.sync_weights(model)
         return self.foreground.generate(prompt_ids, n, params), False, tag
 
+    def state_dict(self) -> dict:
+        """The submitted rollouts, finished (this waits for them), with their tags: what the next `depth`
+        steps train on. A checkpoint keeps them so that a resumed run trains on the same completions."""
+        return {"done": [(future.result(), tag) for future, tag in self.queue], "submitted": self.submitted}
+
+    def load_state_dict(self, state: dict) -> None:
+        for rollout, tag in state["done"]:
+            future = Future()
+            future.set_result(rollout)
+            self.queue.append((future, tag))
+        self.submitted = state["submitted"]
+
     def close(self) -> None:
         for f, _ in self.queue:
             f.cancel()
