@@ -69,21 +69,49 @@ def test_lora_adapters_are_folded_in_and_dora_falls_back(dora):
     assert fused.completion_ids != before.completion_ids  # the adapter changes what is generated
 
 
-def test_a_sliding_window_shorter_than_the_generation_is_one_clear_error():
-    model = _model(Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=8, max_window_layers=0))
+SLIDING = {  # windows of 8 slots, shorter than prompt + completion (up to 32 here)
+    "qwen2 (layer 0 full, layer 1 sliding)": lambda: Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=8,
+                                                                 max_window_layers=1),
+    "mistral (every layer sliding)": lambda: MistralConfig(**SMALL, sliding_window=8),
+}
+LONG_PROMPTS = PROMPTS[:2] + [list(range(30, 50))]  # 20 distinct tokens (a repeated token is blind to windows)
+
+
+@pytest.mark.parametrize("name", list(SLIDING))
+def test_sliding_window_layers_decode_like_the_transformers_forward(name):
+    """Sampled tokens' log-probs (greedy, 12 tokens past prompts of 2-20) equal a teacher-forced transformers
+    forward over each prompt + completion, whose mask applies the window."""
+    config = SLIDING[name]()
+    assert config.sliding_window < max(map(len, LONG_PROMPTS))
+    model = _model(config)
+    sampler = EmbeddedSampler(model, pad_id=0)
+    out = sampler.generate(LONG_PROMPTS, 1, SamplingParams(temperature=0.0, max_tokens=12))
+    assert sampler.used_fused
+    for prompt, completion, logps in zip(LONG_PROMPTS, out.completion_ids, out.logprobs, strict=True):
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        want = logits.log_softmax(-1).gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(logps), want, rtol=0, atol=1e-5)
+        assert completion == logits.argmax(-1).tolist()
+
+
+def test_the_window_matters_in_that_test():
+    """Without the window (the same weights under a config without one) the log-probs differ: the test
+    above would catch a window that is ignored."""
+    windowed, plain = (_model(c) for c in (SLIDING["mistral (every layer sliding)"](), MistralConfig(**SMALL)))
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    a = EmbeddedSampler(windowed, pad_id=0).generate(LONG_PROMPTS, 1, params)
+    b = EmbeddedSampler(plain, pad_id=0).generate(LONG_PROMPTS, 1, params)
+    assert a.logprobs[2][0] != b.logprobs[2][0]  # the 20-token prompt exceeds the window: the prefill differs
+
+
+def test_a_sliding_window_without_the_fused_path_is_one_clear_error():
+    model = _model(SLIDING["qwen2 (layer 0 full, layer 1 sliding)"]())
     from tuneforge.errors import NotSupportedYet
 
-    with pytest.raises(NotSupportedYet, match="sliding window of 8"):
-        EmbeddedSampler(model, pad_id=0).generate(PROMPTS, 1, SamplingParams(max_tokens=4))
-
-
-def test_sliding_window_cache_layers_are_refused():
-    from tuneforge.rollout.fused_decode import fused_decoder
-
-    config = Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=8, max_window_layers=0)
-    assert fused_decoder(_model(config), 2, 32) is None
-    assert fused_decoder(_model(config), 2, 8) is not None  # the window covers the whole cache
-    assert fused_decoder(_model(Qwen2Config(**SMALL)), 2, 32) is not None
+    with pytest.raises(NotSupportedYet, match="sliding window of 8 tokens"):
+        EmbeddedSampler(model, pad_id=0, fused=False).generate(PROMPTS, 1, SamplingParams(max_tokens=4))
 
 
 def test_the_fused_prefill_fills_the_cache_like_transformers():
@@ -137,15 +165,18 @@ def test_an_fp8_kv_cache_stores_scaled_fp8_and_decodes_close_to_the_exact_cache(
     assert quantized.logprobs != plain.logprobs  # the cache really was rounded
 
 
-@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
-def test_the_compiled_prefill_and_step_equal_eager(kv_dtype):
+@pytest.mark.parametrize("config,kv_dtype", [(CONFIGS["llama (llama3 RoPE scaling, attention bias)"], None),
+                                             (CONFIGS["llama (llama3 RoPE scaling, attention bias)"], torch.float8_e4m3fn),
+                                             (lambda: MistralConfig(**SMALL, sliding_window=8), None)],
+                         ids=["llama", "llama-fp8-cache", "mistral-sliding-window"])
+def test_the_compiled_prefill_and_step_equal_eager(config, kv_dtype):
     """What runs on a GPU is the inductor-compiled prefill and step (writes into the cache included);
     inductor's CPU backend checks the same graphs here."""
     from tuneforge.rollout import embedded
     from tuneforge.rollout.fused_decode import fused_decoder
 
-    model = _model(CONFIGS["llama (llama3 RoPE scaling, attention bias)"]())
-    prompts = embedded._Prompts.padded(PROMPTS, 4, 0, torch.device("cpu"))
+    model = _model(config())
+    prompts = embedded._Prompts.padded(PROMPTS[:2] + [list(range(30, 50))], 4, 0, torch.device("cpu"))
     slot = torch.tensor(prompts.P)
     results = []
     for prefill, step in ((embedded._fused_prefill, embedded._fused_step),

@@ -36,7 +36,8 @@ def _run_and_resume(write_config, tmp_path, trl: dict, drop_objective_state: boo
 
 @pytest.mark.parametrize("trl", [{}, {"async_prefetch": True}, {"num_iterations": 2}],
                          ids=["on-policy", "async-prefetch", "num-iterations-2"])
-def test_grpo_resume_is_exact(toy, write_config, tmp_path, trl):
+@pytest.mark.usefixtures("toy")
+def test_grpo_resume_is_exact(write_config, tmp_path, trl):
     full, resumed = _run_and_resume(write_config, tmp_path, trl)
     assert sorted(resumed) == [4, 5]
     assert any(full[s]["loss"] != 0 for s in (4, 5))  # something was trained after the checkpoint
@@ -48,7 +49,8 @@ def test_grpo_resume_is_exact(toy, write_config, tmp_path, trl):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
-def test_without_the_objective_state_async_resume_is_not_exact(toy, write_config, tmp_path):
+@pytest.mark.usefixtures("toy")
+def test_without_the_objective_state_async_resume_is_not_exact(write_config, tmp_path):
     """The test above can fail: without the prefetched completions the resumed run generates the step's
     own batch synchronously, and trains on other completions than the original run."""
     full, resumed = _run_and_resume(write_config, tmp_path, {"async_prefetch": True}, drop_objective_state=True)

@@ -300,9 +300,11 @@ class EmbeddedSampler:
         cache = StaticCache(config=net.config, max_cache_len=L)
         window = min(layer.max_cache_len for layer in cache.layers)
         if window < L:
-            raise NotSupportedYet(f"the embedded engine needs every layer to attend to the whole prompt and completion "
-                             f"({L} tokens here), but this model keeps a sliding window of {window}; lower "
-                             f"max_completion_length / the prompt length below it, or generate with vLLM (trl.use_vllm)")
+            raise NotSupportedYet(f"this model keeps a sliding window of {window} tokens in some layers, shorter than "
+                                  f"prompt + completion ({L} here), and the embedded engine supports that only on its "
+                                  f"fused path (Llama, Mistral, Qwen2, Qwen3 without DoRA or quantized weights, "
+                                  f"generation_kwargs.fused_decode on); lower max_completion_length / the prompt "
+                                  f"length below the window, or generate with vLLM (trl.use_vllm)")
         with self._autocast(dev)(), _eager():
             out = net(input_ids=prompts.ids, attention_mask=allowed.unsqueeze(1), position_ids=positions,
                       **cache_kwargs(net, cache), use_cache=True, logits_to_keep=1)

@@ -17,7 +17,8 @@ per-head q/k norms), the rotary embedding (so every RoPE scaling type is the mod
 activation and the LM head. What is re-implemented: the layer wiring and rotate-half RoPE, identical to
 transformers' for these architectures (tests compare tokens and log-probs with the model's own
 forward). LoRA adapters are folded into the fused weights (`W + B A * scale`, PEFT's `get_delta_weight`).
-Anything else (other architectures, DoRA, quantized base weights, sliding-window layers) returns None
+Sliding-window layers (Mistral, Qwen2 with `use_sliding_window`) keep every slot of the cache and read
+only their window of it. Anything else (other architectures, DoRA, quantized base weights) returns None
 from `fused_decoder`, and the caller prefills and decodes through the transformers forward.
 
 Memory: the fused q/k/v and gate/up copies exist only during a generation (for a 1B model ~1.2 GB,
@@ -75,6 +76,12 @@ def prompt_attention(valid: torch.Tensor, length: int) -> torch.Tensor:
     return (real & (k <= q)) | (k == q)
 
 
+def windowed(P: int, window: int, device) -> torch.Tensor:
+    """[P, P] bool: key slot k within the sliding window of query slot q (q - window < k), transformers' rule."""
+    q = torch.arange(P, device=device).view(P, 1)
+    return torch.arange(P, device=device).view(1, P) > q - window
+
+
 def _effective_linear(linear, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of a plain Linear or a PEFT LoRA Linear with its active adapters folded in."""
     if type(linear) is torch.nn.Linear:
@@ -114,8 +121,9 @@ FP8_HEADROOM = 2.0  # the per-layer scale leaves room for decoded keys/values up
 
 
 class _Layer:
-    def __init__(self, layer, rows: int, length: int, dtype, kv_dtype=None):
+    def __init__(self, layer, rows: int, length: int, dtype, kv_dtype=None, window: int | None = None):
         attn, mlp = layer.self_attn, layer.mlp
+        self.window = window  # sliding-window attention: a token sees itself and the window - 1 before it
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
@@ -167,12 +175,14 @@ class _Layer:
         q, k, v = self._qkv(h, cos, sin)
         for which, (cache, new) in enumerate(((self.keys, k), (self.values, v))):
             cache.index_copy_(2, slot.view(1), self._to_cache(new.unsqueeze(2), which))
+        if self.window is not None:  # the cache keeps every slot; the window only narrows what is read
+            start = torch.maximum(start, end - self.window)
         attn = decode_attention(q, *self.cached(), start, end, self.scaling, self.scales)
         return self._rest(h, attn.reshape(h.shape[0], -1))
 
     def prefill(self, h, cos, sin, allowed, group: int):
-        """Prompts: h [n, P, hidden], cos/sin [n, P, 1, head_dim], allowed [n, 1, P, P]. Keys and values
-        go to cache slots [0, P) of rows i * group ... i * group + group - 1 for prompt i."""
+        """Prompts: h [n, P, hidden], cos/sin [n, P, 1, head_dim], allowed [n, 1, P, P] (this layer's window
+        applied). Keys and values go to cache slots [0, P) of rows i * group ... i * group + group - 1."""
         n, P = h.shape[:2]
         q, k, v = self._qkv(h, cos, sin)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [n, Hkv, P, D], the cache's layout
@@ -201,25 +211,27 @@ class FusedDecoder:
 
         if type(net).__name__ not in ARCHITECTURES:
             raise Unsupported(f"architecture {type(net).__name__}")
-        # transformers' own per-layer cache sizes (allocated lazily: nothing is allocated here)
-        short = [i for i, layer in enumerate(StaticCache(config=net.config, max_cache_len=length).layers)
-                 if layer.max_cache_len != length]
-        if short:  # a sliding window shorter than the cache: those layers keep a rolling cache of their own
-            raise Unsupported(f"layers {short} keep fewer than {length} cache slots (sliding window)")
+        # transformers' own per-layer cache sizes (allocated lazily: nothing is allocated here): a sliding-window
+        # layer keeps min(window, length) slots. Here every layer keeps all `length` slots and a window
+        # shorter than that narrows the slots it attends to.
+        sizes = [layer.max_cache_len for layer in StaticCache(config=net.config, max_cache_len=length).layers]
         base = net.model
         self.embed, self.norm, self.rotary, self.lm_head = base.embed_tokens, base.norm, base.rotary_emb, net.lm_head
         with torch.no_grad():
-            self.layers = [_Layer(layer, rows, length, dtype, kv_dtype) for layer in base.layers]
+            self.layers = [_Layer(layer, rows, length, dtype, kv_dtype, size if size < length else None)
+                           for layer, size in zip(base.layers, sizes, strict=True)]
 
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, group: int = 1) -> torch.Tensor:
         """Run left-padded prompts ids [n, P] (valid: real tokens) into cache slots [0, P) of their `group`
         rows each (n x group = the cache's rows); returns the last position's logits [n, V]."""
-        allowed = prompt_attention(valid, ids.shape[1])
+        allowed = {None: prompt_attention(valid, ids.shape[1]).unsqueeze(1)}  # per window size
+        for w in {layer.window for layer in self.layers} - {None}:
+            allowed[w] = allowed[None] & windowed(ids.shape[1], w, ids.device)
         h = self.embed(ids)
         cos, sin = self.rotary(h, prompt_positions(valid))
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [n, P, 1, D]: broadcasts over the heads
         for layer in self.layers:
-            h = layer.prefill(h, cos, sin, allowed.unsqueeze(1), group)
+            h = layer.prefill(h, cos, sin, allowed[layer.window], group)
         return self.lm_head(self.norm(h[:, -1]))
 
     def __call__(self, ids, positions, slot, start, end) -> torch.Tensor:
