@@ -52,6 +52,7 @@ class _StandInLLM:
 
         self.calls.append("generate")
         sp = sampling_params.kwargs
+        self.sampling_kwargs = sp
         model = self.model
         if lora_request is not None:
             from peft import PeftModel
@@ -120,9 +121,11 @@ def test_vllm_backend_maps_generation_weights_and_lora(standin_vllm, tiny_model_
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
 
     sampler = BackendSampler(backend)
-    prompts, params = [[5, 6, 7], [8, 9]], SamplingParams(temperature=1.0, max_tokens=5, stop_token_ids=(2,))
+    prompts, params = [[5, 6, 7], [8, 9]], SamplingParams(temperature=1.0, max_tokens=5, stop_token_ids=(2,),
+                                                          extra={"seed": 11, "presence_penalty": 0.5})
     r = sampler.generate(prompts, 3, params)
     assert len(r.completion_ids) == 6 and r.n == 3
+    assert llm.sampling_kwargs["seed"] == 11 and llm.sampling_kwargs["presence_penalty"] == 0.5  # generation_kwargs
     assert torch.allclose(torch.tensor(r.logprobs[4]), _logps(base, prompts[1], r.completion_ids[4]), atol=2e-5)
 
     policy = copy.deepcopy(base)

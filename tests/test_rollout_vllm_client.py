@@ -39,7 +39,7 @@ def _perturbed(model, seed=5):
 def test_generate_groups_and_full_weight_sync(model):
     policy = _perturbed(model)
     prompts = [[5, 6, 7], [8, 9]]
-    params = SamplingParams(temperature=1.0, max_tokens=5, stop_token_ids=(2,))
+    params = SamplingParams(temperature=1.0, max_tokens=5, stop_token_ids=(2,), extra={"seed": 11})
     with GenerationServer(EmbeddedBackend(model)) as server:
         sampler = VLLMServerSampler(VLLMClient(server.host, server.port, timeout=10))
         before = sampler.generate(prompts, 3, params)
@@ -54,6 +54,7 @@ def test_generate_groups_and_full_weight_sync(model):
         assert paths.count("/http_update_weights/") >= 1 and "/reset_prefix_cache/" in paths
         gen = next(body for p, body in server.calls if p == "/generate/")
         assert gen["n"] == 3 and gen["logprobs"] == 0 and gen["top_k"] == -1 and gen["max_tokens"] == 5
+        assert gen["generation_kwargs"] == {"seed": 11, "stop_token_ids": [2]}  # the rest of generation_kwargs
 
 
 def test_lora_sync_through_the_filesystem(model):
@@ -110,3 +111,18 @@ def test_served_embedded_engine_from_a_config(write_config, tiny_model_dir):
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
     assert len(comp) == 2 and all(len(c) == 4 for c in comp)
     assert torch.allclose(torch.tensor(logps[1]), _logps(base, [5, 6, 7], comp[1]), atol=2e-5)
+
+
+def test_generation_kwargs_other_than_the_embedded_engines_reach_vllm(tiny_tokenizer):
+    """TRL hands `generation_kwargs` to vLLM's SamplingParams; the embedded engine's own keys stay home."""
+    from types import SimpleNamespace
+
+    from tuneforge.rollout.generation_server import sampling_params
+
+    trl = SimpleNamespace(generation_kwargs={"seed": 3, "presence_penalty": 0.5, "cuda_graphs": False,
+                                             "kv_cache_dtype": "fp8", "stop_token_ids": [9]})
+    params = SamplingParams.from_trl(trl, tiny_tokenizer, 8)
+    assert params.extra == {"seed": 3, "presence_penalty": 0.5}
+    assert 9 in params.stop_token_ids
+    served = sampling_params({"max_tokens": 8, "generation_kwargs": {**params.extra, "stop_token_ids": [9]}})
+    assert served.extra == params.extra and served.stop_token_ids == (9,)

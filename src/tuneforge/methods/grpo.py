@@ -52,9 +52,6 @@ from .rewards import RewardSet
 
 log = logging.getLogger("tuneforge")
 
-# trl.generation_kwargs keys the embedded engine reads (vLLM receives the dict as it is).
-EMBEDDED_GENERATION_KWARGS = frozenset({"stop_token_ids", "cuda_graphs", "compile", "half_precision_copy", "fused_decode",
-                                        "kv_cache_dtype"})
 _CHUNK_ELEMENTS = 1 << 26
 
 
@@ -326,6 +323,7 @@ class GRPOObjective(Objective):
             return
         disable_dropout(model)  # pi_old, pi and pi_ref must agree on the same tokens
         self._ready.add(id(model))
+        from tuneforge.rollout.base import EMBEDDED_GENERATION_KWARGS
         from tuneforge.rollout.embedded import EmbeddedSampler
         from tuneforge.rollout.snapshot import HalfPrecisionSampler, wants_half_precision_copy
 
@@ -339,6 +337,8 @@ class GRPOObjective(Objective):
         if not self.s.use_vllm and (ignored := sorted(set(gen_kwargs) - EMBEDDED_GENERATION_KWARGS)):
             log.warning("trl.generation_kwargs %s are not used by the embedded engine (it reads %s)", ignored,
                         sorted(EMBEDDED_GENERATION_KWARGS))
+        if self.s.use_vllm and (ignored := sorted(set(gen_kwargs) & EMBEDDED_GENERATION_KWARGS - {"stop_token_ids"})):
+            log.warning("trl.generation_kwargs %s are the embedded engine's; vLLM does not receive them", ignored)
         # torch_compile also compiles the decode step (first generation pays the compile time).
         compile_decode = bool(gen_kwargs.get("compile", self.cfg.torch_compile in (True, "auto")))
 

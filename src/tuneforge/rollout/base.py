@@ -15,6 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+# trl.generation_kwargs keys the embedded engine reads; the others are for vLLM (SamplingParams.extra).
+EMBEDDED_GENERATION_KWARGS = frozenset({"stop_token_ids", "cuda_graphs", "compile", "half_precision_copy", "fused_decode",
+                                        "kv_cache_dtype"})
+
 
 @dataclass
 class SamplingParams:
@@ -25,6 +29,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     max_tokens: int = 256
     stop_token_ids: tuple[int, ...] = ()  # generation of a row ends after any of these (it is kept)
+    # Other `trl.generation_kwargs` (not the embedded engine's own keys): handed to vLLM's SamplingParams as
+    # they are (seed, presence_penalty, ...); the embedded engine does not read them.
+    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_trl(cls, trl, tokenizer, max_completion_length: int) -> SamplingParams:
@@ -37,7 +44,8 @@ class SamplingParams:
         return cls(temperature=float(get("temperature", 1.0)), top_p=float(get("top_p", 1.0)),
                    top_k=int(get("top_k", 0) or 0), min_p=float(get("min_p", 0.0) or 0.0),
                    repetition_penalty=float(get("repetition_penalty", 1.0)), max_tokens=max_completion_length,
-                   stop_token_ids=tuple(dict.fromkeys(stops)))
+                   stop_token_ids=tuple(dict.fromkeys(stops)),
+                   extra={k: v for k, v in extra.items() if k not in EMBEDDED_GENERATION_KWARGS})
 
 
 # Special tokens that end an assistant turn in the named chat templates.

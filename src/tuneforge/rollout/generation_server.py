@@ -66,12 +66,14 @@ def decode_tensor(item: dict) -> tuple[str, torch.Tensor]:
 
 
 def sampling_params(p: dict) -> SamplingParams:
-    """The /generate/ payload's sampling fields (TRL's names and defaults; top_k -1 = off)."""
+    """The /generate/ payload's sampling fields (TRL's names and defaults; top_k -1 = off); the other
+    `generation_kwargs` travel on to vLLM's SamplingParams."""
+    extra = dict(p.get("generation_kwargs") or {})
+    stops = extra.pop("stop_token_ids", None) or []
     return SamplingParams(temperature=float(p.get("temperature", 1.0)), top_p=float(p.get("top_p", 1.0)),
                           top_k=max(int(p.get("top_k", -1)), 0), min_p=float(p.get("min_p", 0.0)),
                           repetition_penalty=float(p.get("repetition_penalty", 1.0)),
-                          max_tokens=int(p.get("max_tokens", 16)),
-                          stop_token_ids=tuple((p.get("generation_kwargs") or {}).get("stop_token_ids", [])))
+                          max_tokens=int(p.get("max_tokens", 16)), stop_token_ids=tuple(stops), extra=extra)
 
 
 # ---------------------------------------------------------------- backends
@@ -163,7 +165,7 @@ class VLLMBackend:
         sp = self.vllm.SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p,
                                       top_k=params.top_k or -1, min_p=params.min_p,
                                       repetition_penalty=params.repetition_penalty, max_tokens=params.max_tokens,
-                                      logprobs=0, stop_token_ids=list(params.stop_token_ids))
+                                      logprobs=0, stop_token_ids=list(params.stop_token_ids), **params.extra)
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling_params=sp,
                                     lora_request=self.lora, use_tqdm=False)
         completions, logps = [], []

@@ -78,7 +78,7 @@ class VLLMClient:
         payload = {"prompts": prompts, "n": n, "temperature": params.temperature, "top_p": params.top_p,
                    "top_k": params.top_k if params.top_k else -1, "min_p": params.min_p,
                    "repetition_penalty": params.repetition_penalty, "max_tokens": params.max_tokens, "logprobs": 0,
-                   "generation_kwargs": {"stop_token_ids": list(params.stop_token_ids)}}
+                   "generation_kwargs": {**params.extra, "stop_token_ids": list(params.stop_token_ids)}}
         return self._request("POST", "/generate/", payload)
 
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> tuple[list, list]:
