@@ -52,7 +52,10 @@ class TRLBlock(Section):
     top_k: int | None = Field(None, ge=0, description="Top-k sampling (0: off).")
     min_p: float | None = Field(None, ge=0, le=1, description="Min-p sampling threshold.")
     repetition_penalty: float | None = Field(None, gt=0, description="Repetition penalty.")
-    generation_kwargs: dict[str, Any] | None = Field(None, description="Extra generation options.")
+    generation_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra generation options: the embedded engine's keys (stop_token_ids, cuda_graphs, compile, "
+        "half_precision_copy, fused_decode, kv_cache_dtype; see grpo.md); any other key goes to vLLM's "
+        "SamplingParams when use_vllm is set.")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extra chat-template variables for prompts.")
     num_iterations: int | None = Field(None, ge=1, description="Optimisation passes per generated batch.")
     epsilon: float | None = Field(None, ge=0, description="Lower clip range of the ratio.")
