@@ -4,7 +4,9 @@ Workload: the rollout benchmark's Llama-3.2-1B step at batch 256 (32 query heads
 a 768-slot bf16 cache, every row attending to slots [0, --filled)), and the Qwen2.5-0.5B one (14 over 2).
 For each (BLOCK, num_warps, num_stages) the kernel's GPU time per call (see `time_call`) and
 the bytes of filled K and V it must read per call divided by that time. The torch path over the same
-slots (`decode_kernel.reference`) is timed as a same-run baseline.
+slots (`decode_kernel.reference`) is timed as a same-run baseline. With --group G the rows come in runs of G
+that share a --prompt-len prompt (GRPO), and the shared-prompt kernel is timed too; its TB/s counts the
+per-row bytes it avoids reading, so it is an equivalent, not a measured, bandwidth.
 
     python bench/decode_attention.py            # on a CUDA machine with Triton
 """
@@ -73,6 +75,12 @@ def measure(name: str, shape: tuple, args) -> list[dict]:
     for splits in (2, 4):
         runs[f"triton-b64-w4-S{splits}"] = (lambda n=splits: decode_kernel._triton_decode(
             q, k, v, start, end, D ** -0.5, splits=n))
+    if args.group > 1:  # GRPO: rows continue a prompt of --prompt-len slots `group` times; read once per group
+        P = args.prompt_len
+        for x in (k, v):
+            x[:, :, :P] = x[::args.group, :, :P].repeat_interleave(args.group, 0)
+        runs[f"triton-shared-prompt-g{args.group}"] = lambda: decode_kernel._triton_decode(
+            q, k, v, start, end, D ** -0.5, group=args.group, prompt_len=P)
     want = decode_kernel.reference(q.float(), k.float(), v.float(), start, end, D ** -0.5)
     records = []
     for label, fn in runs.items():
@@ -95,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--fp8", action="store_true", help="also time an FP8 cache (bytes counted as bf16's)")
     p.add_argument("--configs", choices=["all", "default"], default="all", help="default: only BLOCK=64, 4 warps")
+    p.add_argument("--group", type=int, default=1, help="> 1: also time the shared-prompt kernel (GRPO groups)")
+    p.add_argument("--prompt-len", type=int, default=256, help="prompt slots shared by a group (with --group)")
     p.add_argument("--out", type=Path, default=Path("bench/results/decode_attention.jsonl"))
     args = p.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)

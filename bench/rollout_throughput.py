@@ -15,6 +15,8 @@ both engines do the same work). Reported: generated tokens/s (best of --repeats 
                    only the filled ones (what the filled-range decode kernel buys)
 - embedded-compiled-fp8: the default compiled engine with an FP8 KV cache (opt-in,
                    `generation_kwargs: {kv_cache_dtype: fp8}`; not the same arithmetic as the others)
+- embedded-compiled-shared: with --generations > 1, decode attention reads each prompt's cache slots once
+                   for all its generations (`shared_prompt_attention`, off by default until measured)
 - generate:        transformers `model.generate(do_sample=True)` with its default (dynamic) cache
 - generate-static: the same with `cache_implementation="static"`
 
@@ -97,9 +99,10 @@ def run(shape: str, args) -> list[dict]:
     generated = args.batch * args.new_tokens
     results = []
 
-    def embedded(graphs: bool, compile: bool = False, filled_range: bool = True, fused: bool = True, kv_dtype=None):
+    def embedded(graphs: bool, compile: bool = False, filled_range: bool = True, fused: bool = True, kv_dtype=None,
+                 shared: bool = False):
         sampler = EmbeddedSampler(model, pad_id=0, cuda_graphs=graphs, compile=compile, filled_range=filled_range,
-                                  fused=fused, kv_cache_dtype=kv_dtype)
+                                  fused=fused, kv_cache_dtype=kv_dtype, shared_prompt_attention=shared)
         prefill_seconds = time_prefill(sampler, device)
 
         def go():
@@ -127,6 +130,7 @@ def run(shape: str, args) -> list[dict]:
                "embedded-compiled-transformers": embedded(True, True, fused=False),
                "embedded-compiled-whole-cache": embedded(True, True, filled_range=False),
                "embedded-compiled-fp8": embedded(True, True, kv_dtype=torch.float8_e4m3fn),
+               "embedded-compiled-shared": embedded(True, True, shared=True),
                "generate": generate(False), "generate-static": generate(True)}
     if args.profile:
         sampler = EmbeddedSampler(model, pad_id=0, cuda_graphs=False, compile=device == "cuda")

@@ -43,6 +43,25 @@ def test_reference_equals_sdpa_over_the_filled_slots():
                                    rtol=1e-5, atol=1e-6)
 
 
+# (prompts, group, Hq, Hkv, P, L, D): rows continuing one prompt `group` times (GRPO's generations)
+GROUPED = [(2, 4, 8, 2, 40, 100, 16), (3, 3, 14, 2, 70, 150, 64), (1, 8, 8, 2, 64, 80, 16)]
+
+
+def _grouped_case(shape, dtype=torch.float32, device="cpu", seed=0):
+    """A cache whose rows share their prompt's slots [start, P) within each group (copies, as the fused
+    prefill writes them); completion slots [P, end) differ per row."""
+    n, group, Hq, Hkv, P, L, D = shape
+    g = torch.Generator().manual_seed(seed)
+    B = n * group
+    q = torch.randn(B, Hq, D, generator=g)
+    k, v = torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    for x in (k, v):
+        x[:, :, :P] = x[::group, :, :P].repeat_interleave(group, 0)
+    start = torch.randint(0, P // 2, (n,), generator=g, dtype=torch.int32).repeat_interleave(group)
+    end = torch.tensor([P + (L - P) // 2], dtype=torch.int32)
+    return [t.to(device, dtype) for t in (q, k, v)] + [start.to(device), end.to(device)]
+
+
 def _fp8(k, v):
     """k, v as float8_e4m3fn with one scale each (k = k8 * scales[0]), as the fused decoder stores them."""
     scales = torch.stack([k.abs().amax(), v.abs().amax()]).float() * (2 / 448)
@@ -74,6 +93,25 @@ def test_decode_attention_forward_reads_the_given_range_not_the_mask():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_shared_prompt_kernel_matches_the_reference_on_cuda(dtype):
+    shapes = GROUPED + [(32, 8, 32, 8, 256, 768, 64), (16, 16, 14, 2, 256, 768, 64)]  # GRPO-sized
+    for i, shape in enumerate(shapes):
+        q, k, v, start, end = _grouped_case(shape, dtype, "cuda", seed=i)
+        _, group, _, _, P, _, D = shape
+        got = decode_kernel.decode_attention(q, k, v, start, end, D ** -0.5, None, group, P)
+        want = decode_kernel.reference(q.double(), k.double(), v.double(), start, end, D ** -0.5)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, msg=lambda m, s=shape: f"{s}: {m}")
+        if dtype != torch.float32:
+            k8, v8, scales = _fp8(k, v)
+            got = decode_kernel.decode_attention(q, k8, v8, start, end, D ** -0.5, scales, group, P)
+            want = decode_kernel.reference(q.double(), k8, v8, start, end, D ** -0.5, scales.double())
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, msg=lambda m, s=shape: f"fp8 {s}: {m}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_triton_kernel_matches_the_reference_on_cuda(dtype):
     shapes = SHAPES + [(256, 32, 8, 768, 64), (256, 14, 2, 768, 64)]  # the benchmark's Llama and Qwen caches
@@ -94,7 +132,7 @@ INTERPRETED = textwrap.dedent("""
     import torch
     import triton.runtime.interpreter as interp
     from tuneforge.models import decode_kernel
-    from tests.test_decode_kernel import SHAPES, _case, _fp8
+    from tests.test_decode_kernel import GROUPED, SHAPES, _case, _fp8, _grouped_case
 
     # Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a loop bound with int(),
     # which numpy >= 2.4 refuses; take the element instead. Compiled kernels are unaffected.
@@ -115,6 +153,20 @@ INTERPRETED = textwrap.dedent("""
         q, k, v, start, end = _case(shape, torch.float16, seed=i)
         k8, v8, scales = _fp8(k, v)
         got = decode_kernel._triton_decode(q, k8, v8, start, end, 0.125, kv_scales=scales)
+        want = decode_kernel.reference(q.double(), k8, v8, start, end, 0.125, scales.double())
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
+    for i, shape in enumerate(GROUPED):  # prompt slots shared by a group of rows, read once per group
+        _, group, _, _, P, _, D = shape
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+            q, k, v, start, end = _grouped_case(shape, dtype, seed=i)
+            want = decode_kernel.reference(q.double(), k.double(), v.double(), start, end, 0.125)
+            for x in (k, v):  # only each group's first row is read for the prompt: spoil the other copies
+                x.view(-1, group, *x.shape[1:])[:, 1:, :, :P] = float("nan")
+            got = decode_kernel._triton_decode(q, k, v, start, end, 0.125, group=group, prompt_len=P)
+            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        q, k, v, start, end = _grouped_case(shape, torch.float16, seed=i)
+        k8, v8, scales = _fp8(k, v)
+        got = decode_kernel._triton_decode(q, k8, v8, start, end, 0.125, kv_scales=scales, group=group, prompt_len=P)
         want = decode_kernel.reference(q.double(), k8, v8, start, end, 0.125, scales.double())
         torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
     print("ok")

@@ -4,6 +4,12 @@ Each case generates greedily through both paths of the embedded engine (fused, a
 forward, which tests elsewhere compare with `model.generate`) and compares tokens and log-probs.
 """
 
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
@@ -262,3 +268,47 @@ def test_without_the_fused_step_every_generation_row_is_prefilled(monkeypatch):
     out = sampler.generate(PROMPTS, 2, params)
     assert not sampler.used_fused and sum(rows) == 2 * len(PROMPTS)
     _assert_same(out, EmbeddedSampler(model, pad_id=0, fused=False).generate(PROMPTS, 2, params))
+
+
+SHARED_INTERPRETED = textwrap.dedent("""
+    import torch
+    import triton.runtime.interpreter as interp
+    from tuneforge.models import decode_kernel
+    from tuneforge.rollout.base import SamplingParams
+    from tuneforge.rollout.embedded import EmbeddedSampler
+    from tests.test_fused_decode import CONFIGS, PROMPTS, _model
+
+    original = interp._patch_lang_tensor  # numpy >= 2.4 and Triton 3.6's interpreter: see test_decode_kernel
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    interp._patch_lang_tensor = patched
+
+    groups, launch = [], decode_kernel._triton_decode
+    def counted(*a, group=1, **kw):
+        groups.append(group)
+        return launch(*a, group=group, **kw)
+    decode_kernel._triton_decode = counted
+
+    model = _model(CONFIGS["qwen2 (q/k/v bias)"]())
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    plain = EmbeddedSampler(model, pad_id=0).generate(PROMPTS, 3, params)
+    assert set(groups) == {1}, set(groups)
+    shared = EmbeddedSampler(model, pad_id=0, shared_prompt_attention=True).generate(PROMPTS, 3, params)
+    assert set(groups) == {1, 3}, set(groups)
+    assert shared.completion_ids == plain.completion_ids
+    for a, b in zip(shared.logprobs, plain.logprobs):
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+    print("ok")
+""")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_shared_prompt_attention_decodes_like_per_row_attention_interpreted():
+    """The fused decoder with the shared-prompt kernel (each prompt's slots read once for its 3 generations)
+    generates what per-row attention does, through Triton's interpreter on CPU."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", SHARED_INTERPRETED], env=env, capture_output=True, text=True,
+                            timeout=600, cwd=root)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -26,10 +26,8 @@ costs no extra pass.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-from types import SimpleNamespace
 
 import torch
 
@@ -71,14 +69,17 @@ def grouped_attention(q, k, v, valid: torch.Tensor, scale: float) -> torch.Tenso
 
 @torch.library.custom_op("tuneforge::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
-                     scale: float, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: float, kv_scales: torch.Tensor | None = None, group: int = 1,
+                     prompt_len: int = 0) -> torch.Tensor:
+    """group / prompt_len: rows in runs of `group` share identical prompt slots [start, prompt_len), which
+    the Triton path then reads once per run (the result is the same; see `_triton_decode`)."""
     if triton_usable(q.device):
-        return _triton_decode(q, k, v, start, end, scale, kv_scales=kv_scales)
+        return _triton_decode(q, k, v, start, end, scale, kv_scales=kv_scales, group=group, prompt_len=prompt_len)
     return reference(q, k, v, start, end, scale, kv_scales)
 
 
 @decode_attention.register_fake
-def _(q, k, v, start, end, scale, kv_scales=None):
+def _(q, k, v, start, end, scale, kv_scales=None, group=1, prompt_len=0):
     return torch.empty_like(q)
 
 
@@ -89,107 +90,57 @@ def _num_splits(programs: int, L: int, device: torch.device, block: int = BLOCK)
 
 
 def _triton_decode(q, k, v, start, end, scale, block: int = BLOCK, num_warps: int = 4, num_stages: int | None = None,
-                   kv_scales: torch.Tensor | None = None, splits: int | None = None):
-    """The kernels' launch; block / num_warps / num_stages / splits are exposed for bench/decode_attention.py."""
+                   kv_scales: torch.Tensor | None = None, splits: int | None = None, group: int = 1,
+                   prompt_len: int = 0):
+    """The kernels' launch; block / num_warps / num_stages / splits are exposed for bench/decode_attention.py.
+
+    group > 1: rows come in runs of `group` that continue one prompt, whose cache slots [start, prompt_len)
+    hold identical copies; the `shared_prompt` kernel reads them once per group (partial 0), the split
+    kernel each row's own slots from prompt_len on, and `combine` merges them."""
     kernels = _kernels()
     B, Hq, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
     G = Hq // Hkv
     GP = max(16, 1 << (G - 1).bit_length())  # tl.dot needs >= 16 rows; padded heads are masked out
-    S = splits or _num_splits(B * Hkv, L, q.device, block)
-    split_len = math.ceil(math.ceil(L / S) / block) * block
-    S = math.ceil(L / split_len)
+    shared = group > 1
+    first, s0 = (prompt_len, 1) if shared else (0, 0)
+    S = splits or _num_splits(B * Hkv, L - first, q.device, block)
+    split_len = math.ceil(math.ceil((L - first) / S) / block) * block
+    S = math.ceil((L - first) / split_len)
+    parts = S + s0
     q = q.contiguous()
     out = torch.empty_like(q)
     # One split per row (batch x KV heads already fills the GPU, as at GRPO batch sizes): the kernel
     # normalises and writes the output itself; the partial buffers and the merge pass are skipped.
-    direct = S == 1
-    parts = (1, 1, 1, 1) if direct else (B, Hkv, S, GP)
-    acc = torch.empty((*parts, D), dtype=torch.float32, device=q.device)
-    row_max = torch.empty(parts, dtype=torch.float32, device=q.device)
+    direct = parts == 1
+    shape = (1, 1, 1, 1) if direct else (B, Hkv, parts, GP)
+    acc = torch.empty((*shape, D), dtype=torch.float32, device=q.device)
+    row_max = torch.empty(shape, dtype=torch.float32, device=q.device)
     row_sum = torch.empty_like(row_max)
     scaled = kv_scales is not None
+    scales = kv_scales if scaled else row_max  # never read unless SCALED
     precision = "ieee" if (q.dtype if scaled else k.dtype) == torch.float32 else "tf32"
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+    stages = {} if num_stages is None else {"num_stages": num_stages}
+    if shared:
+        M = max(16, 1 << (group * G - 1).bit_length())
+        kernels.shared_prompt[(B // group, Hkv)](
+            q, k, v, start, scales, acc, row_max, row_sum, scale * 1.4426950408889634, *strides, Hkv, parts,
+            prompt_len, G=G, GP=GP, GROUP=group, M=M, D=D, BLOCK=block, PRECISION=precision, SCALED=scaled,
+            num_warps=4 if M <= 32 else 8, **stages)
     kernels.split[(B, Hkv, S)](
-        q, k, v, start, end, kv_scales if scaled else row_max, acc, row_max, row_sum, out, scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), Hkv, S, split_len, G=G, GP=GP, D=D, BLOCK=block, PRECISION=precision,
-        DIRECT=direct, SCALED=scaled, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
+        q, k, v, start, end, scales, acc, row_max, row_sum, out, scale * 1.4426950408889634, *strides,
+        out.stride(0), out.stride(1), Hkv, parts, split_len, first, s0, G=G, GP=GP, D=D, BLOCK=block,
+        PRECISION=precision, DIRECT=direct, SCALED=scaled, num_warps=num_warps, **stages)
     if direct:
         return out
-    kernels.combine[(B, Hkv)](acc, row_max, row_sum, out, out.stride(0), out.stride(1), Hkv, S,
-                              G=G, GP=GP, D=D, SP=max(2, 1 << (S - 1).bit_length()), num_warps=4)
+    kernels.combine[(B, Hkv)](acc, row_max, row_sum, out, out.stride(0), out.stride(1), Hkv, parts,
+                              G=G, GP=GP, D=D, SP=max(2, 1 << (parts - 1).bit_length()), num_warps=4)
     return out
 
 
-@functools.cache
 def _kernels():
-    """Define the Triton kernels on first use (Triton is optional and never imported at module load)."""
-    import triton
-    import triton.language as tl
+    """The Triton kernels (`decode_triton.py`), imported on first use: Triton is optional."""
+    from . import decode_triton
 
-    @triton.jit
-    def split(Q, K, V, Start, End, Scales, Acc, Max, Sum, Out, qk_scale,
-              sqb, sqh, skb, skh, skl, svb, svh, svl, sob, soh, Hkv, S, split_len,
-              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-              DIRECT: tl.constexpr, SCALED: tl.constexpr):
-        b, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        lo = tl.maximum(tl.load(Start + b), s * split_len)
-        hi = tl.minimum(tl.load(End), (s + 1) * split_len)
-        g = tl.arange(0, GP)
-        d = tl.arange(0, D)
-        q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=(g < G)[:, None], other=0.0)
-        v_scale = 1.0
-        if SCALED:  # FP8 cache: widen K and V to q's dtype, fold the key scale into the softmax scale
-            qk_scale = qk_scale * tl.load(Scales)
-            v_scale = tl.load(Scales + 1)
-        else:
-            q = q.to(K.dtype.element_ty)
-        m = tl.full([GP], float("-inf"), tl.float32)
-        total = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([GP, D], tl.float32)
-        k_base = K + b * skb + h * skh
-        v_base = V + b * svb + h * svh
-        # Every block from the one holding `lo` up to `hi` has at least one valid slot, so the running
-        # max is finite after the first iteration; an empty split runs no iteration at all.
-        for n in range((lo // BLOCK) * BLOCK, hi, BLOCK):
-            slot = n + tl.arange(0, BLOCK)
-            valid = (slot >= lo) & (slot < hi)
-            kb = tl.load(k_base + slot[:, None] * skl + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
-            scores = tl.dot(q, tl.trans(kb), input_precision=PRECISION) * qk_scale  # log2 units
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))
-            p = tl.exp2(scores - m_new[:, None])
-            alpha = tl.exp2(m - m_new)
-            vb = tl.load(v_base + slot[:, None] * svl + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision=PRECISION)
-            total = total * alpha + tl.sum(p, 1)
-            m = m_new
-        acc = acc * v_scale  # partial sums are linear in V: scaling them scales the merged output
-        if DIRECT:  # the only split: its softmax sums are final (a filled range is never empty)
-            tl.store(Out + b * sob + (h * G + g)[:, None] * soh + d[None, :],
-                     (acc / total[:, None]).to(Out.dtype.element_ty), mask=(g < G)[:, None])
-        else:
-            row = ((b * Hkv + h) * S + s) * GP + g
-            tl.store(Acc + row[:, None] * D + d[None, :], acc)
-            tl.store(Max + row, m)
-            tl.store(Sum + row, total)
-
-    @triton.jit
-    def combine(Acc, Max, Sum, Out, sob, soh, Hkv, S,
-                G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SP: tl.constexpr):
-        b, h = tl.program_id(0), tl.program_id(1)
-        s = tl.arange(0, SP)
-        g = tl.arange(0, GP)
-        d = tl.arange(0, D)
-        row = ((b * Hkv + h) * S + s)[:, None] * GP + g[None, :]  # [SP, GP]
-        live = (s < S)[:, None]
-        m = tl.load(Max + row, mask=live, other=float("-inf"))
-        weight = tl.exp2(m - tl.max(m, 0)[None, :])  # empty splits (max -inf) weigh 0
-        denom = tl.sum(weight * tl.load(Sum + row, mask=live, other=0.0), 0)
-        acc = tl.load(Acc + row[:, :, None] * D + d[None, None, :], mask=live[:, :, None], other=0.0)
-        out = tl.sum(acc * weight[:, :, None], 0) / denom[:, None]
-        tl.store(Out + b * sob + (h * G + g)[:, None] * soh + d[None, :], out.to(Out.dtype.element_ty),
-                 mask=(g < G)[:, None])
-
-    return SimpleNamespace(split=split, combine=combine)
+    return decode_triton

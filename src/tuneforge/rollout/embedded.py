@@ -248,8 +248,11 @@ class EmbeddedSampler:
 
     def __init__(self, model, pad_id: int, *, max_batch: int | None = None, cuda_graphs: bool = True,
                  check_every: int = 8, autocast_dtype: torch.dtype | None = None, compile: bool = False,
-                 filled_range: bool = True, fused: bool = True, kv_cache_dtype: torch.dtype | None = None):
+                 filled_range: bool = True, fused: bool = True, kv_cache_dtype: torch.dtype | None = None,
+                 shared_prompt_attention: bool = False):
         self.model = model
+        # decode attention reads a prompt's cache slots once per group of its generations (fused path, CUDA)
+        self.shared_prompt_attention = shared_prompt_attention
         self.kv_cache_dtype = kv_cache_dtype  # e.g. torch.float8_e4m3fn (fused path only); None: the model's
         self.filled_range = filled_range  # False: attention reads the whole static cache (benchmark baseline)
         self.fused = fused  # fused projections for Llama/Mistral/Qwen2/Qwen3 (rollout/fused_decode.py)
@@ -318,8 +321,8 @@ class EmbeddedSampler:
         compiled = self.compile and dev.type == "cuda"
         want_fused = self.fused and self.filled_range
         distinct = _Prompts.padded(rows[::group] if want_fused else rows, T, self.pad_id, dev)
-        decoder = (fused_decoder(net, len(rows), distinct.L, self.autocast_dtype, self.kv_cache_dtype)
-                   if want_fused else None)
+        decoder = (fused_decoder(net, len(rows), distinct.L, self.autocast_dtype, self.kv_cache_dtype,
+                                 self.shared_prompt_attention) if want_fused else None)
         self.used_fused = decoder is not None
         if decoder is None and self.kv_cache_dtype is not None:
             _warn_once(f"kv_cache_dtype {self.kv_cache_dtype} needs the fused decode path (Llama, Mistral, Qwen2, "

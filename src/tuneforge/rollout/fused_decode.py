@@ -51,10 +51,10 @@ class Unsupported(Exception):
 
 
 def fused_decoder(net, rows: int, length: int, dtype: torch.dtype | None = None,
-                  kv_dtype: torch.dtype | None = None) -> FusedDecoder | None:
+                  kv_dtype: torch.dtype | None = None, share_prompt: bool = False) -> FusedDecoder | None:
     """A FusedDecoder over `net` with a KV cache of `rows` x `length` slots, or None (reason logged)."""
     try:
-        return FusedDecoder(net, rows, length, dtype, kv_dtype)
+        return FusedDecoder(net, rows, length, dtype, kv_dtype, share_prompt)
     except Unsupported as exc:
         log.debug("fused decode unavailable, decoding through transformers: %s", exc)
         return None
@@ -144,6 +144,7 @@ class _Layer:
         self.values = torch.zeros_like(self.keys)
         # FP8 cache: one scale for the keys and one for the values of this layer, set by the prefill
         self.scales = torch.ones(2, device=weight.device) if fp8 else None
+        self.shared = (1, 0)  # (group, prompt length): rows share their prompt's slots (set by the prefill)
 
     def _to_cache(self, x: torch.Tensor, which: int) -> torch.Tensor:
         """x as the cache holds it (FP8: scaled, saturated, rounded, as bytes)."""
@@ -177,7 +178,7 @@ class _Layer:
             cache.index_copy_(2, slot.view(1), self._to_cache(new.unsqueeze(2), which))
         if self.window is not None:  # the cache keeps every slot; the window only narrows what is read
             start = torch.maximum(start, end - self.window)
-        attn = decode_attention(q, *self.cached(), start, end, self.scaling, self.scales)
+        attn = decode_attention(q, *self.cached(), start, end, self.scaling, self.scales, *self.shared)
         return self._rest(h, attn.reshape(h.shape[0], -1))
 
     def prefill(self, h, cos, sin, allowed, group: int):
@@ -206,9 +207,12 @@ class FusedDecoder:
     """
 
     def __init__(self, net, rows: int, length: int, dtype: torch.dtype | None = None,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None, share_prompt: bool = False):
         from transformers import StaticCache
 
+        # share_prompt: decode attention reads a prompt's slots once for all its generations (CUDA kernel;
+        # off by default until measured on a GPU, see bench/rollout_throughput.py)
+        self.share_prompt = share_prompt
         if type(net).__name__ not in ARCHITECTURES:
             raise Unsupported(f"architecture {type(net).__name__}")
         # transformers' own per-layer cache sizes (allocated lazily: nothing is allocated here): a sliding-window
@@ -224,6 +228,9 @@ class FusedDecoder:
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, group: int = 1) -> torch.Tensor:
         """Run left-padded prompts ids [n, P] (valid: real tokens) into cache slots [0, P) of their `group`
         rows each (n x group = the cache's rows); returns the last position's logits [n, V]."""
+        for layer in self.layers:  # a sliding window gives every row its own start: nothing to share
+            share = self.share_prompt and group > 1 and layer.window is None
+            layer.shared = (group, ids.shape[1]) if share else (1, 0)
         allowed = {None: prompt_attention(valid, ids.shape[1]).unsqueeze(1)}  # per window size
         for w in {layer.window for layer in self.layers} - {None}:
             allowed[w] = allowed[None] & windowed(ids.shape[1], w, ids.device)
