@@ -12,7 +12,9 @@ graph.
 - on CUDA with Triton installed, a split-KV ("flash-decoding") Triton kernel. Program (b, kv-head,
   split) keeps the Hq/Hkv query heads that share the KV head together, so each cache block is read
   once; splits only exist to fill the GPU when batch x KV heads is small, and a second tiny kernel
-  merges their partial softmax sums (with one split the first kernel writes the output itself);
+  merges their partial softmax sums (with one split the first kernel writes the output itself).
+  With `group` > 1 (GRPO: runs of rows continuing one prompt, whose prompt slots are identical copies)
+  a third kernel reads each prompt's slots once for its whole run, as one partial sum per row;
 - everywhere else, the same arithmetic in plain torch (masked softmax over the whole cache).
 
 Shapes: q [B, Hq, D]; k, v [B, Hkv, L, D] (transformers' StaticCache layout); start [B] and end [1]
