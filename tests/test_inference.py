@@ -27,6 +27,7 @@ def make_run(base: Path, out: Path, template: str | None = CHATML) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
+    torch.manual_seed(0)  # LoRA's A matrices are drawn from the global RNG: the same adapter in any test order
     model = get_peft_model(_load(base), LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"]))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
