@@ -312,3 +312,31 @@ def test_shared_prompt_attention_decodes_like_per_row_attention_interpreted():
     result = subprocess.run([sys.executable, "-c", SHARED_INTERPRETED], env=env, capture_output=True, text=True,
                             timeout=600, cwd=root)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_the_compiled_prefill_and_step_under_autocast_with_lora_stay_close_to_eager():
+    """GRPO with LoRA on a GPU: fp32 model and adapters, bf16 fused weights and cache, under autocast.
+    Here bf16 autocast on the CPU: compiled and eager agree to bf16 rounding, in bf16 throughout."""
+    from peft import LoraConfig, get_peft_model
+
+    from tuneforge.models.losses import unwrap_peft
+    from tuneforge.rollout import embedded
+    from tuneforge.rollout.fused_decode import fused_decoder
+
+    model = get_peft_model(_model(CONFIGS["qwen2 (q/k/v bias)"]()),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    net = unwrap_peft(model)
+    prompts = embedded._Prompts.padded(PROMPTS, 4, 0, torch.device("cpu"))
+    slot = torch.tensor(prompts.P)
+    results = []
+    for prefill, step in ((embedded._fused_prefill, embedded._fused_step),
+                          (torch.compile(embedded._fused_prefill), torch.compile(embedded._fused_step))):
+        decoder = fused_decoder(net, len(PROMPTS), prompts.L, torch.bfloat16)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            first = prefill(decoder, prompts.ids, prompts.valid, 1)
+            logits = step(decoder, torch.tensor([5, 6, 7]), prompts.lens, slot, (prompts.P - prompts.lens).int(),
+                          (slot + 1).int().view(1))
+        assert first.dtype == logits.dtype == decoder.layers[0].keys.dtype == torch.bfloat16
+        results.append([first.float(), logits.float()])
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0.05 * eager.abs().max().item())
