@@ -15,6 +15,8 @@ both engines do the same work). Reported: generated tokens/s (best of --repeats 
                    only the filled ones (what the filled-range decode kernel buys)
 - embedded-compiled-fp8: the default compiled engine with an FP8 KV cache (opt-in,
                    `generation_kwargs: {kv_cache_dtype: fp8}`; not the same arithmetic as the others)
+- embedded-compiled-autotune: the decode step compiled with mode max-autotune-no-cudagraphs (inductor times
+                   Triton GEMM templates against cuBLAS for the step's skinny GEMMs; longer compile)
 - embedded-compiled-shared: with --generations > 1, decode attention reads each prompt's cache slots once
                    for all its generations (`shared_prompt_attention`, off by default until measured)
 - generate:        transformers `model.generate(do_sample=True)` with its default (dynamic) cache
@@ -131,6 +133,7 @@ def run(shape: str, args) -> list[dict]:
                "embedded-compiled-whole-cache": embedded(True, True, filled_range=False),
                "embedded-compiled-fp8": embedded(True, True, kv_dtype=torch.float8_e4m3fn),
                "embedded-compiled-shared": embedded(True, True, shared=True),
+               "embedded-compiled-autotune": embedded(True, "max-autotune-no-cudagraphs"),
                "generate": generate(False), "generate-static": generate(True)}
     if args.profile:
         sampler = EmbeddedSampler(model, pad_id=0, cuda_graphs=False, compile=device == "cuda")

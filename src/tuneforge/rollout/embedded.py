@@ -247,7 +247,7 @@ class EmbeddedSampler:
     """Generates with the given (training) model. `cuda_graphs`: capture the decode step on CUDA."""
 
     def __init__(self, model, pad_id: int, *, max_batch: int | None = None, cuda_graphs: bool = True,
-                 check_every: int = 8, autocast_dtype: torch.dtype | None = None, compile: bool = False,
+                 check_every: int = 8, autocast_dtype: torch.dtype | None = None, compile: bool | str = False,
                  filled_range: bool = True, fused: bool = True, kv_cache_dtype: torch.dtype | None = None,
                  shared_prompt_attention: bool = False):
         self.model = model
@@ -257,7 +257,7 @@ class EmbeddedSampler:
         self.filled_range = filled_range  # False: attention reads the whole static cache (benchmark baseline)
         self.fused = fused  # fused projections for Llama/Mistral/Qwen2/Qwen3 (rollout/fused_decode.py)
         self.used_fused = False
-        self.compile = compile
+        self.compile = compile  # a string: torch.compile's mode for the decode step (benchmarks)
         self.pad_id = pad_id
         self.max_batch = max_batch
         self.cuda_graphs = cuda_graphs
@@ -332,7 +332,8 @@ class EmbeddedSampler:
                 logits = (_compiled_fused_prefill() if compiled else _fused_prefill)(decoder, distinct.ids,
                                                                                    distinct.valid, group)
             pre = distinct.repeated(group, logits)
-            return pre, _FusedDecode(decoder, (pre.P - pre.lens).to(torch.int32), compiled)
+            mode = self.compile if isinstance(self.compile, str) else None
+            return pre, _FusedDecode(decoder, (pre.P - pre.lens).to(torch.int32), compiled, mode)
         pre = distinct if not want_fused or group == 1 else _Prompts.padded(rows, T, self.pad_id, dev)
         cache, slots = self._prefill(net, pre)
         kv_start = (pre.P - pre.lens).to(torch.int32) if self.filled_range else None  # first slot of each prompt
@@ -394,9 +395,9 @@ class _TransformersDecode:
 class _FusedDecode:
     """Decode through `fused_decode.FusedDecoder` (fused projections, filled-range attention)."""
 
-    def __init__(self, decoder, kv_start: torch.Tensor, compiled: bool):
+    def __init__(self, decoder, kv_start: torch.Tensor, compiled: bool, mode: str | None = None):
         self.decoder, self.kv_start = decoder, kv_start
-        self.step = _compiled_fused_step() if compiled else _fused_step
+        self.step = _compiled_fused_step(mode) if compiled else _fused_step
 
     def __call__(self, ids, positions, slot, end):
         return self.step(self.decoder, ids, positions, slot, self.kv_start, end)
@@ -417,8 +418,8 @@ def _fused_prefill(decoder, ids, valid, group: int):
 # last batch may be smaller), and a static compile per shape would cost 15-30 s each and hit dynamo's
 # recompile limit; instead the second shape compiles once more with that dimension symbolic.
 @functools.cache
-def _compiled_fused_step():
-    return torch.compile(_fused_step)
+def _compiled_fused_step(mode: str | None = None):
+    return torch.compile(_fused_step, mode=mode)
 
 
 @functools.cache
