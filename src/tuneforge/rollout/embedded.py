@@ -321,8 +321,9 @@ class EmbeddedSampler:
         compiled = self.compile and dev.type == "cuda"
         want_fused = self.fused and self.filled_range
         distinct = _Prompts.padded(rows[::group] if want_fused else rows, T, self.pad_id, dev)
-        decoder = (fused_decoder(net, len(rows), distinct.L, self.autocast_dtype, self.kv_cache_dtype,
-                                 self.shared_prompt_attention) if want_fused else None)
+        shared = (group, distinct.P) if self.shared_prompt_attention and group > 1 else None
+        decoder = (fused_decoder(net, len(rows), distinct.L, self.autocast_dtype, self.kv_cache_dtype, shared)
+                   if want_fused else None)
         self.used_fused = decoder is not None
         if decoder is None and self.kv_cache_dtype is not None:
             _warn_once(f"kv_cache_dtype {self.kv_cache_dtype} needs the fused decode path (Llama, Mistral, Qwen2, "

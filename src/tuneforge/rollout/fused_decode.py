@@ -50,11 +50,11 @@ class Unsupported(Exception):
     """This model (or one of its layers) has no fused decode path; decode through transformers instead."""
 
 
-def fused_decoder(net, rows: int, length: int, dtype: torch.dtype | None = None,
-                  kv_dtype: torch.dtype | None = None, share_prompt: bool = False) -> FusedDecoder | None:
+def fused_decoder(net, rows: int, length: int, dtype: torch.dtype | None = None, kv_dtype: torch.dtype | None = None,
+                  shared_prompt: tuple[int, int] | None = None) -> FusedDecoder | None:
     """A FusedDecoder over `net` with a KV cache of `rows` x `length` slots, or None (reason logged)."""
     try:
-        return FusedDecoder(net, rows, length, dtype, kv_dtype, share_prompt)
+        return FusedDecoder(net, rows, length, dtype, kv_dtype, shared_prompt)
     except Unsupported as exc:
         log.debug("fused decode unavailable, decoding through transformers: %s", exc)
         return None
@@ -121,9 +121,12 @@ FP8_HEADROOM = 2.0  # the per-layer scale leaves room for decoded keys/values up
 
 
 class _Layer:
-    def __init__(self, layer, rows: int, length: int, dtype, kv_dtype=None, window: int | None = None):
+    def __init__(self, layer, rows: int, length: int, dtype, kv_dtype=None, window: int | None = None,
+                 shared_prompt: tuple[int, int] | None = None):
         attn, mlp = layer.self_attn, layer.mlp
         self.window = window  # sliding-window attention: a token sees itself and the window - 1 before it
+        # (group, prompt length): rows share their prompt's slots; a window gives each row its own start
+        self.shared = shared_prompt if shared_prompt and window is None else (1, 0)
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
@@ -144,7 +147,6 @@ class _Layer:
         self.values = torch.zeros_like(self.keys)
         # FP8 cache: one scale for the keys and one for the values of this layer, set by the prefill
         self.scales = torch.ones(2, device=weight.device) if fp8 else None
-        self.shared = (1, 0)  # (group, prompt length): rows share their prompt's slots (set by the prefill)
 
     def _to_cache(self, x: torch.Tensor, which: int) -> torch.Tensor:
         """x as the cache holds it (FP8: scaled, saturated, rounded, as bytes)."""
@@ -207,12 +209,11 @@ class FusedDecoder:
     """
 
     def __init__(self, net, rows: int, length: int, dtype: torch.dtype | None = None,
-                 kv_dtype: torch.dtype | None = None, share_prompt: bool = False):
+                 kv_dtype: torch.dtype | None = None, shared_prompt: tuple[int, int] | None = None):
+        """shared_prompt (group, P): rows come in runs of `group` continuing one prompt of P slots, which
+        decode attention then reads once per run (CUDA kernel; see `decode_kernel`)."""
         from transformers import StaticCache
 
-        # share_prompt: decode attention reads a prompt's slots once for all its generations (CUDA kernel;
-        # off by default until measured on a GPU, see bench/rollout_throughput.py)
-        self.share_prompt = share_prompt
         if type(net).__name__ not in ARCHITECTURES:
             raise Unsupported(f"architecture {type(net).__name__}")
         # transformers' own per-layer cache sizes (allocated lazily: nothing is allocated here): a sliding-window
@@ -222,15 +223,12 @@ class FusedDecoder:
         base = net.model
         self.embed, self.norm, self.rotary, self.lm_head = base.embed_tokens, base.norm, base.rotary_emb, net.lm_head
         with torch.no_grad():
-            self.layers = [_Layer(layer, rows, length, dtype, kv_dtype, size if size < length else None)
+            self.layers = [_Layer(layer, rows, length, dtype, kv_dtype, size if size < length else None, shared_prompt)
                            for layer, size in zip(base.layers, sizes, strict=True)]
 
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, group: int = 1) -> torch.Tensor:
         """Run left-padded prompts ids [n, P] (valid: real tokens) into cache slots [0, P) of their `group`
         rows each (n x group = the cache's rows); returns the last position's logits [n, V]."""
-        for layer in self.layers:  # a sliding window gives every row its own start: nothing to share
-            share = self.share_prompt and group > 1 and layer.window is None
-            layer.shared = (group, ids.shape[1]) if share else (1, 0)
         allowed = {None: prompt_attention(valid, ids.shape[1]).unsqueeze(1)}  # per window size
         for w in {layer.window for layer in self.layers} - {None}:
             allowed[w] = allowed[None] & windowed(ids.shape[1], w, ids.device)
