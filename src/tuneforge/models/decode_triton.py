@@ -4,7 +4,7 @@ launch; this module is imported only where Triton is usable).
 - `split`: program (row, KV head, split) over the row's own cache slots;
 - `shared_prompt`: program (prompt group, KV head) over the prompt slots that a group of rows shares;
 - `combine`: merges the partial softmax sums of a row's splits;
-- `attend`: the online-softmax loop they share.
+- `attend`: the online-softmax loop they share; `scaled`: their handling of an FP8 cache.
 """
 
 import triton
@@ -35,6 +35,20 @@ def attend(q, k_base, v_base, skl, svl, lo, hi, qk_scale, d, M: tl.constexpr, D:
         m = m_new
     return acc, m, total
 
+
+@triton.jit
+def scaled(q, K, Scales, qk_scale, SCALED: tl.constexpr):
+    """(q in the compute dtype, softmax scale, value scale). An FP8 cache (SCALED) is widened to q's dtype
+    as it is loaded; its key scale folds into the softmax scale, its value scale into the output."""
+    v_scale = 1.0
+    if SCALED:
+        qk_scale = qk_scale * tl.load(Scales)
+        v_scale = tl.load(Scales + 1)
+    else:
+        q = q.to(K.dtype.element_ty)
+    return q, qk_scale, v_scale
+
+
 @triton.jit
 def split(Q, K, V, Start, End, Scales, Acc, Max, Sum, Out, qk_scale,
           sqb, sqh, skb, skh, skl, svb, svh, svl, sob, soh, Hkv, S, split_len, first, s0,
@@ -48,12 +62,7 @@ def split(Q, K, V, Start, End, Scales, Acc, Max, Sum, Out, qk_scale,
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     q = tl.load(Q + b * sqb + (h * G + g)[:, None] * sqh + d[None, :], mask=(g < G)[:, None], other=0.0)
-    v_scale = 1.0
-    if SCALED:  # FP8 cache: widen K and V to q's dtype, fold the key scale into the softmax scale
-        qk_scale = qk_scale * tl.load(Scales)
-        v_scale = tl.load(Scales + 1)
-    else:
-        q = q.to(K.dtype.element_ty)
+    q, qk_scale, v_scale = scaled(q, K, Scales, qk_scale, SCALED)
     acc, m, total = attend(q, K + b * skb + h * skh, V + b * svb + h * svh, skl, svl, lo, hi, qk_scale, d,
                            GP, D, BLOCK, PRECISION)
     acc = acc * v_scale  # partial sums are linear in V: scaling them scales the merged output
@@ -65,6 +74,7 @@ def split(Q, K, V, Start, End, Scales, Acc, Max, Sum, Out, qk_scale,
         tl.store(Acc + row[:, None] * D + d[None, :], acc)
         tl.store(Max + row, m)
         tl.store(Sum + row, total)
+
 
 @triton.jit
 def shared_prompt(Q, K, V, Start, Scales, Acc, Max, Sum, qk_scale,
@@ -80,12 +90,7 @@ def shared_prompt(Q, K, V, Start, Scales, Acc, Max, Sum, qk_scale,
     b = grp * GROUP + r // G
     d = tl.arange(0, D)
     q = tl.load(Q + b[:, None] * sqb + (h * G + r % G)[:, None] * sqh + d[None, :], mask=live[:, None], other=0.0)
-    v_scale = 1.0
-    if SCALED:
-        qk_scale = qk_scale * tl.load(Scales)
-        v_scale = tl.load(Scales + 1)
-    else:
-        q = q.to(K.dtype.element_ty)
+    q, qk_scale, v_scale = scaled(q, K, Scales, qk_scale, SCALED)
     lead = grp * GROUP
     acc, m, total = attend(q, K + lead * skb + h * skh, V + lead * svb + h * svh, skl, svl,
                            tl.load(Start + lead), prompt_len, qk_scale, d, M, D, BLOCK, PRECISION)
@@ -93,6 +98,7 @@ def shared_prompt(Q, K, V, Start, Scales, Acc, Max, Sum, qk_scale,
     tl.store(Acc + row[:, None] * D + d[None, :], acc * v_scale, mask=live[:, None])
     tl.store(Max + row, m, mask=live)
     tl.store(Sum + row, total, mask=live)
+
 
 @triton.jit
 def combine(Acc, Max, Sum, Out, sob, soh, Hkv, S,
