@@ -16,8 +16,8 @@ import torch
 from tuneforge.models import attention, decode_kernel
 
 # (B, Hq, Hkv, L, D): GQA groups of 4 (Llama), 7 (Qwen2.5-0.5B, padded inside the kernel) and 1; caches
-# of one block, several blocks and several splits.
-SHAPES = [(3, 8, 2, 200, 64), (5, 14, 2, 130, 64), (2, 4, 4, 64, 16), (1, 2, 1, 70, 16)]
+# of one block, several blocks and several splits; head_dim 256 (Gemma3-1B: 4 query heads over 1 KV head).
+SHAPES = [(3, 8, 2, 200, 64), (5, 14, 2, 130, 64), (2, 4, 4, 64, 16), (1, 2, 1, 70, 16), (2, 4, 1, 90, 256)]
 
 
 def _case(shape, dtype=torch.float32, device="cpu", seed=0):

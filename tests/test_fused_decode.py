@@ -12,7 +12,14 @@ import textwrap
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from tuneforge.rollout.base import SamplingParams
 from tuneforge.rollout.embedded import EmbeddedSampler
@@ -26,6 +33,10 @@ CONFIGS = {
     "qwen2 (q/k/v bias)": lambda: Qwen2Config(**SMALL),
     "qwen3 (q/k norms, head_dim 32)": lambda: Qwen3Config(**SMALL, head_dim=32),
     "mistral": lambda: MistralConfig(**SMALL),
+    # sandwich norms, (1 + w) RMSNorm, scaled embedding, local and global RoPE, logit soft-capping
+    "gemma3 (window longer than the generation)": lambda: Gemma3TextConfig(
+        **SMALL, head_dim=32, sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+        final_logit_softcapping=30.0),
 }
 PROMPTS = [[5, 6, 7, 9, 10], [8, 9], [11] * 20]
 
@@ -79,6 +90,9 @@ SLIDING = {  # windows of 8 slots, shorter than prompt + completion (up to 32 he
     "qwen2 (layer 0 full, layer 1 sliding)": lambda: Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=8,
                                                                  max_window_layers=1),
     "mistral (every layer sliding)": lambda: MistralConfig(**SMALL, sliding_window=8),
+    "gemma3 (sliding layer with local RoPE, then a global one)": lambda: Gemma3TextConfig(
+        **SMALL, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+        final_logit_softcapping=30.0),
 }
 LONG_PROMPTS = PROMPTS[:2] + [list(range(30, 50))]  # 20 distinct tokens (a repeated token is blind to windows)
 

@@ -91,7 +91,8 @@ def _num_splits(programs: int, L: int, device: torch.device, block: int = BLOCK)
     return max(1, min(math.ceil(L / block), math.ceil(2 * sms / programs)))
 
 
-def _triton_decode(q, k, v, start, end, scale, block: int = BLOCK, num_warps: int = 4, num_stages: int | None = None,
+def _triton_decode(q, k, v, start, end, scale, block: int | None = None, num_warps: int = 4,
+                   num_stages: int | None = None,
                    kv_scales: torch.Tensor | None = None, splits: int | None = None, group: int = 1,
                    prompt_len: int = 0):
     """The kernels' launch; block / num_warps / num_stages / splits are exposed for bench/decode_attention.py.
@@ -102,6 +103,7 @@ def _triton_decode(q, k, v, start, end, scale, block: int = BLOCK, num_warps: in
     kernels = _kernels()
     B, Hq, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
+    block = block or (BLOCK if D <= 128 else BLOCK // 2)  # head_dim 256 (Gemma3): half the slots per block
     G = Hq // Hkv
     GP = max(16, 1 << (G - 1).bit_length())  # tl.dot needs >= 16 rows; padded heads are masked out
     shared = group > 1

@@ -12,8 +12,8 @@ cache bookkeeping), so small models are host-bound on a GPU. Here one generation
    [N, 1, 1, L] buffer whose next column is opened in place, and tokens and log-probs are written into
    preallocated output buffers. Because nothing in a step depends on Python values, on CUDA the step is
    captured once as a CUDA graph and replayed (one launch per token instead of hundreds of kernels).
-   On CPU, and whenever capture fails, the same step runs eagerly. For Llama, Mistral, Qwen2 and
-   Qwen3 the step is tuneforge's own (`fused_decode.py`: fused q/k/v and gate/up projections); other
+   On CPU, and whenever capture fails, the same step runs eagerly. For Llama, Mistral, Qwen2, Qwen3 and
+   Gemma3 the step is tuneforge's own (`fused_decode.py`: fused q/k/v and gate/up projections); other
    models decode through their transformers layers. Either way attention reads only the filled cache
    slots of each row (`models/decode_kernel.py`, a Triton kernel on CUDA), with the query heads that
    share a KV head grouped so the cache is read once.
@@ -255,7 +255,7 @@ class EmbeddedSampler:
         self.shared_prompt_attention = shared_prompt_attention
         self.kv_cache_dtype = kv_cache_dtype  # e.g. torch.float8_e4m3fn (fused path only); None: the model's
         self.filled_range = filled_range  # False: attention reads the whole static cache (benchmark baseline)
-        self.fused = fused  # fused projections for Llama/Mistral/Qwen2/Qwen3 (rollout/fused_decode.py)
+        self.fused = fused  # fused prefill and step for Llama/Mistral/Qwen2/Qwen3/Gemma3 (fused_decode.py)
         self.used_fused = False
         self.compile = compile  # a string: torch.compile's mode for the decode step (benchmarks)
         self.pad_id = pad_id
@@ -305,7 +305,7 @@ class EmbeddedSampler:
         if window < L:
             raise NotSupportedYet(f"this model keeps a sliding window of {window} tokens in some layers, shorter than "
                                   f"prompt + completion ({L} here), and the embedded engine supports that only on its "
-                                  f"fused path (Llama, Mistral, Qwen2, Qwen3 without DoRA or quantized weights, "
+                                  f"fused path (Llama, Mistral, Qwen2, Qwen3, Gemma3 without DoRA or quantized weights, "
                                   f"generation_kwargs.fused_decode on); lower max_completion_length / the prompt "
                                   f"length below the window, or generate with vLLM (trl.use_vllm)")
         with self._autocast(dev)(), _eager():
@@ -326,8 +326,8 @@ class EmbeddedSampler:
                    if want_fused else None)
         self.used_fused = decoder is not None
         if decoder is None and self.kv_cache_dtype is not None:
-            _warn_once(f"kv_cache_dtype {self.kv_cache_dtype} needs the fused decode path (Llama, Mistral, Qwen2, "
-                       f"Qwen3 without DoRA or quantized weights); this model decodes with a cache in its own dtype")
+            _warn_once(f"kv_cache_dtype {self.kv_cache_dtype} needs the fused decode path (Llama, Mistral, Qwen2, Qwen3, "
+                       f"Gemma3 without DoRA or quantized weights); this model decodes with a cache in its own dtype")
         if decoder is not None:
             with self._autocast(dev)():
                 logits = (_compiled_fused_prefill() if compiled else _fused_prefill)(decoder, distinct.ids,

@@ -1,4 +1,5 @@
-"""tuneforge's own prefill and decode step for the standard decoder family (Llama, Mistral, Qwen2, Qwen3).
+"""tuneforge's own prefill and decode step for the standard decoder family (Llama, Mistral, Qwen2, Qwen3,
+Gemma3 text models).
 
 Why: at decode time a step is bound by reading the weights, and transformers' layers issue seven
 separate projections per layer. The small ones (k and v: 2 MB each for Llama-3.2-1B) run at a fraction
@@ -16,10 +17,13 @@ What is reused from the transformers model, as modules: the token embedding, the
 per-head q/k norms), the rotary embedding (so every RoPE scaling type is the model's own), the MLP
 activation and the LM head. What is re-implemented: the layer wiring and rotate-half RoPE, identical to
 transformers' for these architectures (tests compare tokens and log-probs with the model's own
-forward). LoRA adapters are folded into the fused weights (`W + B A * scale`, PEFT's `get_delta_weight`).
-Sliding-window layers (Mistral, Qwen2 with `use_sliding_window`) keep every slot of the cache and read
-only their window of it. Anything else (other architectures, DoRA, quantized base weights) returns None
-from `fused_decoder`, and the caller prefills and decodes through the transformers forward.
+forward). Gemma3's norms around the attention output and the MLP, its local and global rotary
+embeddings and its final logit soft-capping are followed; attention soft-capping (Gemma2) is not.
+LoRA adapters are folded into the fused weights (`W + B A * scale`, PEFT's `get_delta_weight`).
+Sliding-window layers (Mistral, Qwen2 with `use_sliding_window`, Gemma3's local layers) keep every slot
+of the cache and read only their window of it. Anything else (other architectures, DoRA, quantized base
+weights) returns None from `fused_decoder`, and the caller prefills and decodes through the transformers
+forward.
 
 Memory: the fused q/k/v and gate/up copies exist only during a generation (for a 1B model ~1.2 GB,
 for 8B ~9 GB); `generation_kwargs: {fused_decode: false}` turns this path off.
@@ -34,6 +38,7 @@ importance-sampling correction (`vllm_importance_sampling_correction`) is there 
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -43,7 +48,7 @@ from tuneforge.models.decode_kernel import decode_attention
 
 log = logging.getLogger("tuneforge")
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM")
 
 
 class Unsupported(Exception):
@@ -124,10 +129,18 @@ class _Layer:
     def __init__(self, layer, rows: int, length: int, dtype, kv_dtype=None, window: int | None = None,
                  shared_prompt: tuple[int, int] | None = None):
         attn, mlp = layer.self_attn, layer.mlp
+        if getattr(attn, "attn_logit_softcapping", None) is not None:
+            raise Unsupported("attention logit soft-capping")
         self.window = window  # sliding-window attention: a token sees itself and the window - 1 before it
         # (group, prompt length): rows share their prompt's slots; a window gives each row its own start
         self.shared = shared_prompt if shared_prompt and window is None else (1, 0)
-        self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.rope_kind = None  # Gemma3: the layer type, which picks the rotary embedding (local / global)
+        self.input_norm = layer.input_layernorm
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma3: norms around attention output and MLP too
+            self.attn_out_norm, self.post_norm = layer.post_attention_layernorm, layer.pre_feedforward_layernorm
+            self.mlp_out_norm = layer.post_feedforward_layernorm
+        else:
+            self.attn_out_norm, self.post_norm, self.mlp_out_norm = None, layer.post_attention_layernorm, None
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
@@ -168,10 +181,13 @@ class _Layer:
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
     def _rest(self, h, attn):
-        """The layer after attention: output projection, residual, MLP, residual."""
-        h = h + F.linear(attn.to(h.dtype), *self.o)
+        """The layer after attention: output projection, residual, MLP, residual (Gemma3: each branch's
+        output normalised before its residual add)."""
+        out = F.linear(attn.to(h.dtype), *self.o)
+        h = h + (out if self.attn_out_norm is None else self.attn_out_norm(out))
         gate, up = F.linear(self.post_norm(h), *self.gate_up).chunk(2, dim=-1)
-        return h + F.linear(self.act(gate) * up, *self.down)
+        out = F.linear(self.act(gate) * up, *self.down)
+        return h + (out if self.mlp_out_norm is None else self.mlp_out_norm(out))
 
     def __call__(self, h, cos, sin, slot, start, end):
         """One token per row: h [N, hidden], cos/sin [N, 1, head_dim]."""
@@ -220,11 +236,17 @@ class FusedDecoder:
         # layer keeps min(window, length) slots. Here every layer keeps all `length` slots and a window
         # shorter than that narrows the slots it attends to.
         sizes = [layer.max_cache_len for layer in StaticCache(config=net.config, max_cache_len=length).layers]
+        if getattr(net.config, "use_bidirectional_attention", False):
+            raise Unsupported("bidirectional attention")
         base = net.model
         self.embed, self.norm, self.rotary, self.lm_head = base.embed_tokens, base.norm, base.rotary_emb, net.lm_head
+        self.softcap = getattr(net.config, "final_logit_softcapping", None)  # Gemma: cap * tanh(logits / cap)
         with torch.no_grad():
             self.layers = [_Layer(layer, rows, length, dtype, kv_dtype, size if size < length else None, shared_prompt)
                            for layer, size in zip(base.layers, sizes, strict=True)]
+        if "layer_type" in inspect.signature(type(self.rotary).forward).parameters:  # one rotary per layer type
+            for ours, theirs in zip(self.layers, base.layers, strict=True):
+                ours.rope_kind = theirs.self_attn.layer_type
 
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, group: int = 1) -> torch.Tensor:
         """Run left-padded prompts ids [n, P] (valid: real tokens) into cache slots [0, P) of their `group`
@@ -233,15 +255,27 @@ class FusedDecoder:
         for w in {layer.window for layer in self.layers} - {None}:
             allowed[w] = allowed[None] & windowed(ids.shape[1], w, ids.device)
         h = self.embed(ids)
-        cos, sin = self.rotary(h, prompt_positions(valid))
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [n, P, 1, D]: broadcasts over the heads
+        rope = self._rope(h, prompt_positions(valid), heads_axis=True)  # [n, P, 1, D]: broadcasts over the heads
         for layer in self.layers:
-            h = layer.prefill(h, cos, sin, allowed[layer.window], group)
-        return self.lm_head(self.norm(h[:, -1]))
+            h = layer.prefill(h, *rope[layer.rope_kind], allowed[layer.window], group)
+        return self._logits(h[:, -1])
 
     def __call__(self, ids, positions, slot, start, end) -> torch.Tensor:
         h = self.embed(ids)
-        cos, sin = self.rotary(h, positions.view(-1, 1))  # [N, 1, D]: broadcasts over the heads
+        rope = self._rope(h, positions.view(-1, 1))  # [N, 1, D]: the length-1 axis broadcasts over the heads
         for layer in self.layers:
-            h = layer(h, cos, sin, slot, start, end)
-        return self.lm_head(self.norm(h))
+            h = layer(h, *rope[layer.rope_kind], slot, start, end)
+        return self._logits(h)
+
+    def _rope(self, h, positions, heads_axis: bool = False) -> dict:
+        """{layer type: (cos, sin)}: the model's rotary embedding, per layer type where it has several
+        (Gemma3: local for sliding layers, global for the others); `heads_axis` adds one before D."""
+        out = {}
+        for kind in {layer.rope_kind for layer in self.layers}:
+            cos, sin = self.rotary(h, positions) if kind is None else self.rotary(h, positions, kind)
+            out[kind] = (cos.unsqueeze(-2), sin.unsqueeze(-2)) if heads_axis else (cos, sin)
+        return out
+
+    def _logits(self, h):
+        logits = self.lm_head(self.norm(h))
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
