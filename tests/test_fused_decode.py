@@ -187,8 +187,9 @@ def test_an_fp8_kv_cache_stores_scaled_fp8_and_decodes_close_to_the_exact_cache(
 
 @pytest.mark.parametrize("config,kv_dtype", [(CONFIGS["llama (llama3 RoPE scaling, attention bias)"], None),
                                              (CONFIGS["llama (llama3 RoPE scaling, attention bias)"], torch.float8_e4m3fn),
-                                             (lambda: MistralConfig(**SMALL, sliding_window=8), None)],
-                         ids=["llama", "llama-fp8-cache", "mistral-sliding-window"])
+                                             (lambda: MistralConfig(**SMALL, sliding_window=8), None),
+                                             (SLIDING["gemma3 (sliding layer with local RoPE, then a global one)"], None)],
+                         ids=["llama", "llama-fp8-cache", "mistral-sliding-window", "gemma3-sliding-window"])
 def test_the_compiled_prefill_and_step_equal_eager(config, kv_dtype):
     """What runs on a GPU is the inductor-compiled prefill and step (writes into the cache included);
     inductor's CPU backend checks the same graphs here."""
