@@ -1,6 +1,7 @@
 """CUDA-only paths (skipped on CPU; run on the lent H200 through bench/h200_session.sh):
 QLoRA with a paged 8-bit optimizer, torch_compile with the compiled fused loss, the fused loss in bf16,
-and the embedded rollout engine's captured decode graph."""
+and the embedded rollout engine's captured decode graph, compiled fused prefill and step, Triton decode
+kernels (shared-prompt attention, sliding windows, head_dim 256)."""
 
 from __future__ import annotations
 
@@ -94,3 +95,35 @@ def test_embedded_rollout_with_cuda_graphs_equals_generate(tiny_model_dir):
         ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
                              min_new_tokens=12, eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         assert completion == ref
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2-sliding", "gemma3-sliding"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_compiled_fused_rollout_on_cuda_matches_the_model(family, shared):
+    """The compiled fused prefill and captured decode step on CUDA (fp32, Triton kernels, shared-prompt
+    attention on or off, sliding windows shorter than the generation) give the log-probs of a
+    teacher-forced forward of the same model."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    from tuneforge.rollout.base import SamplingParams
+    from tuneforge.rollout.embedded import EmbeddedSampler
+
+    small = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=300)
+    config = {"llama": lambda: LlamaConfig(**small),
+              "qwen2-sliding": lambda: Qwen2Config(**small, use_sliding_window=True, sliding_window=16,
+                                                   max_window_layers=1),
+              "gemma3-sliding": lambda: Gemma3TextConfig(**small, head_dim=256, sliding_window=16,
+                                                         layer_types=["sliding_attention", "full_attention"])}[family]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).cuda().eval()
+    prompts = [list(range(10, 40)), [7, 8, 9], list(range(50, 70))]
+    sampler = EmbeddedSampler(model, pad_id=0, compile=True, shared_prompt_attention=shared)
+    out = sampler.generate(prompts, 2, SamplingParams(temperature=0.0, max_tokens=24))
+    assert sampler.used_fused and out.meta["cuda_graphs"] is True
+    for i, (completion, logps) in enumerate(zip(out.completion_ids, out.logprobs, strict=True)):
+        prompt = prompts[i // 2]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + completion], device="cuda")).logits[0, len(prompt) - 1:-1]
+        want = logits.float().log_softmax(-1).gather(-1, torch.tensor(completion, device="cuda")[:, None]).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(logps), want.cpu(), rtol=0, atol=1e-3)
