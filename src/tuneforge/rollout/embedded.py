@@ -41,7 +41,7 @@ from tuneforge.models import attention
 from tuneforge.models.losses import unwrap_peft
 
 from .base import Rollout, SamplingParams
-from .fused_decode import fused_decoder, prompt_attention, prompt_positions
+from .fused_decode import FAMILIES, cache_sizes, fused_decoder, prompt_attention, prompt_positions
 
 log = logging.getLogger("tuneforge")
 
@@ -295,19 +295,19 @@ class EmbeddedSampler:
         from transformers import StaticCache
 
         N, P, L, dev = prompts.ids.shape[0], prompts.P, prompts.L, prompts.ids.device
+        window = min(cache_sizes(net.config, L))
+        if window < L:
+            raise NotSupportedYet(f"this model keeps a sliding window of {window} tokens in some layers, shorter than "
+                                  f"prompt + completion ({L} here), and the embedded engine supports that only on its "
+                                  f"fused path ({FAMILIES} without DoRA or quantized weights, "
+                                  f"generation_kwargs.fused_decode on); lower max_completion_length / the prompt "
+                                  f"length below the window, or generate with vLLM (trl.use_vllm)")
         slots = torch.zeros((N, L), dtype=torch.bool, device=dev)  # cache slots a row may attend to
         slots[:, :P] = prompts.valid
         allowed = prompt_attention(prompts.valid, L)
         positions = prompt_positions(prompts.valid)
 
         cache = StaticCache(config=net.config, max_cache_len=L)
-        window = min(layer.max_cache_len for layer in cache.layers)
-        if window < L:
-            raise NotSupportedYet(f"this model keeps a sliding window of {window} tokens in some layers, shorter than "
-                                  f"prompt + completion ({L} here), and the embedded engine supports that only on its "
-                                  f"fused path (Llama, Mistral, Qwen2, Qwen3, Gemma3 without DoRA or quantized weights, "
-                                  f"generation_kwargs.fused_decode on); lower max_completion_length / the prompt "
-                                  f"length below the window, or generate with vLLM (trl.use_vllm)")
         with self._autocast(dev)(), _eager():
             out = net(input_ids=prompts.ids, attention_mask=allowed.unsqueeze(1), position_ids=positions,
                       **cache_kwargs(net, cache), use_cache=True, logits_to_keep=1)
@@ -326,8 +326,8 @@ class EmbeddedSampler:
                    if want_fused else None)
         self.used_fused = decoder is not None
         if decoder is None and self.kv_cache_dtype is not None:
-            _warn_once(f"kv_cache_dtype {self.kv_cache_dtype} needs the fused decode path (Llama, Mistral, Qwen2, Qwen3, "
-                       f"Gemma3 without DoRA or quantized weights); this model decodes with a cache in its own dtype")
+            _warn_once(f"kv_cache_dtype {self.kv_cache_dtype} needs the fused decode path ({FAMILIES} without DoRA "
+                       f"or quantized weights); this model decodes with a cache in its own dtype")
         if decoder is not None:
             with self._autocast(dev)():
                 logits = (_compiled_fused_prefill() if compiled else _fused_prefill)(decoder, distinct.ids,

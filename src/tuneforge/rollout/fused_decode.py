@@ -51,6 +51,17 @@ log = logging.getLogger("tuneforge")
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM")
 
 
+FAMILIES = "Llama, Mistral, Qwen2, Qwen3, Gemma3"  # ARCHITECTURES in words, for messages
+
+
+def cache_sizes(config, length: int) -> list[int]:
+    """Cache slots transformers gives each layer for a cache of `length` (a sliding-window layer keeps
+    min(window, length)); read from a StaticCache, which allocates lazily, so nothing is allocated."""
+    from transformers import StaticCache
+
+    return [layer.max_cache_len for layer in StaticCache(config=config, max_cache_len=length).layers]
+
+
 class Unsupported(Exception):
     """This model (or one of its layers) has no fused decode path; decode through transformers instead."""
 
@@ -190,12 +201,11 @@ class _Layer:
         return h + (out if self.mlp_out_norm is None else self.mlp_out_norm(out))
 
     def __call__(self, h, cos, sin, slot, start, end):
-        """One token per row: h [N, hidden], cos/sin [N, 1, head_dim]."""
+        """One token per row: h [N, hidden], cos/sin [N, 1, head_dim]; `start` already narrowed to this
+        layer's window (the cache keeps every slot; a window only narrows what is read)."""
         q, k, v = self._qkv(h, cos, sin)
         for which, (cache, new) in enumerate(((self.keys, k), (self.values, v))):
             cache.index_copy_(2, slot.view(1), self._to_cache(new.unsqueeze(2), which))
-        if self.window is not None:  # the cache keeps every slot; the window only narrows what is read
-            start = torch.maximum(start, end - self.window)
         attn = decode_attention(q, *self.cached(), start, end, self.scaling, self.scales, *self.shared)
         return self._rest(h, attn.reshape(h.shape[0], -1))
 
@@ -228,14 +238,10 @@ class FusedDecoder:
                  kv_dtype: torch.dtype | None = None, shared_prompt: tuple[int, int] | None = None):
         """shared_prompt (group, P): rows come in runs of `group` continuing one prompt of P slots, which
         decode attention then reads once per run (CUDA kernel; see `decode_kernel`)."""
-        from transformers import StaticCache
-
         if type(net).__name__ not in ARCHITECTURES:
             raise Unsupported(f"architecture {type(net).__name__}")
-        # transformers' own per-layer cache sizes (allocated lazily: nothing is allocated here): a sliding-window
-        # layer keeps min(window, length) slots. Here every layer keeps all `length` slots and a window
-        # shorter than that narrows the slots it attends to.
-        sizes = [layer.max_cache_len for layer in StaticCache(config=net.config, max_cache_len=length).layers]
+        # Every layer here keeps all `length` slots; a window shorter than that narrows the slots it attends to.
+        sizes = cache_sizes(net.config, length)
         if getattr(net.config, "use_bidirectional_attention", False):
             raise Unsupported("bidirectional attention")
         base = net.model
@@ -263,8 +269,9 @@ class FusedDecoder:
     def __call__(self, ids, positions, slot, start, end) -> torch.Tensor:
         h = self.embed(ids)
         rope = self._rope(h, positions.view(-1, 1))  # [N, 1, D]: the length-1 axis broadcasts over the heads
+        starts = {w: start if w is None else torch.maximum(start, end - w) for w in {la.window for la in self.layers}}
         for layer in self.layers:
-            h = layer(h, *rope[layer.rope_kind], slot, start, end)
+            h = layer(h, *rope[layer.rope_kind], slot, starts[layer.window], end)
         return self._logits(h)
 
     def _rope(self, h, positions, heads_axis: bool = False) -> dict:
