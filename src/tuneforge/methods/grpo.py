@@ -348,8 +348,7 @@ class GRPOObjective(Objective):
         mostly_fp32 = wants_half_precision_copy(model, autocast)
         half = autocast if gen_kwargs.get("half_precision_copy", True) and mostly_fp32 else None
 
-        # values checked when the config loaded (config/rules.py)
-        kv_dtype = None if gen_kwargs.get("kv_cache_dtype", "auto") == "auto" else torch.float8_e4m3fn
+        kv_dtype = torch.float8_e4m3fn if self.s.rounded_kv_cache else None  # the one value besides auto
 
         def make(m):
             return EmbeddedSampler(m, pad, cuda_graphs=cuda_graphs, autocast_dtype=None if mostly_fp32 else autocast,
