@@ -20,16 +20,16 @@ quiet() { grep -v -E "it/s\]|Warning|warn" | tail -${TAIL:-20}; }
 for step in ${STEPS:-tests train-full train-lora}; do
   echo "=== $step ($(date +%T))"
   case $step in
-    tests) timeout ${STEP_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -rfEs --show-capture=no \
+    tests) timeout -k 15 ${STEP_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -rfEs --show-capture=no \
              ${TESTS:-$DEFAULT_TESTS} > "$OUT/tests.txt" 2>&1; tail -25 "$OUT/tests.txt" ;;
-    rollout) timeout ${STEP_TIMEOUT:-240} python3 bench/rollout_throughput.py --out "$OUT/rollout.jsonl" ${ROLLOUT_ARGS:-} 2>&1 | quiet ;;
-    train-*) timeout ${STEP_TIMEOUT:-240} python3 bench/train_throughput.py --mode "${step#train-}" \
+    rollout) timeout -k 15 ${STEP_TIMEOUT:-240} python3 bench/rollout_throughput.py --out "$OUT/rollout.jsonl" ${ROLLOUT_ARGS:-} 2>&1 | quiet ;;
+    train-*) timeout -k 15 ${STEP_TIMEOUT:-240} python3 bench/train_throughput.py --mode "${step#train-}" \
                --out "$OUT/train_${step#train-}.jsonl" ${TRAIN_ARGS:-} 2>&1 | quiet ;;
-    pref-*) timeout ${STEP_TIMEOUT:-240} python3 bench/preference_packing.py --mode "${step#pref-}" \
+    pref-*) timeout -k 15 ${STEP_TIMEOUT:-240} python3 bench/preference_packing.py --mode "${step#pref-}" \
               --out "$OUT/pref_${step#pref-}.jsonl" ${PREF_ARGS:-} 2>&1 | quiet ;;
-    grpo-*) timeout ${STEP_TIMEOUT:-240} python3 bench/grpo_step.py --mode "${step#grpo-}" \
+    grpo-*) timeout -k 15 ${STEP_TIMEOUT:-240} python3 bench/grpo_step.py --mode "${step#grpo-}" \
               --out "$OUT/grpo_${step#grpo-}.jsonl" ${GRPO_ARGS:-} 2>&1 | quiet ;;
-    attn) timeout ${STEP_TIMEOUT:-240} python3 bench/decode_attention.py --out "$OUT/attn.jsonl" ${ATTN_ARGS:-} > "$OUT/attn.txt" 2>&1
+    attn) timeout -k 15 ${STEP_TIMEOUT:-240} python3 bench/decode_attention.py --out "$OUT/attn.jsonl" ${ATTN_ARGS:-} > "$OUT/attn.txt" 2>&1
           python3 -c "import json,sys; rs=[json.loads(l) for l in open(sys.argv[1]) if 'error' not in l]
 for r in sorted(rs, key=lambda r: (r['shape'], r['us']))[:60]: print(r['shape'], r['config'], r['us'], r['tb_per_s'])" "$OUT/attn.jsonl" ;;
     *) echo "unknown step $step" ;;

@@ -17,8 +17,9 @@ both engines do the same work). Reported: generated tokens/s (best of --repeats 
                    `generation_kwargs: {kv_cache_dtype: fp8}`; not the same arithmetic as the others)
 - embedded-compiled-autotune: the decode step compiled with mode max-autotune-no-cudagraphs (inductor times
                    Triton GEMM templates against cuBLAS for the step's skinny GEMMs; longer compile)
-- embedded-compiled-shared: with --generations > 1, decode attention reads each prompt's cache slots once
-                   for all its generations (`shared_prompt_attention`, off by default until measured)
+- embedded-compiled-shared / -unshared: with --generations > 1, decode attention reads each prompt's cache
+                   slots once for all its generations always / never (`shared_prompt_attention`; the other
+                   embedded engines do so where `decode_kernel.shared_prompt_pays` says it is faster)
 - generate:        transformers `model.generate(do_sample=True)` with its default (dynamic) cache
 - generate-static: the same with `cache_implementation="static"`
 
@@ -102,7 +103,7 @@ def run(shape: str, args) -> list[dict]:
     results = []
 
     def embedded(graphs: bool, compile: bool = False, filled_range: bool = True, fused: bool = True, kv_dtype=None,
-                 shared: bool = False):
+                 shared: bool | None = None):
         sampler = EmbeddedSampler(model, pad_id=0, cuda_graphs=graphs, compile=compile, filled_range=filled_range,
                                   fused=fused, kv_cache_dtype=kv_dtype, shared_prompt_attention=shared)
         prefill_seconds = time_prefill(sampler, device)
@@ -133,6 +134,7 @@ def run(shape: str, args) -> list[dict]:
                "embedded-compiled-whole-cache": embedded(True, True, filled_range=False),
                "embedded-compiled-fp8": embedded(True, True, kv_dtype=torch.float8_e4m3fn),
                "embedded-compiled-shared": embedded(True, True, shared=True),
+               "embedded-compiled-unshared": embedded(True, True, shared=False),
                "embedded-compiled-autotune": embedded(True, "max-autotune-no-cudagraphs"),
                "generate": generate(False), "generate-static": generate(True)}
     if args.profile:

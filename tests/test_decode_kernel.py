@@ -181,3 +181,27 @@ def test_triton_kernel_matches_the_reference_interpreted(tmp_path):
     result = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True,
                             timeout=600, cwd=root)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kv_heads, group, prompt_len, pays", [
+    (8, 8, 256, True),    # Llama-1B, GRPO groups of 8: 54 vs 66 us per layer on an H200, 9.7% more tokens/s
+    (8, 4, 256, True),    # 57.5 vs 66.3 us
+    (8, 16, 256, True),   # 52.8 vs 66.0 us
+    (8, 2, 256, False),   # 67.4 vs 65.9 us: a quarter of the slots saved does not pay for the extra pass
+    (8, 8, 128, False),   # 52.2 vs 51.1 us
+    (8, 8, 64, False),    # 52.2 vs 44.3 us
+    (2, 8, 256, False),   # Qwen-0.5B: 19.1 vs 19.9 us, and 2% fewer tokens/s end to end
+    (2, 16, 256, False),  # 19.0 vs 19.8 us
+    (8, 1, 256, False),   # no groups
+])
+def test_shared_prompt_rule_follows_the_measurements(kv_heads, group, prompt_len, pays):
+    """Batch 256, head_dim 64, bf16, 512 new tokens: the cases bench/decode_attention.py measured
+    (docs/benchmarks.md). The rule is on where the shared kernel was measurably faster, off elsewhere."""
+    length = prompt_len + 512
+    assert decode_kernel.shared_prompt_saves(256, kv_heads, length, 64, 2, group, prompt_len) is pays
+
+
+def test_shared_prompt_rule_is_off_where_the_kernels_do_not_run():
+    keys = torch.zeros(256, 8, 768, 64, dtype=torch.bfloat16)  # the first case above, on the CPU
+    assert decode_kernel.shared_prompt_saves(*keys.shape, keys.element_size(), 8, 256)
+    assert decode_kernel.triton_usable(keys.device) or not decode_kernel.shared_prompt_pays(keys, 8, 256)

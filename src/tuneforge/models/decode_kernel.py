@@ -35,6 +35,9 @@ import torch
 
 BLOCK = 64  # cache slots per loop iteration
 
+SHARED_MIN_SAVED_SHARE = 0.35  # see shared_prompt_pays
+SHARED_MIN_SAVED_BYTES = 64 * 2**20
+
 
 def triton_usable(device: torch.device) -> bool:
     """Triton importable, and a CUDA device (or Triton's CPU interpreter, which tests use)."""
@@ -83,6 +86,29 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: t
 @decode_attention.register_fake
 def _(q, k, v, start, end, scale, kv_scales=None, group=1, prompt_len=0):
     return torch.empty_like(q)
+
+
+def shared_prompt_pays(keys: torch.Tensor, group: int, prompt_len: int) -> bool:
+    """Whether reading a group's prompt slots once (the `shared_prompt` kernel) beats reading every row's
+    copy, for a cache keys [rows, Hkv, L, D] on the device the kernels run on (see `shared_prompt_saves`)."""
+    return triton_usable(keys.device) and shared_prompt_saves(*keys.shape, keys.element_size(), group, prompt_len)
+
+
+def shared_prompt_saves(rows: int, kv_heads: int, length: int, head_dim: int, itemsize: int, group: int,
+                        prompt_len: int) -> bool:
+    """The rule of `shared_prompt_pays` for a cache filled to prompt_len + (length - prompt_len) / 2 slots
+    on average over a rollout.
+
+    The shared path adds a kernel and a merge pass (8-17 us per layer on an H200), so it must save both a
+    large share of the slots read and enough bytes to pay for them. Fitted to bench/decode_attention.py
+    (docs/benchmarks.md): Llama-1B groups of 4-16 with 256-token prompts and 512 new tokens save 13-20%;
+    groups of 2, 64-128-token prompts, and Qwen-0.5B's 2 KV heads (a quarter of the bytes) do not pay."""
+    if group < 2:
+        return False
+    saved_slots = prompt_len * (1 - 1 / group)
+    saved_share = saved_slots / (prompt_len + (length - prompt_len) / 2)
+    saved_bytes = 2 * rows * kv_heads * head_dim * itemsize * saved_slots  # keys and values
+    return saved_share >= SHARED_MIN_SAVED_SHARE and saved_bytes >= SHARED_MIN_SAVED_BYTES
 
 
 def _num_splits(programs: int, L: int, device: torch.device, block: int = BLOCK) -> int:

@@ -44,7 +44,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from tuneforge.models.decode_kernel import decode_attention
+from tuneforge.models.decode_kernel import decode_attention, shared_prompt_pays
 
 log = logging.getLogger("tuneforge")
 
@@ -67,10 +67,10 @@ class Unsupported(Exception):
 
 
 def fused_decoder(net, rows: int, length: int, dtype: torch.dtype | None = None, kv_dtype: torch.dtype | None = None,
-                  shared_prompt: tuple[int, int] | None = None) -> FusedDecoder | None:
+                  shared_prompt: tuple[int, int] | None = None, share: bool | None = None) -> FusedDecoder | None:
     """A FusedDecoder over `net` with a KV cache of `rows` x `length` slots, or None (reason logged)."""
     try:
-        return FusedDecoder(net, rows, length, dtype, kv_dtype, shared_prompt)
+        return FusedDecoder(net, rows, length, dtype, kv_dtype, shared_prompt, share)
     except Unsupported as exc:
         log.debug("fused decode unavailable, decoding through transformers: %s", exc)
         return None
@@ -138,13 +138,11 @@ FP8_HEADROOM = 2.0  # the per-layer scale leaves room for decoded keys/values up
 
 class _Layer:
     def __init__(self, layer, rows: int, length: int, dtype, kv_dtype=None, window: int | None = None,
-                 shared_prompt: tuple[int, int] | None = None):
+                 shared_prompt: tuple[int, int] | None = None, share: bool | None = None):
         attn, mlp = layer.self_attn, layer.mlp
         if getattr(attn, "attn_logit_softcapping", None) is not None:
             raise Unsupported("attention logit soft-capping")
         self.window = window  # sliding-window attention: a token sees itself and the window - 1 before it
-        # (group, prompt length): rows share their prompt's slots; a window gives each row its own start
-        self.shared = shared_prompt if shared_prompt and window is None else (1, 0)
         self.rope_kind = None  # Gemma3: the layer type, which picks the rotary embedding (local / global)
         self.input_norm = layer.input_layernorm
         if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma3: norms around attention output and MLP too
@@ -171,6 +169,12 @@ class _Layer:
         self.values = torch.zeros_like(self.keys)
         # FP8 cache: one scale for the keys and one for the values of this layer, set by the prefill
         self.scales = torch.ones(2, device=weight.device) if fp8 else None
+        # (group, prompt length): rows share their prompt's slots, which attention then reads once per group
+        # where that pays (share None) or always (True); a window gives each row its own start, so never
+        grouped = shared_prompt is not None and window is None
+        if grouped and share is None:
+            share = shared_prompt_pays(self.keys, *shared_prompt)
+        self.shared = shared_prompt if grouped and share else (1, 0)
 
     def _to_cache(self, x: torch.Tensor, which: int) -> torch.Tensor:
         """x as the cache holds it (FP8: scaled, saturated, rounded, as bytes)."""
@@ -235,9 +239,11 @@ class FusedDecoder:
     """
 
     def __init__(self, net, rows: int, length: int, dtype: torch.dtype | None = None,
-                 kv_dtype: torch.dtype | None = None, shared_prompt: tuple[int, int] | None = None):
+                 kv_dtype: torch.dtype | None = None, shared_prompt: tuple[int, int] | None = None,
+                 share: bool | None = None):
         """shared_prompt (group, P): rows come in runs of `group` continuing one prompt of P slots, which
-        decode attention then reads once per run (CUDA kernel; see `decode_kernel`)."""
+        decode attention then reads once per run (CUDA kernel; see `decode_kernel`): where that is faster
+        (share None, `shared_prompt_pays`), always (True: tests, benchmarks) or never (False)."""
         if type(net).__name__ not in ARCHITECTURES:
             raise Unsupported(f"architecture {type(net).__name__}")
         # Every layer here keeps all `length` slots; a window shorter than that narrows the slots it attends to.
@@ -248,7 +254,8 @@ class FusedDecoder:
         self.embed, self.norm, self.rotary, self.lm_head = base.embed_tokens, base.norm, base.rotary_emb, net.lm_head
         self.softcap = getattr(net.config, "final_logit_softcapping", None)  # Gemma: cap * tanh(logits / cap)
         with torch.no_grad():
-            self.layers = [_Layer(layer, rows, length, dtype, kv_dtype, size if size < length else None, shared_prompt)
+            self.layers = [_Layer(layer, rows, length, dtype, kv_dtype, size if size < length else None, shared_prompt,
+                                  share)
                            for layer, size in zip(base.layers, sizes, strict=True)]
         if "layer_type" in inspect.signature(type(self.rotary).forward).parameters:  # one rotary per layer type
             for ours, theirs in zip(self.layers, base.layers, strict=True):
