@@ -355,3 +355,18 @@ def test_the_compiled_prefill_and_step_under_autocast_with_lora_stay_close_to_ea
         results.append([first.float(), logits.float()])
     for eager, compiled in zip(*results, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0.05 * eager.abs().max().item())
+
+
+@pytest.mark.parametrize("share, pays, shared", [(None, True, True), (None, False, False), (True, False, True),
+                                                 (False, True, False)])
+def test_shared_prompt_attention_follows_the_rule_unless_forced(monkeypatch, share, pays, shared):
+    """share None asks `shared_prompt_pays` per layer; True / False override it. Sliding-window layers never
+    share (each row's window starts elsewhere)."""
+    from tuneforge.rollout import fused_decode
+
+    asked = []
+    monkeypatch.setattr(fused_decode, "shared_prompt_pays", lambda keys, group, P: asked.append((group, P)) or pays)
+    model = _model(SLIDING["qwen2 (layer 0 full, layer 1 sliding)"]())
+    decoder = fused_decode.fused_decoder(model, 6, 30, shared_prompt=(3, 20), share=share)
+    assert [layer.shared for layer in decoder.layers] == [(3, 20) if shared else (1, 0), (1, 0)]
+    assert asked == ([(3, 20)] if share is None else [])
