@@ -74,6 +74,51 @@ def test_grpo_on_two_processes(tmp_path, tiny_model_dir):
     steps = [r for r in steps if r["type"] == "train"]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["completions/count"] == 16 for r in steps)  # 2 processes x 8 completions, summed over both
+    assert (done.stdout + done.stderr).count("training for 2 optimizer steps") == 1  # progress is the first process's alone
+
+
+def test_ddp_keys_reach_the_data_parallel_wrapper(tmp_path, tiny_model_dir):
+    """ddp_bucket_cap_mb / ddp_find_unused_parameters become the DDP options accelerate wraps the model with
+    (one process here, so nothing is wrapped; the two-process tests run the wrapper itself)."""
+    from tuneforge.engine.trainer import _accelerator
+
+    tuned = make_config(tmp_path / "a", tiny_model_dir, ddp_bucket_cap_mb=50, ddp_find_unused_parameters=True)
+    handler = _accelerator(tuned, "no", [], tmp_path).ddp_handler
+    assert (handler.bucket_cap_mb, handler.find_unused_parameters) == (50, True)
+    handler = _accelerator(make_config(tmp_path / "b", tiny_model_dir), "no", [], tmp_path).ddp_handler
+    assert (handler.bucket_cap_mb, handler.find_unused_parameters) == (25, False)  # PyTorch's defaults
+
+
+@pytest.mark.slow
+def test_a_process_waiting_past_ddp_timeout_for_the_data_stops_with_what_to_do(tmp_path, tiny_model_dir):
+    """The first process prepares the data (here a transform that takes 8 s) while the other waits at most
+    ddp_timeout (2 s): the run stops soon, with the key and the remedy, instead of hanging or tracing back."""
+    import time
+
+    import yaml
+
+    (tmp_path / "slow_prompts.py").write_text("import time\n\ndef transform(cfg):\n"
+                                              "    def mapper(example):\n        time.sleep(0.5)\n"
+                                              "        return {'prompt': example['q']}\n    return mapper\n")
+    (tmp_path / "rewards.py").write_text("def one(completions, **kw):\n    return [1.0] * len(completions)\n")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"q": f"hi {i}"}) + "\n" for i in range(16)))
+    config = tmp_path / "grpo.yaml"
+    config.write_text(yaml.safe_dump({
+        "base_model": str(tiny_model_dir), "output_dir": str(tmp_path / "out"), "rl": "grpo", "ddp_timeout": 2,
+        "datasets": [{"path": "prompts.jsonl", "type": "slow_prompts.transform"}],
+        "trl": {"num_generations": 4, "max_completion_length": 4, "reward_funcs": ["rewards.one"]},
+        "micro_batch_size": 8, "max_steps": 1, "save_strategy": "no"}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _with_path(tmp_path)}
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "-m", "tuneforge.cli", "train", str(config)],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "process 1 waited more than ddp_timeout (2 s) for the first process to prepare the data" in done.stderr, \
+        done.stderr[-3000:]
+    assert "tuneforge preprocess" in done.stderr
+    assert "Traceback" not in done.stderr.split("waited more")[0]  # the worker's own output: no stack trace
+    assert time.monotonic() - start < 120
 
 
 @pytest.mark.slow

@@ -26,8 +26,13 @@ def _setup_logging(verbose: bool = False) -> None:
     from rich.logging import RichHandler
 
     handler = RichHandler(show_time=False, show_path=False, markup=False, rich_tracebacks=False)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Several processes (torchrun sets RANK): the first one reports progress, the others only their warnings
+    # and errors, marked with their rank, so N processes do not print every line N times.
+    rank = os.environ.get("RANK", "0")
+    prefix = "" if rank == "0" else f"[rank {rank}] "
+    logging.basicConfig(level=logging.INFO, format=f"{prefix}%(message)s", handlers=[handler], force=True)
+    quiet = rank != "0" and not verbose
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     for noisy in ("transformers", "datasets", "accelerate", "peft", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

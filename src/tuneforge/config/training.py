@@ -86,6 +86,19 @@ class TrainingKeys(Section):
         False, description="Resume from the newest checkpoint in output_dir when there is one."
     )
 
+    # Several processes (torchrun / accelerate launch)
+    ddp_timeout: int = Field(
+        1800, ge=1, description="Seconds a process waits for the others at a collective (the gradient "
+        "all-reduce; the wait while the first process prepares the data) before the run fails instead of hanging."
+    )
+    ddp_bucket_cap_mb: int | None = Field(
+        None, ge=1, description="Size of DDP's gradient all-reduce buckets in MB (PyTorch's default: 25)."
+    )
+    ddp_find_unused_parameters: bool = Field(
+        False, description="DDP: let trainable parameters go without a gradient in a step (a model whose "
+        "forward skips some of them); costs a pass over the autograd graph per step."
+    )
+
 
     @field_validator("eval_strategy", "save_strategy", mode="before")
     @classmethod

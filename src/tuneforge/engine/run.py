@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import signal
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from tuneforge.config.schema import Config
+from tuneforge.errors import TuneforgeError
 
 log = logging.getLogger("tuneforge")
 
@@ -37,10 +40,10 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     out = cfg.output_path()
     # Several processes (torchrun / accelerate launch): gloo on CPU, NCCL on GPUs. The first process
     # prepares (and caches) the data while the others wait, then they load its cache.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=cfg.ddp_timeout))
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
-    with state.main_process_first():
+    with _main_process_first(state, cfg.ddp_timeout):
         data = objective.prepare_data(tokenizer)
     _log_data(data)
     set_seed(cfg.seed)  # the model's random parts (reinit, LoRA init) do not depend on data preparation
@@ -93,6 +96,26 @@ def resume_command(cfg: Config, argv: list[str] | None, checkpoint: Path) -> str
             continue
         kept.append(a)
     return shlex.join(["tuneforge", *kept, "--resume-from-checkpoint", str(checkpoint)])
+
+
+@contextlib.contextmanager
+def _main_process_first(state, timeout: int):
+    """The first process runs the body (preparing and caching the data) while the others wait for it, then
+    they run it (loading that cache). A wait longer than ddp_timeout ends the run with what to do about it
+    (gloo raises the timeout here; NCCL's watchdog aborts the process after the same time)."""
+    if not state.is_main_process:
+        try:
+            state.wait_for_everyone()
+        except RuntimeError as exc:
+            if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+                raise
+            raise TuneforgeError(
+                f"process {state.process_index} waited more than ddp_timeout ({timeout} s) for the first process "
+                f"to prepare the data. Prepare it once beforehand with `tuneforge preprocess <config>` (training "
+                f"then loads the cache in seconds), or raise ddp_timeout") from None
+    yield
+    if state.is_main_process:
+        state.wait_for_everyone()
 
 
 def _quiet_libraries() -> None:

@@ -105,7 +105,7 @@ class Trainer:
         self.precision = mixed_precision(cfg)
         names = trackers.requested(cfg)
         trackers.check_installed(names)
-        self.accelerator = accelerator or _accelerator(self.precision, names, self.out)
+        self.accelerator = accelerator or _accelerator(cfg, self.precision, names, self.out)
         acc = self.accelerator
         self.tracker_names = names
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
@@ -432,17 +432,21 @@ class _Window:
         return sum(self.norms) / len(self.norms) if self.norms else None
 
 
-def _accelerator(precision: str, trackers_: list[str], out: Path):
+def _accelerator(cfg: Config, precision: str, trackers_: list[str], out: Path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
 
     current = AcceleratorState._shared_state.get("_mixed_precision")
     if current is not None and current != precision and hasattr(AcceleratorState, "_reset_state"):
         # accelerate keeps its state in a process-wide singleton that refuses a new precision; one process
         # may train several times (tests, notebooks), so start it afresh (accelerate's own tests do this).
         AcceleratorState._reset_state(reset_partial_state=False)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters,
+                                        **({"bucket_cap_mb": cfg.ddp_bucket_cap_mb} if cfg.ddp_bucket_cap_mb else {}))
     return Accelerator(mixed_precision=precision, log_with=trackers_ or None, project_dir=str(out / "runs"),
-                       cpu=not torch.cuda.is_available())  # several CPU processes: gloo data parallelism
+                       cpu=not torch.cuda.is_available(),  # several CPU processes: gloo data parallelism
+                       kwargs_handlers=[ddp])
 
 
 def _public_config(cfg: Config) -> dict:
