@@ -71,3 +71,60 @@ def test_optimizer_settings(model):
 def test_8bit_optimizer_without_bitsandbytes_is_clear(model):
     with pytest.raises(TuneforgeError, match="pip install bitsandbytes"):
         build_optimizer(_cfg(optimizer="paged_adamw_8bit"), model)
+
+
+def _lora_model(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["norm"])
+    return get_peft_model(base, config)  # LoRA on linear and embedding layers, a trainable 1-D norm copy
+
+
+def test_loraplus_learning_rates_equal_peft(tiny_model_dir):
+    """Each trainable parameter's learning rate under loraplus_lr_ratio equals PEFT's create_loraplus_optimizer:
+    B matrices and 1-D parameters at lr x ratio, A matrices at lr, embedding adapters at loraplus_lr_embedding."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    model = _lora_model(tiny_model_dir)
+    cfg = _cfg(adapter="lora", lora_target_linear=True, learning_rate=2e-4, loraplus_lr_ratio=16,
+               loraplus_lr_embedding=3e-6, optimizer="adamw_torch")
+    ours = build_optimizer(cfg, model)
+    theirs = create_loraplus_optimizer(model, torch.optim.AdamW, lr=2e-4, loraplus_lr_ratio=16,
+                                       loraplus_lr_embedding=3e-6)
+
+    def rates(optimizer):
+        return {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[k]: v for k, v in rates(ours).items()} == {names[k]: v for k, v in rates(theirs).items()}
+    assert set(rates(ours).values()) == {2e-4, 3.2e-3, 3e-6}  # all three kinds occur in this model
+    assert ours.param_groups[0]["lr"] == 2e-4  # the logged rate is the base rate's group
+
+
+def test_loraplus_rates_follow_the_schedule_together(tiny_model_dir):
+    """The scheduler scales every group's rate by the same factor, so the ratio holds through warmup and decay."""
+    from tuneforge.engine.schedule import build_scheduler
+
+    model = _lora_model(tiny_model_dir)
+    cfg = _cfg(adapter="lora", lora_target_linear=True, learning_rate=1e-3, loraplus_lr_ratio=8, warmup_steps=2)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, total_steps=10)
+    bases = []
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+        base = scheduler.get_last_lr()[0]
+        bases.append(base)
+        ratios = sorted({g["lr"] / base for g in optimizer.param_groups})
+        assert ratios == pytest.approx([1e-6 / 1e-3, 1.0, 8.0])  # embedding adapters, A matrices, B matrices
+    assert bases[0] < bases[1] == 1e-3 > bases[3]  # warmup, peak, decay: the schedule did move
+
+
+def test_loraplus_without_an_adapter_is_a_config_error():
+    from tuneforge.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio.*LoRA\\+ needs `adapter: lora`"):
+        _cfg(loraplus_lr_ratio=16)

@@ -41,3 +41,10 @@ class AdapterKeys(Section):
     peft_layers_to_transform: list[int] | None = Field(None, description="Only adapt these layer indices.")
     peft: dict[str, Any] | None = Field(None, description="Extra keyword arguments for peft.LoraConfig.")
     merge_lora: bool = Field(False, description="Merge the adapter into the base after training (writes output_dir/merged).")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: the B matrices (and 1-D trainable parameters, as PEFT does) train at "
+        "learning_rate x this ratio (the paper suggests 16; lower learning_rate a little with it)."
+    )
+    loraplus_lr_embedding: float = Field(
+        1e-6, gt=0, description="LoRA+: learning rate of LoRA adapters on embedding layers."
+    )

@@ -80,6 +80,8 @@ def _adapter_keys(cfg: Config) -> list[ConfigIssue]:
         issues.append(
             ConfigIssue("lora_target_modules", "no LoRA targets: set `lora_target_linear: true` or list lora_target_modules.")
         )
+    if cfg.loraplus_lr_ratio is not None and not cfg.adapter:
+        issues.append(ConfigIssue("loraplus_lr_ratio", "LoRA+ needs `adapter: lora` or `adapter: qlora`."))
     if cfg.peft_use_dora and cfg.adapter == "qlora":
         pass  # PEFT supports DoRA on 4-bit layers; nothing to forbid.
     return issues

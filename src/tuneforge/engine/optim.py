@@ -41,8 +41,32 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def loraplus_groups(model, groups: list[dict], lr: float, ratio: float, embedding_lr: float) -> list[dict]:
+    """LoRA+ (Hayou et al., 2024): `groups` split by learning rate. B matrices train at lr x ratio, A matrices
+    at lr, adapters on embedding layers at `embedding_lr`; 1-D parameters join the B matrices, as in PEFT's
+    create_loraplus_optimizer (tested against it). Weight decay stays as `param_groups` set it."""
+    names = {id(p): name for name, p in model.named_parameters()}
+
+    def rate(p) -> float:
+        name = names[id(p)]
+        if ".lora_embedding_A." in name or ".lora_embedding_B." in name:
+            return embedding_lr
+        return lr * ratio if ".lora_B." in name or p.ndim == 1 else lr
+
+    split = []
+    for group in groups:
+        by_rate: dict[float, list] = {}
+        for p in group["params"]:
+            by_rate.setdefault(rate(p), []).append(p)
+        # the base rate's group first: the logged learning rate is the first group's
+        split += [{**group, "params": ps, "lr": r} for r, ps in sorted(by_rate.items(), key=lambda i: (i[0] != lr, i[0]))]
+    return split
+
+
 def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
+    if cfg.loraplus_lr_ratio is not None:
+        groups = loraplus_groups(model, groups, cfg.learning_rate, cfg.loraplus_lr_ratio, cfg.loraplus_lr_embedding)
     name = cfg.optimizer
     extra = dict(cfg.optim_args or {})
     lr = cfg.learning_rate
