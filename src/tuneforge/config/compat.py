@@ -42,7 +42,6 @@ NOT_SUPPORTED_YET = {
     "cut_cross_entropy": "fused cross-entropy is planned",
     "chunked_cross_entropy": "chunked cross-entropy is planned",
     "torch_compile_mode": "torch_compile compiles each transformer block in inductor's default mode; other modes are not wired in",
-    "neftune_noise_alpha": "NEFTune is not implemented",
     "relora": "ReLoRA is not implemented",
     "relora_steps": "ReLoRA is not implemented",
     "jagged_restart_steps": "ReLoRA is not implemented",

@@ -107,6 +107,9 @@ def _methods(cfg: Config) -> list[ConfigIssue]:
         issues.append(ConfigIssue("rl", "`rl` and reward_model/process_reward_model select different trainers; keep one."))
     if cfg.reward_model and cfg.process_reward_model:
         issues.append(ConfigIssue("process_reward_model", "choose reward_model or process_reward_model, not both."))
+    if cfg.neftune_noise_alpha and (cfg.rl or cfg.reward_model or cfg.process_reward_model):
+        issues.append(ConfigIssue("neftune_noise_alpha", "NEFTune applies to supervised fine-tuning only; remove it "
+                                  "(its noise would also reach the reference and reward forwards)."))
     if cfg.rl == "simpo" and cfg.warmup_ratio:
         issues.append(ConfigIssue("warmup_ratio", "SimPO runs take warmup_steps, not warmup_ratio."))
     if cfg.rl == "ipo" and cfg.dpo_label_smoothing:

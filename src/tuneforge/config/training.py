@@ -86,6 +86,10 @@ class TrainingKeys(Section):
         False, description="Resume from the newest checkpoint in output_dir when there is one."
     )
 
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune (SFT): add uniform noise of magnitude alpha / sqrt(length x hidden size) "
+        "to the input embeddings while training (the paper uses 5)."
+    )
     # Several processes (torchrun / accelerate launch)
     ddp_timeout: int = Field(
         1800, ge=1, description="Seconds a process waits for the others at a collective (the gradient "

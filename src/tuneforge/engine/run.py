@@ -27,6 +27,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     from accelerate.utils import set_seed
 
     from tuneforge.methods import get_objective
+    from tuneforge.models import neftune
     from tuneforge.models.adapters import apply_adapter
     from tuneforge.models.load import compile_blocks, count_parameters, load_model
     from tuneforge.models.tokenizer import load_tokenizer
@@ -54,6 +55,9 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
         if cfg.adapter and cfg.reinit_weights and not (out / "base_model").exists():
             outputs.save_random_base(model, tokenizer, out)
     model = apply_adapter(cfg, model)
+    if cfg.neftune_noise_alpha:
+        neftune.attach(model, cfg.neftune_noise_alpha)
+        log.info("NEFTune: noise alpha %g on the input embeddings while training", cfg.neftune_noise_alpha)
     if compile_blocks(cfg, model):
         log.info("torch.compile: transformer blocks compile during the first steps")
     trainable, total = count_parameters(model)
