@@ -178,7 +178,12 @@ def compat_section() -> list[str]:
     lines += [f"- `{old}` → `{new}`" for old, new in renamed.items()]
     lines += ["", "Accepted and ignored (they carry no meaning in tuneforge): "
               + ", ".join(f"`{k}`" for k in sorted(compat.IGNORED)) + ".", ""]
-    lines += ["Not supported yet: a false/empty value is accepted, anything else is an error naming the key.", ""]
+    lines += ["Accepted because tuneforge always does what they switch on (setting one prints a note):", ""]
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in compat.BUILT_IN.items():
+        by_reason.setdefault(reason, []).append(f"`{key}`")
+    lines += [f"- {', '.join(keys)}: {reason}" for reason, keys in by_reason.items()]
+    lines += ["", "Not supported yet: a false/empty value is accepted, anything else is an error naming the key.", ""]
     lines += ["| key | status |", "|---|---|"]
     lines += [f"| `{k}` | {cell(v)} |" for k, v in sorted(compat.NOT_SUPPORTED_YET.items())]
     return lines

@@ -63,6 +63,15 @@ def test_not_supported_key_with_noop_value_is_accepted(tmp_path):
     assert cfg.base_model == "some/model"
 
 
+def test_switches_for_what_tuneforge_always_does_are_accepted_with_a_note(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="tuneforge"):
+        cfg = _load_text(tmp_path, BASE + "liger_fused_linear_cross_entropy: true\nsdpa_varlen: false\n")
+    assert cfg.base_model == "some/model"
+    notes = [r.message for r in caplog.records]
+    assert any("`liger_fused_linear_cross_entropy` is not needed" in m and "without the full logits" in m for m in notes)
+    assert not any("sdpa_varlen" in m for m in notes)  # false: nothing to say
+
+
 def test_deprecated_attention_alias_maps_with_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="tuneforge"):
         cfg = _load_text(tmp_path, BASE + "flash_attention: true\n")

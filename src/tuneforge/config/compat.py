@@ -22,6 +22,19 @@ RENAMED = {
 IGNORED = {"strict", "local_rank", "debug", "hf_use_auth_token", "sample_packing_eff_est", "total_num_tokens",
            "is_preprocess", "eval_table_size", "eval_max_new_tokens", "include_tokens_per_second"}
 
+# Axolotl switches for what tuneforge always does: accepted (true or false), with a note when set.
+_FUSED_LOSS = ("the loss is always computed a chunk of trained positions at a time, fused with the LM head, "
+               "without the full logits tensor (models/losses.py)")
+BUILT_IN = {
+    "chunked_cross_entropy": _FUSED_LOSS,
+    "cut_cross_entropy": _FUSED_LOSS,
+    "liger_cross_entropy": _FUSED_LOSS,
+    "liger_fused_linear_cross_entropy": _FUSED_LOSS,
+    "flash_attn_cross_entropy": _FUSED_LOSS,
+    "unsloth_cross_entropy_loss": _FUSED_LOSS,
+    "sdpa_varlen": "packed rows always attend per document (varlen kernels on CUDA)",
+}
+
 # Axolotl keys that tuneforge does not implement yet. A falsy value (false, null, empty) is a no-op and
 # is accepted; anything else is an explicit error rather than a silently ignored setting.
 NOT_SUPPORTED_YET = {
@@ -37,10 +50,6 @@ NOT_SUPPORTED_YET = {
     "liger_glu_activation": "Liger kernels are planned",
     "liger_swiglu": "Liger kernels are planned",
     "liger_layer_norm": "Liger kernels are planned",
-    "liger_cross_entropy": "Liger kernels are planned",
-    "liger_fused_linear_cross_entropy": "Liger kernels are planned",
-    "cut_cross_entropy": "fused cross-entropy is planned",
-    "chunked_cross_entropy": "chunked cross-entropy is planned",
     "torch_compile_mode": "torch_compile compiles each transformer block in inductor's default mode; other modes are not wired in",
     "relora": "ReLoRA is not implemented",
     "relora_steps": "ReLoRA is not implemented",
@@ -99,14 +108,11 @@ NOT_SUPPORTED_YET = {
     "multipack_real_batches": "packing always builds full micro-batches",
     "pretrain_multipack_attn": "streaming pretraining is planned",
     "shuffle_before_merging_datasets": "datasets are shuffled after merging",
-    "sdpa_varlen": "packed rows use varlen attention automatically on CUDA",
-    "flash_attn_cross_entropy": "fused cross-entropy is planned",
     "flash_attn_rms_norm": "fused norms are planned",
     "flash_attn_fuse_qkv": "fused attention projections are planned",
     "flash_attn_fuse_mlp": "fused MLP is planned",
     "flash_optimum": "BetterTransformer is not supported",
     "profiler_steps": "the profiler is not wired in yet",
-    "unsloth_cross_entropy_loss": "Unsloth patches are not supported",
     "unsloth_lora_mlp": "Unsloth patches are not supported",
     "unsloth_lora_qkv": "Unsloth patches are not supported",
     "unsloth_lora_o": "Unsloth patches are not supported",

@@ -138,6 +138,9 @@ def _apply_compat(raw: dict[str, Any], issues: list[ConfigIssue], where) -> list
     for key in list(raw):
         if key in compat.IGNORED:
             raw.pop(key)
+        elif key in compat.BUILT_IN:
+            if raw.pop(key):
+                notes.append(f"`{key}` is not needed: {compat.BUILT_IN[key]}")
         elif key in compat.NOT_SUPPORTED_YET:
             value = raw.pop(key)
             if not compat.is_noop(value):
