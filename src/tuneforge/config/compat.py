@@ -83,8 +83,6 @@ NOT_SUPPORTED_YET = {
     "generate_samples": "sample generation during training is not implemented",
     "curriculum_sampling": "curriculum sampling is not implemented",
     "group_by_length": "length-grouped sampling is not implemented; use sample_packing",
-    "early_stopping_patience": "early stopping is not implemented",
-    "load_best_model_at_end": "best-model selection is not implemented",
     "dynamic_checkpoint": "trigger-file checkpoints are not implemented; SIGINT/SIGTERM save a checkpoint",
     "activation_offloading": "activation offloading is not implemented",
     "tiled_mlp": "tiled MLP is not implemented",

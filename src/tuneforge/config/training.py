@@ -68,6 +68,25 @@ class TrainingKeys(Section):
     )
     evals_per_epoch: int | None = Field(None, ge=1, description="Evaluations per epoch.")
     eval_strategy: Literal["no", "steps", "epoch"] | None = Field(None, description="When to evaluate.")
+    metric_for_best_model: str = Field(
+        "eval_loss", description="Evaluation metric that ranks evaluations for early_stopping_patience and "
+        "load_best_model_at_end (with or without the eval_ prefix)."
+    )
+    greater_is_better: bool | None = Field(
+        None, description="Whether a higher metric_for_best_model is better (default: lower for losses and "
+        "perplexity, higher otherwise)."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop training after this many evaluations in a row without a better "
+        "metric_for_best_model."
+    )
+    early_stopping_threshold: float = Field(
+        0.0, ge=0.0, description="How much metric_for_best_model must improve to count as better."
+    )
+    load_best_model_at_end: bool = Field(
+        False, description="Save a checkpoint at every evaluation that improves metric_for_best_model (kept "
+        "through save_total_limit) and end the run with the best one's weights as the final model."
+    )
     # checkpoints
     output_dir: str = Field("./outputs/model-out", description="Where checkpoints and the final model are written.")
     save_steps: int | float | None = Field(

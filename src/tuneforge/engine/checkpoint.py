@@ -54,15 +54,15 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def rotate(output_dir: Path, limit: int | None, keep: Path | None = None) -> None:
-    """Delete the oldest checkpoints beyond `save_total_limit` (never `keep`)."""
+def rotate(output_dir: Path, limit: int | None, keep: tuple[Path | None, ...] = ()) -> None:
+    """Delete the oldest checkpoints beyond `save_total_limit` (never those in `keep`)."""
     if not limit:
         return
+    kept = {p.resolve() for p in keep if p is not None}
     found = list_checkpoints(output_dir)
     for old in found[: max(0, len(found) - limit)]:
-        if keep is not None and old.resolve() == keep.resolve():
-            continue
-        shutil.rmtree(old, ignore_errors=True)
+        if old.resolve() not in kept:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def clean_partial(output_dir: Path) -> None:
@@ -121,11 +121,15 @@ def save_model_files(model, tokenizer, folder: Path, safe: bool = True) -> None:
         card.unlink()  # PEFT's placeholder card; checkpoints need none
 
 
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step}"
+
+
 def save_checkpoint(output_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict,
                     only_model: bool, accelerator, safe: bool = True, objective_state: dict | None = None) -> Path:
     """Write checkpoint-<step> atomically and return its path. `model` is the unwrapped model."""
     output_dir = Path(output_dir)
-    final = output_dir / f"checkpoint-{step}"
+    final = checkpoint_dir(output_dir, step)
     tmp = output_dir / f"checkpoint-{step}.tmp"
     main = accelerator.is_main_process
     if main:

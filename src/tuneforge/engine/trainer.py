@@ -36,6 +36,7 @@ from tuneforge.models.load import mixed_precision
 
 from . import checkpoint as ckpt
 from . import trackers
+from .best import BestEvaluation
 from .metrics import FlopCounter, MetricsLogger, peak_flops
 from .optim import build_optimizer
 from .plan import Cadence, MicroBatch, Position, StepPlan
@@ -129,6 +130,7 @@ class Trainer:
 
         self.state = TrainState()
         self.watchdog = LossWatchdog(cfg.loss_watchdog_threshold, cfg.loss_watchdog_patience, self.precision)
+        self.best = BestEvaluation(cfg)
         self.flops = FlopCounter(model, self.adapter)
         self.peak = peak_flops(acc.device)
         self.logger = MetricsLogger(self.out, self.total_steps, enabled=acc.is_main_process, accelerator=acc,
@@ -177,14 +179,21 @@ class Trainer:
                         raise TrainingInterrupted(signum, path, step)
                     epoch_step = self.plan.steps_done_in_epoch(nxt, epoch_end, epoch)
                     in_epoch = self.plan.steps_in_epoch(epoch)
+                    save = (self.save_cadence and self.save_cadence.due(step, epoch_step, in_epoch)) or (
+                        cfg.save_first_step and step == 1)
                     if self.eval_cadence and self.eval_cadence.due(step, epoch_step, in_epoch):
-                        self.evaluate()
                         evaluated_at = step
-                    if (self.save_cadence and self.save_cadence.due(step, epoch_step, in_epoch)) or (
-                            cfg.save_first_step and step == 1):
+                        if self.best.update(self.evaluate()) and cfg.load_best_model_at_end:
+                            self.best.checkpoint, save = str(ckpt.checkpoint_dir(self.out, step)), True
+                    if save:
                         self.save_checkpoint()
+                    if self.best.patience_ran_out:
+                        log.info(self.best.stop_message())
+                        break
             if self.eval_rows is not None and evaluated_at != state.global_step:
-                self.evaluate()
+                self.best.update(self.evaluate())  # the weights in hand: no checkpoint needed if best
+            if cfg.load_best_model_at_end:
+                self._load_best()
         finally:
             self.objective.close()
             self.logger.close()
@@ -346,6 +355,7 @@ class Trainer:
             **asdict(self.state),
             "total_steps": self.total_steps,
             "watchdog": self.watchdog.state_dict(),
+            "best": self.best.state_dict(),
             "plan": self._plan_signature(),
         }
         only_model = self.cfg.save_only_model and not resumable
@@ -355,10 +365,23 @@ class Trainer:
             safe=self.cfg.save_safetensors, objective_state=None if only_model else self.objective.state_dict(),
         )
         if self.accelerator.is_main_process:
-            ckpt.rotate(self.out, self.cfg.save_total_limit, keep=path)
+            ckpt.rotate(self.out, self.cfg.save_total_limit, keep=(path, self.best.checkpoint_path()))
         self.last_checkpoint = path
         log.info("saved %s", path)
         return path
+
+    def _load_best(self) -> None:
+        """load_best_model_at_end: the best evaluation's weights become the model's (unless they are already)."""
+        best = self.best
+        if best.record is None or best.record["step"] == self.state.global_step:
+            return
+        path = best.checkpoint_path()
+        if path is None:
+            raise TuneforgeError(f"load_best_model_at_end: the checkpoint of the best evaluation (step "
+                                 f"{best.record['step']}, {best.checkpoint}) is gone; the final model is the last one")
+        ckpt.load_weights(path, self.model, self.adapter)
+        self.last_eval = best.record
+        log.info("load_best_model_at_end: the final model is %s's (%s %.4g)", path.name, best.metric, best.value)
 
     def _plan_signature(self) -> dict:
         c = self.cfg
@@ -387,6 +410,7 @@ class Trainer:
         fields = TrainState.__dataclass_fields__
         self.state = TrainState(**{k: saved[k] for k in fields if k in saved})
         self.watchdog.load_state_dict(saved.get("watchdog", {}))
+        self.best.load_state_dict(saved.get("best", {}))
         self.objective.load_state_dict(saved.get("objective", {}))
         changed = {k: (v, saved.get("plan", {}).get(k)) for k, v in self._plan_signature().items()
                    if saved.get("plan", {}).get(k) != v}
