@@ -128,3 +128,38 @@ def test_loraplus_without_an_adapter_is_a_config_error():
 
     with pytest.raises(ConfigError, match="loraplus_lr_ratio.*LoRA\\+ needs `adapter: lora`"):
         _cfg(loraplus_lr_ratio=16)
+
+
+def _rates(model, optimizer) -> dict[str, float]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+
+
+def test_lr_groups_and_embedding_rates_per_parameter(model):
+    cfg = _cfg(learning_rate=1e-4, embedding_lr_scale=0.5, optimizer="adamw_torch",
+               lr_groups=[{"name": "attention out", "modules": ["self_attn.o_proj"], "lr": 3e-5},
+                          {"name": "first block", "modules": ["layers.0."], "lr": 7e-5}])
+    rates = _rates(model, build_optimizer(cfg, model))
+    assert rates["model.layers.0.self_attn.o_proj.weight"] == 3e-5  # the first matching group wins
+    assert rates["model.layers.1.self_attn.o_proj.weight"] == 3e-5
+    assert rates["model.layers.0.mlp.down_proj.weight"] == 7e-5
+    assert rates["model.embed_tokens.weight"] == 0.5e-4
+    assert rates["model.layers.1.mlp.down_proj.weight"] == rates["model.norm.weight"] == 1e-4
+    assert len(rates) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_an_lr_group_that_matches_nothing_is_named():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1))
+    cfg = _cfg(lr_groups=[{"name": "typo", "modules": ["self_atn.o_proj"], "lr": 1e-5}])
+    with pytest.raises(TuneforgeError, match=r"lr_groups\[0\] \(typo\): `self_atn.o_proj` matches no trainable"):
+        build_optimizer(cfg, tiny)
+
+
+def test_embedding_lr_and_its_scale_are_exclusive():
+    from tuneforge.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="embedding_lr_scale.*not both"):
+        _cfg(embedding_lr=1e-5, embedding_lr_scale=0.1)

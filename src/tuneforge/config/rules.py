@@ -40,6 +40,7 @@ def _exclusive_pairs(cfg: Config) -> list[ConfigIssue]:
         + _exclusive(cfg, "eval_steps", "evals_per_epoch", "keep one of them.")
         + _exclusive(cfg, "gradient_accumulation_steps", "batch_size", "batch_size = micro_batch_size x gradient_accumulation_steps; give one.")
         + _exclusive(cfg, "load_in_8bit", "load_in_4bit", "pick one quantization.")
+        + _exclusive(cfg, "embedding_lr", "embedding_lr_scale", "give the rate or its scale, not both.")
     )
 
 

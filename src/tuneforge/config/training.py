@@ -25,6 +25,13 @@ Optimizer = Literal[
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"]
 
 
+class LRGroup(Section):
+    name: str = Field(description="A label for the group (used in messages).")
+    modules: list[str] = Field(description="Parameter-name fragments: a trainable parameter whose name contains "
+                               "one of them trains at this group's lr (the first matching group wins).")
+    lr: float = Field(gt=0, description="The group's peak learning rate (the schedule scales it like the others).")
+
+
 class TrainingKeys(Section):
     micro_batch_size: int = Field(1, ge=1, description="Rows (or packed rows) per device per forward pass.")
     gradient_accumulation_steps: int | None = Field(
@@ -43,6 +50,13 @@ class TrainingKeys(Section):
         "sgd, adafactor, lion_8bit / lion_32bit (bitsandbytes).",
     )
     optim_args: dict[str, Any] | None = Field(None, description="Extra keyword arguments for the optimizer.")
+    lr_groups: list[LRGroup] | None = Field(
+        None, description="Per-module learning rates: [{name, modules: [name fragments], lr}]."
+    )
+    embedding_lr: float | None = Field(None, gt=0, description="Learning rate of embedding layers' weights.")
+    embedding_lr_scale: float | None = Field(
+        None, gt=0, description="Embedding layers train at learning_rate x this (exclusive with embedding_lr)."
+    )
     lr_scheduler: Scheduler = Field("cosine", description="Learning-rate schedule after warmup.")
     lr_scheduler_kwargs: dict[str, Any] | None = Field(None, description="Extra scheduler options.")
     cosine_min_lr_ratio: float | None = Field(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -41,32 +42,62 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def loraplus_groups(model, groups: list[dict], lr: float, ratio: float, embedding_lr: float) -> list[dict]:
-    """LoRA+ (Hayou et al., 2024): `groups` split by learning rate. B matrices train at lr x ratio, A matrices
-    at lr, adapters on embedding layers at `embedding_lr`; 1-D parameters join the B matrices, as in PEFT's
-    create_loraplus_optimizer (tested against it). Weight decay stays as `param_groups` set it."""
+def learning_rates(cfg: Config, model) -> Callable[[str, torch.Tensor], float] | None:
+    """Each trainable parameter's learning rate from `lr_groups`, `embedding_lr(_scale)` and LoRA+, first
+    match first; None when all train at learning_rate. A pattern that matches no trainable parameter is an
+    error: it is almost always a typo.
+
+    LoRA+ (Hayou et al., 2024): B matrices train at lr x loraplus_lr_ratio, A matrices at lr, adapters on
+    embedding layers at loraplus_lr_embedding; 1-D parameters join the B matrices, as in PEFT's
+    create_loraplus_optimizer (tested against it)."""
+    lr, ratio = cfg.learning_rate, cfg.loraplus_lr_ratio
+    embedding = cfg.embedding_lr if cfg.embedding_lr is not None else (
+        lr * cfg.embedding_lr_scale if cfg.embedding_lr_scale is not None else None)
+    if not cfg.lr_groups and embedding is None and ratio is None:
+        return None
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    for i, group in enumerate(cfg.lr_groups or []):
+        for pattern in group.modules:
+            if not any(pattern in n for n in trainable):
+                raise TuneforgeError(f"lr_groups[{i}] ({group.name}): `{pattern}` matches no trainable parameter "
+                                     f"(names look like `{trainable[0]}`)")
+    embedded = {f"{m}.{n}" if m else n for m, module in model.named_modules()
+                if isinstance(module, torch.nn.Embedding) for n, _ in module.named_parameters(recurse=False)}
+
+    def rate(name: str, p: torch.Tensor) -> float:
+        for group in cfg.lr_groups or []:
+            if any(pattern in name for pattern in group.modules):
+                return group.lr
+        if ratio is not None:
+            if ".lora_embedding_A." in name or ".lora_embedding_B." in name:
+                return cfg.loraplus_lr_embedding
+            if ".lora_B." in name or p.ndim == 1:
+                return lr * ratio
+        if embedding is not None and name in embedded:
+            return embedding
+        return lr
+
+    return rate
+
+
+def split_by_rate(model, groups: list[dict], rate: Callable[[str, torch.Tensor], float], lr: float) -> list[dict]:
+    """`groups` (weight decay) split further by learning rate; the base rate's part first, as the logged
+    learning rate is the first group's."""
     names = {id(p): name for name, p in model.named_parameters()}
-
-    def rate(p) -> float:
-        name = names[id(p)]
-        if ".lora_embedding_A." in name or ".lora_embedding_B." in name:
-            return embedding_lr
-        return lr * ratio if ".lora_B." in name or p.ndim == 1 else lr
-
     split = []
     for group in groups:
         by_rate: dict[float, list] = {}
         for p in group["params"]:
-            by_rate.setdefault(rate(p), []).append(p)
-        # the base rate's group first: the logged learning rate is the first group's
+            by_rate.setdefault(rate(names[id(p)], p), []).append(p)
         split += [{**group, "params": ps, "lr": r} for r, ps in sorted(by_rate.items(), key=lambda i: (i[0] != lr, i[0]))]
     return split
 
 
 def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
-    if cfg.loraplus_lr_ratio is not None:
-        groups = loraplus_groups(model, groups, cfg.learning_rate, cfg.loraplus_lr_ratio, cfg.loraplus_lr_embedding)
+    rate = learning_rates(cfg, model)
+    if rate is not None:
+        groups = split_by_rate(model, groups, rate, cfg.learning_rate)
     name = cfg.optimizer
     extra = dict(cfg.optim_args or {})
     lr = cfg.learning_rate
