@@ -59,7 +59,7 @@ def test_not_supported_yet_is_distinct_from_unknown(tmp_path):
 
 
 def test_not_supported_key_with_noop_value_is_accepted(tmp_path):
-    cfg = _load_text(tmp_path, BASE + "group_by_length: false\nstrict: false\nfsdp:\ndeepspeed:\n")
+    cfg = _load_text(tmp_path, BASE + "relora: false\nstrict: false\nfsdp:\ndeepspeed:\n")
     assert cfg.base_model == "some/model"
 
 

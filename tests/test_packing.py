@@ -293,3 +293,45 @@ def test_split_stats_match_the_rows(write_config, write_jsonl, tiny_tokenizer):
     assert dict(train_b.dropped) == {**dropped_b, "exact duplicate": len(kept_b) // 2}
     assert len(data.train) + len(data.eval) == len(kept_a) + train_b.rows_out + train_b.held_out
     assert len(data.eval) == round(0.25 * (len(data.train) + len(data.eval)))
+
+
+def _padding_share(lengths: list[int], plan) -> float:
+    slots = sum(len(mb) * max(lengths[r[0]] for r in mb) for mb in plan)
+    return 1 - sum(lengths) / slots
+
+
+def test_group_by_length_cuts_padding_covers_every_row_once_and_runs_the_longest_first():
+    lengths = alpaca_like_lengths(5000, seed=8)
+    kw = dict(epoch=2, seed=4, micro_batch_size=8, packed=False, capacity=2048)
+    plain, grouped = plan_epoch(lengths, **kw), plan_epoch(lengths, by_length=True, **kw)
+    print(f"padding share, batches of 8: random {_padding_share(lengths, plain):.1%}, "
+          f"group_by_length {_padding_share(lengths, grouped):.1%}")
+    assert _padding_share(lengths, grouped) < 0.1 < 0.4 < _padding_share(lengths, plain)
+    assert sorted(r[0] for mb in grouped for r in mb) == list(range(len(lengths)))
+    assert all(len(mb) <= 8 for mb in grouped)
+    assert max(lengths[r[0]] for r in grouped[0]) == max(lengths)
+    assert grouped == plan_epoch(lengths, by_length=True, **kw)  # deterministic per (seed, epoch): exact resume
+    assert grouped != plan_epoch(lengths, by_length=True, **{**kw, "epoch": 3})
+
+
+def test_length_grouping_and_in_order_sampling_need_their_settings():
+    from tuneforge.config import load
+    from tuneforge.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="group_by_length.*packing already fills rows"):
+        load(data={"base_model": "x", "sample_packing": True, "group_by_length": True})
+    with pytest.raises(ConfigError, match="group_by_length.*dataset order or grouped by length"):
+        load(data={"base_model": "x", "curriculum_sampling": True, "group_by_length": True})
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_curriculum_sampling_trains_in_dataset_order_every_epoch(packing):
+    from tuneforge.config import load
+    from tuneforge.engine.plan import StepPlan
+
+    cfg = load(data={"base_model": "x", "curriculum_sampling": True, "sample_packing": packing, "sequence_len": 64,
+                     "micro_batch_size": 2, "num_epochs": 2})
+    plan = StepPlan(cfg, [10, 30, 20, 40, 15, 25, 35, 5])
+    for epoch in (0, 1):
+        order = [i for mb in plan.epoch(epoch) for row in mb for i in row]
+        assert order == list(range(8))

@@ -81,8 +81,6 @@ NOT_SUPPORTED_YET = {
     "do_bench_eval": "benchmark evaluation is not implemented",
     "do_causal_lm_eval": "generation metrics during eval are not implemented",
     "generate_samples": "sample generation during training is not implemented",
-    "curriculum_sampling": "curriculum sampling is not implemented",
-    "group_by_length": "length-grouped sampling is not implemented; use sample_packing",
     "dynamic_checkpoint": "trigger-file checkpoints are not implemented; SIGINT/SIGTERM save a checkpoint",
     "activation_offloading": "activation offloading is not implemented",
     "tiled_mlp": "tiled MLP is not implemented",

@@ -124,6 +124,13 @@ class DataKeys(Section):
     sample_packing_sequentially: bool = Field(
         False, description="Pack rows in dataset order (no reordering), at some cost in efficiency."
     )
+    group_by_length: bool = Field(
+        False, description="Unpacked batches: put rows of similar length together (less padding); the batch "
+        "with the longest row runs first."
+    )
+    curriculum_sampling: bool = Field(
+        False, description="Train on the rows in dataset order every epoch (no shuffling; packed: packed in order)."
+    )
     remove_unused_columns: bool | None = Field(None, description="Accepted for Axolotl compatibility; no effect.")
     max_prompt_len: int | None = Field(None, ge=1, description="RL: maximum prompt tokens.")
     extra: dict[str, Any] | None = Field(None, description="Free-form values for user-defined formats and rewards.")

@@ -41,6 +41,9 @@ def _exclusive_pairs(cfg: Config) -> list[ConfigIssue]:
         + _exclusive(cfg, "gradient_accumulation_steps", "batch_size", "batch_size = micro_batch_size x gradient_accumulation_steps; give one.")
         + _exclusive(cfg, "load_in_8bit", "load_in_4bit", "pick one quantization.")
         + _exclusive(cfg, "embedding_lr", "embedding_lr_scale", "give the rate or its scale, not both.")
+        + _exclusive(cfg, "sample_packing", "group_by_length", "packing already fills rows without padding.")
+        + _exclusive(cfg, "curriculum_sampling", "group_by_length", "rows come in dataset order or grouped by "
+                     "length, not both.")
     )
 
 

@@ -28,12 +28,14 @@ def plan_epoch(
     group_size: int = 100_000,
     max_docs: int | None = None,
     sequential: bool = False,
+    by_length: bool = False,
 ) -> list[list[list[int]]]:
     """Micro-batches for one epoch. Each micro-batch is a list of rows; each row a list of dataset indices.
 
     Unpacked: every row holds one document. Packed: documents are packed into rows of `capacity`
     tokens, group by group (groups of `group_size` shuffled documents), and the rows shuffled.
-    With `sequential`, documents keep dataset order and are packed next-fit.
+    With `sequential`, documents keep dataset order and are packed next-fit. With `by_length` (unpacked),
+    micro-batches hold rows of similar length (`_length_grouped`).
     """
     rng = epoch_rng(seed, epoch)
     order = list(range(len(lengths)))
@@ -54,6 +56,8 @@ def plan_epoch(
             rows.extend([group[j] for j in b] for b in packer(glens, capacity, max_docs))
         if shuffle and not sequential:
             rng.shuffle(rows)
+    elif by_length:
+        return _length_grouped(order, lengths, micro_batch_size, rng)
     else:
         rows = [[i] for i in order]
     return [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
@@ -70,3 +74,22 @@ def gather(ds, micro_batch: list[list[int]], columns: tuple[str, ...] = ("input_
         out.append(docs[at : at + len(row)])
         at += len(row)
     return out
+
+
+LENGTH_SPAN = 50  # micro-batches whose rows group_by_length sorts together
+
+
+def _length_grouped(order: list[int], lengths: list[int], size: int, rng: random.Random) -> list[list[list[int]]]:
+    """Micro-batches of rows of similar length, so little of each is padding: the shuffled order is cut into
+    spans of LENGTH_SPAN micro-batches, each span sorted longest first and cut into micro-batches, which are
+    then shuffled, except that the one holding the longest row goes first (a batch too large for memory
+    fails at the first step rather than hours in)."""
+    span = size * LENGTH_SPAN
+    batches = []
+    for start in range(0, len(order), span):
+        ranked = sorted(order[start : start + span], key=lambda i: -lengths[i])
+        batches += [ranked[j : j + size] for j in range(0, len(ranked), size)]
+    rng.shuffle(batches)
+    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+    batches.insert(0, batches.pop(longest))
+    return [[[i] for i in batch] for batch in batches]
