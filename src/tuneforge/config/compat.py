@@ -105,7 +105,6 @@ NOT_SUPPORTED_YET = {
     "flash_attn_fuse_qkv": "fused attention projections are planned",
     "flash_attn_fuse_mlp": "fused MLP is planned",
     "flash_optimum": "BetterTransformer is not supported",
-    "profiler_steps": "the profiler is not wired in yet",
     "unsloth_lora_mlp": "Unsloth patches are not supported",
     "unsloth_lora_qkv": "Unsloth patches are not supported",
     "unsloth_lora_o": "Unsloth patches are not supported",

@@ -119,6 +119,11 @@ class TrainingKeys(Section):
         False, description="Resume from the newest checkpoint in output_dir when there is one."
     )
 
+    profiler_steps: int | None = Field(
+        None, ge=1, description="Record this many training steps with torch.profiler and write a Chrome trace "
+        "(profiler_trace.json), an operator table and, on CUDA, a memory snapshot to output_dir."
+    )
+    profiler_steps_start: int = Field(0, ge=0, description="Steps to train before the profiled ones.")
     neftune_noise_alpha: float | None = Field(
         None, gt=0, description="NEFTune (SFT): add uniform noise of magnitude alpha / sqrt(length x hidden size) "
         "to the input embeddings while training (the paper uses 5)."

@@ -40,6 +40,7 @@ from .best import BestEvaluation
 from .metrics import FlopCounter, MetricsLogger, peak_flops
 from .optim import build_optimizer
 from .plan import Cadence, MicroBatch, Position, StepPlan
+from .profiling import StepProfiler
 from .schedule import build_scheduler
 from .signals import StopFlag, TrainingInterrupted
 from .watchdog import LossWatchdog
@@ -131,6 +132,7 @@ class Trainer:
         self.state = TrainState()
         self.watchdog = LossWatchdog(cfg.loss_watchdog_threshold, cfg.loss_watchdog_patience, self.precision)
         self.best = BestEvaluation(cfg)
+        self.profiler = StepProfiler(cfg.profiler_steps, cfg.profiler_steps_start, self.out, acc.process_index)
         self.flops = FlopCounter(model, self.adapter)
         self.peak = peak_flops(acc.device)
         self.logger = MetricsLogger(self.out, self.total_steps, enabled=acc.is_main_process, accelerator=acc,
@@ -158,8 +160,9 @@ class Trainer:
                     epoch = state.epoch
                     mbs, nxt, epoch_end = self.plan.next_step(Position(state.epoch, state.index))
                     start = time.perf_counter()
-                    batches = [self._batch(self.train_rows, mb, training=True) for mb in mbs]
-                    out = self._optimizer_step(batches)
+                    with self.profiler.step(state.global_step + 1):
+                        batches = [self._batch(self.train_rows, mb, training=True) for mb in mbs]
+                        out = self._optimizer_step(batches)
                     seconds = time.perf_counter() - start
                     state.global_step += 1
                     state.epoch, state.index = nxt.epoch, nxt.index
@@ -195,6 +198,7 @@ class Trainer:
             if cfg.load_best_model_at_end:
                 self._load_best()
         finally:
+            self.profiler.close()  # a run that ended inside the window
             self.objective.close()
             self.logger.close()
             if self.tracker_names:
