@@ -200,3 +200,13 @@ def test_validate_cli_lists_every_problem(tmp_path):
 def test_unquoted_no_strategy_means_no(tmp_path):
     cfg = _load_text(tmp_path, BASE + "save_strategy: no\neval_strategy: no\n")
     assert cfg.save_strategy == "no" and cfg.eval_strategy == "no"
+
+
+def test_generate_samples_needs_sft_and_evaluation_data():
+    from tuneforge.config import load
+    from tuneforge.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="generate_samples.*supervised fine-tuning only"):
+        load(data={"base_model": "x", "rl": "dpo", "val_set_size": 0.1, "generate_samples": True})
+    with pytest.raises(ConfigError, match="generate_samples.*set val_set_size or test_datasets"):
+        load(data={"base_model": "x", "generate_samples": True})

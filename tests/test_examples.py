@@ -66,12 +66,22 @@ def test_sft_tiny_learns_the_held_out_task(tmp_path, monkeypatch):
     from tuneforge.engine.run import train
 
     monkeypatch.chdir(tmp_path)  # output_dir and the prepared-data cache are relative to the working directory
-    result = train(load(EXAMPLES / "sft-tiny.yaml", ["--num-epochs", "1"]), show_progress=False)
+    overrides = ["--num-epochs", "1", "--generate-samples", "true", "--num-generation-samples", "4"]
+    result = train(load(EXAMPLES / "sft-tiny.yaml", overrides), show_progress=False)
     accuracy = result.eval_metrics["eval_accuracy"]
     # Chance is about 16**-4.5 (a random 3-6 letter answer); the run reaches ~100% held-out.
     assert accuracy >= 0.9, result.eval_metrics
     assert result.train_metrics["loss"] < 0.5  # from ~6.9 (uniform over the vocabulary) at the start
-    assert (tmp_path / "outputs" / "sft-tiny" / "model.safetensors").exists()
+    out = tmp_path / "outputs" / "sft-tiny"
+    assert (out / "model.safetensors").exists()
+    # generate_samples: greedy continuations of the first 4 test prompts at each evaluation; at the end
+    # they are the references (greedy decoding is what the exact-match accuracy measures).
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    evals = [r["step"] for r in result.history if r["type"] == "eval"]
+    assert [s["step"] for s in samples] == [step for step in evals for _ in range(4)]
+    last = samples[-4:]
+    assert all(s["prompt"].rstrip().endswith("assistant") and "reverse:" in s["prompt"] for s in last), last
+    assert sum(s["completion"] == s["reference"] for s in last) >= 3, last
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)

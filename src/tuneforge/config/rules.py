@@ -137,7 +137,10 @@ def _eval_schedule(cfg: Config) -> list[ConfigIssue]:
     if (cfg.eval_steps or cfg.evals_per_epoch) and not has_eval:
         key = "eval_steps" if cfg.eval_steps else "evals_per_epoch"
         issues.append(ConfigIssue(key, "nothing to evaluate: set val_set_size or test_datasets."))
-    for key in ("early_stopping_patience", "load_best_model_at_end"):
+    if cfg.generate_samples and (cfg.rl or cfg.reward_model or cfg.process_reward_model):
+        issues.append(ConfigIssue("generate_samples", "shows samples of supervised fine-tuning only (GRPO logs its "
+                                  "completions with trl.log_completions); remove it."))
+    for key in ("early_stopping_patience", "load_best_model_at_end", "generate_samples"):
         if getattr(cfg, key) and (not has_eval or cfg.eval_strategy == "no"):
             fix = "remove eval_strategy: no" if has_eval else "set val_set_size or test_datasets"
             issues.append(ConfigIssue(key, f"needs evaluations to compare: {fix}."))

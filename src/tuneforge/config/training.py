@@ -82,6 +82,15 @@ class TrainingKeys(Section):
     )
     evals_per_epoch: int | None = Field(None, ge=1, description="Evaluations per epoch.")
     eval_strategy: Literal["no", "steps", "epoch"] | None = Field(None, description="When to evaluate.")
+    generate_samples: bool = Field(
+        False, description="SFT: at each evaluation, continue the first num_generation_samples evaluation rows "
+        "from their prompts and log the completions next to the references (also in output_dir/samples.jsonl)."
+    )
+    num_generation_samples: int = Field(3, ge=1, description="Evaluation rows generate_samples continues.")
+    generation_max_new_tokens: int = Field(50, ge=1, description="Most tokens a generate_samples completion has.")
+    generation_temperature: float = Field(
+        0.0, ge=0.0, description="Sampling temperature of generate_samples (0: greedy, the same each time)."
+    )
     metric_for_best_model: str = Field(
         "eval_loss", description="Evaluation metric that ranks evaluations for early_stopping_patience and "
         "load_best_model_at_end (with or without the eval_ prefix)."

@@ -19,6 +19,7 @@ SFT, several for preference methods) then runs inside a single DDP forward, as D
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -341,6 +342,7 @@ class Trainer:
                 batch = self._batch(self.eval_rows, mb, training=False)
                 for k, v in inner(self.objective.evaluate, batch).items():
                     sums[k] += v
+            samples = self._samples()
         inner.train()
         keys = self._keys_over_ranks(sums)  # a rank may lack a key (e.g. it skipped a micro-batch)
         sums = dict(zip(keys, self._sum_over_ranks([sums.get(k, 0.0) for k in keys]), strict=True))
@@ -350,7 +352,27 @@ class Trainer:
                   **{f"eval_{k}": v for k, v in summary.items()}}
         self.last_eval = record
         self.logger.eval_result(record)
+        self._log_samples(samples)
         return record
+
+    def _samples(self) -> list[dict]:
+        """generate_samples: the objective's samples for the first evaluation documents (first process)."""
+        cfg = self.cfg
+        if not cfg.generate_samples or not self.accelerator.is_main_process:
+            return []
+        count = min(cfg.num_generation_samples, len(self.eval_rows.lengths))
+        documents = [row[0] for row in self.eval_rows.rows([[i] for i in range(count)])]
+        return self.objective.samples(self.model, self.tokenizer, documents)
+
+    def _log_samples(self, samples: list[dict]) -> None:
+        """Each sample in the log and, with its step, in output_dir/samples.jsonl."""
+        step = self.state.global_step
+        for sample in samples:
+            log.info("sample at step %d: %r -> %r (reference %r)", step, sample["prompt"][-80:],
+                     sample["completion"], sample["reference"])
+        if samples:
+            with (self.out / "samples.jsonl").open("a") as f:
+                f.writelines(json.dumps({"step": step, **sample}) + "\n" for sample in samples)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, resumable: bool = False) -> Path:

@@ -96,6 +96,11 @@ class Objective:
     def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]:
         return self.summarize(sums, int(sums.get("num_tokens", 1)))
 
+    def samples(self, model, tokenizer, documents: list[dict]) -> list[dict[str, str]]:
+        """generate_samples: {prompt, completion, reference} texts for some evaluation documents, generated
+        by `model` (in eval mode); empty where the objective has nothing to show."""
+        return []
+
     # ---- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """What this process's objective carries from one optimizer step to the next (empty for offline
