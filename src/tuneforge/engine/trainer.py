@@ -182,15 +182,8 @@ class Trainer:
                         path = self.save_checkpoint(resumable=True)
                         raise TrainingInterrupted(signum, path, step)
                     epoch_step = self.plan.steps_done_in_epoch(nxt, epoch_end, epoch)
-                    in_epoch = self.plan.steps_in_epoch(epoch)
-                    save = (self.save_cadence and self.save_cadence.due(step, epoch_step, in_epoch)) or (
-                        cfg.save_first_step and step == 1)
-                    if self.eval_cadence and self.eval_cadence.due(step, epoch_step, in_epoch):
+                    if self._evaluate_and_save(step, epoch_step, self.plan.steps_in_epoch(epoch)):
                         evaluated_at = step
-                        if self.best.update(self.evaluate()) and cfg.load_best_model_at_end:
-                            self.best.checkpoint, save = str(ckpt.checkpoint_dir(self.out, step)), True
-                    if save:
-                        self.save_checkpoint()
                     if self.best.patience_ran_out:
                         log.info(self.best.stop_message())
                         break
@@ -206,6 +199,18 @@ class Trainer:
                 self.accelerator.end_training()
         return TrainResult(state, self.last_train, self.last_eval, self.last_checkpoint, list(self.logger.records),
                            self.model)
+
+    def _evaluate_and_save(self, step: int, epoch_step: int, in_epoch: int) -> bool:
+        """The evaluation and checkpoint due after `step` (load_best_model_at_end: a checkpoint at every new
+        best evaluation too); True when it evaluated."""
+        save = (self.save_cadence and self.save_cadence.due(step, epoch_step, in_epoch)) or (
+            self.cfg.save_first_step and step == 1)
+        evaluate = bool(self.eval_cadence and self.eval_cadence.due(step, epoch_step, in_epoch))
+        if evaluate and self.best.update(self.evaluate()) and self.cfg.load_best_model_at_end:
+            self.best.checkpoint, save = str(ckpt.checkpoint_dir(self.out, step)), True  # saved with the state
+        if save:
+            self.save_checkpoint()
+        return evaluate
 
     def _optimizer_step(self, batches: list[Batch]) -> dict:
         acc, objective = self.accelerator, self.objective
@@ -402,9 +407,10 @@ class Trainer:
         if best.record is None or best.record["step"] == self.state.global_step:
             return
         path = best.checkpoint_path()
-        if path is None:
-            raise TuneforgeError(f"load_best_model_at_end: the checkpoint of the best evaluation (step "
-                                 f"{best.record['step']}, {best.checkpoint}) is gone; the final model is the last one")
+        if path is None:  # deleted by hand: keep the trained weights rather than end without a model
+            log.warning("load_best_model_at_end: the checkpoint of the best evaluation (step %d, %s) is gone; "
+                        "the final model is the last step's", best.record["step"], best.checkpoint)
+            return
         ckpt.load_weights(path, self.model, self.adapter)
         self.last_eval = best.record
         log.info("load_best_model_at_end: the final model is %s's (%s %.4g)", path.name, best.metric, best.value)
