@@ -178,7 +178,8 @@ def compat_section() -> list[str]:
     lines += [f"- `{old}` → `{new}`" for old, new in renamed.items()]
     lines += ["", "Accepted and ignored (they carry no meaning in tuneforge): "
               + ", ".join(f"`{k}`" for k in sorted(compat.IGNORED)) + ".", ""]
-    lines += ["Accepted because tuneforge always does what they switch on (setting one prints a note):", ""]
+    lines += ["Accepted because tuneforge always does what they switch on, or has nothing they tune (setting one "
+              "prints a note):", ""]
     by_reason: dict[str, list[str]] = {}
     for key, reason in compat.BUILT_IN.items():
         by_reason.setdefault(reason, []).append(f"`{key}`")

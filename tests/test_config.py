@@ -65,11 +65,13 @@ def test_not_supported_key_with_noop_value_is_accepted(tmp_path):
 
 def test_switches_for_what_tuneforge_always_does_are_accepted_with_a_note(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="tuneforge"):
-        cfg = _load_text(tmp_path, BASE + "liger_fused_linear_cross_entropy: true\nsdpa_varlen: false\n")
+        cfg = _load_text(tmp_path, BASE + "liger_fused_linear_cross_entropy: true\nsdpa_varlen: false\n"
+                         "dataloader_num_workers: 4\n")
     assert cfg.base_model == "some/model"
     notes = [r.message for r in caplog.records]
     assert any("`liger_fused_linear_cross_entropy` is not needed" in m and "without the full logits" in m for m in notes)
     assert not any("sdpa_varlen" in m for m in notes)  # false: nothing to say
+    assert any("`dataloader_num_workers` is not needed" in m for m in notes)
 
 
 def test_deprecated_attention_alias_maps_with_warning(tmp_path, caplog):
@@ -210,3 +212,12 @@ def test_generate_samples_needs_sft_and_evaluation_data():
         load(data={"base_model": "x", "rl": "dpo", "val_set_size": 0.1, "generate_samples": True})
     with pytest.raises(ConfigError, match="generate_samples.*set val_set_size or test_datasets"):
         load(data={"base_model": "x", "generate_samples": True})
+
+
+def test_an_empty_key_means_its_default_unless_null_means_something(tmp_path):
+    """Axolotl's example configs leave keys empty (`lora_fan_in_fan_out:`): a key that cannot be null takes its
+    default; one where null has a meaning (max_grad_norm: no clipping) keeps it."""
+    cfg = _load_text(tmp_path, BASE + "lora_fan_in_fan_out:\nnum_epochs:\nmax_grad_norm:\n"
+                     "datasets:\n  - path: a.jsonl\n    type: alpaca\n    shards:\n")
+    assert cfg.lora_fan_in_fan_out is False and cfg.num_epochs == 1.0
+    assert cfg.max_grad_norm is None

@@ -1,4 +1,4 @@
-"""profiler_steps: the chosen window of training steps is recorded and written where the docs say."""
+"""Run diagnostics: profiler_steps records the chosen window of steps where the docs say; gc_steps collects."""
 
 from __future__ import annotations
 
@@ -25,3 +25,13 @@ def test_a_run_that_ends_inside_the_window_still_writes_it(tmp_path, tiny_model_
     train(cfg)
     names = {e.get("name") for e in json.loads((tmp_path / "out" / "profiler_trace.json").read_text())["traceEvents"]}
     assert {"step 1", "step 2"} <= names
+
+
+def test_gc_steps_collects_every_n_steps(tmp_path, tiny_model_dir, monkeypatch):
+    from tuneforge.engine import trainer
+
+    steps = []
+    monkeypatch.setattr(trainer, "_collect_garbage", lambda: steps.append(True))
+    cfg = make_config(tmp_path, tiny_model_dir, make_rows(16), max_steps=5, save_strategy="no", gc_steps=2)
+    train(cfg)
+    assert len(steps) == 2  # after steps 2 and 4

@@ -22,9 +22,11 @@ RENAMED = {
 IGNORED = {"strict", "local_rank", "debug", "hf_use_auth_token", "sample_packing_eff_est", "total_num_tokens",
            "is_preprocess", "eval_table_size", "eval_max_new_tokens", "include_tokens_per_second"}
 
-# Axolotl switches for what tuneforge always does: accepted (true or false), with a note when set.
+# Axolotl switches for what tuneforge always does (or has no use for): accepted, with a note when set.
 _FUSED_LOSS = ("the loss is always computed a chunk of trained positions at a time, fused with the LM head, "
                "without the full logits tensor (models/losses.py)")
+_NO_LOADER = ("batches are gathered in the training process from the memory-mapped prepared dataset, without "
+              "loader workers")
 BUILT_IN = {
     "chunked_cross_entropy": _FUSED_LOSS,
     "cut_cross_entropy": _FUSED_LOSS,
@@ -33,6 +35,9 @@ BUILT_IN = {
     "flash_attn_cross_entropy": _FUSED_LOSS,
     "unsloth_cross_entropy_loss": _FUSED_LOSS,
     "sdpa_varlen": "packed rows always attend per document (varlen kernels on CUDA)",
+    "dataloader_num_workers": _NO_LOADER,
+    "dataloader_prefetch_factor": _NO_LOADER,
+    "dataloader_pin_memory": _NO_LOADER,
 }
 
 # Axolotl keys that tuneforge does not implement yet. A falsy value (false, null, empty) is a no-op and

@@ -194,8 +194,11 @@ def _check_keys(raw: dict, model: type[BaseModel], path: Path_, issues: list[Con
             issues.append(ConfigIssue(_dotted((*path, key)), _unknown_message(str(key), allowed, model), *where((*path, key))))
             del raw[key]
             continue
-        nested = _nested_models(allowed[key].annotation)
         value = raw[key]
+        if value is None and not _accepts_none(allowed[key].annotation):
+            del raw[key]  # an empty key (`lora_fan_in_fan_out:`), as Axolotl's examples write: the default
+            continue
+        nested = _nested_models(allowed[key].annotation)
         if not nested:
             continue
         sub = nested[0]
@@ -205,6 +208,13 @@ def _check_keys(raw: dict, model: type[BaseModel], path: Path_, issues: list[Con
             for i, item in enumerate(value):
                 if isinstance(item, dict):
                     _check_keys(item, sub, (*path, key, i), issues, where)
+
+
+def _accepts_none(annotation: Any) -> bool:
+    """Whether a field of this type can hold None (`X | None`, Optional[X], Any)."""
+    if annotation is Any or annotation is type(None):
+        return True
+    return type(None) in typing.get_args(annotation)
 
 
 def _unknown_message(key: str, allowed: dict[str, Any], model: type[BaseModel]) -> str:

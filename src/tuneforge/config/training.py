@@ -128,6 +128,10 @@ class TrainingKeys(Section):
         False, description="Resume from the newest checkpoint in output_dir when there is one."
     )
 
+    gc_steps: int | None = Field(
+        None, ge=1, description="Every this many steps, run Python's garbage collector and return cached CUDA "
+        "memory to the driver (against creeping host memory or fragmentation; costs a little speed)."
+    )
     profiler_steps: int | None = Field(
         None, ge=1, description="Record this many training steps with torch.profiler and write a Chrome trace "
         "(profiler_trace.json), an operator table and, on CUDA, a memory snapshot to output_dir."

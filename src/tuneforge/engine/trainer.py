@@ -19,6 +19,7 @@ SFT, several for preference methods) then runs inside a single DDP forward, as D
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -178,6 +179,8 @@ class Trainer:
                         window = _Window()
                     else:
                         self.logger.advance(step)
+                    if cfg.gc_steps and step % cfg.gc_steps == 0:
+                        _collect_garbage()
                     if signum and step < self.total_steps:
                         path = self.save_checkpoint(resumable=True)
                         raise TrainingInterrupted(signum, path, step)
@@ -487,6 +490,13 @@ class _Window:
 
     def grad_norm(self) -> float | None:
         return sum(self.norms) / len(self.norms) if self.norms else None
+
+
+def _collect_garbage() -> None:
+    """gc_steps: Python's cyclic garbage now, and the CUDA allocator's unused cached blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _accelerator(cfg: Config, precision: str, trackers_: list[str], out: Path):
