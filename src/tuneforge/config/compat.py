@@ -40,6 +40,8 @@ BUILT_IN = {
     "dataloader_pin_memory": _NO_LOADER,
 }
 
+_LIGER = "Liger kernels are not used; `torch_compile: true` fuses each block's norms, RoPE and activation instead"
+
 # Axolotl keys that tuneforge does not implement yet. A falsy value (false, null, empty) is a no-op and
 # is accepted; anything else is an explicit error rather than a silently ignored setting.
 NOT_SUPPORTED_YET = {
@@ -49,12 +51,13 @@ NOT_SUPPORTED_YET = {
     "fsdp_version": "FSDP is planned (fsdp_version: 2)",
     "pretraining_dataset": "streaming continual pretraining is planned; use `type: completion` for now",
     "streaming": "streaming datasets are planned",
-    "plugins": "plugins are not supported; fast paths switch on automatically when installed",
-    "liger_rope": "Liger kernels are planned",
-    "liger_rms_norm": "Liger kernels are planned",
-    "liger_glu_activation": "Liger kernels are planned",
-    "liger_swiglu": "Liger kernels are planned",
-    "liger_layer_norm": "Liger kernels are planned",
+    "plugins": "plugins are not supported; for the Liger plugin's fusions use torch_compile: true (the loss is "
+               "already fused)",
+    "liger_rope": _LIGER,
+    "liger_rms_norm": _LIGER,
+    "liger_glu_activation": _LIGER,
+    "liger_swiglu": _LIGER,
+    "liger_layer_norm": _LIGER,
     "torch_compile_mode": "torch_compile compiles each transformer block in inductor's default mode; other modes are not wired in",
     "relora": "ReLoRA is not implemented",
     "relora_steps": "ReLoRA is not implemented",
