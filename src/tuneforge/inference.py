@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneforge.chat_templates import stop_token_ids  # noqa: F401 - part of this module's API
 from tuneforge.errors import ModelError, TuneforgeError
 
 log = logging.getLogger("tuneforge")
@@ -166,28 +167,6 @@ def render(tokenizer, messages: list[dict[str, str]], chat_template_kwargs: dict
     # No template: a completion model continues the text as given.
     text = "\n".join(m["content"] for m in messages)
     return tokenizer(text, add_special_tokens=True)["input_ids"]
-
-
-def stop_token_ids(tokenizer, eot_tokens: list[str] | None = None) -> list[int]:
-    """eos plus the end-of-turn tokens (`eot_tokens` from the config, else the chat template's own)."""
-    names = list(eot_tokens or [])
-    if not names and tokenizer.chat_template:
-        try:
-            from tuneforge.chat_templates import eot_tokens_for
-
-            names = eot_tokens_for(tokenizer.chat_template, tokenizer)
-        except ImportError:
-            names = []
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for name in names:
-        tid = tokenizer.convert_tokens_to_ids(name)
-        if tid is None or tid == tokenizer.unk_token_id:
-            raise ModelError(f"end-of-turn token {name!r} is not a single token of the tokenizer; fix eot_tokens.")
-        if tid not in ids:
-            ids.append(tid)
-    if not ids:
-        raise ModelError("the tokenizer has no eos token and no end-of-turn token is known; set eot_tokens.")
-    return ids
 
 
 class _TextStream:

@@ -16,7 +16,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import ModelError, TuneforgeError
 
 NAMES = ("chatml", "llama3", "mistral", "gemma", "qwen3", "phi_3")
 ALIASES = {"phi": "phi_3"}
@@ -167,3 +167,20 @@ def eot_tokens_for(name_or_template: str | None, tokenizer) -> list[str]:
     if found:
         return found
     return [eos] if eos else []
+
+
+def stop_token_ids(tokenizer, eot_tokens: list[str] | None = None) -> list[int]:
+    """eos plus the end-of-turn tokens (`eot_tokens` from the config, else the chat template's own)."""
+    names = list(eot_tokens or [])
+    if not names and tokenizer.chat_template:
+        names = eot_tokens_for(tokenizer.chat_template, tokenizer)
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for name in names:
+        tid = tokenizer.convert_tokens_to_ids(name)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise ModelError(f"end-of-turn token {name!r} is not a single token of the tokenizer; fix eot_tokens.")
+        if tid not in ids:
+            ids.append(tid)
+    if not ids:
+        raise ModelError("the tokenizer has no eos token and no end-of-turn token is known; set eot_tokens.")
+    return ids

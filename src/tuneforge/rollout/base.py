@@ -48,22 +48,18 @@ class SamplingParams:
                    extra={k: v for k, v in extra.items() if k not in EMBEDDED_GENERATION_KWARGS})
 
 
-# Special tokens that end an assistant turn in the named chat templates.
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
-
-
 def end_of_turn_ids(tokenizer) -> list[int]:
-    """EOS plus the end-of-turn tokens this tokenizer knows (as a single token)."""
-    ids = []
+    """EOS plus the chat template's end-of-turn tokens (none without a tokenizer): where a completion ends,
+    the same tokens that `tuneforge inference` stops on."""
+    from tuneforge.chat_templates import stop_token_ids
+    from tuneforge.errors import ModelError
+
     if tokenizer is None:
-        return ids
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    for tok in _END_OF_TURN:
-        if tok in vocab and tokenizer.chat_template is not None and tok in str(tokenizer.chat_template):
-            ids.append(int(vocab[tok]))
-    return list(dict.fromkeys(ids))
+        return []
+    try:
+        return stop_token_ids(tokenizer)
+    except ModelError:  # no eos and no known end-of-turn token: completions end at their length limit
+        return []
 
 
 @dataclass
