@@ -70,6 +70,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
         command = resume_command(cfg, argv, stop.checkpoint)
         print(f"\nTraining interrupted by {signal.Signals(stop.signum).name} after step {stop.step}; "
               f"checkpoint saved to {stop.checkpoint}.\nResume with:\n  {command}", file=sys.stderr, flush=True)
+        _leave_process_group()
         raise SystemExit(128 + stop.signum) from None
     if trainer.accelerator.is_main_process:
         outputs.save_final(cfg, model, tokenizer, out, result)
@@ -79,7 +80,19 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
 
             log.info("merge_lora: merged model written to %s", merge(cfg))
         _log_summary(result, out)
+    _leave_process_group()
     return result
+
+
+def _leave_process_group() -> None:
+    """Several processes that all finished (or all stopped at one checkpoint): take the process group down
+    before exit. Left to interpreter shutdown, its communication threads can be destroyed mid-use and abort
+    the process ("terminate called without an active exception"), which torchrun reports as a failed run.
+    No barrier first: the first process may still be writing the final model, which needs no collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def resume_command(cfg: Config, argv: list[str] | None, checkpoint: Path) -> str:
