@@ -143,6 +143,7 @@ def test_lr_groups_and_embedding_rates_per_parameter(model):
     assert rates["model.layers.0.self_attn.o_proj.weight"] == 3e-5  # the first matching group wins
     assert rates["model.layers.1.self_attn.o_proj.weight"] == 3e-5
     assert rates["model.layers.0.mlp.down_proj.weight"] == 7e-5
+    assert rates["model.layers.0.input_layernorm.weight"] == 1e-4  # matrices only, as in Axolotl
     assert rates["model.embed_tokens.weight"] == 0.5e-4
     assert rates["model.layers.1.mlp.down_proj.weight"] == rates["model.norm.weight"] == 1e-4
     assert len(rates) == sum(1 for p in model.parameters() if p.requires_grad)

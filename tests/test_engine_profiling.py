@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from test_engine_support import make_config, make_rows, train
 
 
@@ -27,11 +29,17 @@ def test_a_run_that_ends_inside_the_window_still_writes_it(tmp_path, tiny_model_
     assert {"step 1", "step 2"} <= names
 
 
-def test_gc_steps_collects_every_n_steps(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("keys, collects, empties", [
+    ({"gc_steps": 2}, 2, 2),  # Axolotl's older key: both, after steps 2 and 4
+    ({"gc_collect_steps": 3, "torch_empty_cache_steps": 2}, 1, 2),
+    ({"gc_collect_steps": -1, "val_set_size": 4, "eval_steps": 2}, 3, 0),  # before the evaluations at 2, 4, end
+])
+def test_memory_release_steps(tmp_path, tiny_model_dir, monkeypatch, keys, collects, empties):
+    """gc.collect / empty_cache after the configured steps of a 5-step run (which ends no epoch)."""
     from tuneforge.engine import trainer
 
-    steps = []
-    monkeypatch.setattr(trainer, "_collect_garbage", lambda: steps.append(True))
-    cfg = make_config(tmp_path, tiny_model_dir, make_rows(16), max_steps=5, save_strategy="no", gc_steps=2)
-    train(cfg)
-    assert len(steps) == 2  # after steps 2 and 4
+    calls = {"collect": 0, "empty": 0}
+    monkeypatch.setattr(trainer, "_gc_collect", lambda: calls.update(collect=calls["collect"] + 1))
+    monkeypatch.setattr(trainer, "_empty_cuda_cache", lambda: calls.update(empty=calls["empty"] + 1))
+    train(make_config(tmp_path, tiny_model_dir, make_rows(40), max_steps=5, save_strategy="no", **keys))
+    assert (calls["collect"], calls["empty"]) == (collects, empties)

@@ -66,7 +66,8 @@ def test_sft_tiny_learns_the_held_out_task(tmp_path, monkeypatch):
     from tuneforge.engine.run import train
 
     monkeypatch.chdir(tmp_path)  # output_dir and the prepared-data cache are relative to the working directory
-    overrides = ["--num-epochs", "1", "--generate-samples", "true", "--num-generation-samples", "4"]
+    overrides = ["--num-epochs", "1", "--generate-samples", "true", "--num-generation-samples", "4",
+                 "--generation-do-sample", "false"]
     result = train(load(EXAMPLES / "sft-tiny.yaml", overrides), show_progress=False)
     accuracy = result.eval_metrics["eval_accuracy"]
     # Chance is about 16**-4.5 (a random 3-6 letter answer); the run reaches ~100% held-out.

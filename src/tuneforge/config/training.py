@@ -88,8 +88,15 @@ class TrainingKeys(Section):
     )
     num_generation_samples: int = Field(3, ge=1, description="Evaluation rows generate_samples continues.")
     generation_max_new_tokens: int = Field(50, ge=1, description="Most tokens a generate_samples completion has.")
+    generation_do_sample: bool = Field(True, description="generate_samples samples (false: greedy decoding).")
     generation_temperature: float = Field(
-        0.0, ge=0.0, description="Sampling temperature of generate_samples (0: greedy, the same each time)."
+        0.7, ge=0.0, description="Sampling temperature of generate_samples (0: greedy)."
+    )
+    generation_top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling of generate_samples.")
+    generation_top_k: int | None = Field(None, ge=1, description="Top-k sampling of generate_samples.")
+    generation_prompt_ratio: float = Field(
+        0.5, gt=0.0, lt=1.0, description="generate_samples: share of a row used as its prompt when the row has no "
+        "untrained prefix (completion data); other rows are continued from where their trained tokens start."
     )
     metric_for_best_model: str = Field(
         "eval_loss", description="Evaluation metric that ranks evaluations for early_stopping_patience and "
@@ -128,9 +135,17 @@ class TrainingKeys(Section):
         False, description="Resume from the newest checkpoint in output_dir when there is one."
     )
 
+    gc_collect_steps: int | None = Field(
+        None, ge=-1, description="Run Python's garbage collector every this many steps (-1: only at the end of "
+        "each epoch and before evaluations)."
+    )
+    torch_empty_cache_steps: int | None = Field(
+        None, ge=1, description="Return the CUDA allocator's unused cached memory to the driver every this many "
+        "steps (against fragmentation; costs a little speed)."
+    )
     gc_steps: int | None = Field(
-        None, ge=1, description="Every this many steps, run Python's garbage collector and return cached CUDA "
-        "memory to the driver (against creeping host memory or fragmentation; costs a little speed)."
+        None, ge=1, description="Both of the above every this many steps (Axolotl's older key; the other two "
+        "take precedence)."
     )
     profiler_steps: int | None = Field(
         None, ge=1, description="Record this many training steps with torch.profiler and write a Chrome trace "

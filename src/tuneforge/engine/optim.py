@@ -45,7 +45,8 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 def learning_rates(cfg: Config, model) -> Callable[[str, torch.Tensor], float] | None:
     """Each trainable parameter's learning rate from `lr_groups`, `embedding_lr(_scale)` and LoRA+, first
     match first; None when all train at learning_rate. A pattern that matches no trainable parameter is an
-    error: it is almost always a typo.
+    error: it is almost always a typo. As in Axolotl, lr_groups apply to weight matrices (biases and norms
+    keep learning_rate), and the embedding rate to embedding layers and any `embed_tokens` / `lm_head`.
 
     LoRA+ (Hayou et al., 2024): B matrices train at lr x loraplus_lr_ratio, A matrices at lr, adapters on
     embedding layers at loraplus_lr_embedding; 1-D parameters join the B matrices, as in PEFT's
@@ -63,9 +64,11 @@ def learning_rates(cfg: Config, model) -> Callable[[str, torch.Tensor], float] |
                                      f"(names look like `{trainable[0]}`)")
     embedded = {f"{m}.{n}" if m else n for m, module in model.named_modules()
                 if isinstance(module, torch.nn.Embedding) for n, _ in module.named_parameters(recurse=False)}
+    embedded |= {n for n in trainable if "embed_tokens" in n or "lm_head" in n}
 
     def rate(name: str, p: torch.Tensor) -> float:
-        for group in cfg.lr_groups or []:
+        groups = (cfg.lr_groups or []) if p.ndim >= 2 and not name.endswith(".bias") else []
+        for group in groups:
             if any(pattern in name for pattern in group.modules):
                 return group.lr
         if ratio is not None:

@@ -179,8 +179,7 @@ class Trainer:
                         window = _Window()
                     else:
                         self.logger.advance(step)
-                    if cfg.gc_steps and step % cfg.gc_steps == 0:
-                        _collect_garbage()
+                    self._release_memory(step, epoch_end)
                     if signum and step < self.total_steps:
                         path = self.save_checkpoint(resumable=True)
                         raise TrainingInterrupted(signum, path, step)
@@ -202,6 +201,16 @@ class Trainer:
                 self.accelerator.end_training()
         return TrainResult(state, self.last_train, self.last_eval, self.last_checkpoint, list(self.logger.records),
                            self.model)
+
+    def _release_memory(self, step: int, epoch_end: bool = False) -> None:
+        """gc_collect_steps / torch_empty_cache_steps (or gc_steps for both) after `step`."""
+        cfg = self.cfg
+        collect = cfg.gc_collect_steps if cfg.gc_collect_steps is not None else cfg.gc_steps
+        empty = cfg.torch_empty_cache_steps if cfg.torch_empty_cache_steps is not None else cfg.gc_steps
+        if collect and (step % collect == 0 if collect > 0 else epoch_end):
+            _gc_collect()
+        if empty and step % empty == 0:
+            _empty_cuda_cache()
 
     def _evaluate_and_save(self, step: int, epoch_step: int, in_epoch: int) -> bool:
         """The evaluation and checkpoint due after `step` (load_best_model_at_end: a checkpoint at every new
@@ -342,6 +351,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Token-weighted loss, perplexity and accuracy over the whole eval set; logged and returned."""
+        if self.cfg.gc_collect_steps == -1:
+            _gc_collect()
         inner = self.accelerator.unwrap_model(self.runner)  # no DDP: ranks may see different batch counts
         inner.eval()
         sums: dict[str, float] = defaultdict(float)
@@ -492,9 +503,11 @@ class _Window:
         return sum(self.norms) / len(self.norms) if self.norms else None
 
 
-def _collect_garbage() -> None:
-    """gc_steps: Python's cyclic garbage now, and the CUDA allocator's unused cached blocks."""
+def _gc_collect() -> None:
     gc.collect()
+
+
+def _empty_cuda_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

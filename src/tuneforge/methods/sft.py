@@ -49,19 +49,20 @@ class SFTObjective(Objective):
 
     @torch.no_grad()
     def samples(self, model, tokenizer, documents: list[dict]) -> list[dict[str, str]]:
-        """Each document continued from its prompt (the tokens before the first trained one; the first half
-        of a document trained throughout), next to its reference (the document from there to its last
-        trained token): what the model says, in words."""
+        """Each document continued from its prompt (the tokens before the first trained one; the first
+        generation_prompt_ratio of a document trained throughout), next to its reference (the document from
+        there to its last trained token): what the model says, in words."""
         from transformers import GenerationConfig
 
         from tuneforge.rollout.base import end_of_turn_ids
 
         cfg = self.cfg
-        sampled = cfg.generation_temperature > 0
+        sampled = cfg.generation_do_sample and cfg.generation_temperature > 0
         stops = end_of_turn_ids(tokenizer)  # EOS and the chat template's end-of-turn token
         config = GenerationConfig(max_new_tokens=cfg.generation_max_new_tokens, do_sample=sampled,
-                                  temperature=cfg.generation_temperature if sampled else None, top_k=None,
-                                  top_p=None, eos_token_id=stops or None,
+                                  temperature=cfg.generation_temperature if sampled else None,
+                                  top_k=cfg.generation_top_k if sampled else None,
+                                  top_p=cfg.generation_top_p if sampled else None, eos_token_id=stops or None,
                                   pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                   else (stops or [0])[0])
         device = next(model.parameters()).device
@@ -69,7 +70,7 @@ class SFTObjective(Objective):
         for doc in documents:
             ids, labels = doc["input_ids"], doc["labels"]
             trained = [i for i, label in enumerate(labels) if label != -100] or [len(ids) - 1]
-            cut = trained[0] or max(1, len(ids) // 2)
+            cut = trained[0] or max(1, int(len(ids) * cfg.generation_prompt_ratio))
             prompt = torch.tensor([ids[:cut]], device=device)
             out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
             shown.append({"prompt": tokenizer.decode(ids[:cut]), "completion": tokenizer.decode(out[0, cut:]),
