@@ -221,3 +221,11 @@ def test_an_empty_key_means_its_default_unless_null_means_something(tmp_path):
                      "datasets:\n  - path: a.jsonl\n    type: alpaca\n    shards:\n")
     assert cfg.lora_fan_in_fan_out is False and cfg.num_epochs == 1.0
     assert cfg.max_grad_norm is None
+
+
+def test_dynamic_checkpoint_trigger_is_a_file_name():
+    from tuneforge.config import load
+    from tuneforge.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="dynamic_checkpoint.trigger_file_path.*a file name"):
+        load(data={"base_model": "x", "dynamic_checkpoint": {"enabled": True, "trigger_file_path": "/tmp/go"}})

@@ -67,3 +67,18 @@ def test_adapter_checkpoint_holds_only_the_adapter(tmp_path, tiny_model_dir):
     c = tmp_path / "out" / "checkpoint-2"
     assert (c / "adapter_model.safetensors").exists() and (c / "adapter_config.json").exists()
     assert not (c / "model.safetensors").exists() and not (c / "README.md").exists()
+
+
+@pytest.mark.parametrize("interval, name, saved", [(1, "", "checkpoint-1"), (2, "save.now", "checkpoint-2")])
+def test_a_trigger_file_asks_for_a_checkpoint_and_training_goes_on(tmp_path, tiny_model_dir, interval, name, saved):
+    """dynamic_checkpoint: the file is noticed at the first step the interval checks, a resumable checkpoint
+    is written, the file is removed (so it is one checkpoint per request) and the run continues."""
+    cfg = make_config(tmp_path, tiny_model_dir, make_rows(16), max_steps=4, save_strategy="no",
+                      dynamic_checkpoint={"enabled": True, "check_interval": interval, "trigger_file_path": name})
+    trigger = tmp_path / "out" / (name or "axolotl_checkpoint.save")
+    trigger.parent.mkdir(parents=True)
+    trigger.touch()
+    result = train(cfg)
+    assert result.state.global_step == 4
+    assert [p.name for p in (tmp_path / "out").glob("checkpoint-*")] == [saved]
+    assert (tmp_path / "out" / saved / "optimizer.pt").exists() and not trigger.exists()

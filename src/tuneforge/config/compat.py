@@ -88,7 +88,6 @@ NOT_SUPPORTED_YET = {
     "lm_eval_tasks": "lm-eval integration is not implemented",
     "do_bench_eval": "benchmark evaluation is not implemented",
     "do_causal_lm_eval": "generation metrics during eval are not implemented",
-    "dynamic_checkpoint": "trigger-file checkpoints are not implemented; SIGINT/SIGTERM save a checkpoint",
     "activation_offloading": "activation offloading is not implemented",
     "tiled_mlp": "tiled MLP is not implemented",
     "batch_flattening": "padding-free batches are planned; use sample_packing",

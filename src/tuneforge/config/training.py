@@ -25,6 +25,21 @@ Optimizer = Literal[
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"]
 
 
+class DynamicCheckpoint(Section):
+    enabled: bool = Field(False, description="Save a checkpoint when the trigger file appears in output_dir.")
+    check_interval: int = Field(10, ge=1, description="Look for the trigger file every this many steps.")
+    trigger_file_path: str = Field(
+        "", description="The trigger file's name in output_dir (default: axolotl_checkpoint.save, Axolotl's)."
+    )
+
+    @field_validator("trigger_file_path")
+    @classmethod
+    def _a_name(cls, value: str) -> str:
+        if "/" in value or "\\" in value:
+            raise ValueError("give a file name (it is looked for in output_dir), not a path")
+        return value
+
+
 class LRGroup(Section):
     name: str = Field(description="A label for the group (used in messages).")
     modules: list[str] = Field(description="Parameter-name fragments: a trainable parameter whose name contains "
@@ -125,6 +140,9 @@ class TrainingKeys(Section):
     saves_per_epoch: int | None = Field(None, ge=1, description="Checkpoints per epoch (exclusive with save_steps).")
     save_strategy: Literal["no", "steps", "epoch"] | None = Field(None, description="When to save checkpoints.")
     save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints.")
+    dynamic_checkpoint: DynamicCheckpoint | None = Field(
+        None, description="Checkpoint on request: `touch <output_dir>/axolotl_checkpoint.save` (training goes on)."
+    )
     save_first_step: bool = Field(False, description="Also save a checkpoint after the first step (sanity check).")
     save_only_model: bool = Field(
         False, description="Checkpoints hold weights only (smaller, but the run cannot be resumed from them)."

@@ -212,11 +212,26 @@ class Trainer:
         if empty and step % empty == 0:
             _empty_cuda_cache()
 
+    def _checkpoint_requested(self, step: int) -> bool:
+        """dynamic_checkpoint: whether the trigger file appeared (looked for by the first process every
+        check_interval steps, the answer shared so that all processes save); the file is then removed."""
+        request = self.cfg.dynamic_checkpoint
+        if request is None or not request.enabled or step % request.check_interval:
+            return False
+        trigger = self.out / (request.trigger_file_path or "axolotl_checkpoint.save")
+        main = self.accelerator.is_main_process
+        if not self._sum_over_ranks([float(main and trigger.exists())])[0]:
+            return False
+        if main:
+            trigger.unlink(missing_ok=True)
+        log.info("checkpoint requested by %s", trigger)
+        return True
+
     def _evaluate_and_save(self, step: int, epoch_step: int, in_epoch: int) -> bool:
         """The evaluation and checkpoint due after `step` (load_best_model_at_end: a checkpoint at every new
         best evaluation too); True when it evaluated."""
         save = (self.save_cadence and self.save_cadence.due(step, epoch_step, in_epoch)) or (
-            self.cfg.save_first_step and step == 1)
+            self.cfg.save_first_step and step == 1) or self._checkpoint_requested(step)
         evaluate = bool(self.eval_cadence and self.eval_cadence.due(step, epoch_step, in_epoch))
         if evaluate and self.best.update(self.evaluate()) and self.cfg.load_best_model_at_end:
             self.best.checkpoint, save = str(ckpt.checkpoint_dir(self.out, step)), True  # saved with the state
