@@ -347,3 +347,19 @@ def test_completion_chunks_through_prepare(bos_tokenizer, write_jsonl):
     assert list(train["_row"]) == [0] + [1] * len(chunks)
     assert list(train["input_ids"]) == [tok("short one")["input_ids"] + [tok.eos_token_id], *chunks]
     assert max(train["length"]) == 32
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_shuffle_before_merging_keeps_datasets_in_order_and_shuffles_within(tiny_tokenizer, write_jsonl, before):
+    from tuneforge.config import load
+    from tuneforge.data.pipeline import build
+
+    first = write_jsonl([{"text": f"first {i}"} for i in range(12)], "first.jsonl")
+    second = write_jsonl([{"text": f"second {i}"} for i in range(12)], "second.jsonl")
+    cfg = load(data={"base_model": "unused", "shuffle_merged_datasets": False, "seed": 3,
+                     "shuffle_before_merging_datasets": before,
+                     "datasets": [{"path": str(first), "type": "completion"}, {"path": str(second), "type": "completion"}]})
+    texts = [tiny_tokenizer.decode(ids, skip_special_tokens=True) for ids in build(cfg, tiny_tokenizer).train["input_ids"]]
+    assert [t.split()[0] for t in texts] == ["first"] * 12 + ["second"] * 12  # one dataset after the other
+    order = [int(t.split()[1]) for t in texts[:12]]
+    assert sorted(order) == list(range(12)) and (order != list(range(12))) == before

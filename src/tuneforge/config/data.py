@@ -103,6 +103,10 @@ class DataKeys(Section):
     dataset_num_proc: int | None = Field(None, ge=1, description="Worker processes for tokenisation.")
     skip_prepare_dataset: bool = Field(False, description="Do not cache the prepared dataset.")
     shuffle_merged_datasets: bool = Field(True, description="Shuffle rows after mixing the datasets.")
+    shuffle_before_merging_datasets: bool = Field(
+        False, description="Shuffle each dataset's rows before they are put together (with "
+        "shuffle_merged_datasets: false, the datasets then follow each other, each in random order)."
+    )
     dataset_exact_deduplication: bool = Field(False, description="Drop rows whose tokens exactly repeat another row.")
     train_on_inputs: bool = Field(False, description="Train on prompt/user tokens too (no prompt masking).")
     sequence_len: int = Field(512, ge=8, description="Maximum tokens per sample, and per packed row.")

@@ -52,6 +52,7 @@ TOKEN_KEYS = (
     "sequence_len", "eval_sequence_len", "excess_length_strategy", "min_sample_len", "train_on_inputs",
     "eot_tokens", "chat_template", "chat_template_jinja", "chat_template_kwargs", "default_system_message",
     "special_tokens", "tokens", "dataset_exact_deduplication", "shuffle_merged_datasets", "seed",
+    "shuffle_before_merging_datasets",
     "val_set_size", "max_prompt_len", "extra", "rl", "reward_model", "process_reward_model",
     "tokenizer_type", "tokenizer_use_fast", "tokenizer_legacy",
 )

@@ -330,7 +330,7 @@ def prepare_split(entries: list[DatasetEntry], cfg: Config, tokenizer, key: str,
             stats.dropped["format produced no row"] += n_in - n_produced
         per_entry.append(stats)
         if len(ds):
-            parts.append(ds)
+            parts.append(ds.shuffle(seed=cfg.seed) if cfg.shuffle_before_merging_datasets else ds)
     total = _sum(per_entry)
     if not parts:
         raise DataError(f"{key}: no rows left after length rules ({dict(total.dropped)}).")
