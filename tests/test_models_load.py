@@ -133,3 +133,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_model_di
         causal_lm_token_loss(model, batch).loss_sum.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def test_embedding_rows_to_32x_shrunk_and_mean_resized(tmp_path, tiny_model_dir, monkeypatch):
+    from tuneforge.models.tokenizer import load_tokenizer
+
+    cfg = _cfg(tmp_path, base_model=str(tiny_model_dir), tokens=["<new_a>"], resize_token_embeddings_to_32x=True)
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, tok)
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert rows % 32 == 0 and len(tok) <= rows < len(tok) + 32 and model.lm_head.weight.shape[0] == rows
+
+    from tuneforge.models.load import resize_embeddings
+
+    model.resize_token_embeddings(len(tok) + 40)  # more rows than tokens, as some checkpoints ship
+    keep = _cfg(tmp_path, base_model=str(tiny_model_dir))
+    assert not resize_embeddings(keep, model, tok) and model.get_input_embeddings().weight.shape[0] == len(tok) + 40
+    shrink = _cfg(tmp_path, base_model=str(tiny_model_dir), shrink_embeddings=True)
+    assert resize_embeddings(shrink, model, tok) and model.get_input_embeddings().weight.shape[0] == len(tok)
+
+    seen = {}
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.resize_token_embeddings
+    monkeypatch.setattr(PreTrainedModel, "resize_token_embeddings",
+                        lambda self, n, **kw: seen.update(kw) or original(self, n, **kw))
+    mean = _cfg(tmp_path, base_model=str(tiny_model_dir), tokens=["<new_a>"], mean_resizing_embeddings=False)
+    load_model(mean, load_tokenizer(mean))
+    assert seen == {"mean_resizing": False}

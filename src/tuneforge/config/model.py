@@ -94,6 +94,16 @@ class ModelKeys(Section):
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
         None, description="Options for gradient checkpointing, e.g. {use_reentrant: false}."
     )
+    resize_token_embeddings_to_32x: bool = Field(
+        False, description="Give the embeddings a multiple of 32 rows when they are resized (faster matmuls)."
+    )
+    shrink_embeddings: bool = Field(
+        False, description="Cut the embeddings down to the tokenizer's size when the model has more rows."
+    )
+    mean_resizing_embeddings: bool | None = Field(
+        None, description="Initialise new embedding rows around the mean of the old ones (transformers' "
+        "mean_resizing; default: transformers' own default)."
+    )
     torch_compile: bool | Literal["auto"] = Field(
         False,
         description="Compile each transformer block with torch.compile (fuses norms, activations, RoPE; "

@@ -228,15 +228,19 @@ def _has_weights(folder: Path) -> bool:
 
 
 def resize_embeddings(cfg: Config, model, tokenizer) -> bool:
-    """Grow the embeddings when the tokenizer has more tokens than the model; returns whether it grew."""
+    """Grow the embeddings when the tokenizer has more tokens than the model (to a multiple of 32 with
+    resize_token_embeddings_to_32x), or shrink them to the tokenizer with shrink_embeddings; returns
+    whether they changed. mean_resizing_embeddings chooses how transformers fills new rows."""
     if tokenizer is None or model.get_input_embeddings() is None:
         return False
     have, need = model.get_input_embeddings().weight.shape[0], len(tokenizer)
-    if need <= have:
+    target = -(-need // 32) * 32 if cfg.resize_token_embeddings_to_32x else need
+    if not (target > have or (cfg.shrink_embeddings and target < have)):
         return False
-    model.resize_token_embeddings(need)
-    log.info("resized the embeddings from %d to %d tokens (special_tokens / tokens added)", have, need)
-    if cfg.adapter:
+    options = {} if cfg.mean_resizing_embeddings is None else {"mean_resizing": cfg.mean_resizing_embeddings}
+    model.resize_token_embeddings(target, **options)
+    log.info("resized the embeddings from %d to %d rows for %d tokens", have, target, need)
+    if cfg.adapter and need > have:  # rows of real new tokens (not padding rows) must be trained
         names = {_module_name(model, model.get_input_embeddings()), _module_name(model, model.get_output_embeddings())}
         names.discard(None)
         missing = sorted(n for n in names if n not in (cfg.lora_modules_to_save or []))
