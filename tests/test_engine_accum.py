@@ -47,6 +47,16 @@ def test_packed_step_equals_unpacked_step(tmp_path, tiny_model_dir):
     assert max((plain[k] - packed[k]).abs().max().item() for k in plain) < 1e-6
 
 
+def test_flattened_batches_step_like_padded_ones(tmp_path, tiny_model_dir):
+    """batch_flattening: 2 micro-batches of 4 rows, each put back to back into one row, give the padded
+    step's gradient (documents attend only to themselves in both)."""
+    plain, loss_plain = _update(tmp_path, tiny_model_dir, "f0", micro_batch_size=4, gradient_accumulation_steps=2)
+    flat, loss_flat = _update(tmp_path, tiny_model_dir, "f1", micro_batch_size=4, gradient_accumulation_steps=2,
+                              batch_flattening=True)
+    assert abs(loss_plain - loss_flat) < 1e-6
+    assert max((plain[k] - flat[k]).abs().max().item() for k in plain) < 1e-6
+
+
 def test_bf16_autocast_on_cpu_tracks_fp32(tmp_path, tiny_model_dir):
     """`bf16: true` runs the forward under CPU autocast (fp32 master weights); the losses stay close to fp32."""
     rows = make_rows(n=8, seed=3)

@@ -335,3 +335,12 @@ def test_curriculum_sampling_trains_in_dataset_order_every_epoch(packing):
     for epoch in (0, 1):
         order = [i for mb in plan.epoch(epoch) for row in mb for i in row]
         assert order == list(range(8))
+
+
+def test_batch_flattening_puts_each_micro_batch_in_one_row():
+    lengths = alpaca_like_lengths(50, seed=2)
+    kw = dict(epoch=0, seed=1, micro_batch_size=4, packed=False, capacity=2048)
+    plain, flat = plan_epoch(lengths, **kw), plan_epoch(lengths, flatten=True, **kw)
+    assert flat == [[[row[0] for row in mb]] for mb in plain]
+    grouped = plan_epoch(lengths, flatten=True, by_length=True, **kw)
+    assert grouped == [[[row[0] for row in mb]] for mb in plan_epoch(lengths, by_length=True, **kw)]

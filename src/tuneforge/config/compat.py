@@ -90,7 +90,6 @@ NOT_SUPPORTED_YET = {
     "do_causal_lm_eval": "generation metrics during eval are not implemented",
     "activation_offloading": "activation offloading is not implemented",
     "tiled_mlp": "tiled MLP is not implemented",
-    "batch_flattening": "padding-free batches are planned; use sample_packing",
     "xformers_attention": "xformers attention is not supported; use attn_implementation: sdpa",
     "sage_attention": "SageAttention is not supported; use attn_implementation: sdpa",
     "s2_attention": "shifted sparse attention is not supported",

@@ -128,6 +128,10 @@ class DataKeys(Section):
     sample_packing_sequentially: bool = Field(
         False, description="Pack rows in dataset order (no reordering), at some cost in efficiency."
     )
+    batch_flattening: bool = Field(
+        False, description="SFT without sample_packing: put each micro-batch's rows back to back in one row "
+        "(no padding; documents still attend only to themselves)."
+    )
     group_by_length: bool = Field(
         False, description="Unpacked batches: put rows of similar length together (less padding); the batch "
         "with the longest row runs first."

@@ -137,6 +137,9 @@ def _eval_schedule(cfg: Config) -> list[ConfigIssue]:
     if (cfg.eval_steps or cfg.evals_per_epoch) and not has_eval:
         key = "eval_steps" if cfg.eval_steps else "evals_per_epoch"
         issues.append(ConfigIssue(key, "nothing to evaluate: set val_set_size or test_datasets."))
+    if cfg.batch_flattening and (cfg.rl or cfg.reward_model or cfg.process_reward_model):
+        issues.append(ConfigIssue("batch_flattening", "applies to supervised fine-tuning; preference data packs "
+                                  "whole pairs with sample_packing: true."))
     if cfg.generate_samples and (cfg.rl or cfg.reward_model or cfg.process_reward_model):
         issues.append(ConfigIssue("generate_samples", "shows samples of supervised fine-tuning only (GRPO logs its "
                                   "completions with trl.log_completions); remove it."))

@@ -29,13 +29,15 @@ def plan_epoch(
     max_docs: int | None = None,
     sequential: bool = False,
     by_length: bool = False,
+    flatten: bool = False,
 ) -> list[list[list[int]]]:
     """Micro-batches for one epoch. Each micro-batch is a list of rows; each row a list of dataset indices.
 
     Unpacked: every row holds one document. Packed: documents are packed into rows of `capacity`
     tokens, group by group (groups of `group_size` shuffled documents), and the rows shuffled.
     With `sequential`, documents keep dataset order and are packed next-fit. With `by_length` (unpacked),
-    micro-batches hold rows of similar length (`_length_grouped`).
+    micro-batches hold rows of similar length (`_length_grouped`). With `flatten` (unpacked), each
+    micro-batch's documents go into one row, back to back, so the batch holds no padding.
     """
     rng = epoch_rng(seed, epoch)
     order = list(range(len(lengths)))
@@ -56,11 +58,18 @@ def plan_epoch(
             rows.extend([group[j] for j in b] for b in packer(glens, capacity, max_docs))
         if shuffle and not sequential:
             rng.shuffle(rows)
-    elif by_length:
-        return _length_grouped(order, lengths, micro_batch_size, rng)
+        return _chunks(rows, micro_batch_size)
+    if by_length:
+        batches = _length_grouped(order, lengths, micro_batch_size, rng)
     else:
-        rows = [[i] for i in order]
-    return [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+        batches = _chunks([[i] for i in order], micro_batch_size)
+    if flatten:
+        return [[[row[0] for row in batch]] for batch in batches]
+    return batches
+
+
+def _chunks(rows: list[list[int]], size: int) -> list[list[list[int]]]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
 def gather(ds, micro_batch: list[list[int]], columns: tuple[str, ...] = ("input_ids", "labels")) -> list[list[dict[str, Any]]]:

@@ -63,7 +63,7 @@ BATCH_TIME_KEYS = (
     "dataset_prepared_path", "dataset_num_proc", "skip_prepare_dataset", "sample_packing",
     "eval_sample_packing", "pad_to_sequence_len", "pad_to_multiple_of", "sample_packing_group_size",
     "sample_packing_bin_size", "sample_packing_sequentially", "remove_unused_columns", "group_by_length",
-    "curriculum_sampling",
+    "curriculum_sampling", "batch_flattening",
 )
 ENTRY_LIST_KEYS = ("datasets", "test_datasets")
 

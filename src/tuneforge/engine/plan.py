@@ -56,6 +56,7 @@ class StepPlan:
                 packed=cfg.sample_packing, capacity=cfg.sequence_len, group_size=cfg.sample_packing_group_size,
                 max_docs=cfg.sample_packing_bin_size,
                 sequential=cfg.sample_packing_sequentially or cfg.curriculum_sampling, by_length=cfg.group_by_length,
+                flatten=bool(cfg.batch_flattening),
             )
             per_rank = len(planned) // self.world  # ranks stay in lockstep; the remainder is dropped
             if per_rank == 0:

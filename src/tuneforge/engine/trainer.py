@@ -449,6 +449,7 @@ class Trainer:
         return {"rows": len(self.train_rows.lengths), "seed": c.seed, "micro_batch_size": c.micro_batch_size,
                 "grad_accum": c.grad_accum, "sample_packing": c.sample_packing, "sequence_len": c.sequence_len,
                 "group_by_length": c.group_by_length, "curriculum_sampling": c.curriculum_sampling,
+                "batch_flattening": c.batch_flattening,
                 "world_size": self.accelerator.num_processes}
 
     def _resume_path(self) -> Path | None:
