@@ -161,3 +161,21 @@ def test_embedding_rows_to_32x_shrunk_and_mean_resized(tmp_path, tiny_model_dir,
     mean = _cfg(tmp_path, base_model=str(tiny_model_dir), tokens=["<new_a>"], mean_resizing_embeddings=False)
     load_model(mean, load_tokenizer(mean))
     assert seen == {"mean_resizing": False}
+
+
+def test_torch_compile_mode_reaches_the_blocks(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch):
+    from tuneforge.config.errors import ConfigError
+    from tuneforge.models.load import compile_blocks
+
+    model = load_model(_cfg(tmp_path, base_model=str(tiny_model_dir)), tiny_tokenizer)
+    modes = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # compile_blocks compiles on CUDA only
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw.get("mode")))
+    monkeypatch.setattr("tuneforge.models.losses.compile_loss", lambda **kw: None)
+    for mode, expected in (("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"), ("default", None)):
+        cfg = _cfg(tmp_path, base_model=str(tiny_model_dir), torch_compile=True, torch_compile_mode=mode)
+        modes.clear()
+        assert compile_blocks(cfg, model) == len(modes) == 2
+        assert set(modes) == {expected}
+    with pytest.raises(ConfigError, match="reduce-overhead captures CUDA graphs"):
+        _cfg(tmp_path, base_model=str(tiny_model_dir), torch_compile_mode="reduce-overhead")

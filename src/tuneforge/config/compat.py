@@ -60,7 +60,6 @@ NOT_SUPPORTED_YET = {
     "liger_glu_activation": _LIGER,
     "liger_swiglu": _LIGER,
     "liger_layer_norm": _LIGER,
-    "torch_compile_mode": "torch_compile compiles each transformer block in inductor's default mode; other modes are not wired in",
     "relora": "ReLoRA is not implemented",
     "relora_steps": "ReLoRA is not implemented",
     "jagged_restart_steps": "ReLoRA is not implemented",

@@ -235,7 +235,7 @@ def _issues_from_validation(exc: ValidationError, raw: dict, where) -> list[Conf
     seen: set[tuple[str, str]] = set()
     for err in exc.errors():
         path = _real_path(err["loc"], raw)
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")  # our validators' own words
         if err["type"] == "missing":
             msg = "required key is missing"
         elif "input" in err and not isinstance(err["input"], dict | list):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .base import Section
 
@@ -110,6 +110,21 @@ class ModelKeys(Section):
         "CUDA only, the first steps pay the compile time). auto: on when CUDA is used.",
     )
     torch_compile_backend: str | None = Field(None, description="torch.compile backend (default: inductor).")
+    torch_compile_mode: str | None = Field(
+        None, description="torch.compile mode of the transformer blocks: default, or max-autotune-no-cudagraphs "
+        "(inductor times GEMM templates against cuBLAS: longer first steps). Modes that capture CUDA graphs "
+        "(reduce-overhead, max-autotune) are not supported with per-block compilation."
+    )
+
+    @field_validator("torch_compile_mode")
+    @classmethod
+    def _compile_mode(cls, value: str | None) -> str | None:
+        if value in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"{value} captures CUDA graphs, which tuneforge's per-block compilation does not "
+                             "support; use default or max-autotune-no-cudagraphs")
+        if value not in (None, "default", "max-autotune-no-cudagraphs"):
+            raise ValueError("use default or max-autotune-no-cudagraphs")
+        return value
     unfrozen_parameters: list[str] | None = Field(
         None, description="Regexes of parameter names to train; every other parameter is frozen (full fine-tune)."
     )

@@ -321,8 +321,9 @@ def compile_blocks(cfg: Config, model) -> int:
         log.warning("torch_compile: no `layers` list found on %s; running eagerly", type(decoder).__name__)
         return 0
     kwargs = {"backend": cfg.torch_compile_backend} if cfg.torch_compile_backend else {}
+    mode = {"mode": cfg.torch_compile_mode} if cfg.torch_compile_mode not in (None, "default") else {}
     for layer in layers:
-        layer.compile(**kwargs)
+        layer.compile(**kwargs, **mode)
     from tuneforge.models.losses import compile_loss
 
     compile_loss(**kwargs)
