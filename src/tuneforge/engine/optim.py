@@ -57,11 +57,7 @@ def learning_rates(cfg: Config, model) -> Callable[[str, torch.Tensor], float] |
     if not cfg.lr_groups and embedding is None and ratio is None:
         return None
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    for i, group in enumerate(cfg.lr_groups or []):
-        for pattern in group.modules:
-            if not any(pattern in n for n in trainable):
-                raise TuneforgeError(f"lr_groups[{i}] ({group.name}): `{pattern}` matches no trainable parameter "
-                                     f"(names look like `{trainable[0]}`)")
+    _check_lr_groups(cfg, trainable)
     embedded = {f"{m}.{n}" if m else n for m, module in model.named_modules()
                 if isinstance(module, torch.nn.Embedding) for n, _ in module.named_parameters(recurse=False)}
     embedded |= {n for n in trainable if "embed_tokens" in n or "lm_head" in n}
@@ -81,6 +77,14 @@ def learning_rates(cfg: Config, model) -> Callable[[str, torch.Tensor], float] |
         return lr
 
     return rate
+
+
+def _check_lr_groups(cfg: Config, trainable: list[str]) -> None:
+    for i, group in enumerate(cfg.lr_groups or []):
+        for pattern in group.modules:
+            if not any(pattern in n for n in trainable):
+                raise TuneforgeError(f"lr_groups[{i}] ({group.name}): `{pattern}` matches no trainable parameter "
+                                     f"(names look like `{trainable[0]}`)")
 
 
 def split_by_rate(model, groups: list[dict], rate: Callable[[str, torch.Tensor], float], lr: float) -> list[dict]:
