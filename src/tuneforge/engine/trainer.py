@@ -230,8 +230,9 @@ class Trainer:
     def _evaluate_and_save(self, step: int, epoch_step: int, in_epoch: int) -> bool:
         """The evaluation and checkpoint due after `step` (load_best_model_at_end: a checkpoint at every new
         best evaluation too); True when it evaluated."""
-        save = (self.save_cadence and self.save_cadence.due(step, epoch_step, in_epoch)) or (
-            self.cfg.save_first_step and step == 1) or self._checkpoint_requested(step)
+        requested = self._checkpoint_requested(step)  # looked at even when a save is due: one request, one file
+        save = requested or (self.save_cadence and self.save_cadence.due(step, epoch_step, in_epoch)) or (
+            self.cfg.save_first_step and step == 1)
         evaluate = bool(self.eval_cadence and self.eval_cadence.due(step, epoch_step, in_epoch))
         if evaluate and self.best.update(self.evaluate()) and self.cfg.load_best_model_at_end:
             self.best.checkpoint, save = str(ckpt.checkpoint_dir(self.out, step)), True  # saved with the state
