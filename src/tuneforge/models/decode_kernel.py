@@ -35,10 +35,6 @@ import torch
 
 BLOCK = 64  # cache slots per loop iteration
 
-SHARED_MIN_SAVED_SHARE = 0.35  # see shared_prompt_pays
-SHARED_MIN_SAVED_BYTES = 64 * 2**20
-
-
 def triton_usable(device: torch.device) -> bool:
     """Triton importable, and a CUDA device (or Triton's CPU interpreter, which tests use)."""
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -92,6 +88,10 @@ def shared_prompt_pays(keys: torch.Tensor, group: int, prompt_len: int) -> bool:
     """Whether reading a group's prompt slots once (the `shared_prompt` kernel) beats reading every row's
     copy, for a cache keys [rows, Hkv, L, D] on the device the kernels run on (see `shared_prompt_saves`)."""
     return triton_usable(keys.device) and shared_prompt_saves(*keys.shape, keys.element_size(), group, prompt_len)
+
+
+SHARED_MIN_SAVED_SHARE = 0.35  # of the slots a rollout's decode attention reads
+SHARED_MIN_SAVED_BYTES = 64 * 2**20  # per decode step
 
 
 def shared_prompt_saves(rows: int, kv_heads: int, length: int, head_dim: int, itemsize: int, group: int,
