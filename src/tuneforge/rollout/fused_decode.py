@@ -137,8 +137,7 @@ FP8_HEADROOM = 2.0  # the per-layer scale leaves room for decoded keys/values up
 
 
 class _Layer:
-    def __init__(self, layer, rows: int, length: int, dtype, kv_dtype=None, window: int | None = None,
-                 shared_prompt: tuple[int, int] | None = None, share: bool | None = None):
+    def __init__(self, layer, rows: int, length: int, dtype, kv_dtype=None, window: int | None = None):
         attn, mlp = layer.self_attn, layer.mlp
         if getattr(attn, "attn_logit_softcapping", None) is not None:
             raise Unsupported("attention logit soft-capping")
@@ -169,12 +168,7 @@ class _Layer:
         self.values = torch.zeros_like(self.keys)
         # FP8 cache: one scale for the keys and one for the values of this layer, set by the prefill
         self.scales = torch.ones(2, device=weight.device) if fp8 else None
-        # (group, prompt length): rows share their prompt's slots, which attention then reads once per group
-        # where that pays (share None) or always (True); a window gives each row its own start, so never
-        grouped = shared_prompt is not None and window is None
-        if grouped and share is None:
-            share = shared_prompt_pays(self.keys, *shared_prompt)
-        self.shared = shared_prompt if grouped and share else (1, 0)
+        self.shared = (1, 0)  # (group, prompt length) when attention reads a group's prompt slots once
 
     def _to_cache(self, x: torch.Tensor, which: int) -> torch.Tensor:
         """x as the cache holds it (FP8: scaled, saturated, rounded, as bytes)."""
@@ -254,12 +248,23 @@ class FusedDecoder:
         self.embed, self.norm, self.rotary, self.lm_head = base.embed_tokens, base.norm, base.rotary_emb, net.lm_head
         self.softcap = getattr(net.config, "final_logit_softcapping", None)  # Gemma: cap * tanh(logits / cap)
         with torch.no_grad():
-            self.layers = [_Layer(layer, rows, length, dtype, kv_dtype, size if size < length else None, shared_prompt,
-                                  share)
+            self.layers = [_Layer(layer, rows, length, dtype, kv_dtype, size if size < length else None)
                            for layer, size in zip(base.layers, sizes, strict=True)]
         if "layer_type" in inspect.signature(type(self.rotary).forward).parameters:  # one rotary per layer type
             for ours, theirs in zip(self.layers, base.layers, strict=True):
                 ours.rope_kind = theirs.self_attn.layer_type
+        self._share_prompts(shared_prompt, share)
+
+    def _share_prompts(self, shared_prompt: tuple[int, int] | None, share: bool | None) -> None:
+        """One decision for the whole cache (every layer's has the same shape); sliding-window layers never
+        share, as a window gives each row its own first slot."""
+        if shared_prompt is None:
+            return
+        if share is None:
+            share = shared_prompt_pays(self.layers[0].keys, *shared_prompt)
+        for layer in self.layers:
+            if share and layer.window is None:
+                layer.shared = shared_prompt
 
     def prefill(self, ids: torch.Tensor, valid: torch.Tensor, group: int = 1) -> torch.Tensor:
         """Run left-padded prompts ids [n, P] (valid: real tokens) into cache slots [0, P) of their `group`
