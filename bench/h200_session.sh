@@ -7,7 +7,8 @@
 # tests: the CUDA tests (TESTS overrides the list); rollout: bench/rollout_throughput.py (ROLLOUT_ARGS);
 # train-MODE: bench/train_throughput.py --mode MODE (TRAIN_ARGS, e.g. --compile --engines tuneforge);
 # pref-MODE: bench/preference_packing.py --mode MODE (PREF_ARGS); grpo-MODE: bench/grpo_step.py --mode MODE
-# (GRPO_ARGS); attn: bench/decode_attention.py (kernel launch configurations). STEP_TIMEOUT bounds each step (s).
+# (GRPO_ARGS); attn: bench/decode_attention.py (kernel launch configurations); gemm: bench/decode_gemm.py (the
+# decode step's GEMMs, GEMM_ARGS). STEP_TIMEOUT bounds each step (s).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -32,6 +33,7 @@ for step in ${STEPS:-tests train-full train-lora}; do
     attn) timeout -k 15 ${STEP_TIMEOUT:-240} python3 bench/decode_attention.py --out "$OUT/attn.jsonl" ${ATTN_ARGS:-} > "$OUT/attn.txt" 2>&1
           python3 -c "import json,sys; rs=[json.loads(l) for l in open(sys.argv[1]) if 'error' not in l]
 for r in sorted(rs, key=lambda r: (r['shape'], r['us']))[:60]: print(r['shape'], r['config'], r['us'], r['tb_per_s'])" "$OUT/attn.jsonl" ;;
+    gemm) timeout -k 15 ${STEP_TIMEOUT:-240} python3 bench/decode_gemm.py --out "$OUT/gemm.jsonl" ${GEMM_ARGS:-} 2>&1 | TAIL=40 quiet ;;
     *) echo "unknown step $step" ;;
   esac
 done

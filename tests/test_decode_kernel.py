@@ -162,8 +162,10 @@ INTERPRETED = textwrap.dedent("""
             want = decode_kernel.reference(q.double(), k.double(), v.double(), start, end, 0.125)
             for x in (k, v):  # only each group's first row is read for the prompt: spoil the other copies
                 x.view(-1, group, *x.shape[1:])[:, 1:, :, :P] = float("nan")
-            got = decode_kernel._triton_decode(q, k, v, start, end, 0.125, group=group, prompt_len=P)
-            torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+            for splits in (1, 2):  # one split merges the prompt's partial itself; more go through `combine`
+                got = decode_kernel._triton_decode(q, k, v, start, end, 0.125, group=group, prompt_len=P,
+                                                   splits=splits)
+                torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
         q, k, v, start, end = _grouped_case(shape, torch.float16, seed=i)
         k8, v8, scales = _fp8(k, v)
         got = decode_kernel._triton_decode(q, k8, v8, start, end, 0.125, kv_scales=scales, group=group, prompt_len=P)

@@ -14,7 +14,8 @@ graph.
   once; splits only exist to fill the GPU when batch x KV heads is small, and a second tiny kernel
   merges their partial softmax sums (with one split the first kernel writes the output itself).
   With `group` > 1 (GRPO: runs of rows continuing one prompt, whose prompt slots are identical copies)
-  a third kernel reads each prompt's slots once for its whole run, as one partial sum per row;
+  a third kernel reads each prompt's slots once for its whole run, as one partial sum per row, which
+  the first kernel merges itself when a row has one split;
 - everywhere else, the same arithmetic in plain torch (masked softmax over the whole cache).
 
 Shapes: q [B, Hq, D]; k, v [B, Hkv, L, D] (transformers' StaticCache layout); start [B] and end [1]
@@ -137,13 +138,14 @@ def _triton_decode(q, k, v, start, end, scale, block: int | None = None, num_war
     S = splits or _num_splits(B * Hkv, L - first, q.device, block)
     split_len = math.ceil(math.ceil((L - first) / S) / block) * block
     S = math.ceil((L - first) / split_len)
-    parts = S + s0
     q = q.contiguous()
     out = torch.empty_like(q)
-    # One split per row (batch x KV heads already fills the GPU, as at GRPO batch sizes): the kernel
-    # normalises and writes the output itself; the partial buffers and the merge pass are skipped.
-    direct = parts == 1
-    shape = (1, 1, 1, 1) if direct else (B, Hkv, parts, GP)
+    # One split per row (batch x KV heads already fills the GPU, as at GRPO batch sizes): the split kernel
+    # normalises and writes the output itself, merging the shared prompt's partial first if there is one;
+    # the merge pass (and, without a shared prompt, the partial buffers) are skipped.
+    direct = S == 1
+    parts = 1 if direct else S + s0  # partial sums kept per row
+    shape = (1, 1, 1, 1) if direct and not shared else (B, Hkv, parts, GP)
     acc = torch.empty((*shape, D), dtype=torch.float32, device=q.device)
     row_max = torch.empty(shape, dtype=torch.float32, device=q.device)
     row_sum = torch.empty_like(row_max)
@@ -161,7 +163,7 @@ def _triton_decode(q, k, v, start, end, scale, block: int | None = None, num_war
     kernels.split[(B, Hkv, S)](
         q, k, v, start, end, scales, acc, row_max, row_sum, out, scale * 1.4426950408889634, *strides,
         out.stride(0), out.stride(1), Hkv, parts, split_len, first, s0, G=G, GP=GP, D=D, BLOCK=block,
-        PRECISION=precision, DIRECT=direct, SCALED=scaled, num_warps=num_warps, **stages)
+        PRECISION=precision, DIRECT=direct, MERGE=direct and shared, SCALED=scaled, num_warps=num_warps, **stages)
     if direct:
         return out
     kernels.combine[(B, Hkv)](acc, row_max, row_sum, out, out.stride(0), out.stride(1), Hkv, parts,
