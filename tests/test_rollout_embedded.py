@@ -4,11 +4,17 @@ padding changes nothing, and every sampling filter equals transformers' logits p
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from tuneforge.rollout.base import SamplingParams, end_of_turn_ids
-from tuneforge.rollout.embedded import EmbeddedSampler, apply_repetition_penalty, filter_logits, sample_next
+from tuneforge.rollout.embedded import EmbeddedSampler
+from tuneforge.rollout.sampling import apply_repetition_penalty, filter_logits, sample_next
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +138,7 @@ def test_sampling_frequencies_match_the_distribution():
 
 def test_two_stage_draw_is_exact_sampling():
     """Unfiltered sampling over a large vocabulary (block, then token in block) has the softmax's frequencies."""
-    from tuneforge.rollout.embedded import DRAW_BLOCK
+    from tuneforge.rollout.sampling import DRAW_BLOCK
 
     torch.manual_seed(0)
     V = 3 * DRAW_BLOCK + 77  # a partial last block
@@ -175,3 +181,52 @@ def test_decode_attention_equals_sdpa_with_expanded_heads():
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(Hq // Hkv, dim=1), v.repeat_interleave(Hq // Hkv, dim=1), attn_mask=mask, scale=0.3)
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+BLOCK_LSE_INTERPRETED = """
+import torch
+from tuneforge.rollout.sampling import block_logsumexp
+
+for dtype, V in ((torch.float32, 3 * 64 + 7), (torch.float16, 4 * 64)):  # a partial last block, and none
+    x = (torch.randn(5, V, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    x[0, :64] = float("-inf")  # masked tokens (never a whole row)
+    got = block_logsumexp(x, 64, 0.7)
+    blocks = -(-V // 64)
+    padded = torch.nn.functional.pad(x.double() / 0.7, (0, blocks * 64 - V), value=float("-inf"))
+    want = torch.logsumexp(padded.view(5, blocks, 64), -1).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_block_logsumexp_kernel_interpreted():
+    """The Triton block log-sum-exp of the two-stage draw, on CPU via TRITON_INTERPRET=1."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", BLOCK_LSE_INTERPRETED], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=root)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_two_stage_draw_on_cuda_is_exact_sampling(compiled):
+    """The CUDA draw (Triton block log-sum-exp, compiled or not) from bf16 logits: the softmax's frequencies
+    and log-probs."""
+    from tuneforge.rollout.sampling import DRAW_BLOCK
+
+    V = 3 * DRAW_BLOCK + 77
+    base = torch.full((V,), -30.0)
+    hot = torch.tensor([0, 5, DRAW_BLOCK + 3, 2 * DRAW_BLOCK + 9, V - 1])
+    base[hot] = torch.tensor([1.0, 0.2, 0.8, -0.5, 0.4])
+    base = base.bfloat16().float()  # what the bf16 logits hold
+    logits = base.bfloat16().cuda().expand(60000, V)
+    draw = torch.compile(sample_next) if compiled else sample_next
+    torch.manual_seed(0)
+    tokens, logps = draw(logits, SamplingParams(temperature=0.9))
+    p = torch.softmax(base / 0.9, -1)
+    freq = torch.bincount(tokens.cpu(), minlength=V).float() / len(tokens)
+    assert torch.allclose(freq[hot], p[hot], atol=0.01)
+    assert freq.sum() - freq[hot].sum() < 1e-3
+    torch.testing.assert_close(logps.cpu(), torch.log_softmax(base / 0.9, -1)[tokens.cpu()], rtol=1e-5, atol=1e-5)

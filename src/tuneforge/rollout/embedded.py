@@ -20,11 +20,8 @@ cache bookkeeping), so small models are host-bound on a GPU. Here one generation
 3. Rows that emitted a stop token keep "generating" padding (masked out) until every row is done or
    max_tokens is reached; completion is checked every `check_every` steps.
 
-Sampling: repetition penalty (over prompt and generated tokens, HF's rule), temperature, top-k, top-p,
-min-p; temperature 0 is greedy. Draws use the exponential-race trick (argmax p / E, E ~ Exp(1)),
-which is exact sampling and capturable; without filters it runs in two stages (a vocabulary block,
-then a token in it) to need ~2 sqrt(V) random numbers per row instead of V. Returned log-probs follow
-`rollout.base` (log softmax of logits / temperature of the sampled token).
+Sampling (`sampling.py`): repetition penalty (over prompt and generated tokens, HF's rule), temperature,
+top-k, top-p, min-p; temperature 0 is greedy; exact, capturable draws.
 """
 
 from __future__ import annotations
@@ -42,9 +39,9 @@ from tuneforge.models.losses import unwrap_peft
 
 from .base import Rollout, SamplingParams
 from .fused_decode import FAMILIES, cache_sizes, fused_decoder, prompt_attention, prompt_positions
+from .sampling import sample_next
 
 log = logging.getLogger("tuneforge")
-
 
 
 def cache_kwargs(model, cache) -> dict:
@@ -60,85 +57,6 @@ def cache_kwargs(model, cache) -> dict:
 
 def _bucket(n: int, multiple: int = 16) -> int:
     return -(-n // multiple) * multiple
-
-
-def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Set logits outside the top-k / nucleus / min-p set to -inf ([N, V], already temperature-scaled)."""
-    neg = torch.finfo(scaled.dtype).min
-    if top_k and top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
-        scaled = scaled.masked_fill(scaled < kth, neg)
-    if min_p > 0.0:
-        probs = torch.softmax(scaled, dim=-1)
-        scaled = scaled.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, neg)
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) > top_p  # keep the token that crosses top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scaled = scaled.masked_fill(drop, neg)
-    return scaled
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """HF's rule on tokens already present: positive logits / penalty, negative logits x penalty."""
-    if penalty == 1.0:
-        return logits
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token [N], log-prob [N] of that token under log_softmax(logits / T)) from raw logits [N, V].
-
-    The draw is argmax(s - log E) with s the filtered scaled logits and E ~ Exp(1): the same token as
-    argmax(softmax(s) / E), without computing the softmax (one fewer pass over [N, V] per token).
-    """
-    logits = logits.float()
-    temperature = params.temperature if params.temperature > 0 else 1.0
-    scaled = logits / temperature
-    if params.temperature > 0 and seen is None and not _filters(params, scaled.shape[-1]) \
-            and scaled.shape[-1] >= 2 * DRAW_BLOCK:
-        token, lse = _two_stage_draw(scaled, generator)
-        return token, scaled.gather(-1, token.unsqueeze(-1)).squeeze(-1) - lse
-    lse = torch.logsumexp(scaled, dim=-1)
-    shaped = apply_repetition_penalty(logits, seen, params.repetition_penalty) if seen is not None else logits
-    if params.temperature <= 0:
-        token = shaped.argmax(-1)
-    else:
-        shaped_scaled = scaled if shaped is logits else shaped / temperature
-        filtered = filter_logits(shaped_scaled, params.top_k, params.top_p, params.min_p)
-        log_race = torch.empty_like(filtered).exponential_(1.0, generator=generator).log_()
-        token = (filtered - log_race).argmax(-1)
-    return token, scaled.gather(-1, token.unsqueeze(-1)).squeeze(-1) - lse
-
-
-DRAW_BLOCK = 1024  # vocabulary block of the two-stage draw
-
-
-def _filters(params: SamplingParams, vocab: int) -> bool:
-    return bool(params.top_k and params.top_k < vocab) or params.top_p < 1.0 or params.min_p > 0.0
-
-
-def _two_stage_draw(scaled: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token [N], logsumexp [N]): an exact draw from softmax(scaled) with ~2 sqrt(V) random numbers per row.
-
-    First a block of DRAW_BLOCK vocabulary entries is drawn by its total probability (Gumbel-max over the
-    blocks' log-sum-exps), then a token inside that block: P(block) x P(token | block) = P(token). A
-    one-stage race needs V exponential draws per row; for 256 rows over a 128K vocabulary that RNG pass
-    was the slowest kernel of the sampler on an H200.
-    """
-    N, V = scaled.shape
-    blocks = -(-V // DRAW_BLOCK)
-    padded = torch.nn.functional.pad(scaled, (0, blocks * DRAW_BLOCK - V), value=float("-inf"))
-    padded = padded.view(N, blocks, DRAW_BLOCK)
-    block_lse = torch.logsumexp(padded, dim=-1)  # [N, blocks]
-    race = torch.empty_like(block_lse).exponential_(1.0, generator=generator).log_()
-    block = (block_lse - race).argmax(-1)
-    inside = padded.gather(1, block.view(N, 1, 1).expand(N, 1, DRAW_BLOCK)).squeeze(1)  # [N, DRAW_BLOCK]
-    race = torch.empty_like(inside).exponential_(1.0, generator=generator).log_()
-    return block * DRAW_BLOCK + (inside - race).argmax(-1), torch.logsumexp(block_lse, dim=-1)
 
 
 class _DecodeStep:
