@@ -60,7 +60,10 @@ def measure(name: str, shape: tuple, args) -> list[dict]:
     end = torch.tensor([args.filled], dtype=torch.int32, device="cuda")
     read = 2 * B * Hkv * args.filled * D * k.element_size()
     runs = {"torch-reference": lambda: decode_kernel.reference(q, k, v, start, end, D ** -0.5)}
-    grid = itertools.product((32, 64, 128), (2, 4, 8), (None, 3)) if args.configs == "all" else [(64, 4, None)]
+    # stages: software pipelining depth; each stage holds a K and a V block in shared memory, which bounds
+    # how many programs an SM keeps resident (None: Triton's default)
+    grid = list(itertools.product((32, 64, 128), (2, 4, 8), (None, 1, 2, 3)) if args.configs == "all"
+                else [(64, 4, None)])
     for block, warps, stages in grid:
         runs[f"triton-b{block}-w{warps}-s{stages or 'default'}"] = (
             lambda b=block, w=warps, s=stages: decode_kernel._triton_decode(q, k, v, start, end, D ** -0.5, b, w, s))
@@ -79,8 +82,10 @@ def measure(name: str, shape: tuple, args) -> list[dict]:
         P = args.prompt_len
         for x in (k, v):
             x[:, :, :P] = x[::args.group, :, :P].repeat_interleave(args.group, 0)
-        runs[f"triton-shared-prompt-g{args.group}"] = lambda: decode_kernel._triton_decode(
-            q, k, v, start, end, D ** -0.5, group=args.group, prompt_len=P)
+        for block, warps, stages in grid:  # block and stages apply to both kernels, warps to the per-row one
+            runs[f"triton-shared-prompt-g{args.group}-b{block}-w{warps}-s{stages or 'default'}"] = (
+                lambda b=block, w=warps, s=stages: decode_kernel._triton_decode(
+                    q, k, v, start, end, D ** -0.5, b, w, s, group=args.group, prompt_len=P))
     want = decode_kernel.reference(q.float(), k.float(), v.float(), start, end, D ** -0.5)
     records = []
     for label, fn in runs.items():

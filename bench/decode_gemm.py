@@ -7,6 +7,7 @@ an fp32 partial that one small pass sums, uses the whole GPU. Variants per (shap
 
 - linear:     F.linear (cuBLAS, torch's default heuristics), the baseline
 - lt:         the same through cuBLASLt (`torch.backends.cuda.preferred_blas_library("cublaslt")`)
+- nn:         the weight stored transposed ([K, N], contiguous), `torch.mm(x, weight_t)`
 - bmm-S:      K split in S slices as one batched GEMM with fp32 output (`torch.bmm(out_dtype=float32)`),
               partials summed in fp32 and cast (two kernels)
 - triton-...: a Triton split-K kernel (tile BM x BN x BK, S slices, warps, stages), partials summed as above
@@ -77,6 +78,8 @@ def variants(x, weight, triton_call, configs):
     N = weight.shape[0]
     yield "linear", lambda: F.linear(x, weight)
     yield "lt", lambda: F.linear(x, weight)  # timed with cuBLASLt preferred (see measure)
+    transposed = weight.t().contiguous()  # [K, N]: cuBLAS sees an NN product and may pick other tiles
+    yield "nn", lambda: torch.mm(x, transposed)
     for S in (2, 3, 4, 8):
         if K % S or (K // S) % 64:
             continue

@@ -201,6 +201,18 @@ def profile_decode(sampler, prompts, n: int, params, path: Path, shape: str) -> 
         f.write(f"== {shape}: {params.max_tokens} decode steps\n{table}\n")
 
 
+def set_inductor(settings: list[str]) -> None:
+    import ast
+
+    import torch._inductor.config as config
+
+    for item in settings:
+        key, value = item.split("=", 1)
+        if not hasattr(config, key):
+            raise SystemExit(f"--inductor: torch._inductor.config has no {key!r}")
+        setattr(config, key, ast.literal_eval(value))
+
+
 def _free_cuda() -> None:
     import gc
 
@@ -222,12 +234,16 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--profile", type=Path, default=None, help="append a kernel-time table per shape to this file")
+    p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="torch._inductor.config settings for this process (e.g. combo_kernels=True); run engines "
+                        "that compile in a process of their own, as compiled code is reused across engines")
     p.add_argument("--tiny", action="store_true", help="CPU smoke check: tiny shape, batch 8, 16 + 16 tokens")
     p.add_argument("--out", type=Path, default=Path("bench/results/rollout_throughput.jsonl"))
     args = p.parse_args(argv)
     if args.tiny:
         args.shapes, args.batch, args.prompt_len, args.new_tokens, args.repeats = ["tiny"], 8, 16, 16, 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    set_inductor(args.inductor)
     failed = False
     for shape in args.shapes:
         records = run(shape, args)
