@@ -93,7 +93,6 @@ NOT_SUPPORTED_YET = {
     "sage_attention": "SageAttention is not supported; use attn_implementation: sdpa",
     "s2_attention": "shifted sparse attention is not supported",
     "added_tokens_overrides": "renaming reserved tokens is not implemented; use `tokens`",
-    "auto_find_batch_size": "automatic batch sizing is not implemented",
     "eval_causal_lm_metrics": "generation metrics during eval are not implemented",
     "ebft": "EBFT is planned",
     "gpu_memory_limit": "memory caps are not implemented",

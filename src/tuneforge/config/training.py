@@ -153,6 +153,10 @@ class TrainingKeys(Section):
         False, description="Resume from the newest checkpoint in output_dir when there is one."
     )
 
+    auto_find_batch_size: bool = Field(
+        False, description="When a step runs out of GPU memory, retry it with every micro-batch cut in half (twice "
+        "as many accumulated: the same rows, the same update) and keep that size; single-process runs."
+    )
     gc_collect_steps: int | None = Field(
         None, ge=-1, description="Run Python's garbage collector every this many steps (-1: only at the end of "
         "each epoch and before evaluations)."

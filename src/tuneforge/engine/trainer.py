@@ -37,7 +37,7 @@ from tuneforge.methods.base import Batch, Objective
 from tuneforge.models.load import mixed_precision
 
 from . import checkpoint as ckpt
-from . import trackers
+from . import memory, trackers
 from .best import BestEvaluation
 from .metrics import FlopCounter, MetricsLogger, peak_flops
 from .optim import build_optimizer
@@ -71,6 +71,7 @@ class TrainState:
     tokens_seen: int = 0  # real (non-padding) input tokens, this rank
     trained_tokens_seen: int = 0  # items of the objective (SFT: trained tokens), all ranks
     train_seconds: float = 0.0
+    micro_batch_splits: int = 1  # auto_find_batch_size: pieces each planned micro-batch is cut into
 
 
 @dataclass
@@ -143,6 +144,10 @@ class Trainer:
         self.last_eval: dict | None = None
         self.last_train: dict = {}
         self._eval_plan: list[MicroBatch] | None = None
+        self._phase = ""  # of the optimizer step under way: what running out of memory there leaves intact
+        if cfg.auto_find_batch_size and acc.num_processes > 1:
+            log.warning("auto_find_batch_size retries single-process runs only; with %d processes a step that runs "
+                        "out of memory stops the run with what to change", acc.num_processes)
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
@@ -163,8 +168,7 @@ class Trainer:
                     mbs, nxt, epoch_end = self.plan.next_step(Position(state.epoch, state.index))
                     start = time.perf_counter()
                     with self.profiler.step(state.global_step + 1):
-                        batches = [self._batch(self.train_rows, mb, training=True) for mb in mbs]
-                        out = self._optimizer_step(batches)
+                        out = self._fitting_step(mbs)
                     seconds = time.perf_counter() - start
                     state.global_step += 1
                     state.epoch, state.index = nxt.epoch, nxt.index
@@ -240,10 +244,57 @@ class Trainer:
             self.save_checkpoint()
         return evaluate
 
+    def _fitting_step(self, mbs: list[MicroBatch]) -> dict:
+        """The optimizer step over `mbs`, each cut into `state.micro_batch_splits` pieces; after running out of
+        memory, the same step again in pieces half as large where auto_find_batch_size allows (engine/memory.py)."""
+        while True:
+            pieces = memory.split(mbs, self.state.micro_batch_splits)
+            self._phase = "forward/backward pass"  # moving the batches to the device counts as its start
+            try:
+                return self._optimizer_step([self._batch(self.train_rows, mb, training=True) for mb in pieces])
+            except torch.OutOfMemoryError:
+                phase = self._phase
+            # Out of the except clause: the exception's frames, which hold the step's activations, are gone.
+            self._out_of_memory(phase, pieces)
+
+    def _out_of_memory(self, phase: str, pieces: list[MicroBatch]) -> None:
+        """Drop the failed step's gradients; then return to retry it in smaller micro-batches, or stop with a
+        diagnosis, keeping the last completed step in a checkpoint where that state is intact."""
+        self.optimizer.zero_grad(set_to_none=True)
+        memory.release()
+        blocked = self._retry_blocked(pieces)
+        step = self.state.global_step + 1
+        if phase != memory.UPDATE and self.cfg.auto_find_batch_size and blocked is None:
+            self.state.micro_batch_splits *= 2
+            log.warning("step %d ran out of memory in its %s; auto_find_batch_size: retrying it with each micro-batch "
+                        "in %d pieces (the same rows per step, so the same update)", step, phase,
+                        self.state.micro_batch_splits)
+            return
+        saved = None
+        if phase != memory.UPDATE and self.accelerator.num_processes == 1 and self.state.global_step > 0:
+            done = ckpt.checkpoint_dir(self.out, self.state.global_step)
+            saved = str(done if self.last_checkpoint == done else self.save_checkpoint(resumable=True))
+        largest = max(pieces, key=len)
+        raise memory.OutOfMemory(memory.diagnosis(
+            self.cfg, step=step, phase=phase, rows=len(largest),
+            tokens=sum(self.train_rows.lengths[i] for row in largest for i in row), retry_blocked=blocked, saved=saved))
+
+    def _retry_blocked(self, pieces: list[MicroBatch]) -> str | None:
+        """Why auto_find_batch_size cannot retry this step in smaller micro-batches (None: it can)."""
+        if self.accelerator.num_processes > 1:
+            return "it retries single-process runs only (the other processes would wait in the gradient all-reduce)"
+        if not self.objective.splits_micro_batches:
+            return f"{self.objective.name}'s loss depends on which rows share a micro-batch"
+        if max(len(p) for p in pieces) == 1:
+            return "the micro-batches are down to one row each"
+        return None
+
     def _optimizer_step(self, batches: list[Batch]) -> dict:
         acc, objective = self.accelerator, self.objective
         self.runner.train()
+        self._phase = "generation"
         batches = objective.rollout_step(self.model, batches)
+        self._phase = "forward/backward pass"
         num_items = int(self._sum_over_ranks([float(sum(objective.num_items(b) for b in batches))])[0])
         sums: dict[str, float] = defaultdict(float)
         for i, batch in enumerate(batches):
@@ -261,6 +312,7 @@ class Trainer:
         # Before the update: a non-finite loss or gradient must never reach the weights.
         self.watchdog.check(summary.get("loss", 0.0), None if self.precision == "fp16" else grad_norm,
                             self.state.global_step + 1, lr, str(self.last_checkpoint) if self.last_checkpoint else None)
+        self._phase = memory.UPDATE
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -36,6 +36,9 @@ class Objective:
     # Dataset columns each document carries into `collate` (a dataset without one of them skips it):
     # preference pairs, KTO labels and cached reference log-probs travel this way.
     row_columns: tuple[str, ...] = ("input_ids", "labels")
+    # Whether a planned micro-batch may be trained as several smaller ones with the same result (the contract
+    # above); auto_find_batch_size relies on it. False where the loss couples the rows of a micro-batch.
+    splits_micro_batches: bool = True
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

@@ -254,6 +254,9 @@ def completions_per_micro_batch(cfg: Config, num_generations: int) -> int:
 class GRPOObjective(Objective):
     name = "grpo"
     row_columns = ("input_ids", "prompt_json", "columns_json", "_row")
+    # A step's prompts are one planned batch whose rewards are normalised together (scale_rewards: batch);
+    # its completions are cut into micro-batches of micro_batch_size after generation instead.
+    splits_micro_batches = False
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

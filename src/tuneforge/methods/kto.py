@@ -87,6 +87,7 @@ def collate_kto(rows: list[list[dict]], pad_id: int, *, pad_to: int | None = Non
 
 class KTOObjective(Objective):
     name = "kto"
+    splits_micro_batches = False  # z0 is a mean over the micro-batch
     row_columns = ("input_ids", "labels", "label", "kl_input_ids", "kl_labels", "ref_logps", "ref_kl_logps")
 
     def __init__(self, cfg: Config):
