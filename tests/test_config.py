@@ -204,6 +204,33 @@ def test_unquoted_no_strategy_means_no(tmp_path):
     assert cfg.save_strategy == "no" and cfg.eval_strategy == "no"
 
 
+def test_do_causal_lm_eval_needs_sft_evaluation_data_and_offline_metrics():
+    ok = load(data={"base_model": "x", "val_set_size": 0.1, "do_causal_lm_eval": True, "eval_max_new_tokens": 32})
+    assert ok.eval_causal_lm_metrics == ["sacrebleu", "chrf", "ter"]
+    assert ok.generation_max_new_tokens == 32  # Axolotl's older name for the generation length
+    with pytest.raises(ConfigError, match="do_causal_lm_eval.*supervised fine-tuning only"):
+        load(data={"base_model": "x", "rl": "dpo", "val_set_size": 0.1, "do_causal_lm_eval": True})
+    with pytest.raises(ConfigError, match="do_causal_lm_eval.*set val_set_size or test_datasets"):
+        load(data={"base_model": "x", "do_causal_lm_eval": True})
+    with pytest.raises(ConfigError, match="eval_causal_lm_metrics.*comet.*Hugging Face Hub"):
+        load(data={"base_model": "x", "val_set_size": 0.1, "do_causal_lm_eval": True,
+                   "eval_causal_lm_metrics": ["sacrebleu", "comet"]})
+    with pytest.raises(ConfigError, match="eval_causal_lm_metrics"):
+        load(data={"base_model": "x", "val_set_size": 0.1, "eval_causal_lm_metrics": ["bleurt"]})
+
+
+def test_missing_sacrebleu_is_named_before_training(monkeypatch):
+    import sys
+
+    from tuneforge.engine import text_metrics
+    from tuneforge.errors import TuneforgeError
+
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)  # import fails as if not installed
+    with pytest.raises(TuneforgeError, match="pip install sacrebleu"):
+        text_metrics.require_sacrebleu(["chrf"])
+    text_metrics.require_sacrebleu(["perplexity"])  # needs nothing
+
+
 def test_generate_samples_needs_sft_and_evaluation_data():
     from tuneforge.config import load
     from tuneforge.config.errors import ConfigError

@@ -22,6 +22,8 @@ def test_lower_is_better_for_losses_higher_for_the_rest_unless_told():
     assert not _tracker(metric_for_best_model="loss").greater
     assert not _tracker(metric_for_best_model="eval_perplexity").greater
     assert _tracker(metric_for_best_model="accuracy").greater
+    assert _tracker(metric_for_best_model="sacrebleu").greater
+    assert not _tracker(metric_for_best_model="eval_ter").greater  # do_causal_lm_eval's translation error rate
     assert not _tracker(metric_for_best_model="accuracy", greater_is_better=False).greater
 
 

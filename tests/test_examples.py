@@ -67,7 +67,7 @@ def test_sft_tiny_learns_the_held_out_task(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # output_dir and the prepared-data cache are relative to the working directory
     overrides = ["--num-epochs", "1", "--generate-samples", "true", "--num-generation-samples", "4",
-                 "--generation-do-sample", "false"]
+                 "--generation-do-sample", "false", "--do-causal-lm-eval", "true"]
     result = train(load(EXAMPLES / "sft-tiny.yaml", overrides), show_progress=False)
     accuracy = result.eval_metrics["eval_accuracy"]
     # Chance is about 16**-4.5 (a random 3-6 letter answer); the run reaches ~100% held-out.
@@ -83,6 +83,11 @@ def test_sft_tiny_learns_the_held_out_task(tmp_path, monkeypatch):
     last = samples[-4:]
     assert all(s["prompt"].rstrip().endswith("assistant") and "reverse:" in s["prompt"] for s in last), last
     assert sum(s["completion"] == s["reference"] for s in last) >= 3, last
+    # do_causal_lm_eval: every test row generated greedily and scored against its reference
+    scores = [{k: r[k] for k in ("eval_sacrebleu", "eval_chrf", "eval_ter")} for r in result.history
+              if r["type"] == "eval"]
+    assert scores[0]["eval_chrf"] < scores[-1]["eval_chrf"] - 30  # mid-epoch the answers are still mostly wrong
+    assert scores[-1]["eval_sacrebleu"] >= 90 and scores[-1]["eval_chrf"] >= 90 and scores[-1]["eval_ter"] <= 10
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)

@@ -16,11 +16,12 @@ ATTENTION_FLAGS = {
 RENAMED = {
     "dataset_processes": "dataset_num_proc",
     "model_config_overrides": "model_config",
+    "eval_max_new_tokens": "generation_max_new_tokens",  # Axolotl's older key for do_causal_lm_eval's length
 }
 
 # Keys Axolotl reads that carry no meaning here (we are always strict, single-process logging).
 IGNORED = {"strict", "local_rank", "debug", "hf_use_auth_token", "sample_packing_eff_est", "total_num_tokens",
-           "is_preprocess", "eval_table_size", "eval_max_new_tokens", "include_tokens_per_second"}
+           "is_preprocess", "eval_table_size", "include_tokens_per_second"}
 
 # Axolotl switches for what tuneforge always does (or has no use for): accepted, with a note when set.
 _FUSED_LOSS = ("the loss is always computed a chunk of trained positions at a time, fused with the LM head, "
@@ -86,14 +87,12 @@ NOT_SUPPORTED_YET = {
     "use_otel_metrics": "OpenTelemetry metrics are not implemented",
     "lm_eval_tasks": "lm-eval integration is not implemented",
     "do_bench_eval": "benchmark evaluation is not implemented",
-    "do_causal_lm_eval": "generation metrics during eval are not implemented",
     "activation_offloading": "activation offloading is not implemented",
     "tiled_mlp": "tiled MLP is not implemented",
     "xformers_attention": "xformers attention is not supported; use attn_implementation: sdpa",
     "sage_attention": "SageAttention is not supported; use attn_implementation: sdpa",
     "s2_attention": "shifted sparse attention is not supported",
     "added_tokens_overrides": "renaming reserved tokens is not implemented; use `tokens`",
-    "eval_causal_lm_metrics": "generation metrics during eval are not implemented",
     "ebft": "EBFT is planned",
     "gpu_memory_limit": "memory caps are not implemented",
     "max_memory": "memory caps are not implemented",

@@ -143,7 +143,13 @@ def _eval_schedule(cfg: Config) -> list[ConfigIssue]:
     if cfg.generate_samples and (cfg.rl or cfg.reward_model or cfg.process_reward_model):
         issues.append(ConfigIssue("generate_samples", "shows samples of supervised fine-tuning only (GRPO logs its "
                                   "completions with trl.log_completions); remove it."))
-    for key in ("early_stopping_patience", "load_best_model_at_end", "generate_samples"):
+    if cfg.do_causal_lm_eval and (cfg.rl or cfg.reward_model or cfg.process_reward_model):
+        issues.append(ConfigIssue("do_causal_lm_eval", "scores generations of supervised fine-tuning only; remove it."))
+    if cfg.do_causal_lm_eval and "comet" in cfg.eval_causal_lm_metrics:
+        issues.append(ConfigIssue("eval_causal_lm_metrics", "comet scores with a neural model downloaded from the "
+                                  "Hugging Face Hub, which tuneforge does not fetch during training; remove it "
+                                  "(sacrebleu, chrf and ter are computed offline)."))
+    for key in ("early_stopping_patience", "load_best_model_at_end", "generate_samples", "do_causal_lm_eval"):
         if getattr(cfg, key) and (not has_eval or cfg.eval_strategy == "no"):
             fix = "remove eval_strategy: no" if has_eval else "set val_set_size or test_datasets"
             issues.append(ConfigIssue(key, f"needs evaluations to compare: {fix}."))

@@ -113,6 +113,16 @@ class TrainingKeys(Section):
         0.5, gt=0.0, lt=1.0, description="generate_samples: share of a row used as its prompt when the row has no "
         "untrained prefix (completion data); other rows are continued from where their trained tokens start."
     )
+    do_causal_lm_eval: bool = Field(
+        False, description="SFT: at each evaluation, also continue every evaluation row greedily from its prompt "
+        "(up to generation_max_new_tokens) and score the completions against the references with "
+        "eval_causal_lm_metrics, logged as eval_sacrebleu, eval_chrf, eval_ter (needs `pip install sacrebleu`)."
+    )
+    eval_causal_lm_metrics: list[Literal["sacrebleu", "chrf", "ter", "perplexity", "comet"]] = Field(
+        default_factory=lambda: ["sacrebleu", "chrf", "ter"], description="Metrics of do_causal_lm_eval: corpus "
+        "BLEU and chrF (0-100, higher is better), TER (lower is better); perplexity is always logged as "
+        "eval_perplexity; comet is not available (its model comes from the Hugging Face Hub)."
+    )
     metric_for_best_model: str = Field(
         "eval_loss", description="Evaluation metric that ranks evaluations for early_stopping_patience and "
         "load_best_model_at_end (with or without the eval_ prefix)."

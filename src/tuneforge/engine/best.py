@@ -18,7 +18,7 @@ class BestEvaluation:
     def __init__(self, cfg: Config):
         name = cfg.metric_for_best_model
         self.metric = name if name.startswith("eval_") else f"eval_{name}"
-        lower = self.metric.endswith(("loss", "perplexity"))
+        lower = self.metric.endswith(("loss", "perplexity")) or self.metric == "eval_ter"  # an error rate
         self.greater = (not lower) if cfg.greater_is_better is None else cfg.greater_is_better
         self.patience = cfg.early_stopping_patience
         self.threshold = cfg.early_stopping_threshold

@@ -37,7 +37,7 @@ from tuneforge.methods.base import Batch, Objective
 from tuneforge.models.load import mixed_precision
 
 from . import checkpoint as ckpt
-from . import memory, trackers
+from . import memory, text_metrics, trackers
 from .best import BestEvaluation
 from .metrics import FlopCounter, MetricsLogger, peak_flops
 from .optim import build_optimizer
@@ -145,6 +145,8 @@ class Trainer:
         self.last_train: dict = {}
         self._eval_plan: list[MicroBatch] | None = None
         self._phase = ""  # of the optimizer step under way: what running out of memory there leaves intact
+        if cfg.do_causal_lm_eval:
+            text_metrics.require_sacrebleu(cfg.eval_causal_lm_metrics)
         if cfg.auto_find_batch_size and acc.num_processes > 1:
             log.warning("auto_find_batch_size retries single-process runs only; with %d processes a step that runs "
                         "out of memory stops the run with what to change", acc.num_processes)
@@ -430,10 +432,14 @@ class Trainer:
                 for k, v in inner(self.objective.evaluate, batch).items():
                     sums[k] += v
             samples = self._samples()
+            predictions = self._predictions()
         inner.train()
         keys = self._keys_over_ranks(sums)  # a rank may lack a key (e.g. it skipped a micro-batch)
         sums = dict(zip(keys, self._sum_over_ranks([sums.get(k, 0.0) for k in keys]), strict=True))
         summary = self.objective.summarize_eval(sums)
+        if predictions is not None:
+            summary.update(text_metrics.score(self.cfg.eval_causal_lm_metrics, [p for p, _ in predictions],
+                                              [r for _, r in predictions]))
         record = {"type": "eval", "step": self.state.global_step,
                   "epoch": round(self.plan.epoch_progress(Position(self.state.epoch, self.state.index)), 4),
                   **{f"eval_{k}": v for k, v in summary.items()}}
@@ -450,6 +456,19 @@ class Trainer:
         count = min(cfg.num_generation_samples, len(self.eval_rows.lengths))
         documents = [row[0] for row in self.eval_rows.rows([[i] for i in range(count)])]
         return self.objective.samples(self.model, self.tokenizer, documents)
+
+    def _predictions(self) -> list[tuple[str, str]] | None:
+        """do_causal_lm_eval: (completion, reference) of every evaluation document, each process generating for
+        its own evaluation batches, gathered on all processes (corpus scores do not depend on the order)."""
+        if not self.cfg.do_causal_lm_eval:
+            return None
+        documents = [doc for mb in self.eval_batches() for row in self.eval_rows.rows(mb) for doc in row]
+        mine = self.objective.predictions(self.model, self.tokenizer, documents)
+        if self.accelerator.num_processes == 1:
+            return mine
+        gathered: list = [None] * self.accelerator.num_processes
+        torch.distributed.all_gather_object(gathered, mine)
+        return [pair for part in gathered for pair in part]
 
     def _log_samples(self, samples: list[dict]) -> None:
         """Each sample in the log and, with its step, in output_dir/samples.jsonl."""

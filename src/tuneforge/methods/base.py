@@ -104,6 +104,11 @@ class Objective:
         by `model` (in eval mode); empty where the objective has nothing to show."""
         return []
 
+    def predictions(self, model, tokenizer, documents: list[dict]) -> list[tuple[str, str]]:
+        """do_causal_lm_eval: (generated text, reference text) for each evaluation document, which the loop
+        scores with eval_causal_lm_metrics; objectives without references return nothing."""
+        return []
+
     # ---- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """What this process's objective carries from one optimizer step to the next (empty for offline

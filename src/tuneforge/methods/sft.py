@@ -14,12 +14,25 @@ history), and it costs one forward pass instead of a generate() loop.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
 from tuneforge.models.losses import causal_lm_token_loss, chunked_predictions
+from tuneforge.rollout.base import SamplingParams
 
 from .base import Batch, Objective
+
+GENERATION_BATCH = 64  # documents continued at once (bounds the KV cache of samples and do_causal_lm_eval)
+
+
+def prompt_and_reference(doc: dict, prompt_ratio: float) -> tuple[int, int]:
+    """(cut, end): a document's prompt is input_ids[:cut], its reference input_ids[cut:end]. The prompt is
+    what comes before the first trained token, or the first `prompt_ratio` of a document trained
+    throughout; the reference ends at the last trained token."""
+    ids, labels = doc["input_ids"], doc["labels"]
+    trained = [i for i, label in enumerate(labels) if label != -100] or [len(ids) - 1]
+    return trained[0] or max(1, int(len(ids) * prompt_ratio)), trained[-1] + 1
 
 
 class SFTObjective(Objective):
@@ -49,33 +62,48 @@ class SFTObjective(Objective):
 
     @torch.no_grad()
     def samples(self, model, tokenizer, documents: list[dict]) -> list[dict[str, str]]:
-        """Each document continued from its prompt (the tokens before the first trained one; the first
-        generation_prompt_ratio of a document trained throughout), next to its reference (the document from
-        there to its last trained token): what the model says, in words."""
-        from transformers import GenerationConfig
-
-        from tuneforge.rollout.base import end_of_turn_ids
-
+        """Each document continued from its prompt (see `continue_documents`) with the generation_* sampling
+        settings, next to its reference: what the model says, in words."""
         cfg = self.cfg
         sampled = cfg.generation_do_sample and cfg.generation_temperature > 0
+        params = SamplingParams(temperature=cfg.generation_temperature if sampled else 0.0,
+                                top_p=cfg.generation_top_p if sampled and cfg.generation_top_p else 1.0,
+                                top_k=cfg.generation_top_k if sampled and cfg.generation_top_k else 0,
+                                max_tokens=cfg.generation_max_new_tokens)
+        return self.continue_documents(model, tokenizer, documents, params)
+
+    def predictions(self, model, tokenizer, documents: list[dict]) -> list[tuple[str, str]]:
+        """do_causal_lm_eval: (greedy completion, reference) texts of each document, special tokens left out."""
+        params = SamplingParams(temperature=0.0, max_tokens=self.cfg.generation_max_new_tokens)
+        shown = self.continue_documents(model, tokenizer, documents, params, skip_special_tokens=True)
+        return [(s["completion"], s["reference"]) for s in shown]
+
+    def continue_documents(self, model, tokenizer, documents: list[dict], params: SamplingParams,
+                           skip_special_tokens: bool = False) -> list[dict[str, str]]:
+        """{prompt, completion, reference} texts: each document continued by `model` from its prompt (the
+        tokens before its first trained one; the first generation_prompt_ratio of a document trained
+        throughout) until an end-of-turn token; its reference runs from there to its last trained token.
+
+        Generated in batches by the embedded rollout engine (static KV cache, CUDA graphs on a GPU), the
+        prompts sorted by length so that a batch pads little."""
+        from tuneforge.rollout.base import end_of_turn_ids
+        from tuneforge.rollout.embedded import EmbeddedSampler
+
         stops = end_of_turn_ids(tokenizer)  # EOS and the chat template's end-of-turn token
-        config = GenerationConfig(max_new_tokens=cfg.generation_max_new_tokens, do_sample=sampled,
-                                  temperature=cfg.generation_temperature if sampled else None,
-                                  top_k=cfg.generation_top_k if sampled else None,
-                                  top_p=cfg.generation_top_p if sampled else None, eos_token_id=stops or None,
-                                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                                  else (stops or [0])[0])
-        device = next(model.parameters()).device
-        shown = []
-        for doc in documents:
-            ids, labels = doc["input_ids"], doc["labels"]
-            trained = [i for i, label in enumerate(labels) if label != -100] or [len(ids) - 1]
-            cut = trained[0] or max(1, int(len(ids) * cfg.generation_prompt_ratio))
-            prompt = torch.tensor([ids[:cut]], device=device)
-            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
-            shown.append({"prompt": tokenizer.decode(ids[:cut]), "completion": tokenizer.decode(out[0, cut:]),
-                          "reference": tokenizer.decode(ids[cut : trained[-1] + 1])})  # to the last trained token
-        return shown
+        params = replace(params, stop_token_ids=tuple(stops))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
+        cuts = [prompt_and_reference(doc, self.cfg.generation_prompt_ratio) for doc in documents]
+        order = sorted(range(len(documents)), key=lambda i: cuts[i][0])
+        sampler = EmbeddedSampler(model, pad, max_batch=GENERATION_BATCH)
+        rollout = sampler.generate([documents[i]["input_ids"][: cuts[i][0]] for i in order], 1, params)
+        completions = dict(zip(order, rollout.completion_ids, strict=True))
+
+        def text(ids):
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+        return [{"prompt": text(doc["input_ids"][:cut]), "completion": text(completions[i]),
+                 "reference": text(doc["input_ids"][cut:end])}
+                for i, (doc, (cut, end)) in enumerate(zip(documents, cuts, strict=True))]
 
     def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]:
         n = max(sums["num_tokens"], 1.0)
