@@ -114,3 +114,25 @@ def test_the_diagnosis_leaves_out_what_is_already_set(tmp_path, tiny_model_dir):
     assert "could not retry: the micro-batches are down to one row each" in text
     assert "gradient_checkpointing" not in text and "adapter:" not in text
     assert "sequence_len: lower it from 64" in text
+
+
+def test_out_of_memory_in_an_evaluation_keeps_the_step_before_it(tmp_path, tiny_model_dir, monkeypatch):
+    from tuneforge.methods.sft import SFTObjective
+
+    evaluate, calls = SFTObjective.evaluate, []
+
+    def failing(self, model, batch):
+        calls.append(1)
+        if len(calls) > 2:  # the second evaluation (two batches each)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return evaluate(self, model, batch)
+
+    monkeypatch.setattr(SFTObjective, "evaluate", failing)
+    cfg = make_config(tmp_path, tiny_model_dir, make_rows(n=24, seed=2), **{**RUN, "max_steps": 6},
+                      val_set_size=0.25, eval_steps=2, eval_batch_size=3)
+    with pytest.raises(memory.OutOfMemory) as err:
+        train(cfg)
+    message = str(err.value)
+    assert "evaluation after step 4" in message and "eval_batch_size: lower it from 3" in message
+    assert str(tmp_path / "out" / "checkpoint-4") in message
+    assert json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4

@@ -11,7 +11,8 @@ which changes both.
 Where the out-of-memory error is raised decides what is safe:
 - generation, forward or backward: the weights are those of the last completed step; the partial
   gradients are dropped, and the step can be retried or resumed from a checkpoint of that state;
-- the optimizer update: some weights may already be updated, so nothing is saved from that state.
+- the optimizer update: some weights may already be updated, so nothing is saved from that state;
+- an evaluation: it runs between steps, so the last completed step is kept as in the first case.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tuneforge.errors import TuneforgeError
 from .plan import MicroBatch
 
 UPDATE = "optimizer update"  # the phase after which the step's state is no longer the last completed one
+EVALUATION = "evaluation"  # between steps: the weights are a completed step's
 
 
 class OutOfMemory(TuneforgeError):
@@ -61,6 +63,28 @@ def diagnosis(cfg, *, step: int, phase: str, rows: int, tokens: int, retry_block
               saved: str | None) -> str:
     """The message: where it happened, what was kept, and the settings that lower memory, leaving out those
     already in use."""
+    if saved:
+        kept = (f"The last completed step is saved in {saved}: resume from it with this config, changed as below "
+                f"where that keeps the data plan (all but micro_batch_size and sequence_len do).")
+    elif phase == UPDATE:
+        kept = "Nothing was saved from the partly updated weights."
+    else:
+        kept = "No checkpoint was written (no step had completed since the last one)."
+    if phase == EVALUATION:
+        where = f"the evaluation after step {step}"
+    else:
+        where = f"the {phase} of step {step}" + (f" ({rows} rows, {tokens} tokens in that micro-batch)" if rows else "")
+    return (f"out of accelerator memory in {where}{device_memory()}. {kept}\nTo fit:\n  - "
+            + "\n  - ".join(_hints(cfg, phase, retry_blocked)))
+
+
+def _hints(cfg, phase: str, retry_blocked: str | None) -> list[str]:
+    if phase == EVALUATION:
+        hints = [f"eval_batch_size: lower it from {cfg.eval_batch_size or cfg.micro_batch_size}"]
+        if cfg.do_causal_lm_eval or cfg.generate_samples:
+            hints.append(f"generation_max_new_tokens: lower it from {cfg.generation_max_new_tokens} (the KV cache "
+                         "of the generated continuations)")
+        return hints
     hints = []
     if phase == UPDATE:
         hints.append("optimizer: adamw_8bit or paged_adamw_8bit (optimizer states in 8 bits)")
@@ -77,10 +101,4 @@ def diagnosis(cfg, *, step: int, phase: str, rows: int, tokens: int, retry_block
         hints.append(f"sequence_len: lower it from {cfg.sequence_len} (longer rows are truncated or dropped)")
     if not cfg.adapter:
         hints.append("adapter: lora or qlora (train a small adapter instead of every weight)")
-    kept = (f"The last completed step is saved in {saved}: resume from it with this config, adding "
-            f"auto_find_batch_size or gradient_checkpointing if you like (neither changes the data plan)." if saved else
-            "Nothing was saved from the partly updated weights." if phase == UPDATE else
-            "No checkpoint was written (no step had completed since the last one).")
-    where = f"the {phase} of step {step}" + (f" ({rows} rows, {tokens} tokens in that micro-batch)" if rows else "")
-    return (f"out of accelerator memory in {where}{device_memory()}. {kept}\nTo fit:\n  - "
-            + "\n  - ".join(hints))
+    return hints

@@ -272,14 +272,20 @@ class Trainer:
                         "in %d pieces (the same rows per step, so the same update)", step, phase,
                         self.state.micro_batch_splits)
             return
-        saved = None
-        if phase != memory.UPDATE and self.accelerator.num_processes == 1 and self.state.global_step > 0:
-            done = ckpt.checkpoint_dir(self.out, self.state.global_step)
-            saved = str(done if self.last_checkpoint == done else self.save_checkpoint(resumable=True))
+        saved = self._keep_completed_step() if phase != memory.UPDATE else None
         largest = max(pieces, key=len)
         raise memory.OutOfMemory(memory.diagnosis(
             self.cfg, step=step, phase=phase, rows=len(largest),
             tokens=sum(self.train_rows.lengths[i] for row in largest for i in row), retry_blocked=blocked, saved=saved))
+
+    def _keep_completed_step(self) -> str | None:
+        """After running out of memory outside the optimizer update: the checkpoint of the last completed step
+        (saved now unless it exists). Single-process runs only: the other processes of a data-parallel run
+        are blocked in a collective and would not join the save."""
+        if self.accelerator.num_processes > 1 or self.state.global_step == 0:
+            return None
+        done = ckpt.checkpoint_dir(self.out, self.state.global_step)
+        return str(done if self.last_checkpoint == done else self.save_checkpoint(resumable=True))
 
     def _retry_blocked(self, pieces: list[MicroBatch]) -> str | None:
         """Why auto_find_batch_size cannot retry this step in smaller micro-batches (None: it can)."""
@@ -418,9 +424,20 @@ class Trainer:
         self._eval_plan = planned[acc.process_index :: acc.num_processes]
         return self._eval_plan
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Token-weighted loss, perplexity and accuracy over the whole eval set; logged and returned."""
+        """Token-weighted loss, perplexity and accuracy over the whole eval set; logged and returned. Out of
+        memory there, the last completed step is kept and the run stops with what to change."""
+        try:
+            return self._evaluate()
+        except torch.OutOfMemoryError:
+            pass
+        memory.release()
+        raise memory.OutOfMemory(memory.diagnosis(self.cfg, step=self.state.global_step, phase=memory.EVALUATION,
+                                                  rows=0, tokens=0, retry_blocked=None,
+                                                  saved=self._keep_completed_step()))
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict:
         if self.cfg.gc_collect_steps == -1:
             _gc_collect()
         inner = self.accelerator.unwrap_model(self.runner)  # no DDP: ranks may see different batch counts
