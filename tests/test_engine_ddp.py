@@ -222,3 +222,26 @@ def test_sigterm_to_one_process_stops_all_at_one_checkpoint(tmp_path, tiny_model
     assert done.returncode == 0, done.stderr[-3000:]
     last = [json.loads(x) for x in metrics.read_text().splitlines()][-1]
     assert last["type"] == "train" and last["step"] == step + 2
+
+
+@pytest.mark.slow
+def test_generation_metrics_cover_every_process_evaluation_rows(tmp_path, tiny_model_dir):
+    """do_causal_lm_eval under torchrun: each process continues its own evaluation rows and the corpus scores
+    cover all of them, equal to one process's (a learning rate far below the weights' float
+    spacing: both score the same weights)."""
+    rows = make_rows(n=24, seed=3)
+    keys = {**RUN, "learning_rate": 1e-12, "val_set_size": 0.25, "eval_batch_size": 2, "do_causal_lm_eval": True,
+            "generation_max_new_tokens": 6}
+    single = train(make_config(tmp_path / "single", tiny_model_dir, rows, gradient_accumulation_steps=2, **keys))
+    make_config(tmp_path / "ddp", tiny_model_dir, rows, gradient_accumulation_steps=1, **keys)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "-m", "tuneforge.cli", "train", str(tmp_path / "ddp" / "config.yaml")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "out" / "metrics.jsonl").read_text().splitlines()]
+    ddp = [r for r in records if r["type"] == "eval"][-1]
+    mine = single.eval_metrics
+    for key in ("eval_sacrebleu", "eval_chrf", "eval_ter"):
+        assert abs(ddp[key] - mine[key]) <= 1e-9, (key, ddp[key], mine[key])
+    assert mine["eval_ter"] > 0  # random weights: the continuations are not the references
