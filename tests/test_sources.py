@@ -169,7 +169,13 @@ def test_missing_file_names_path_and_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError) as err:
         source({"path": "data/missing.jsonl"})
-    assert f"dataset file not found: data/missing.jsonl (looked in {tmp_path} and {tmp_path})" in str(err.value)
+    assert f"dataset file not found: data/missing.jsonl (looked in {tmp_path}). " in str(err.value)  # once
+    elsewhere = tmp_path / "run"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(DataError) as err:
+        source({"path": "data/missing.jsonl"}, config_file=tmp_path / "config.yaml")
+    assert f"(looked in {tmp_path} and {elsewhere})" in str(err.value)  # the config's folder first, as resolved
     with pytest.raises(DataError, match=r"dataset file not found: /nowhere/x.jsonl \(looked in /nowhere/x.jsonl\)"):
         source({"path": "/nowhere/x.jsonl"})
 

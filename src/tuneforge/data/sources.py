@@ -37,7 +37,8 @@ def load_source(entry: DatasetEntry, cfg: Config, where: str):
     if local.exists():
         ds = _load_local(entry, local, where)
     elif _looks_local(entry.path):
-        looked = entry.path if Path(entry.path).expanduser().is_absolute() else f"{Path.cwd()} and {cfg.source_dir}"
+        folders = dict.fromkeys(str(Path(d).resolve()) for d in (cfg.source_dir, Path.cwd()) if d)  # config's first
+        looked = entry.path if Path(entry.path).expanduser().is_absolute() else " and ".join(folders)
         raise DataError(
             f"{where}: dataset file not found: {entry.path} (looked in {looked}). "
             "Check the path, or give a hub dataset id (owner/name)."
