@@ -14,7 +14,9 @@ the base tensor before any delta is added. Tied input/output embeddings stay tie
 makes them differ, in which case `lm_head.weight` is written and the tie is removed from config.json.
 
 The result is written to a temporary sibling folder and renamed into place only when complete, so an
-error never leaves a half-written model at the destination.
+error never leaves a half-written model at the destination. Adapters on parameters (`target_parameters`,
+MoE expert weights) are the exception to the streaming: PEFT merges them with the model in memory
+(`merge_in_memory`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ TOKENIZER_FILES = re.compile(
 _UNMERGEABLE_OPTIONS = {
     "alora_invocation_tokens": "activated LoRA only applies after its invocation tokens",
     "layer_replication": "layer replication changes the model's structure",
-    "target_parameters": "parameter-targeted LoRA (MoE experts) is not supported by this merge",
     "trainable_token_indices": "trainable-token deltas are not supported by this merge",
     "use_qalora": "QA-LoRA is not supported by this merge",
     "lora_bias": "LoRA bias terms are not supported by this merge",
@@ -373,6 +374,8 @@ def merge_adapter(
     template), else from the base. Everything is validated before the first byte is written.
     """
     base_dir, adapter_dir, dest = Path(base_dir), Path(adapter_dir), Path(dest)
+    if adapter_config(adapter_dir).get("target_parameters"):
+        return merge_in_memory(base_dir, adapter_dir, dest, tokenizer_dir, generation_config_dir)
     plan = read_adapter(adapter_dir)
     base = open_base(base_dir)
     embed_key = _tied(base)
@@ -404,6 +407,38 @@ def merge_adapter(
         vocab_size=new_vocab,
         untied=untied,
     )
+
+
+def merge_in_memory(base_dir: Path, adapter_dir: Path, dest: Path, tokenizer_dir, generation_config_dir) -> MergeReport:
+    """An adapter with `target_parameters` (LoRA on parameters such as MoE expert weights), merged by PEFT.
+
+    Why not shard by shard: the layout of a parameter's delta (experts x in x out, or experts x out x in)
+    depends on the module's code (PEFT reads its `is_transposed`), which the tensors alone do not tell. So
+    the base is loaded whole (peak memory: the model in its stored dtype) and PEFT's `merge_and_unload`
+    applies every update; the rest (tokenizer, side files, atomic replace) is the shard-wise merge's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = adapter_config(adapter_dir)
+    if config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise NotSupportedYet(f"{adapter_dir}: a {config['task_type']} adapter with target_parameters cannot be "
+                              "merged here; only causal language models.")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        merged.save_pretrained(tmp)
+        (tmp / "generation_config.json").unlink(missing_ok=True)  # the run's, if any, as in the shard-wise merge
+        _copy_side_files(base_dir, tmp, tokenizer_dir, generation_config_dir)
+        _replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    total = sum(p.numel() * p.element_size() for p in merged.state_dict().values())
+    return MergeReport(dest=dest, shards=1, total_bytes=total,
+                       merged_tensors=len(config.get("target_parameters") or []), replaced_tensors=0,
+                       vocab_size=None, untied=False)
 
 
 def _write_shards(plan: AdapterPlan, base: BaseCheckpoint, tied_embed: str | None, tmp: Path):

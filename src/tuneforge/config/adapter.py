@@ -22,6 +22,10 @@ class AdapterKeys(Section):
     lora_target_linear: bool = Field(
         False, description="Target every linear layer of the transformer blocks (not the LM head)."
     )
+    lora_target_parameters: list[str] | None = Field(
+        None, description="Parameters (not modules) that receive LoRA, by name suffix: MoE expert weights such as "
+        "mlp.experts.gate_up_proj and mlp.experts.down_proj (PEFT target_parameters; no lora_dropout or DoRA)."
+    )
     lora_modules_to_save: list[str] | None = Field(
         None, description="Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head)."
     )

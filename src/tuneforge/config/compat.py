@@ -64,7 +64,6 @@ NOT_SUPPORTED_YET = {
     "relora": "ReLoRA is not implemented",
     "relora_steps": "ReLoRA is not implemented",
     "jagged_restart_steps": "ReLoRA is not implemented",
-    "lora_target_parameters": "parameter-level LoRA is not implemented",
     "lora_mlp_kernel": "fused LoRA kernels are planned",
     "lora_qkv_kernel": "fused LoRA kernels are planned",
     "lora_o_kernel": "fused LoRA kernels are planned",

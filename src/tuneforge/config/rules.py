@@ -80,10 +80,17 @@ def _adapter_keys(cfg: Config) -> list[ConfigIssue]:
         )
     if cfg.lora_model_dir and not cfg.adapter:
         issues.append(ConfigIssue("lora_model_dir", "needs `adapter: lora` or `adapter: qlora`."))
-    if cfg.adapter and cfg.lora_target_modules is None and not cfg.lora_target_linear and not cfg.lora_model_dir:
+    if (cfg.adapter and cfg.lora_target_modules is None and not cfg.lora_target_linear and not cfg.lora_model_dir
+            and not cfg.lora_target_parameters):
         issues.append(
             ConfigIssue("lora_target_modules", "no LoRA targets: set `lora_target_linear: true` or list lora_target_modules.")
         )
+    if cfg.lora_target_parameters:
+        # PEFT's LoRA on parameters (ParamWrapper) refuses these
+        for key, why in (("lora_dropout", "set it to 0"), ("peft_use_dora", "remove it"),
+                         ("lora_fan_in_fan_out", "remove it")):
+            if getattr(cfg, key):
+                issues.append(ConfigIssue(key, f"LoRA on parameters (lora_target_parameters) does not support it; {why}."))
     if cfg.loraplus_lr_ratio is not None and not cfg.adapter:
         issues.append(ConfigIssue("loraplus_lr_ratio", "LoRA+ needs `adapter: lora` or `adapter: qlora`."))
     if cfg.peft_use_dora and cfg.adapter == "qlora":

@@ -44,6 +44,8 @@ def lora_config(cfg: Config, model):
         targets = sorted(set(linear_module_names(model)) | set(extra))
     else:
         targets = listed  # a list of names, or one regex string (PEFT matches it against full names)
+    if targets is None and cfg.lora_target_parameters:
+        targets = []  # parameters only (None would make PEFT pick its default modules for the architecture)
     options = {
         "r": cfg.lora_r,
         "lora_alpha": cfg.lora_alpha,
@@ -56,6 +58,7 @@ def lora_config(cfg: Config, model):
         "rank_pattern": cfg.lora_rank_pattern or {},
         "alpha_pattern": cfg.lora_alpha_pattern or {},
         "layers_to_transform": cfg.peft_layers_to_transform,
+        "target_parameters": cfg.lora_target_parameters,
         "bias": "none",
         "task_type": _TASK_TYPES.get(cfg.model_type or "", "CAUSAL_LM"),
     }
@@ -87,10 +90,13 @@ def apply_adapter(cfg: Config, model):
         try:
             model = peft.get_peft_model(model, config)
         except ValueError as exc:
+            experts = sorted({n.split("layers.", 1)[-1].split(".", 1)[-1] for n, p in model.named_parameters()
+                              if p.dim() == 3})
             raise ModelError(
                 f"could not add the LoRA adapter: {str(exc).splitlines()[0]}. Linear layers of this model: "
                 f"{', '.join(linear_module_names(model))}; set lora_target_modules to some of them or "
                 "`lora_target_linear: true`."
+                + (f" Parameters lora_target_parameters can name: {', '.join(experts)}." if experts else "")
             ) from None
     if cfg.gradient_checkpointing:
         # With a frozen embedding the checkpointed blocks would get inputs that need no grad.
