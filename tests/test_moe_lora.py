@@ -69,3 +69,12 @@ def test_expert_lora_refuses_what_peft_cannot_apply_to_parameters():
         load(data={**base, "lora_dropout": 0.05})
     with pytest.raises(ConfigError, match="peft_use_dora.*lora_target_parameters"):
         load(data={**base, "peft_use_dora": True})
+
+
+def test_the_router_auxiliary_loss_is_refused_not_dropped(tmp_path, tiny_moe_dir):
+    """transformers adds it in the model's forward, which tuneforge's fused loss does not call."""
+    from tuneforge.errors import NotSupportedYet
+
+    cfg = make_config(tmp_path, tiny_moe_dir, make_rows(n=8), max_steps=1, model_config={"output_router_logits": True})
+    with pytest.raises(NotSupportedYet, match=r"output_router_logits: false"):
+        train(cfg)
