@@ -71,10 +71,34 @@ def test_expert_lora_refuses_what_peft_cannot_apply_to_parameters():
         load(data={**base, "peft_use_dora": True})
 
 
-def test_the_router_auxiliary_loss_is_refused_not_dropped(tmp_path, tiny_moe_dir):
-    """transformers adds it in the model's forward, which tuneforge's fused loss does not call."""
+def test_the_router_auxiliary_loss_equals_transformers(tiny_moe_dir, tiny_tokenizer):
+    """With output_router_logits the SFT loss of a padded micro-batch is transformers' loss + coef x aux."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.data.collate import collate
+    from tuneforge.methods.sft import SFTObjective
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_moe_dir), output_router_logits=True,
+                                                 router_aux_loss_coef=0.5)  # large, so that it shows
+    rows = [[{"input_ids": [5, 17, 42, 99, 7, 3], "labels": [-100, -100, 42, 99, 7, 3]}],
+            [{"input_ids": [8, 9, 10, 11], "labels": [-100, 9, 10, 11]}]]  # padded to 6
+    batch = collate(rows, pad_id=0)
+    cfg = load(data={"base_model": "x"})
+    ours, metrics = SFTObjective(cfg).loss(model, batch, batch["num_target_tokens"])
+    labels = torch.tensor([[-100, -100, 42, 99, 7, 3], [-100, 9, 10, 11, -100, -100]])
+    theirs = model(input_ids=batch["input_ids"], attention_mask=batch["real_tokens"].long(), labels=labels)
+    torch.testing.assert_close(ours, theirs.loss, rtol=1e-5, atol=1e-6)
+    assert theirs.aux_loss > 0.1 and abs(metrics["router_aux_loss_sum"] / 7 - theirs.aux_loss.item()) < 1e-5
+    model.config.output_router_logits = False  # and without it, the plain cross-entropy
+    plain, _ = SFTObjective(cfg).loss(model, batch, batch["num_target_tokens"])
+    assert (ours - plain).item() == pytest.approx(0.5 * theirs.aux_loss.item(), rel=1e-4)
+
+
+def test_the_router_auxiliary_loss_is_refused_where_it_would_be_dropped(tmp_path, tiny_moe_dir):
+    """Other objectives compute their losses from hidden states too, without the router's loss."""
     from tuneforge.errors import NotSupportedYet
 
-    cfg = make_config(tmp_path, tiny_moe_dir, make_rows(n=8), max_steps=1, model_config={"output_router_logits": True})
-    with pytest.raises(NotSupportedYet, match=r"output_router_logits: false"):
+    pairs = [{"prompt": f"say {i}", "chosen": f"{i}", "rejected": f"{i + 1}"} for i in range(8)]
+    cfg = make_config(tmp_path, tiny_moe_dir, pairs, max_steps=1, rl="dpo", model_config={"output_router_logits": True})
+    with pytest.raises(NotSupportedYet, match=r"supervised fine-tuning only.*output_router_logits: false"):
         train(cfg)

@@ -9,6 +9,7 @@ The batch contract every objective relies on:
   cu_seqlens    [D+1] int32; cumulative document lengths over the flattened batch (varlen kernels)
   max_seqlen    int; longest document
   num_target_tokens  int; tokens that contribute to the loss
+  real_tokens   [B, T] bool; False on padding (which the other tensors treat as part of the last document)
 
 Padding sits at the end of each row and continues the last document's positions, so an unpacked row
 is an ordinary causal sequence and padding never changes a real token's output.
@@ -38,6 +39,7 @@ def collate(
     input_ids = torch.full((B, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((B, width), dtype=torch.long)
     target_ids = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
+    real = torch.zeros((B, width), dtype=torch.bool)
     doc_lens: list[int] = []
     for b, row in enumerate(rows):
         at = 0
@@ -52,6 +54,7 @@ def collate(
                 target_ids[b, at : at + n - 1] = torch.as_tensor(labels[1:], dtype=torch.long)
             doc_lens.append(n)
             at += n
+        real[b, :at] = True
         if at < width:  # padding continues the last document's positions
             last = int(position_ids[b, at - 1]) + 1 if at else 0
             position_ids[b, at:] = torch.arange(last, last + width - at)
@@ -65,4 +68,5 @@ def collate(
         "cu_seqlens": cu,
         "max_seqlen": max(doc_lens),
         "num_target_tokens": int((target_ids != IGNORE_INDEX).sum()),
+        "real_tokens": real,
     }

@@ -41,10 +41,20 @@ class SFTObjective(Objective):
     def loss(self, model, batch: Batch, num_items: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = causal_lm_token_loss(model, batch)
         loss = out.loss_sum / max(num_items, 1)
-        return loss, {"loss_sum": float(out.loss_sum.detach()), "num_tokens": float(out.num_tokens)}
+        metrics = {"loss_sum": float(out.loss_sum.detach()), "num_tokens": float(out.num_tokens)}
+        if out.router is not None:
+            # A micro-batch's router loss weighs by its share of the step's trained tokens: one micro-batch
+            # gives transformers' loss + coef x aux exactly, several a token-weighted mean of theirs.
+            share = out.num_tokens / max(num_items, 1)
+            loss = loss + out.router_coef * share * out.router
+            metrics["router_aux_loss_sum"] = float(out.router.detach()) * out.num_tokens
+        return loss, metrics
 
     def summarize(self, sums: dict[str, float], num_items: int) -> dict[str, float]:
-        return {"loss": sums["loss_sum"] / max(num_items, 1)}
+        logged = {"loss": sums["loss_sum"] / max(num_items, 1)}  # the cross-entropy alone
+        if "router_aux_loss_sum" in sums:
+            logged["router_aux_loss"] = sums["router_aux_loss_sum"] / max(num_items, 1)
+        return logged
 
     @torch.no_grad()
     def evaluate(self, model, batch: Batch) -> dict[str, float]:

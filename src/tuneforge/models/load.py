@@ -183,13 +183,13 @@ def load_model(cfg: Config, tokenizer):
         log.info("initialised %s randomly from its config (reinit_weights)", type(model).__name__)
     else:
         model = _from_pretrained(cfg, cls, config, attn, dtype, quant)
-    if getattr(model.config, "output_router_logits", False):
-        # The loss is computed from the decoder's hidden states (fused with the LM head), not by the model's
-        # forward, which is where transformers adds the router's auxiliary loss: it would be left out silently.
+    if getattr(model.config, "output_router_logits", False) and (cfg.rl or cfg.reward_model or cfg.process_reward_model):
+        # Supervised fine-tuning adds the router's auxiliary loss (models/losses.py); the other objectives
+        # compute their losses from hidden states too, and would leave it out silently.
         raise NotSupportedYet(
             "this mixture-of-experts model's config asks for the router load-balancing loss (output_router_logits: "
-            "true), which tuneforge's loss does not add yet. Set `model_config: {output_router_logits: false}` to "
-            "train without it (transformers' default for these models).")
+            "true), which tuneforge adds in supervised fine-tuning only. Set `model_config: {output_router_logits: "
+            "false}` to train without it (transformers' default for these models).")
     resize_embeddings(cfg, model, tokenizer)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # training never reuses keys/values; a cache would also disable packing masks

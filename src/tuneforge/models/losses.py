@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tuneforge.errors import NotSupportedYet
 from tuneforge.models import attention
 
 IGNORE_INDEX = -100
@@ -51,17 +52,50 @@ def unwrap_peft(model):
 
 def decoder_hidden_states(model, batch: dict) -> torch.Tensor:
     """Final hidden states [B, T, H] of the decoder stack, with per-document attention from position_ids."""
+    return decoder_forward(model, batch)[0]
+
+
+def decoder_forward(model, batch: dict, router_logits: bool = False) -> tuple[torch.Tensor, tuple | None]:
+    """(final hidden states [B, T, H], and with `router_logits` each MoE layer's router logits [B*T, experts])."""
     base = unwrap_peft(model)
-    extra = {}
+    extra = {"output_router_logits": True} if router_logits else {}
     if getattr(base.config, "_attn_implementation", None) == attention.NAME and "cu_seqlens" in batch:
-        extra = attention.varlen_kwargs(batch)  # the packed documents' boundaries, for the varlen kernel
+        extra |= attention.varlen_kwargs(batch)  # the packed documents' boundaries, for the varlen kernel
     out = base.get_decoder()(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
         use_cache=False,
         **extra,
     )
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return hidden, out.router_logits if router_logits else None
+
+
+class RouterBalance:
+    """The auxiliary load-balancing loss of a mixture-of-experts model whose config sets output_router_logits
+    (Switch Transformer's, eqs. 4-6), computed by the model module's own `load_balancing_loss_func` as its
+    forward does; transformers adds it to the loss there, weighted by `router_aux_loss_coef`."""
+
+    def __init__(self, model):
+        import sys
+
+        base = unwrap_peft(model)
+        cfg = base.config
+        self.loss = getattr(sys.modules[type(base).__module__], "load_balancing_loss_func", None)
+        if self.loss is None:
+            raise NotSupportedYet(f"{type(base).__name__} has no load_balancing_loss_func for output_router_logits; "
+                                  "set `model_config: {output_router_logits: false}`.")
+        self.coef = float(cfg.router_aux_loss_coef)
+        self.experts = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+        self.top_k = cfg.num_experts_per_tok
+
+    @staticmethod
+    def wanted(model) -> bool:
+        return bool(getattr(unwrap_peft(model).config, "output_router_logits", False))
+
+    def __call__(self, router_logits: tuple, real: torch.Tensor | None) -> torch.Tensor:
+        """The loss over the tokens where `real` [B, T] is True (not padding)."""
+        return self.loss(router_logits, self.experts, self.top_k, real)
 
 
 class LogitHead:
@@ -188,17 +222,24 @@ class TokenLoss:
     mask: torch.Tensor  # [B, T] bool, trained positions
     hidden: torch.Tensor  # [N, H] hidden states at the trained positions
     head: LogitHead
+    router: torch.Tensor | None = None  # MoE with output_router_logits: the load-balancing loss of this batch
+    router_coef: float = 0.0  # its weight in the loss (router_aux_loss_coef)
 
 
 def causal_lm_token_loss(model, batch: dict, chunk: int | None = None) -> TokenLoss:
-    """Cross-entropy summed over `batch['target_ids'] != -100` (next-token targets, shifted per document)."""
-    hidden = decoder_hidden_states(model, batch)
+    """Cross-entropy summed over `batch['target_ids'] != -100` (next-token targets, shifted per document),
+    and the router's load-balancing loss where the model's config asks for it."""
+    balance = RouterBalance(model) if RouterBalance.wanted(model) else None
+    hidden, routers = decoder_forward(model, batch, router_logits=balance is not None)
     targets = batch["target_ids"]
     mask = targets != IGNORE_INDEX
     selected = hidden[mask]
     head = LogitHead(model)
     loss_sum = chunked_cross_entropy(head, selected, targets[mask], chunk)
-    return TokenLoss(loss_sum, int(mask.sum()), mask, selected, head)
+    if balance is None:
+        return TokenLoss(loss_sum, int(mask.sum()), mask, selected, head)
+    router = balance(routers, batch.get("real_tokens"))
+    return TokenLoss(loss_sum, int(mask.sum()), mask, selected, head, router, balance.coef)
 
 
 def reference_token_loss(model, batch: dict) -> torch.Tensor:
