@@ -102,3 +102,17 @@ def test_the_router_auxiliary_loss_is_refused_where_it_would_be_dropped(tmp_path
     cfg = make_config(tmp_path, tiny_moe_dir, pairs, max_steps=1, rl="dpo", model_config={"output_router_logits": True})
     with pytest.raises(NotSupportedYet, match=r"supervised fine-tuning only.*output_router_logits: false"):
         train(cfg)
+
+
+def test_flops_count_the_experts_a_token_uses(tiny_moe_dir):
+    """MFU's model FLOPs: of the fused expert weights (4 experts, 2 per token) half count per token."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.engine.metrics import FlopCounter
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_moe_dir))
+    c = model.config
+    attention = 64 * (4 * 16) * 2 + 64 * (2 * 16) * 2  # q, o and k, v projections
+    experts = 2 * (64 * 2 * 32 + 32 * 64)  # two experts' gate/up and down
+    # (the router, 64 x 4 per token, is not a Linear module in this model and is left out)
+    assert FlopCounter(model, adapter=False).n_mm == c.num_hidden_layers * (attention + experts) + c.vocab_size * 64

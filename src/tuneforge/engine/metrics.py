@@ -30,8 +30,9 @@ class FlopCounter:
     full fine-tune: 6 N_mm T + 12 L d_attn sum(l_i^2)
     adapters:       4 N_mm T + 6 N_ad T + 12 L d_attn sum(l_i^2)   (the frozen base gets no weight-gradient GEMM)
 
-    N_mm counts every linear weight of the blocks plus the LM head (even when tied), T the real
-    (non-padding) tokens and l_i the document lengths.
+    N_mm counts every linear weight of the blocks plus the LM head (even when tied), and of a mixture of
+    experts' fused expert weights (3-D parameters, experts first) the share a token uses
+    (num_experts_per_tok / experts); T the real (non-padding) tokens and l_i the document lengths.
     """
 
     def __init__(self, model, adapter: bool):
@@ -46,6 +47,10 @@ class FlopCounter:
         if head is not None:
             n_mm += head.weight.shape[0] * head.weight.shape[1]
         cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        active = getattr(cfg, "num_experts_per_tok", None)
+        if active:
+            n_mm += sum(p.numel() * active // p.shape[0] for name, p in base.named_parameters()
+                        if p.dim() == 3 and "lora_" not in name)
         heads = getattr(cfg, "num_attention_heads", 0) or 0
         head_dim = getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", 0) // max(heads, 1))
         self.n_mm = n_mm
