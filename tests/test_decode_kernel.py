@@ -5,14 +5,12 @@ against that contract, on CUDA, and on CPU through Triton's interpreter when Tri
 """
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
+from interpreted_support import run_interpreted
 from tuneforge.models import attention, decode_kernel
 
 # (B, Hq, Hkv, L, D): GQA groups of 4 (Llama), 7 (Qwen2.5-0.5B, padded inside the kernel) and 1; caches
@@ -178,11 +176,7 @@ INTERPRETED = textwrap.dedent("""
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_triton_kernel_matches_the_reference_interpreted(tmp_path):
     """The kernel's arithmetic (splits, padded GQA groups, the range mask) on CPU via TRITON_INTERPRET=1."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True,
-                            timeout=600, cwd=root)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    run_interpreted(INTERPRETED)
 
 
 @pytest.mark.parametrize("kv_heads, group, prompt_len, pays", [

@@ -25,15 +25,21 @@ def _with_path(folder: Path) -> str:
     return os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
 
 
+def _torchrun_train(*args: str, cwd: Path | None = None, **env) -> subprocess.CompletedProcess:
+    """`tuneforge train ARGS` in two processes under torchrun (one thread each; `env` added to the
+    environment), run to its end."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "-m", "tuneforge.cli", "train", *args], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=cwd)
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_process_accumulating(tmp_path, tiny_model_dir):
     rows = make_rows(n=24, seed=3)
     single = train(make_config(tmp_path / "single", tiny_model_dir, rows, gradient_accumulation_steps=2, **RUN))
     make_config(tmp_path / "ddp", tiny_model_dir, rows, gradient_accumulation_steps=1, **RUN)  # writes the YAML
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "-m", "tuneforge.cli", "train", str(tmp_path / "ddp" / "config.yaml")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = _torchrun_train(str(tmp_path / "ddp" / "config.yaml"), PYTHONUNBUFFERED="1")
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "ddp" / "out"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -65,10 +71,7 @@ def test_grpo_on_two_processes(tmp_path, tiny_model_dir):
         "trl": {"num_generations": 4, "max_completion_length": 6, "reward_funcs": ["ddp_rewards.hits"],
                 "scale_rewards": "batch"},
         "micro_batch_size": 8, "max_steps": 2, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no"}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _with_path(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "-m", "tuneforge.cli", "train", str(config)],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    done = _torchrun_train(str(config), cwd=tmp_path, PYTHONPATH=_with_path(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if r["type"] == "train"]
@@ -108,11 +111,8 @@ def test_a_process_waiting_past_ddp_timeout_for_the_data_stops_with_what_to_do(t
         "datasets": [{"path": "prompts.jsonl", "type": "slow_prompts.transform"}],
         "trl": {"num_generations": 4, "max_completion_length": 4, "reward_funcs": ["rewards.one"]},
         "micro_batch_size": 8, "max_steps": 1, "save_strategy": "no"}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _with_path(tmp_path)}
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "-m", "tuneforge.cli", "train", str(config)],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    done = _torchrun_train(str(config), cwd=tmp_path, PYTHONPATH=_with_path(tmp_path))
     assert done.returncode != 0
     assert "process 1 waited more than ddp_timeout (2 s) for the first process to prepare the data" in done.stderr, \
         done.stderr[-3000:]
@@ -134,11 +134,8 @@ def test_packed_dpo_on_two_processes_equals_one_process_accumulating(tmp_path, m
     monkeypatch.chdir(tmp_path)
     single = train(load(example, [*common, "--gradient-accumulation-steps", "2",
                                   "--output-dir", str(tmp_path / "single")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tuneforge.cli",
-                           "train", str(example), *common, "--gradient-accumulation-steps", "1",
-                           "--output-dir", str(tmp_path / "ddp")],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    done = _torchrun_train(str(example), *common, "--gradient-accumulation-steps", "1",
+                           "--output-dir", str(tmp_path / "ddp"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     got = {r["step"]: r["loss"] for r in steps if r["type"] == "train"}
@@ -174,10 +171,7 @@ def test_grpo_with_a_generation_server_on_two_processes(tmp_path, tiny_model_dir
                     "vllm_server_port": server.port, "vllm_server_timeout": 30},
             "micro_batch_size": 8, "max_steps": 2, "learning_rate": 1e-3, "logging_steps": 1,
             "save_strategy": "no"}))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _with_path(tmp_path)}
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "-m", "tuneforge.cli", "train", str(config)],
-                              capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        done = _torchrun_train(str(config), cwd=tmp_path, PYTHONPATH=_with_path(tmp_path))
         assert done.returncode == 0, done.stderr[-3000:]
         paths = [p for p, _ in server.calls]
     assert paths.count("/generate/") == 4  # 2 steps x 2 processes
@@ -234,10 +228,7 @@ def test_generation_metrics_cover_every_process_evaluation_rows(tmp_path, tiny_m
             "generation_max_new_tokens": 6}
     single = train(make_config(tmp_path / "single", tiny_model_dir, rows, gradient_accumulation_steps=2, **keys))
     make_config(tmp_path / "ddp", tiny_model_dir, rows, gradient_accumulation_steps=1, **keys)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "-m", "tuneforge.cli", "train", str(tmp_path / "ddp" / "config.yaml")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = _torchrun_train(str(tmp_path / "ddp" / "config.yaml"))
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "ddp" / "out" / "metrics.jsonl").read_text().splitlines()]
     ddp = [r for r in records if r["type"] == "eval"][-1]

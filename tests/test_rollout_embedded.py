@@ -5,13 +5,11 @@ padding changes nothing, and every sampling filter equals transformers' logits p
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from interpreted_support import run_interpreted
 from tuneforge.rollout.base import SamplingParams, end_of_turn_ids
 from tuneforge.rollout.embedded import EmbeddedSampler
 from tuneforge.rollout.sampling import apply_repetition_penalty, filter_logits, sample_next
@@ -202,11 +200,7 @@ print("ok")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_block_logsumexp_kernel_interpreted():
     """The Triton block log-sum-exp of the two-stage draw, on CPU via TRITON_INTERPRET=1."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", BLOCK_LSE_INTERPRETED], env=env, capture_output=True, text=True,
-                            timeout=300, cwd=root)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    run_interpreted(BLOCK_LSE_INTERPRETED, timeout=300)
 
 
 @pytest.mark.gpu
