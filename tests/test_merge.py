@@ -297,14 +297,15 @@ def test_error_midway_leaves_destination_untouched(base, tmp_path, monkeypatch):
     dest = tmp_path / "merged"
     dest.mkdir()
     (dest / "previous.txt").write_text("old merge")
+    (dest / ".tuneforge-files.json").write_text('{"files": ["previous.txt"]}')  # an earlier merge's output
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(merge, "_copy_side_files", boom)  # fails after every shard was written
     with pytest.raises(RuntimeError, match="disk full"):
-        merge.merge_adapter(base, adapter, dest)
-    assert [p.name for p in dest.iterdir()] == ["previous.txt"]
+        merge.merge_adapter(base, adapter, dest, overwrite=True)
+    assert sorted(p.name for p in dest.iterdir()) == [".tuneforge-files.json", "previous.txt"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -379,3 +380,62 @@ def test_peak_memory_is_about_one_shard(tmp_path):
     assert len(shards) >= 16
     assert rss["load_all"] > 0.8 * total  # the measurement sees a whole-model load
     assert rss["merge"] < min(total / 4, 8 * largest), f"merge peak grew by {rss['merge'] / 1e6:.1f} MB for a {total / 1e6:.1f} MB model"
+
+
+# ---------------------------------------------------------------- the destination: never delete what is not ours
+def test_merge_never_touches_a_folder_it_did_not_write(base, tmp_path):
+    """An existing non-empty destination is refused (with or without --overwrite) when tuneforge did not
+    write it; the user's files are all still there, unchanged."""
+    from tuneforge.merge import merge_adapter
+    from tuneforge.publish import DestinationError
+
+    adapter = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj"])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(DestinationError, match="mine"):
+            merge_adapter(base, adapter, mine, overwrite=overwrite)
+        assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+        assert (mine / "notes.txt").read_text() == "keep me"
+    with pytest.raises(DestinationError):  # the adapter folder itself
+        merge_adapter(base, adapter, adapter, overwrite=True)
+    assert (adapter / "adapter_model.safetensors").exists()
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_merge_overwrite_replaces_only_its_own_files(base, tmp_path):
+    from tuneforge.merge import merge_adapter
+    from tuneforge.publish import DestinationError
+
+    ad1 = make_adapter(base, tmp_path / "ad1", r=4, lora_alpha=8, target_modules=["q_proj"], seed=1)
+    ad2 = make_adapter(base, tmp_path / "ad2", r=4, lora_alpha=8, target_modules=["q_proj"], seed=2)
+    dest = tmp_path / "merged"
+    merge_adapter(base, ad1, dest)
+    with pytest.raises(DestinationError, match="--overwrite"):
+        merge_adapter(base, ad2, dest)  # a second merge needs the explicit overwrite
+    (dest / "eval_notes.md").write_text("user's")
+    merge_adapter(base, ad2, dest, overwrite=True)
+    assert (dest / "eval_notes.md").read_text() == "user's"
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(3))
+    assert rel_err(logits(dest, ids), adapter_logits(base, ad2, ids)) < TOL
+    # A file with a name a merge writes, which the manifest does not list as tuneforge's, is refused:
+    manifest = json.loads((dest / ".tuneforge-files.json").read_text())
+    manifest["files"].remove("tokenizer.json")
+    (dest / ".tuneforge-files.json").write_text(json.dumps(manifest))
+    (dest / "tokenizer.json").write_text("the user's own file now")
+    with pytest.raises(DestinationError, match="tokenizer.json"):
+        merge_adapter(base, ad1, dest, overwrite=True)
+    assert (dest / "tokenizer.json").read_text() == "the user's own file now"
+
+
+def test_merge_into_a_file_is_refused(base, tmp_path):
+    from tuneforge.merge import merge_adapter
+    from tuneforge.publish import DestinationError
+
+    adapter = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj"])
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    with pytest.raises(DestinationError, match="not a folder"):
+        merge_adapter(base, adapter, target, overwrite=True)
+    assert target.read_text() == "x"

@@ -117,11 +117,13 @@ def merge_lora(
     lora_model_dir: str | None = typer.Option(None, "--lora-model-dir", help="Adapter folder (default: output_dir)."),
     output: str | None = typer.Option(None, "--output", help="Destination (default: output_dir/merged)."),
     dequant: bool = typer.Option(False, "--dequant", help="Allow merging a QLoRA adapter into a dequantized base."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous merge's files in a non-empty "
+                                   "destination (files tuneforge did not write are never touched)."),
 ) -> None:
     """Merge a LoRA adapter into its base model, shard by shard."""
     from tuneforge.merge import run
 
-    run(_load(config, ctx.args), lora_model_dir=lora_model_dir, output=output, dequant=dequant)
+    run(_load(config, ctx.args), lora_model_dir=lora_model_dir, output=output, dequant=dequant, overwrite=overwrite)
 
 
 @app.command("vllm-serve", context_settings=EXTRA)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.errors import ModelError, NotSupportedYet
+from tuneforge.publish import check_destination, publish
 
 log = logging.getLogger("tuneforge")
 
@@ -367,15 +368,18 @@ def merge_adapter(
     *,
     tokenizer_dir: str | Path | None = None,
     generation_config_dir: str | Path | None = None,
+    overwrite: bool = False,
 ) -> MergeReport:
     """Merge the adapter in `adapter_dir` into the safetensors model in `base_dir`, writing `dest`.
 
     Tokenizer files come from `tokenizer_dir` when it has any (the training run's tokenizer, with its chat
-    template), else from the base. Everything is validated before the first byte is written.
+    template), else from the base. Everything is validated before the first byte is written; an existing
+    destination is handled by `tuneforge.publish` (never a folder tuneforge did not write).
     """
     base_dir, adapter_dir, dest = Path(base_dir), Path(adapter_dir), Path(dest)
+    check_destination(dest, overwrite=overwrite)
     if adapter_config(adapter_dir).get("target_parameters"):
-        return merge_in_memory(base_dir, adapter_dir, dest, tokenizer_dir, generation_config_dir)
+        return merge_in_memory(base_dir, adapter_dir, dest, tokenizer_dir, generation_config_dir, overwrite)
     plan = read_adapter(adapter_dir)
     base = open_base(base_dir)
     embed_key = _tied(base)
@@ -394,7 +398,7 @@ def merge_adapter(
             _set_config(config, "tie_word_embeddings", False)
         _write_metadata(base, tmp, config, weight_map, total)
         _copy_side_files(base_dir, tmp, tokenizer_dir, generation_config_dir)
-        _replace(tmp, dest)
+        publish(tmp, dest, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -409,7 +413,8 @@ def merge_adapter(
     )
 
 
-def merge_in_memory(base_dir: Path, adapter_dir: Path, dest: Path, tokenizer_dir, generation_config_dir) -> MergeReport:
+def merge_in_memory(base_dir: Path, adapter_dir: Path, dest: Path, tokenizer_dir, generation_config_dir,
+                    overwrite: bool = False) -> MergeReport:
     """An adapter with `target_parameters` (LoRA on parameters such as MoE expert weights), merged by PEFT.
 
     Why not shard by shard: the layout of a parameter's delta (experts x in x out, or experts x out x in)
@@ -431,7 +436,7 @@ def merge_in_memory(base_dir: Path, adapter_dir: Path, dest: Path, tokenizer_dir
         merged.save_pretrained(tmp)
         (tmp / "generation_config.json").unlink(missing_ok=True)  # the run's, if any, as in the shard-wise merge
         _copy_side_files(base_dir, tmp, tokenizer_dir, generation_config_dir)
-        _replace(tmp, dest)
+        publish(tmp, dest, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -533,18 +538,6 @@ def _tokenizer_files(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_file() and TOKENIZER_FILES.match(p.name)]
 
 
-def _replace(tmp: Path, dest: Path) -> None:
-    """Move the finished folder into place; an existing destination is replaced only at this point."""
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-        old.rmdir()
-        dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(dest)
-
-
 # ---------------------------------------------------------------- the command
 def find_adapter_dir(cfg, lora_model_dir: str | None) -> Path:
     """--lora-model-dir, else output_dir when it holds an adapter, else the config's lora_model_dir."""
@@ -582,7 +575,8 @@ def base_model_dir(cfg, base_model: str | None = None) -> Path:
     return Path(path)
 
 
-def run(cfg, lora_model_dir: str | None = None, output: str | None = None, dequant: bool = False) -> Path:
+def run(cfg, lora_model_dir: str | None = None, output: str | None = None, dequant: bool = False,
+        overwrite: bool = False) -> Path:
     """Entry point of `tuneforge merge-lora`."""
     quantized = cfg.adapter == "qlora" or cfg.load_in_4bit or cfg.load_in_8bit
     if quantized and not dequant:
@@ -595,6 +589,7 @@ def run(cfg, lora_model_dir: str | None = None, output: str | None = None, dequa
     adapter_dir = find_adapter_dir(cfg, lora_model_dir)
     recorded = adapter_config(adapter_dir).get("base_model_name_or_path")
     dest = Path(output).expanduser() if output else cfg.output_path() / "merged"
+    check_destination(dest, overwrite=overwrite)
     saved_base = cfg.output_path() / "base_model"  # an adapter trained on a randomly initialised base
     base_dir = saved_base if cfg.reinit_weights and saved_base.is_dir() else base_model_dir(cfg)
     if quantized:
@@ -608,7 +603,8 @@ def run(cfg, lora_model_dir: str | None = None, output: str | None = None, dequa
     tokenizer_dir = adapter_dir if _tokenizer_files(adapter_dir) else cfg.output_path()
     gen_dir = adapter_dir if (adapter_dir / "generation_config.json").exists() else base_dir
     log.info("merging %s into %s -> %s", adapter_dir, base_dir, dest)
-    report = merge_adapter(base_dir, adapter_dir, dest, tokenizer_dir=tokenizer_dir, generation_config_dir=gen_dir)
+    report = merge_adapter(base_dir, adapter_dir, dest, tokenizer_dir=tokenizer_dir, generation_config_dir=gen_dir,
+                           overwrite=overwrite)
     log.info(
         "merged %d LoRA modules and %d saved tensors over %d shard(s) (%.1f MB) into %s%s",
         report.merged_tensors,
