@@ -9,6 +9,7 @@ import torch
 
 from test_engine_support import make_config, make_rows, one_thread, train  # noqa: F401
 from tuneforge.engine import checkpoint as ckpt
+from tuneforge.errors import TuneforgeError
 
 
 def test_crash_mid_save_leaves_no_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
@@ -82,3 +83,38 @@ def test_a_trigger_file_asks_for_a_checkpoint_and_training_goes_on(tmp_path, tin
     assert result.state.global_step == 4
     assert [p.name for p in (tmp_path / "out").glob("checkpoint-*")] == [saved]
     assert (tmp_path / "out" / saved / "optimizer.pt").exists() and not trigger.exists()
+
+
+class _Payload:
+    """Unpickling this runs a command (what a crafted checkpoint file does)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("name", ["rng_state_0.pt", "objective_state_0.pt", "optimizer.pt"])
+def test_a_crafted_checkpoint_file_is_refused_not_run(tmp_path, name):
+    from tuneforge.engine.checkpoint import load_plain
+
+    marker = tmp_path / "pwned"
+    file = tmp_path / name
+    torch.save({"state": _Payload(marker)}, file)
+    with pytest.raises(TuneforgeError, match=f"{name}: refused to load"):
+        load_plain(file)
+    assert not marker.exists()
+
+
+def test_plain_states_and_rollouts_load(tmp_path):
+    from tuneforge.engine.checkpoint import load_plain, rng_state
+    from tuneforge.rollout.base import Rollout
+
+    state = {"rng": rng_state(), "rollouts": [Rollout([[1]], [[2, 3]], [[-0.5, -0.1]], [True], n=1, meta={"k": 1.0})]}
+    torch.save(state, tmp_path / "s.pt")
+    back = load_plain(tmp_path / "s.pt")
+    assert back["rollouts"][0] == state["rollouts"][0]
+    assert back["rng"]["python"] == state["rng"]["python"]

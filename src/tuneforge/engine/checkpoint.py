@@ -179,18 +179,45 @@ def load_training_state(path: Path, *, model, optimizer, scheduler, process_inde
     path = Path(path)
     state = read_state(path)
     load_weights(path, model, adapter)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    optimizer.load_state_dict(load_plain(path / "optimizer.pt"))
+    scheduler.load_state_dict(load_plain(path / "scheduler.pt"))
     objective_file = path / f"objective_state_{process_index}.pt"
-    if objective_file.exists():  # our own file (rollouts: python objects and tensors)
-        state["objective"] = torch.load(objective_file, map_location="cpu", weights_only=False)
+    if objective_file.exists():
+        state["objective"] = load_plain(objective_file)
     rng_file = path / f"rng_state_{process_index}.pt"
     if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: python/numpy generator tuples
+        set_rng_state(load_plain(rng_file))
     else:
         log.warning("%s has no RNG state for rank %d; dropout masks will differ from the original run",
                     path, process_index)
     return state
+
+
+def _safe_classes() -> list:
+    """Data classes (fields only, no custom unpickling code) that objective states may hold."""
+    from tuneforge.rollout.base import Rollout
+
+    return [Rollout]
+
+
+def load_plain(file: Path):
+    """Load a checkpoint file of tensors and plain Python values without running any of its code.
+
+    Checkpoints can come from anywhere (shared folders, downloads), and unpickling runs whatever the file
+    says, so every `.pt` file is read with `weights_only=True`: tensors, numbers, strings, lists, tuples and
+    dicts only, plus the plain data classes of `_safe_classes`. A file holding anything else is refused rather
+    than executed.
+    """
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_safe_classes()):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise TuneforgeError(
+            f"{file}: refused to load: it holds objects other than tensors and plain values ({exc}), which only a "
+            "tampered or foreign checkpoint does. Resume from a checkpoint this tuneforge wrote."
+        ) from None
 
 
 def load_weights(path: Path, model, adapter: bool) -> None:
