@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from tuneforge.config.schema import Config
+from tuneforge.distributed import collectives
 from tuneforge.errors import TuneforgeError
 from tuneforge.methods.base import Batch, Objective
 from tuneforge.models.load import mixed_precision
@@ -226,7 +227,7 @@ class Trainer:
             return False
         trigger = self.out / (request.trigger_file_path or "axolotl_checkpoint.save")
         main = self.accelerator.is_main_process
-        if not self._sum_over_ranks([float(main and trigger.exists())])[0]:
+        if not collectives.sum_floats([float(main and trigger.exists())])[0]:
             return False
         if main:
             trigger.unlink(missing_ok=True)
@@ -303,7 +304,7 @@ class Trainer:
         self._phase = "generation"
         batches = objective.rollout_step(self.model, batches)
         self._phase = "forward/backward pass"
-        num_items = int(self._sum_over_ranks([float(sum(objective.num_items(b) for b in batches))])[0])
+        num_items = int(collectives.sum_floats([float(sum(objective.num_items(b) for b in batches))])[0])
         sums: dict[str, float] = defaultdict(float)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
@@ -312,8 +313,8 @@ class Trainer:
                 acc.backward(loss * acc.num_processes)
             for k, v in metrics.items():
                 sums[k] += v
-        keys = self._keys_over_ranks(sums)  # a rank may lack a key (e.g. it skipped a micro-batch)
-        sums = dict(zip(keys, self._sum_over_ranks([sums.get(k, 0.0) for k in keys]), strict=True))
+        keys = collectives.union_keys(sums)  # a rank may lack a key (e.g. it skipped a micro-batch)
+        sums = dict(zip(keys, collectives.sum_floats([sums.get(k, 0.0) for k in keys]), strict=True))
         grad_norm = self._clip_gradients()
         summary = objective.summarize(sums, num_items)
         lr = self.scheduler.get_last_lr()[0]
@@ -339,24 +340,7 @@ class Trainer:
         """The stop signal received by any process (0: none). A signal may reach one process only, or the
         processes at different points of a step; without agreeing, one would stop and save while another
         waited in the next step's gradient all-reduce forever."""
-        if self.accelerator.num_processes == 1:
-            return signum or 0
-        t = torch.tensor([float(signum or 0)], device=self.accelerator.device)
-        return int(self.accelerator.reduce(t, reduction="max").item())
-
-    def _keys_over_ranks(self, sums: dict[str, float]) -> list[str]:
-        """The sorted union of every process's metric names, so the summed vectors line up."""
-        if self.accelerator.num_processes == 1:
-            return sorted(sums)
-        gathered: list = [None] * self.accelerator.num_processes
-        torch.distributed.all_gather_object(gathered, sorted(sums))
-        return sorted(set().union(*gathered))
-
-    def _sum_over_ranks(self, values: list[float]) -> list[float]:
-        if self.accelerator.num_processes == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
-        return self.accelerator.reduce(t, reduction="sum").tolist()
+        return int(collectives.max_float(float(signum or 0)))
 
     def _batch(self, rows: _Rows, mb: MicroBatch, *, training: bool) -> Batch:
         batch = self.objective.collate(rows.rows(mb), self.pad_id, training=training)
@@ -451,8 +435,8 @@ class Trainer:
             samples = self._samples()
             predictions = self._predictions()
         inner.train()
-        keys = self._keys_over_ranks(sums)  # a rank may lack a key (e.g. it skipped a micro-batch)
-        sums = dict(zip(keys, self._sum_over_ranks([sums.get(k, 0.0) for k in keys]), strict=True))
+        keys = collectives.union_keys(sums)  # a rank may lack a key (e.g. it skipped a micro-batch)
+        sums = dict(zip(keys, collectives.sum_floats([sums.get(k, 0.0) for k in keys]), strict=True))
         summary = self.objective.summarize_eval(sums)
         if predictions is not None:
             summary.update(text_metrics.score(self.cfg.eval_causal_lm_metrics, [p for p, _ in predictions],
@@ -481,11 +465,7 @@ class Trainer:
             return None
         documents = [doc for mb in self.eval_batches() for row in self.eval_rows.rows(mb) for doc in row]
         mine = self.objective.predictions(self.model, self.tokenizer, documents)
-        if self.accelerator.num_processes == 1:
-            return mine
-        gathered: list = [None] * self.accelerator.num_processes
-        torch.distributed.all_gather_object(gathered, mine)
-        return [pair for part in gathered for pair in part]
+        return [pair for part in collectives.gather_objects(mine) for pair in part]
 
     def _log_samples(self, samples: list[dict]) -> None:
         """Each sample in the log and, with its step, in output_dir/samples.jsonl."""

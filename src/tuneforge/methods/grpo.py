@@ -42,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tuneforge.config.schema import Config
 from tuneforge.data.collate import collate as collate_documents
+from tuneforge.distributed import collectives
 from tuneforge.errors import NotSupportedYet
 from tuneforge.models.losses import IGNORE_INDEX, LogitHead, decoder_hidden_states
 
@@ -227,22 +228,6 @@ def split_rollout(batch: Batch, size: int) -> list[Batch]:
             chunk.update(gen_seconds=0.0, gen_tokens=0)
         chunks.append(chunk)
     return chunks
-
-
-def _all_reduce_sum():
-    """A function summing a tensor over the data-parallel processes, or None with one process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return None
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-    def reduce(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device)
-        dist.all_reduce(t)
-        return t.cpu()
-
-    return reduce
 
 
 def completions_per_micro_batch(cfg: Config, num_generations: int) -> int:
@@ -468,7 +453,7 @@ class GRPOObjective(Objective):
             every = torch.cat([b["rewards_per_func"] for b in pending])
             whole = gl.group_advantages(every, w, self.s.num_generations, scale_rewards=self.s.scale_rewards,
                                         aggregation=self.s.aggregation)
-            stats = gl.batch_mean_std(whole.rewards, _all_reduce_sum())  # TRL gathers over processes too
+            stats = gl.batch_mean_std(whole.rewards, collectives.sum_tensor)  # TRL gathers over processes too
         for b in pending:
             adv = gl.group_advantages(b["rewards_per_func"], w, self.s.num_generations,
                                       scale_rewards=self.s.scale_rewards, aggregation=self.s.aggregation,

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.config.schema import Config
+from tuneforge.distributed import collectives
 
 from .base import Batch, Objective
 from .preference import (
@@ -152,10 +153,7 @@ class KTOObjective(Objective):
         with torch.no_grad():
             policy = sequence_logps(model, kl_batch).logps
             ref = self.reference.sequence_logps(model, kl_batch, batch.get("ref_kl_logps"))
-            kl = (policy - ref).mean()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(kl)
-                kl = kl / torch.distributed.get_world_size()
+            kl = collectives.mean_tensor((policy - ref).mean()).to(policy.device)
         return kl.clamp(min=0)
 
     def loss(self, model, batch: Batch, num_items: int) -> tuple[torch.Tensor, dict[str, float]]:
