@@ -48,10 +48,6 @@ _LIGER = "Liger kernels are not used; `torch_compile: true` fuses each block's n
 # Axolotl keys that tuneforge does not implement yet. A falsy value (false, null, empty) is a no-op and
 # is accepted; anything else is an explicit error rather than a silently ignored setting.
 NOT_SUPPORTED_YET = {
-    "deepspeed": "multi-GPU training through DeepSpeed is planned",
-    "fsdp": "FSDP is planned (fsdp_version: 2)",
-    "fsdp_config": "FSDP is planned (fsdp_version: 2)",
-    "fsdp_version": "FSDP is planned (fsdp_version: 2)",
     "pretraining_dataset": "streaming continual pretraining is planned; use `type: completion` for now",
     "streaming": "streaming datasets are planned",
     "plugins": "plugins are not supported; for the Liger plugin's fusions use torch_compile: true (the loss is "

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from . import compat, rules
+from . import compat, distributed, rules
 from .errors import ConfigError, ConfigIssue
 from .schema import Config
 
@@ -135,6 +135,7 @@ def _apply_compat(raw: dict[str, Any], issues: list[ConfigIssue], where) -> list
             else:
                 raw[new] = raw.pop(old)
                 notes.append(f"`{old}` is deprecated; using `{new}`")
+    distributed.normalize(raw, notes, lambda key, msg: issues.append(ConfigIssue(key, msg, *where(tuple(key.split("."))))))
     for key in list(raw):
         if key in compat.IGNORED:
             raw.pop(key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from . import distributed
 from .errors import ConfigIssue
 from .rl import KV_CACHE_DTYPES
 from .schema import Config
@@ -29,6 +30,11 @@ def _exclusive(cfg: Config, a: str, b: str, fix: str) -> list[ConfigIssue]:
     if va not in (None, 0, 0.0, [], False) and vb not in (None, 0, 0.0, [], False):
         return [ConfigIssue(b, f"`{a}` and `{b}` cannot both be set; {fix}")]
     return []
+
+
+@rule
+def _sharding(cfg: Config) -> list[ConfigIssue]:
+    return distributed.check(cfg)
 
 
 @rule

@@ -8,12 +8,13 @@ from pydantic import PrivateAttr
 
 from .adapter import AdapterKeys
 from .data import DataKeys
+from .distributed import DistributedKeys
 from .model import ModelKeys
 from .rl import RLKeys
 from .training import LoggingKeys, TrainingKeys
 
 
-class Config(ModelKeys, AdapterKeys, DataKeys, TrainingKeys, LoggingKeys, RLKeys):
+class Config(ModelKeys, AdapterKeys, DataKeys, TrainingKeys, LoggingKeys, RLKeys, DistributedKeys):
     """A validated run configuration. Build it with `tuneforge.config.load`."""
 
     _source_dir: Path = PrivateAttr(default_factory=Path.cwd)

@@ -70,3 +70,9 @@ def gather_objects(obj: Any) -> list[Any]:
 def union_keys(keys: Iterable[str]) -> list[str]:
     """The sorted union of every process's names, so that vectors summed by position line up."""
     return sorted(set().union(*(set(part) for part in gather_objects(sorted(keys)))))
+
+
+def barrier() -> None:
+    """Wait until every process gets here."""
+    if world_size() > 1:
+        dist.barrier()

@@ -126,8 +126,11 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(output_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict,
-                    only_model: bool, accelerator, safe: bool = True, objective_state: dict | None = None) -> Path:
-    """Write checkpoint-<step> atomically and return its path. `model` is the unwrapped model."""
+                    only_model: bool, accelerator, safe: bool = True, objective_state: dict | None = None,
+                    sharded=None, sharded_full_weights: bool = False) -> Path:
+    """Write checkpoint-<step> atomically and return its path. `model` is the unwrapped model; `sharded` (the
+    FSDP2 root, or None) makes every process write its shards of the model and optimizer instead, plus the
+    whole weights with `sharded_full_weights` (fsdp_config.state_dict_type FULL_STATE_DICT)."""
     output_dir = Path(output_dir)
     final = checkpoint_dir(output_dir, step)
     tmp = output_dir / f"checkpoint-{step}.tmp"
@@ -140,12 +143,18 @@ def save_checkpoint(output_dir: Path, step: int, *, model, tokenizer, optimizer,
     torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     if objective_state:
         torch.save(objective_state, tmp / f"objective_state_{accelerator.process_index}.pt")
-    if main:
+    if sharded is not None:
+        _save_sharded(tmp, sharded, model, tokenizer, optimizer, only_model=only_model, main=main, safe=safe,
+                      full_weights=sharded_full_weights)
+    elif main:
         save_model_files(model, tokenizer, tmp, safe)
         if not only_model:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        state = {**state, "resumable": not only_model, "world_size": accelerator.num_processes}
+    if main and not only_model:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if main:
+        state = {**state, "resumable": not only_model, "world_size": accelerator.num_processes,
+                 "sharded": sharded is not None}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     accelerator.wait_for_everyone()
     if main:
@@ -156,6 +165,23 @@ def save_checkpoint(output_dir: Path, step: int, *, model, tokenizer, optimizer,
         _fsync_dir(output_dir)
     accelerator.wait_for_everyone()
     return final
+
+
+def _save_sharded(tmp: Path, runner, model, tokenizer, optimizer, *, only_model: bool, main: bool, safe: bool,
+                  full_weights: bool) -> None:
+    """FSDP2: DCP shards of the model (and optimizer) from every process; the tokenizer and model config from
+    the first, so the folder still tells what model it holds (FULL_STATE_DICT also writes whole weights)."""
+    from tuneforge.distributed import sharded_checkpoint
+
+    sharded_checkpoint.save(tmp, runner, optimizer, with_optimizer=not only_model)
+    if full_weights:
+        sharded_checkpoint.save_full_model(runner, model, tokenizer, tmp, main=main, safe=safe)
+    elif main:
+        config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
+        if config is not None:
+            config.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
 
 
 # ---------------------------------------------------------------- load
@@ -174,12 +200,25 @@ def read_state(path: Path) -> dict:
     return state
 
 
-def load_training_state(path: Path, *, model, optimizer, scheduler, process_index: int, adapter: bool) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from checkpoint `path`; return its trainer state."""
+def load_training_state(path: Path, *, model, optimizer, scheduler, process_index: int, adapter: bool,
+                        sharded=None) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from checkpoint `path`; return its trainer state.
+    `sharded` (the FSDP2 root) loads the DCP shards, whatever process count wrote them."""
+    from tuneforge.distributed import sharded_checkpoint
+
     path = Path(path)
     state = read_state(path)
-    load_weights(path, model, adapter)
-    optimizer.load_state_dict(load_plain(path / "optimizer.pt"))
+    if sharded is not None:
+        if not sharded_checkpoint.exists(path):
+            raise TuneforgeError(f"{path} holds no sharded (FSDP) state, but this run uses FSDP2: resume it "
+                                 "without fsdp_version/fsdp_config, or from a checkpoint of an FSDP2 run.")
+        sharded_checkpoint.load(path, sharded, optimizer, with_optimizer=True)
+    else:
+        if sharded_checkpoint.exists(path):
+            raise TuneforgeError(f"{path} is an FSDP2 checkpoint (sharded state): resume it with the same "
+                                 "fsdp_version: 2 / fsdp_config (any number of processes).")
+        load_weights(path, model, adapter)
+        optimizer.load_state_dict(load_plain(path / "optimizer.pt"))
     scheduler.load_state_dict(load_plain(path / "scheduler.pt"))
     objective_file = path / f"objective_state_{process_index}.pt"
     if objective_file.exists():

@@ -36,13 +36,14 @@ def write_run_files(cfg: Config, tokenizer, output_dir: Path) -> None:
         tokenizer.save_pretrained(str(output_dir))
 
 
-def save_final(cfg: Config, model, tokenizer, output_dir: Path, result=None) -> None:
-    """Weights, tokenizer, config and model card. `model` is the unwrapped (PEFT or transformers) model."""
+def save_final(cfg: Config, model, tokenizer, output_dir: Path, result=None, *, weights: bool = True) -> None:
+    """Weights, tokenizer, config and model card. `model` is the unwrapped (PEFT or transformers) model;
+    `weights=False` when they are already written (an FSDP2 run gathers them with every process)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "generation_config") and getattr(model, "generation_config", None) is not None:
-        _sync_generation_config(model, tokenizer)
-    save_model_files(model, tokenizer, output_dir, cfg.save_safetensors)
+    sync_generation_config(model, tokenizer)
+    if weights:
+        save_model_files(model, tokenizer, output_dir, cfg.save_safetensors)
     if cfg.adapter and cfg.reinit_weights and (output_dir / "base_model").exists():
         _point_adapter_to_base(output_dir)
     (output_dir / "config.yaml").write_text(yaml.safe_dump(dump(cfg), sort_keys=False))
@@ -50,9 +51,9 @@ def save_final(cfg: Config, model, tokenizer, output_dir: Path, result=None) -> 
     log.info("saved the %s to %s", "adapter" if cfg.adapter else "model", output_dir)
 
 
-def _sync_generation_config(model, tokenizer) -> None:
+def sync_generation_config(model, tokenizer) -> None:
     """Generation stops at the tokenizer's eos and pads with its pad token."""
-    if tokenizer is None:
+    if tokenizer is None or getattr(model, "generation_config", None) is None:
         return
     gen = model.generation_config
     if tokenizer.eos_token_id is not None:

@@ -37,6 +37,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     from .trainer import Trainer
 
     objective = get_objective(cfg)  # an unimplemented method fails here, before anything loads
+    _refuse_deepspeed(cfg)
     _quiet_libraries()
     out = cfg.output_path()
     # Several processes (torchrun / accelerate launch): gloo on CPU, NCCL on GPUs. The first process
@@ -72,8 +73,13 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
               f"checkpoint saved to {stop.checkpoint}.\nResume with:\n  {command}", file=sys.stderr, flush=True)
         _leave_process_group()
         raise SystemExit(128 + stop.signum) from None
+    if trainer.sharded:  # every process sends its shards; the first writes them one tensor at a time
+        from tuneforge.distributed.sharded_checkpoint import save_full_model
+
+        outputs.sync_generation_config(model, tokenizer)
+        save_full_model(trainer.runner, model, tokenizer, out, main=main, safe=cfg.save_safetensors)
     if trainer.accelerator.is_main_process:
-        outputs.save_final(cfg, model, tokenizer, out, result)
+        outputs.save_final(cfg, model, tokenizer, out, result, weights=not trainer.sharded)
         plot.plot_metrics(result.history, out)
         if cfg.merge_lora and cfg.adapter:
             from tuneforge.merge import run as merge
@@ -82,6 +88,21 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
         _log_summary(result, out)
     _leave_process_group()
     return result
+
+
+def _refuse_deepspeed(cfg: Config) -> None:
+    """DeepSpeed does not run here yet: name the FSDP2 settings that shard the same way."""
+    if not cfg.deepspeed:
+        return
+    import yaml
+
+    from tuneforge.config.distributed import deepspeed_settings, fsdp_equivalent
+    from tuneforge.errors import NotSupportedYet
+
+    block = yaml.safe_dump({"fsdp_version": 2, "fsdp_config": fsdp_equivalent(deepspeed_settings(cfg))},
+                           default_flow_style=None, sort_keys=False).strip().replace("\n", "; ")
+    raise NotSupportedYet(f"deepspeed: training through DeepSpeed is not supported in this version. PyTorch's FSDP2 "
+                          f"shards the same way: replace the deepspeed key with  {block}  (docs/multi-gpu.md)")
 
 
 def _leave_process_group() -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from tuneforge.config.schema import Config
-from tuneforge.distributed import collectives
+from tuneforge.distributed import collectives, fsdp
 from tuneforge.errors import TuneforgeError
 from tuneforge.methods.base import Batch, Objective
 from tuneforge.models.load import mixed_precision
@@ -124,11 +124,9 @@ class Trainer:
         has_eval = data.eval is not None and cfg.eval_strategy != "no"
         self.eval_rows = _Rows(data.eval, objective.row_columns) if has_eval else None
 
-        optimizer = build_optimizer(cfg, model)
-        self.scheduler = build_scheduler(cfg, optimizer, self.total_steps)
-        # The scheduler is stepped by hand: accelerate's wrapper would step it once per process.
-        self.runner, self.optimizer = acc.prepare(ObjectiveRunner(model), optimizer)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.sharded = cfg.fsdp_enabled
+        self.runner, self.optimizer, self.scheduler = self._prepare_model(model)
+        self.trainable = [p for p in self.runner.parameters() if p.requires_grad]
 
         self.eval_cadence = self._eval_cadence()
         self.save_cadence = self._save_cadence()
@@ -145,12 +143,33 @@ class Trainer:
         self.last_eval: dict | None = None
         self.last_train: dict = {}
         self._eval_plan: list[MicroBatch] | None = None
+        self._eval_filler: list[MicroBatch] = []
         self._phase = ""  # of the optimizer step under way: what running out of memory there leaves intact
         if cfg.do_causal_lm_eval:
             text_metrics.require_sacrebleu(cfg.eval_causal_lm_metrics)
         if cfg.auto_find_batch_size and acc.num_processes > 1:
             log.warning("auto_find_batch_size retries single-process runs only; with %d processes a step that runs "
                         "out of memory stops the run with what to change", acc.num_processes)
+
+    def _prepare_model(self, model):
+        """(runner, optimizer, scheduler): DDP through accelerate, or FSDP2 shards (built before the optimizer,
+        since sharding replaces the parameters). The scheduler is stepped by hand: accelerate's wrapper would
+        step it once per process."""
+        cfg, acc = self.cfg, self.accelerator
+        if not self.sharded:
+            optimizer = build_optimizer(cfg, model)
+            runner, optimizer = acc.prepare(ObjectiveRunner(model), optimizer)
+            return runner, optimizer, build_scheduler(cfg, optimizer, self.total_steps)
+        runner = ObjectiveRunner(model)
+        fsdp.shard(runner, model, cfg.fsdp_config)
+        optimizer = acc.prepare(build_optimizer(cfg, model))
+        return runner, optimizer, build_scheduler(cfg, optimizer, self.total_steps)
+
+    def _micro_batch_context(self, last: bool):
+        """Around one micro-batch's forward and backward: gradients are synchronised on the step's last one."""
+        if self.sharded:
+            return contextlib.nullcontext() if last else fsdp.gradient_sync(self.runner, False)
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.runner)
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
@@ -308,7 +327,7 @@ class Trainer:
         sums: dict[str, float] = defaultdict(float)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            with contextlib.nullcontext() if last else acc.no_sync(self.runner):
+            with self._micro_batch_context(last), acc.autocast() if self.sharded else contextlib.nullcontext():
                 loss, metrics = self.runner(objective.loss, batch, num_items)
                 acc.backward(loss * acc.num_processes)
             for k, v in metrics.items():
@@ -333,6 +352,8 @@ class Trainer:
 
     def _clip_gradients(self) -> float:
         max_norm = self.cfg.max_grad_norm or float("inf")
+        if self.sharded:
+            return fsdp.clip_grad_norm(self.trainable, max_norm)
         norm = self.accelerator.clip_grad_norm_(self.trainable, max_norm)
         return float(norm) if norm is not None else float("nan")
 
@@ -406,7 +427,16 @@ class Trainer:
             group_size=cfg.sample_packing_group_size, max_docs=cfg.sample_packing_bin_size,
         )
         self._eval_plan = planned[acc.process_index :: acc.num_processes]
+        self._eval_filler = planned[:1]
         return self._eval_plan
+
+    def _eval_padding(self) -> list[MicroBatch]:
+        """FSDP2: every forward gathers parameters with all processes, so each runs as many evaluation forwards
+        as the process with the most batches; the extra ones repeat a batch and are not counted."""
+        if not self.sharded:
+            return []
+        missing = int(collectives.max_float(len(self.eval_batches()))) - len(self.eval_batches())
+        return self._eval_filler * missing
 
     def evaluate(self) -> dict:
         """Token-weighted loss, perplexity and accuracy over the whole eval set; logged and returned. Out of
@@ -432,6 +462,8 @@ class Trainer:
                 batch = self._batch(self.eval_rows, mb, training=False)
                 for k, v in inner(self.objective.evaluate, batch).items():
                     sums[k] += v
+            for mb in self._eval_padding():
+                inner(self.objective.evaluate, self._batch(self.eval_rows, mb, training=False))  # not counted
             samples = self._samples()
             predictions = self._predictions()
         inner.train()
@@ -492,6 +524,8 @@ class Trainer:
             self.out, self.state.global_step, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
             scheduler=self.scheduler, state=state, only_model=only_model, accelerator=self.accelerator,
             safe=self.cfg.save_safetensors, objective_state=None if only_model else self.objective.state_dict(),
+            sharded=self.runner if self.sharded else None,
+            sharded_full_weights=self.sharded and self.cfg.fsdp_config.state_dict_type == "FULL_STATE_DICT",
         )
         if self.accelerator.is_main_process:
             ckpt.rotate(self.out, self.cfg.save_total_limit, keep=(path, self.best.checkpoint_path()))
@@ -509,7 +543,12 @@ class Trainer:
             log.warning("load_best_model_at_end: the checkpoint of the best evaluation (step %d, %s) is gone; "
                         "the final model is the last step's", best.record["step"], best.checkpoint)
             return
-        ckpt.load_weights(path, self.model, self.adapter)
+        if self.sharded:
+            from tuneforge.distributed import sharded_checkpoint
+
+            sharded_checkpoint.load(path, self.runner, None, with_optimizer=False)
+        else:
+            ckpt.load_weights(path, self.model, self.adapter)
         self.last_eval = best.record
         log.info("load_best_model_at_end: the final model is %s's (%s %.4g)", path.name, best.metric, best.value)
 
@@ -538,7 +577,9 @@ class Trainer:
         if path is None:
             return None
         saved = ckpt.load_training_state(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                         process_index=self.accelerator.process_index, adapter=self.adapter)
+                                         process_index=self.accelerator.process_index, adapter=self.adapter,
+                                         sharded=self.runner if self.sharded else None)
+        saved["index"] = _index_for_world(saved, self.accelerator.num_processes)
         fields = TrainState.__dataclass_fields__
         self.state = TrainState(**{k: saved[k] for k in fields if k in saved})
         self.watchdog.load_state_dict(saved.get("watchdog", {}))
@@ -586,6 +627,24 @@ class _Window:
 
     def grad_norm(self) -> float | None:
         return sum(self.norms) / len(self.norms) if self.norms else None
+
+
+def _index_for_world(saved: dict, world: int) -> int:
+    """The data position's micro-batch index for `world` processes. Each process trains every world-th
+    micro-batch of an epoch's plan, so a checkpoint of `then` processes at index i has consumed the plan's
+    first i * then micro-batches; with another count, the run continues after exactly those."""
+    then, index = int(saved.get("world_size", world)), int(saved.get("index", 0))
+    if then == world:
+        return index
+    consumed = index * then
+    if consumed % world:
+        raise TuneforgeError(
+            f"the checkpoint was written by {then} processes after {consumed} micro-batches of its epoch, which {world} "
+            f"processes cannot split evenly; resume on a process count that divides {consumed}.")
+    log.info("resuming a %d-process checkpoint on %d processes: the same data position (%d micro-batches of the "
+             "epoch done); keep micro_batch_size x gradient_accumulation_steps x processes as before for the same "
+             "updates", then, world, consumed)
+    return consumed // world
 
 
 def _gc_collect() -> None:

@@ -1,0 +1,146 @@
+"""Checkpoints and final weights of an FSDP2 run, without gathering the model into one process.
+
+Checkpoints: every process writes its own shards of the model and optimizer states with
+`torch.distributed.checkpoint` (DCP) into `checkpoint-N.tmp/sharded/`; the engine then publishes the
+folder atomically as for any checkpoint. DCP stores each tensor's global shape and placement, so a
+checkpoint loads on any number of processes (resharding on load).
+
+Final weights: tensors are gathered one at a time (`DTensor.full_tensor`, a collective every process
+joins) and the first process writes them into safetensors shards of at most `max_shard_bytes`, so its
+memory holds one shard, not the model. Adapter runs gather the trainable tensors only (the adapter).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .fsdp import local
+
+FOLDER = "sharded"
+PREFIX = "model."  # the runner holds the model as `.model`
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> the torch optimizer
+
+
+def save(folder: Path, runner: nn.Module, optimizer, *, with_optimizer: bool) -> None:
+    """Every process writes its shards of the model (and optimizer) states under folder/sharded."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(runner)}
+    if with_optimizer:
+        state["optimizer"] = get_optimizer_state_dict(runner, _inner(optimizer))
+    dcp.save(state, checkpoint_id=str(Path(folder) / FOLDER))
+
+
+def exists(folder: Path) -> bool:
+    return (Path(folder) / FOLDER / ".metadata").is_file()
+
+
+def load(folder: Path, runner: nn.Module, optimizer, *, with_optimizer: bool) -> None:
+    """Restore the model (and optimizer) shards from folder/sharded, whatever process count wrote them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(runner)}
+    if with_optimizer:
+        state["optimizer"] = get_optimizer_state_dict(runner, _inner(optimizer))
+    dcp.load(state, checkpoint_id=str(Path(folder) / FOLDER))
+    set_model_state_dict(runner, state["model"])
+    if with_optimizer:
+        set_optimizer_state_dict(runner, _inner(optimizer), state["optimizer"])
+
+
+def full_tensors(runner: nn.Module, *, trainable_only: bool):
+    """(name in the model, whole CPU tensor) one at a time, on every process (the gather is collective).
+    Tied parameters are yielded once, under their first name, as `save_pretrained` stores them."""
+    seen: set[int] = set()
+    for name, param in runner.named_parameters(remove_duplicate=False):
+        if id(param) in seen or (trainable_only and not param.requires_grad):
+            continue
+        seen.add(id(param))
+        yield name.removeprefix(PREFIX), local(param.detach()).cpu()
+    if not trainable_only:
+        stored = set(runner.model.state_dict())  # persistent buffers only (no gather: shards are views)
+        for name, buf in runner.model.named_buffers():
+            if name in stored:
+                yield name, local(buf).cpu()
+
+
+def save_full_model(runner: nn.Module, model, tokenizer, folder: Path, *, main: bool, safe: bool = True,
+                    max_shard_bytes: int = 5 * 2**30) -> None:
+    """The trained model as a Hugging Face folder: the PEFT adapter (adapter runs) or safetensors shards."""
+    from .collectives import barrier
+
+    folder = Path(folder)
+    if hasattr(model, "peft_config"):
+        adapter = dict(full_tensors(runner, trainable_only=True))
+        if main:
+            model.save_pretrained(str(folder), state_dict=adapter, safe_serialization=safe)
+    else:
+        _write_shards(full_tensors(runner, trainable_only=False), folder, main, max_shard_bytes)
+        if main:
+            model.config.save_pretrained(str(folder))
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(str(folder))
+    if main and tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    barrier()
+
+
+def _write_shards(tensors, folder: Path, main: bool, max_shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors:
+        if not main:
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            _flush(shards, folder, save_file)
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    if main:
+        _finish(shards, folder, save_file)
+
+
+def _flush(shards: list[dict], folder: Path, save_file) -> None:
+    """Write the current (full) shard under a temporary numbered name; its tensors are then freed."""
+    index = len(shards)
+    names = list(shards[-1])
+    save_file(shards[-1], str(folder / f".shard-{index}.safetensors"), metadata={"format": "pt"})
+    shards[-1] = dict.fromkeys(names)  # keep the names for the index; drop the tensors
+
+
+def _finish(shards: list[dict], folder: Path, save_file) -> None:
+    """Write the last shard and name every shard as transformers does (model-0000i-of-0000n)."""
+    total = len(shards)
+    last = shards[-1]
+    if total == 1:
+        save_file(last, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    save_file(last, str(folder / f".shard-{total}.safetensors"), metadata={"format": "pt"})
+    weight_map, total_bytes = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        final = f"model-{i:05d}-of-{total:05d}.safetensors"
+        (folder / f".shard-{i}.safetensors").rename(folder / final)
+        for name in shard:
+            weight_map[name] = final
+        total_bytes += (folder / final).stat().st_size
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
