@@ -221,3 +221,85 @@ def test_training_with_deepspeed_says_what_runs_instead(tmp_path, tiny_model_dir
     with pytest.raises(NotSupportedYet, match=r"fsdp_version: 2.*reshard_after_forward: false"):
         train(cfg)
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------- launching
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_host_train_like_one_process(tmp_path, tiny_model_dir):
+    """Two `tuneforge train --nnodes 2` commands (one process each) meet at a localhost rendezvous: the run
+    equals one process accumulating both micro-batches, with one writer."""
+    rows = make_rows(n=24, seed=5)
+    keys = {**RUN, "save_strategy": "no"}
+    single = train(make_config(tmp_path / "single", tiny_model_dir, rows, gradient_accumulation_steps=2, **keys))
+    make_config(tmp_path / "nodes", tiny_model_dir, rows, gradient_accumulation_steps=1, **keys, **FSDP)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "train", str(tmp_path / "nodes" / "config.yaml"),
+                               "--nnodes", "2", "--node-rank", str(rank), "--num-processes", "1",
+                               "--rdzv-endpoint", endpoint], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for rank in (0, 1)]
+    outputs = [n.communicate(timeout=300) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], [o[1][-2000:] for o in outputs]
+    _close(_train_records(tmp_path / "nodes" / "out"), losses(single))
+
+
+def test_launcher_arguments():
+    from tuneforge.distributed.launch import LaunchOptions, launcher_args
+    from tuneforge.errors import TuneforgeError
+
+    one_machine = launcher_args(LaunchOptions(num_processes=4), ["train", "c.yaml", "--max-steps", "3"])
+    assert one_machine == ["--nproc_per_node=4", "--nnodes=1", "--standalone", "-m", "tuneforge.cli", "train",
+                           "c.yaml", "--max-steps", "3"]
+    two = launcher_args(LaunchOptions(2, nnodes=2, node_rank=1, rdzv_endpoint="n0:29500"), ["train", "c.yaml"])
+    assert two[:5] == ["--nproc_per_node=2", "--nnodes=2", "--node_rank=1", "--rdzv_backend=c10d",
+                       "--rdzv_endpoint=n0:29500"]
+    with pytest.raises(TuneforgeError, match="--rdzv-endpoint"):
+        launcher_args(LaunchOptions(1, nnodes=2), ["train", "c.yaml"])
+    with pytest.raises(TuneforgeError, match="node rank"):
+        launcher_args(LaunchOptions(1, nnodes=2, node_rank=2, rdzv_endpoint="n0:1"), ["train", "c.yaml"])
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_sharded_process_leaves_one_complete_checkpoint(tmp_path, tiny_model_dir):
+    import signal
+    import time
+
+    rows = make_rows(n=24, seed=3)
+    make_config(tmp_path / "run", tiny_model_dir, rows, max_steps=100000, logging_steps=1, save_strategy="no",
+                lr_scheduler="constant", **FSDP)
+    config = tmp_path / "run" / "config.yaml"
+    metrics = tmp_path / "run" / "out" / "metrics.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "train", str(config), "--num-processes", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(max(workers, key=int)), signal.SIGTERM)  # one worker only
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the processes did not stop after SIGTERM (a rank is stuck in a collective)")
+    checkpoints = sorted((tmp_path / "run" / "out").glob("checkpoint-*"))
+    assert len(checkpoints) == 1, (checkpoints, err[-3000:])
+    ckpt = checkpoints[0]
+    assert sorted(p.name for p in (ckpt / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert "Resume with" in err
+    step = int(ckpt.name.split("-")[1])
+    # The uninterrupted run's next two losses, against a resume on one process accumulating two micro-batches.
+    whole = train(load(str(config), ["--output-dir", str(tmp_path / "whole"), "--max-steps", str(step + 2),
+                                     "--gradient-accumulation-steps", "2", "--fsdp-version", "2"]))
+    one = train(load(str(config), ["--output-dir", str(tmp_path / "r1"), "--max-steps", str(step + 2),
+                                   "--gradient-accumulation-steps", "2", "--resume-from-checkpoint", str(ckpt)]))
+    _close(losses(one), {s: v for s, v in losses(whole).items() if s > step})

@@ -74,8 +74,24 @@ def preprocess(
 
 
 @app.command(context_settings=EXTRA)
-def train(ctx: typer.Context, config: Path) -> None:
-    """Train as the config describes (SFT, LoRA/QLoRA, preference or RL methods)."""
+def train(
+    ctx: typer.Context,
+    config: Path,
+    num_processes: int | None = typer.Option(
+        None, "--num-processes", help="Processes on this machine (default: one per visible GPU)."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Machines in the run (start the same command on each)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This machine's index, 0 .. nnodes-1."),
+    rdzv_endpoint: str | None = typer.Option(
+        None, "--rdzv-endpoint", help="HOST:PORT of node 0, where the processes meet (several machines)."),
+) -> None:
+    """Train as the config describes (SFT, LoRA/QLoRA, preference or RL methods); on several GPUs it starts
+    one process per GPU itself."""
+    from tuneforge.distributed import launch as launcher
+
+    options = launcher.LaunchOptions(num_processes, nnodes, node_rank, rdzv_endpoint)
+    if launcher.should_launch(options):
+        _load(config, ctx.args)  # a bad config fails once, here, not in every worker
+        raise SystemExit(launcher.launch(options, ["train", str(config), *ctx.args]))
     from tuneforge.engine.run import train as run_train
 
     run_train(_load(config, ctx.args), argv=sys.argv)

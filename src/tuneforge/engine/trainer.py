@@ -585,8 +585,12 @@ class Trainer:
         self.watchdog.load_state_dict(saved.get("watchdog", {}))
         self.best.load_state_dict(saved.get("best", {}))
         self.objective.load_state_dict(saved.get("objective", {}))
-        changed = {k: (v, saved.get("plan", {}).get(k)) for k, v in self._plan_signature().items()
-                   if saved.get("plan", {}).get(k) != v}
+        then = saved.get("plan", {})
+        changed = {k: (v, then.get(k)) for k, v in self._plan_signature().items() if then.get(k) != v}
+        now = self._plan_signature()
+        if then.get("grad_accum", 0) * then.get("world_size", 0) == now["grad_accum"] * now["world_size"]:
+            changed.pop("grad_accum", None)  # another process count, the same micro-batches per step
+            changed.pop("world_size", None)
         if changed:
             log.warning("resuming with different data settings %s (now, then): the data order after resume will "
                         "not match the original run", changed)
