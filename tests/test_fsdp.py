@@ -110,6 +110,39 @@ def test_dpo_with_reference_matches_one_process(tmp_path, tiny_model_dir):
     _close(_train_records(tmp_path / "fsdp" / "out"), losses(single))
 
 
+@pytest.mark.slow
+def test_grpo_matches_one_process(tmp_path, tiny_model_dir):
+    """GRPO under FSDP2: each process generates from a whole copy of the model refreshed from the shards. On
+    two processes it gives the same generations, rewards and losses as data parallelism (which replicates
+    the model; sampling is seeded per process, so both runs draw the same completions). Step 3 generates
+    anew after two updates (num_iterations 2), so a copy that was not refreshed would differ there."""
+    import yaml
+
+    (tmp_path / "fsdp_rewards.py").write_text("def hits(completions, **kw):\n"
+                                              "    return [float(c.count('a')) for c in completions]\n")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"hi {i}"}) + "\n" for i in range(16)))
+    base = {"base_model": str(tiny_model_dir), "rl": "grpo", "datasets": [{"path": "prompts.jsonl", "type": "prompt"}],
+            "trl": {"num_generations": 4, "max_completion_length": 6, "reward_funcs": ["fsdp_rewards.hits"],
+                    "num_iterations": 2}, "micro_batch_size": 4, "max_steps": 3, "learning_rate": 1e-3,
+            "logging_steps": 1, "save_strategy": "no", "seed": 3}
+    for name, extra in (("plain", {}), ("fsdp", FSDP)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**base, **extra, "output_dir": str(tmp_path / name)}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)}
+    runs = {}
+    for name in ("plain", "fsdp"):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                               "tuneforge.cli", "train", str(tmp_path / f"{name}.yaml")], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = {r["step"]: r for r in records if r["type"] == "train"}
+    assert sorted(runs["fsdp"]) == [1, 2, 3]
+    for step in (1, 2, 3):  # the same generations (same seeds), rewards and updates as data parallelism
+        for key in ("loss", "reward", "completions/mean_length"):
+            assert abs(runs["fsdp"][step][key] - runs["plain"][step][key]) <= TOL, (step, key, runs)
+
+
 SHARE_SCRIPT = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
     from transformers import AutoModelForCausalLM
@@ -179,7 +212,7 @@ def test_axolotl_fsdp1_spellings_map_to_fsdp2(caplog):
     ({"fsdp_config": {"reshard_after_forwrd": True}}, "fsdp_config.reshard_after_forwrd", "reshard_after_forward"),
     ({"fsdp_version": 2, "deepspeed": "zero3.json"}, "deepspeed", "keep one"),
     ({"deepspeed": "missing.json"}, "deepspeed", "not found"),
-    ({"fsdp_version": 2, "rl": "grpo"}, "fsdp_config", "GRPO"),
+    ({"fsdp_version": 2, "rl": "grpo", "trl": {"async_prefetch": True}}, "fsdp_config", "async_prefetch"),
     ({"fsdp_version": 2, "adapter": "qlora", "load_in_4bit": True}, "fsdp_config", "quantized"),
 ])
 def test_bad_sharding_configs_name_the_key(keys, where, words):

@@ -171,9 +171,11 @@ def _fsdp_not_yet(cfg) -> list:
     from .errors import ConfigIssue
 
     issues = []
-    if cfg.rl in ("grpo", "gdpo"):
-        issues.append(ConfigIssue("fsdp_config", f"rl: {cfg.rl} with FSDP2 is not supported yet (generation needs "
-                                  "the whole weights on each process); run GRPO with data parallelism (no fsdp keys)"))
+    trl = cfg.trl
+    if cfg.rl in ("grpo", "gdpo") and trl is not None and (trl.use_vllm or trl.async_prefetch or trl.use_data_producer):
+        issues.append(ConfigIssue("fsdp_config", f"rl: {cfg.rl} with FSDP2 generates with the embedded engine, "
+                                  "synchronously, for now: turn off trl.use_vllm / trl.async_prefetch, or train "
+                                  "without the fsdp keys"))
     for key in ("generate_samples", "do_causal_lm_eval"):
         if getattr(cfg, key, False):
             issues.append(ConfigIssue(key, "generation during evaluation is not supported with FSDP2 yet; turn it off "

@@ -141,3 +141,14 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> float:
         return 0.0
     norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
     return float(local(norm))
+
+
+@torch.no_grad()
+def copy_whole_weights(sharded: nn.Module, whole: nn.Module) -> None:
+    """Refresh `whole` (a plain copy of the model) from the sharded model's trainable parameters; every
+    process must call it at the same point (each parameter is gathered with all of them). Frozen parameters
+    never change, so the copy made before sharding still holds them."""
+    mine = dict(whole.named_parameters())
+    for name, param in sharded.named_parameters():
+        if param.requires_grad:
+            mine[name].copy_(local(param.detach()))

@@ -19,6 +19,7 @@ SFT, several for preference methods) then runs inside a single DDP forward, as D
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import logging
@@ -125,6 +126,7 @@ class Trainer:
         self.eval_rows = _Rows(data.eval, objective.row_columns) if has_eval else None
 
         self.sharded = cfg.fsdp_enabled
+        self.generation_model = None
         self.runner, self.optimizer, self.scheduler = self._prepare_model(model)
         self.trainable = [p for p in self.runner.parameters() if p.requires_grad]
 
@@ -160,10 +162,20 @@ class Trainer:
             optimizer = build_optimizer(cfg, model)
             runner, optimizer = acc.prepare(ObjectiveRunner(model), optimizer)
             return runner, optimizer, build_scheduler(cfg, optimizer, self.total_steps)
+        # Online methods generate outside the runner's forward, where sharded parameters cannot be used:
+        # they get a whole copy of the model, refreshed from the shards before each generation.
+        self.generation_model = copy.deepcopy(model).to(acc.device) if _generates(self.objective) else None
         runner = ObjectiveRunner(model)
         fsdp.shard(runner, model, cfg.fsdp_config)
         optimizer = acc.prepare(build_optimizer(cfg, model))
         return runner, optimizer, build_scheduler(cfg, optimizer, self.total_steps)
+
+    def _generation_model(self):
+        """The model online methods generate with: the trained one, or under FSDP2 its refreshed whole copy."""
+        if self.generation_model is None:
+            return self.model
+        fsdp.copy_whole_weights(self.runner.model, self.generation_model)
+        return self.generation_model
 
     def _micro_batch_context(self, last: bool):
         """Around one micro-batch's forward and backward: gradients are synchronised on the step's last one."""
@@ -321,7 +333,7 @@ class Trainer:
         acc, objective = self.accelerator, self.objective
         self.runner.train()
         self._phase = "generation"
-        batches = objective.rollout_step(self.model, batches)
+        batches = objective.rollout_step(self._generation_model(), batches)
         self._phase = "forward/backward pass"
         num_items = int(collectives.sum_floats([float(sum(objective.num_items(b) for b in batches))])[0])
         sums: dict[str, float] = defaultdict(float)
@@ -631,6 +643,12 @@ class _Window:
 
     def grad_norm(self) -> float | None:
         return sum(self.norms) / len(self.norms) if self.norms else None
+
+
+def _generates(objective: Objective) -> bool:
+    """Whether the objective generates during a step (an online method overrides the rollout hooks)."""
+    kind = type(objective)
+    return kind.rollout_step is not Objective.rollout_step or kind.rollout is not Objective.rollout
 
 
 def _index_for_world(saved: dict, world: int) -> int:

@@ -105,7 +105,8 @@ class GRPOSettings:
                             "normalize_then_sum" if cfg.rl == "gdpo" else "sum_then_normalize"),
             level=get("importance_sampling_level", "token"), num_iterations=int(get("num_iterations", 1)),
             mask_truncated=bool(get("mask_truncated_completions", False)),
-            skip_zero_advantage=bool(get("skip_zero_advantage_batches", True)),
+            # FSDP2: every process must run each forward (parameters are gathered with all of them).
+            skip_zero_advantage=bool(get("skip_zero_advantage_batches", True)) and not cfg.fsdp_enabled,
             temperature=float(get("temperature", 1.0)),
             async_prefetch=bool(get("async_prefetch", False) or get("use_data_producer", False)),
             prefetch_depth=int(get("prefetch_depth", 1)), use_vllm=bool(get("use_vllm", False)),
