@@ -15,6 +15,8 @@ per engine and writes them to --out.
 
     python bench/train_throughput.py --mode full --seq-len 4096 --steps 30
     python bench/train_throughput.py --mode lora --seq-len 4096 --steps 30
+    python bench/train_throughput.py --engines tuneforge,tuneforge-fsdp     # FSDP2's cost on one GPU
+    python bench/train_throughput.py --shape llama-8b --engines tuneforge-fsdp --offload --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ SHAPES = {
     # Public Llama-3.2-1B / Qwen2.5-0.5B shapes (perf.md section 2).
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                     max_position_embeddings=8192),
+    # Public Llama-3.1-8B shape.
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
                      max_position_embeddings=8192),
     "tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False, max_position_embeddings=4096),
@@ -74,7 +80,7 @@ def flops_per_token_factor(cfg, lengths: list[int], lora_params: int | None) -> 
 
 
 # ---------------------------------------------------------------- tuneforge
-def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path) -> dict:
+def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, fsdp: bool = False) -> dict:
     from tuneforge.config import load
     from tuneforge.engine.run import train
 
@@ -98,17 +104,26 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path) -> d
         cfg["gradient_checkpointing"] = True
     if args.compile:
         cfg["torch_compile"] = True
+    if args.dtype:
+        cfg["torch_dtype"] = args.dtype
+    if fsdp:  # FSDP2 in this one process (its cost over plain training), optionally offloading to host memory
+        cfg.update(fsdp_version=2, fsdp_config={"reshard_after_forward": True, "offload_params": args.offload})
+    import resource
+
     import torch
 
     torch.cuda.reset_peak_memory_stats()
     train(load(data=cfg), show_progress=False)
+    host_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     records = [json.loads(line) for line in (work / "out-tf" / "metrics.jsonl").open()]
     steps = [r for r in records if r.get("type") == "train"][args.warmup:]
     tps = statistics.median(r["tokens_per_second"] for r in steps)
     mfu = statistics.median(r["mfu"] for r in steps if r.get("mfu") is not None) if any(
         r.get("mfu") is not None for r in steps) else None
-    return {"engine": "tuneforge", "tokens_per_s": tps, "mfu": mfu,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "timed_steps": len(steps)}
+    first = [round(r["loss"], 4) for r in records if r.get("type") == "train"][:5]
+    return {"engine": "tuneforge-fsdp" if fsdp else "tuneforge", "tokens_per_s": tps, "mfu": mfu, "first_losses": first,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "peak_host_gib_so_far": host_gib,
+            "timed_steps": len(steps), "offload": bool(fsdp and args.offload)}
 
 
 # ---------------------------------------------------------------- HF Trainer baseline
@@ -200,6 +215,8 @@ def main(argv=None) -> int:
     p.add_argument("--gc", action="store_true", help="gradient checkpointing in both engines")
     p.add_argument("--engines", default="tuneforge,hf")
     p.add_argument("--compile", action="store_true", help="torch_compile: true for tuneforge")
+    p.add_argument("--dtype", default=None, help="torch_dtype for tuneforge's weights (e.g. bfloat16)")
+    p.add_argument("--offload", action="store_true", help="tuneforge-fsdp: fsdp_config.offload_params")
     p.add_argument("--out", default=None)
     p.add_argument("--profile", default=None, help="write a CUDA kernel-time table of the tuneforge run here")
     args = p.parse_args(argv)
@@ -213,8 +230,8 @@ def main(argv=None) -> int:
         for engine in args.engines.split(","):
             if engine == "tuneforge" and args.profile:
                 res = profiled(args, model_dir, rows, work)
-            elif engine == "tuneforge":
-                res = run_tuneforge(args, model_dir, rows, work)
+            elif engine in ("tuneforge", "tuneforge-fsdp"):
+                res = run_tuneforge(args, model_dir, rows, work, fsdp=engine == "tuneforge-fsdp")
             else:
                 res = run_hf(args, model_dir, rows, lengths, work)
             res.update(shape=args.shape, mode=args.mode, seq_len=args.seq_len, steps=args.steps)
@@ -228,7 +245,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     if len(results) == 2:
         ratio = results[0]["tokens_per_s"] / results[1]["tokens_per_s"]
-        print(json.dumps({"ratio_tuneforge_over_hf": ratio}))
+        print(json.dumps({f"ratio_{results[0]['engine']}_over_{results[1]['engine']}": ratio}))
     if args.out:
         Path(args.out).write_text("\n".join(json.dumps(r) for r in results) + "\n")
     return 0
