@@ -10,7 +10,7 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-SHIPPED = ("examples", "docs")
+SHIPPED = ("examples", "docs", "deepspeed_configs")
 
 
 class BuildPyWithShipped(build_py):

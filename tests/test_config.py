@@ -53,7 +53,7 @@ def test_unknown_key_in_user_defined_type(tmp_path):
 
 
 def test_not_supported_yet_is_distinct_from_unknown(tmp_path):
-    (issue,) = _issues(tmp_path, BASE + "deepspeed: zero2.json\n")
+    (issue,) = _issues(tmp_path, BASE + "use_ray: true\n")
     assert "not supported yet" in issue.message and "unknown" not in issue.message
     assert issue.line == 2
 

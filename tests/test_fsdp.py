@@ -336,3 +336,19 @@ def test_sigterm_to_one_sharded_process_leaves_one_complete_checkpoint(tmp_path,
     one = train(load(str(config), ["--output-dir", str(tmp_path / "r1"), "--max-steps", str(step + 2),
                                    "--gradient-accumulation-steps", "2", "--resume-from-checkpoint", str(ckpt)]))
     _close(losses(one), {s: v for s, v in losses(whole).items() if s > step})
+
+
+def test_shipped_deepspeed_configs_fetch_and_map(tmp_path):
+    from tuneforge.config.distributed import fsdp_equivalent
+    from tuneforge.fetch import run
+
+    dest = run("deepspeed_configs", tmp_path / "ds")
+    files = sorted(dest.glob("*.json"))
+    assert {f.name for f in files} >= {"zero1.json", "zero2.json", "zero3.json", "zero3_bf16.json"}
+    for f in files:
+        stage = json.loads(f.read_text())["zero_optimization"]["stage"]
+        block = fsdp_equivalent(json.loads(f.read_text()))
+        assert block["reshard_after_forward"] == (stage == 3)
+        assert block.get("offload_params", False) == ("cpuoffload" in f.name)
+        cfg = load(data={"base_model": "x", "datasets": [{"path": "d"}], "deepspeed": str(f)})
+        assert cfg.deepspeed == str(f)

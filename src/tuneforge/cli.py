@@ -158,7 +158,7 @@ def vllm_serve(
 
 @app.command()
 def fetch(
-    what: str = typer.Argument(..., help="examples or docs"),
+    what: str = typer.Argument(..., help="examples, docs or deepspeed_configs"),
     dest: Path | None = typer.Option(None, "--dest", help="Destination folder (default: ./<what>)."),
 ) -> None:
     """Copy the example configs or the docs shipped with tuneforge (no network needed)."""

@@ -1,4 +1,4 @@
-"""`tuneforge fetch examples|docs`: copy the example configs or the docs that ship with tuneforge.
+"""`tuneforge fetch examples|docs|deepspeed_configs`: copy the example configs or the docs that ship with tuneforge.
 
 No network: the files come from the installed package. In a source checkout (including an editable
 install) they are the repository's own `examples/` and `docs/`; in a wheel they are copies placed in
@@ -16,7 +16,7 @@ from tuneforge.errors import TuneforgeError
 
 log = logging.getLogger("tuneforge")
 
-SHIPPED = ("examples", "docs")
+SHIPPED = ("examples", "docs", "deepspeed_configs")
 _PACKAGE = Path(__file__).resolve().parent
 
 
