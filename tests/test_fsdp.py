@@ -352,3 +352,20 @@ def test_shipped_deepspeed_configs_fetch_and_map(tmp_path):
         assert block.get("offload_params", False) == ("cpuoffload" in f.name)
         cfg = load(data={"base_model": "x", "datasets": [{"path": "d"}], "deepspeed": str(f)})
         assert cfg.deepspeed == str(f)
+
+
+@pytest.mark.slow
+def test_resuming_a_sharded_checkpoint_of_another_model_is_one_clear_error(tmp_path, tiny_model_dir):
+    from tuneforge.errors import TuneforgeError
+
+    rows = make_rows(n=8, seed=1)
+    lora = {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_modules": ["q_proj"]}
+    train(make_config(tmp_path / "a", tiny_model_dir, rows, max_steps=1, save_steps=1, **lora, **FSDP))
+    ckpt = tmp_path / "a" / "out" / "checkpoint-1"
+    other = make_config(tmp_path / "b", tiny_model_dir, rows, max_steps=2, resume_from_checkpoint=str(ckpt),
+                        **{**lora, "lora_target_modules": ["v_proj"]}, **FSDP)
+    with pytest.raises(TuneforgeError, match="does not fit this run's model.*config that wrote it"):
+        train(other)
+    plain = make_config(tmp_path / "c", tiny_model_dir, rows, max_steps=2, resume_from_checkpoint=str(ckpt), **lora)
+    with pytest.raises(TuneforgeError, match="FSDP2 checkpoint"):
+        train(plain)

@@ -56,10 +56,28 @@ def load(folder: Path, runner: nn.Module, optimizer, *, with_optimizer: bool) ->
     state = {"model": get_model_state_dict(runner)}
     if with_optimizer:
         state["optimizer"] = get_optimizer_state_dict(runner, _inner(optimizer))
-    dcp.load(state, checkpoint_id=str(Path(folder) / FOLDER))
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    try:
+        dcp.load(state, checkpoint_id=str(Path(folder) / FOLDER))
+    except (Exception, CheckpointException) as exc:  # missing keys, shape mismatches
+        from tuneforge.errors import TuneforgeError
+
+        detail = _first_cause(exc)
+        raise TuneforgeError(
+            f"{folder}: its sharded state does not fit this run's model{' and optimizer' if with_optimizer else ''} "
+            f"({detail}). Resume with the config that wrote it (same base model, adapter and trainable "
+            "parameters); the process count may differ.") from None
     set_model_state_dict(runner, state["model"])
     if with_optimizer:
         set_optimizer_state_dict(runner, _inner(optimizer), state["optimizer"])
+
+
+def _first_cause(exc: BaseException) -> str:
+    """The line that says what did not fit (DCP wraps each process's error in a report of tracebacks)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    said = [ln for ln in lines if "Error:" in ln or "Missing key" in ln or "size mismatch" in ln]
+    return (said[-1] if said else lines[0] if lines else type(exc).__name__)[:300]
 
 
 def full_tensors(runner: nn.Module, *, trainable_only: bool):
