@@ -36,10 +36,10 @@ def test_a_run_that_ends_inside_the_window_still_writes_it(tmp_path, tiny_model_
 ])
 def test_memory_release_steps(tmp_path, tiny_model_dir, monkeypatch, keys, collects, empties):
     """gc.collect / empty_cache after the configured steps of a 5-step run (which ends no epoch)."""
-    from tuneforge.engine import trainer
+    from tuneforge.engine import memory
 
     calls = {"collect": 0, "empty": 0}
-    monkeypatch.setattr(trainer, "_gc_collect", lambda: calls.update(collect=calls["collect"] + 1))
-    monkeypatch.setattr(trainer, "_empty_cuda_cache", lambda: calls.update(empty=calls["empty"] + 1))
+    monkeypatch.setattr(memory, "collect_garbage", lambda: calls.update(collect=calls["collect"] + 1))
+    monkeypatch.setattr(memory, "empty_cuda_cache", lambda: calls.update(empty=calls["empty"] + 1))
     train(make_config(tmp_path, tiny_model_dir, make_rows(40), max_steps=5, save_strategy="no", **keys))
     assert (calls["collect"], calls["empty"]) == (collects, empties)

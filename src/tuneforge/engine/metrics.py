@@ -10,22 +10,86 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
-import time
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 log = logging.getLogger("tuneforge")
 
-# Dense bf16 peak FLOP/s per GPU, for MFU (perf.md section 2). Unknown GPUs report no MFU.
+# Dense (no sparsity) bf16 peak FLOP/s per GPU from the vendors' datasheets, for MFU. Unknown GPUs report no MFU.
 _PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
                "L40S": 362e12, "B200": 2250e12, "GH200": 989e12}
 
 
+# ---------------------------------------------------------------- one step, and the steps of one log line
+@dataclass
+class StepResult:
+    """What one optimizer step reports."""
+
+    sums: dict[str, float]  # the objective's metric sums over the step, all processes
+    num_items: int  # items the objective summed over (SFT: trained tokens), all processes
+    grad_norm: float | None  # before clipping
+    lr: float
+    tokens: int  # real (non-padding) input tokens, this process
+    flops: float  # model FLOPs, this process
+
+
+class LogInterval:
+    """Totals over the steps between two log lines."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.items = 0
+        self.tokens = 0
+        self.seconds = 0.0
+        self.flops = 0.0
+        self.steps = 0
+        self.norms: list[float] = []
+        self.lr = 0.0
+
+    def add(self, result: StepResult, seconds: float) -> None:
+        for k, v in result.sums.items():
+            self.sums[k] += v
+        self.items += result.num_items
+        self.tokens += result.tokens
+        self.flops += result.flops
+        self.seconds += seconds
+        self.steps += 1
+        self.lr = result.lr
+        if result.grad_norm is not None and math.isfinite(result.grad_norm):
+            self.norms.append(result.grad_norm)
+
+    def grad_norm(self) -> float | None:
+        return sum(self.norms) / len(self.norms) if self.norms else None
+
+    def train_record(self, summary: dict, *, step: int, epoch: float, total_tokens: int,
+                     peak_flops: float | None) -> dict:
+        """The `type: train` record of these steps; `summary` is the objective's summary of their sums."""
+        record = {
+            "type": "train",
+            "step": step,
+            "epoch": round(epoch, 4),
+            **summary,
+            "lr": self.lr,
+            "grad_norm": self.grad_norm(),
+            "tokens": self.tokens,
+            "trained_tokens": self.items,
+            "tokens_per_second": self.tokens / max(self.seconds, 1e-9),
+            "total_tokens": total_tokens,
+            "step_time": self.seconds / max(self.steps, 1),
+        }
+        if peak_flops:
+            record["mfu"] = self.flops / (self.seconds * peak_flops)
+        return record
+
+
 # ---------------------------------------------------------------- FLOPs and MFU
 class FlopCounter:
-    """Model FLOPs of a step (PaLM convention, no causal discount; perf.md section 2):
+    """Model FLOPs of a step (the PaLM paper's convention, Chowdhery et al. 2022, appendix B: no causal discount):
 
     full fine-tune: 6 N_mm T + 12 L d_attn sum(l_i^2)
     adapters:       4 N_mm T + 6 N_ad T + 12 L d_attn sum(l_i^2)   (the frozen base gets no weight-gradient GEMM)
@@ -109,7 +173,6 @@ class MetricsLogger:
             self._progress.start()
             self._task = self._progress.add_task("train", total=self.total, completed=step, epoch=0.0, loss="-",
                                                  lr="-", gnorm="-", tps="-")
-        self._t0 = time.perf_counter()
 
     def close(self) -> None:
         if self._progress is not None:

@@ -111,3 +111,26 @@ class Cadence:
             return step % self.every == 0
         points = {max(1, round(steps_in_epoch * k / self.per_epoch)) for k in range(1, self.per_epoch + 1)}
         return epoch_step in points
+
+
+DEFAULT_EVERY = 500  # transformers' default save_steps/eval_steps when only the strategy is given
+
+
+def eval_cadence(plan: StepPlan, cfg: Config) -> Cadence:
+    """When to evaluate (given evaluation data): eval_steps / evals_per_epoch, else every DEFAULT_EVERY steps
+    with `eval_strategy: steps`, else at the end of every epoch."""
+    chosen = plan.cadence(cfg.eval_steps, cfg.evals_per_epoch)
+    if chosen is None and cfg.eval_strategy == "steps":
+        return Cadence(every=DEFAULT_EVERY)
+    return chosen or Cadence(per_epoch=1)
+
+
+def save_cadence(plan: StepPlan, cfg: Config) -> Cadence | None:
+    """When to save: save_steps / saves_per_epoch, else every epoch with `save_strategy: epoch`, else every
+    DEFAULT_EVERY steps; None with `save_strategy: no`."""
+    if cfg.save_strategy == "no":
+        return None
+    chosen = plan.cadence(cfg.save_steps, cfg.saves_per_epoch)
+    if chosen is None and cfg.save_strategy == "epoch":
+        return Cadence(per_epoch=1)
+    return chosen or Cadence(every=DEFAULT_EVERY)
