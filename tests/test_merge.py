@@ -292,6 +292,7 @@ def test_qlora_needs_dequant(base, tmp_path, write_config):
 
 def test_error_midway_leaves_destination_untouched(base, tmp_path, monkeypatch):
     import tuneforge.merge as merge
+    import tuneforge.merge.write as merge_write
 
     adapter = make_adapter(base, tmp_path / "ad", r=4, lora_alpha=8, target_modules=["q_proj"])
     dest = tmp_path / "merged"
@@ -302,7 +303,7 @@ def test_error_midway_leaves_destination_untouched(base, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(merge, "_copy_side_files", boom)  # fails after every shard was written
+    monkeypatch.setattr(merge_write, "copy_side_files", boom)  # fails after every shard was written
     with pytest.raises(RuntimeError, match="disk full"):
         merge.merge_adapter(base, adapter, dest, overwrite=True)
     assert sorted(p.name for p in dest.iterdir()) == [".tuneforge-files.json", "previous.txt"]

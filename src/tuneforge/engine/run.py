@@ -82,9 +82,9 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
         outputs.save_final(cfg, model, tokenizer, out, result, weights=not trainer.sharded)
         plot.plot_metrics(result.history, out)
         if cfg.merge_lora and cfg.adapter:
-            from tuneforge.merge import run as merge
+            from tuneforge.merge.for_config import merge_for_config
 
-            log.info("merge_lora: merged model written to %s", merge(cfg))
+            log.info("merge_lora: merged model written to %s", merge_for_config(cfg))
         _log_summary(result, out)
     _leave_process_group()
     return result
