@@ -52,10 +52,10 @@ def run_cfg(tiny_model_dir, tmp_path, write_config):
 def test_adapter_generation_equals_merged_model_in_plain_transformers(run_cfg, tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from tuneforge.inference import generate, load_model, stop_token_ids
+    from tuneforge.inference import generate, load_for_generation, stop_token_ids
     from tuneforge.merge import run as merge
 
-    model, tok = load_model(run_cfg)
+    model, tok = load_for_generation(run_cfg)
     messages = [{"role": "user", "content": "reverse the word hello"}]
     ours = generate(model, tok, messages, max_new_tokens=24)
 
@@ -76,9 +76,9 @@ def test_adapter_generation_equals_merged_model_in_plain_transformers(run_cfg, t
 
 
 def test_prompt_is_rendered_with_the_training_template(run_cfg):
-    from tuneforge.inference import load_model, render
+    from tuneforge.inference import load_for_generation, render
 
-    _, tok = load_model(run_cfg)
+    _, tok = load_for_generation(run_cfg)
     ids = render(tok, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
     assert tok.decode(ids) == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
@@ -92,9 +92,9 @@ def test_raw_text_prompt_without_template(tiny_model_dir, tiny_tokenizer):
 
 
 def test_generation_stops_at_an_end_of_turn_token(run_cfg):
-    from tuneforge.inference import generate, load_model, render
+    from tuneforge.inference import generate, load_for_generation, render
 
-    model, tok = load_model(run_cfg)
+    model, tok = load_for_generation(run_cfg)
     messages = [{"role": "user", "content": "count"}]
     prompt = torch.tensor([render(tok, messages)])
     with torch.no_grad():
@@ -109,27 +109,27 @@ def test_generation_stops_at_an_end_of_turn_token(run_cfg):
 
 
 def test_config_eot_tokens_override_the_template(run_cfg):
-    from tuneforge.inference import load_model, stop_token_ids
+    from tuneforge.inference import load_for_generation, stop_token_ids
 
-    _, tok = load_model(run_cfg)
+    _, tok = load_for_generation(run_cfg)
     assert stop_token_ids(tok, ["<|eot_id|>"]) == [tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")]
     with pytest.raises(ModelError, match="not a single token"):
         stop_token_ids(tok, ["no such token"])
 
 
 def test_streamed_text_equals_returned_text(run_cfg):
-    from tuneforge.inference import generate, load_model
+    from tuneforge.inference import generate, load_for_generation
 
-    model, tok = load_model(run_cfg)
+    model, tok = load_for_generation(run_cfg)
     chunks: list[str] = []
     text = generate(model, tok, [{"role": "user", "content": "hello"}], max_new_tokens=16, on_text=chunks.append)
     assert len(chunks) > 1 and "".join(chunks) == text
 
 
 def test_sampling_with_top_k_1_is_greedy(run_cfg):
-    from tuneforge.inference import generate, load_model
+    from tuneforge.inference import generate, load_for_generation
 
-    model, tok = load_model(run_cfg)
+    model, tok = load_for_generation(run_cfg)
     messages = [{"role": "user", "content": "hello"}]
     greedy = generate(model, tok, messages, max_new_tokens=12)
     torch.manual_seed(0)
@@ -184,9 +184,9 @@ def test_cli_one_shot_from_option_and_stdin(run_cfg, tmp_path):
     from typer.testing import CliRunner
 
     from tuneforge.cli import app
-    from tuneforge.inference import generate, load_model
+    from tuneforge.inference import generate, load_for_generation
 
-    model, tok = load_model(run_cfg)
+    model, tok = load_for_generation(run_cfg)
     expected = generate(model, tok, [{"role": "user", "content": "hello"}], max_new_tokens=10)
     assert expected.strip()
     config = str(tmp_path / "config.yaml")
@@ -210,19 +210,19 @@ def test_full_model_in_output_dir_is_loaded_directly(tiny_model_dir, tmp_path, w
 
 
 def test_lora_model_dir_without_adapter_is_a_clear_error(run_cfg, tmp_path):
-    from tuneforge.inference import load_model
+    from tuneforge.inference import load_for_generation
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="adapter_config.json"):
-        load_model(run_cfg, lora_model_dir=str(tmp_path / "empty"))
+        load_for_generation(run_cfg, lora_model_dir=str(tmp_path / "empty"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error")
 def test_qlora_run_on_cpu_is_a_clear_error(tiny_model_dir, tmp_path, write_config):
     from tuneforge.config import load
-    from tuneforge.inference import load_model
+    from tuneforge.inference import load_for_generation
 
     make_run(tiny_model_dir, tmp_path / "out")
     cfg = load(write_config({"adapter": "qlora", "load_in_4bit": True, "lora_target_linear": True}))
     with pytest.raises(ModelError, match="CUDA GPU and the bitsandbytes"):
-        load_model(cfg)
+        load_for_generation(cfg)
