@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from tuneforge import chat_templates
 
-from .formats import IGNORE_INDEX, RowError
+from .rows import IGNORE_INDEX, RowError
 
 log = logging.getLogger("tuneforge")
 

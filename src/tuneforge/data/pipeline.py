@@ -11,11 +11,8 @@ row by row in Python, so they stay a small share of preprocessing time at 100k+ 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,69 +22,16 @@ from tuneforge.config.schema import Config
 from tuneforge.errors import DataError
 
 from . import formats
-from .formats import IGNORE_INDEX, FormatContext, RowError
+from .columns import column_numpy, dedup, label_columns, trained_in, trained_per_row, truncate
+from .formats import FormatContext
+from .rows import RowError
 from .sources import load_source
+from .stats import PreparedData, Stats, sum_stats
+
+__all__ = ["PreparedData", "Stats", "apply_length_rules", "build", "format_entry", "label_columns", "prepare",
+           "prepare_split", "split_stats", "trained_per_row"]
 
 log = logging.getLogger("tuneforge")
-
-# Per-token list columns are cut together when a row is truncated (they stay aligned with input_ids).
-_TOKEN_COLUMN_SUFFIXES = ("input_ids", "labels", "mask")
-
-
-@dataclass
-class Stats:
-    rows_in: int = 0
-    rows_out: int = 0
-    dropped: Counter = field(default_factory=Counter)  # reason -> rows
-    truncated: int = 0  # rows cut to sequence_len (excess_length_strategy: truncate)
-    tokens: int = 0
-    trained_tokens: int = 0  # tokens that are a training target (labels[1:] != -100, as collate shifts)
-    held_out: int = 0  # rows moved to the evaluation split by val_set_size
-    name: str = ""
-
-    def add(self, other: Stats) -> None:
-        self.rows_in += other.rows_in
-        self.rows_out += other.rows_out
-        self.dropped.update(other.dropped)
-        self.truncated += other.truncated
-        self.tokens += other.tokens
-        self.trained_tokens += other.trained_tokens
-        self.held_out += other.held_out
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "rows_in": self.rows_in,
-            "rows_out": self.rows_out,
-            "dropped": dict(self.dropped),
-            "truncated": self.truncated,
-            "tokens": self.tokens,
-            "trained_tokens": self.trained_tokens,
-            "held_out": self.held_out,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Stats:
-        return cls(
-            rows_in=int(d["rows_in"]),
-            rows_out=int(d["rows_out"]),
-            dropped=Counter({k: int(v) for k, v in d.get("dropped", {}).items()}),
-            truncated=int(d.get("truncated", 0)),
-            tokens=int(d.get("tokens", 0)),
-            trained_tokens=int(d.get("trained_tokens", 0)),
-            held_out=int(d.get("held_out", 0)),
-            name=str(d.get("name", "")),
-        )
-
-
-@dataclass
-class PreparedData:
-    train: Any  # datasets.Dataset
-    eval: Any | None
-    stats: dict[str, Stats]  # "train", "eval": totals of the split
-    cache_dir: Any = None  # pathlib.Path of the cache entry, None when skip_prepare_dataset
-    reused_cache: bool = False
-    by_dataset: dict[str, list[Stats]] = field(default_factory=dict)  # split -> one Stats per dataset entry
 
 
 # ---------------------------------------------------------------- formatting
@@ -181,114 +125,27 @@ def _output_features(ds, call, where: str, path: str):
     raise DataError(f"{where}: the format produced no rows from any of the {len(ds)} rows of {path}.")
 
 
-# ---------------------------------------------------------------- column helpers
-_SLICE_ROWS = 16_384  # rows per slice when reading a column: bounds memory, keeps numpy work large
-
-
-def _slices(ds, name: str):
-    """A column as contiguous pyarrow arrays of up to _SLICE_ROWS rows, honouring select/shuffle mappings.
-
-    A selected or shuffled dataset keeps an index mapping over its Arrow table; the rows are taken with
-    Arrow's vectorised `take` (datasets' own row access gathers them one Python slice at a time).
-    """
-    if not hasattr(ds, "_indices"):  # a datasets version without it: the public (slower) row access
-        view = ds.with_format("arrow")
-        for start in range(0, len(ds), _SLICE_ROWS):
-            yield view[start : start + _SLICE_ROWS][name].combine_chunks()
-        return
-    column = ds.data.table.column(name)
-    indices = ds._indices.column(0) if ds._indices is not None else None
-    for start in range(0, len(ds), _SLICE_ROWS):
-        if indices is None:
-            part = column.slice(start, _SLICE_ROWS)
-        else:
-            part = column.take(indices.slice(start, _SLICE_ROWS))
-        yield part.combine_chunks()
-
-
-def _numpy(ds, name: str) -> np.ndarray:
-    parts = [a.to_numpy(zero_copy_only=False) for a in _slices(ds, name)]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
-def _flat(chunk) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, values) of a list array, offsets relative to the returned values."""
-    offsets = chunk.offsets.to_numpy()
-    values = chunk.values.to_numpy(zero_copy_only=False)
-    return offsets - offsets[0], values[offsets[0] : offsets[-1]]
-
-
-def label_columns(ds) -> list[str]:
-    """The label columns: `labels`, or one per sequence of paired rows (`chosen_labels`, `rejected_labels`)."""
-    return sorted(c for c in ds.column_names if c == "labels" or c.endswith("_labels"))
-
-
-def _trained_in(ds, name: str) -> np.ndarray:
-    parts = []
-    for chunk in _slices(ds, name):
-        if len(chunk) == 0:
-            continue
-        offsets, values = _flat(chunk)
-        mask = values != IGNORE_INDEX
-        cum = np.concatenate(([0], np.cumsum(mask, dtype=np.int64)))
-        count = cum[offsets[1:]] - cum[offsets[:-1]]
-        nonempty = offsets[1:] > offsets[:-1]
-        first = np.zeros(len(count), dtype=np.int64)
-        first[nonempty] = mask[offsets[:-1][nonempty]]
-        parts.append(count - first)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
-def trained_per_row(ds) -> np.ndarray:
-    """Per row, how many tokens are training targets: labels[1:] != -100 (position 0 is never a target),
-    summed over the label columns."""
-    counts = [_trained_in(ds, c) for c in label_columns(ds)]
-    return np.sum(counts, axis=0) if counts else np.zeros(len(ds), dtype=np.int64)
-
-
-def _truncate(ds, limit: int):
-    """Cut every per-token column to `limit` tokens (Arrow list slicing, batch by batch)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    token_cols = [c for c in ds.column_names if c.endswith(_TOKEN_COLUMN_SUFFIXES)]
-
-    def cut(table: pa.Table) -> pa.Table:
-        if table.num_rows == 0 or pc.max(table.column("length")).as_py() <= limit:
-            return table
-        for name in token_cols:
-            col = table.column(name)
-            table = table.set_column(table.schema.get_field_index(name), name, pc.list_slice(col, 0, limit))
-        length = table.column("length")
-        capped = pc.min_element_wise(length, pa.scalar(limit, type=length.type))
-        return table.set_column(table.schema.get_field_index("length"), "length", capped)
-
-    cut_ds = ds.with_format("arrow").map(cut, batched=True, desc="truncating", load_from_cache_file=False,
-                                         new_fingerprint=uuid.uuid4().hex)
-    return cut_ds.with_format(None)
-
-
 # ---------------------------------------------------------------- length rules
 def apply_length_rules(ds, cfg: Config, where: str, seq_len: int | None = None):
     """Drop, truncate or reject rows by length; drop rows with no trained token. Returns (ds, stats)."""
     limit = seq_len or cfg.sequence_len
     stats = Stats()
-    lengths = _numpy(ds, "length")
+    lengths = column_numpy(ds, "length")
     too_long = lengths > limit
     n_long = int(too_long.sum())
     if n_long and cfg.excess_length_strategy == "raise":
         i = int(np.argmax(too_long))
-        row = int(_numpy(ds, "_row")[i])
+        row = int(column_numpy(ds, "_row")[i])
         raise DataError(
             f"{where} row {row}: {int(lengths[i])} tokens exceeds sequence_len {limit} "
             f"({n_long} rows do). Raise sequence_len, or set excess_length_strategy: drop or truncate."
         )
     if n_long and cfg.excess_length_strategy == "truncate":
-        ds = _truncate(ds, limit)
+        ds = truncate(ds, limit)
         stats.truncated = n_long
         lengths = np.minimum(lengths, limit)
         too_long = lengths > limit
-    per_column = [_trained_in(ds, c) for c in label_columns(ds)]
+    per_column = [trained_in(ds, c) for c in label_columns(ds)]
     trained = np.sum(per_column, axis=0) if per_column else np.zeros(len(ds), dtype=np.int64)
     short = np.zeros(len(ds), dtype=bool)
     if cfg.min_sample_len:
@@ -322,7 +179,7 @@ def prepare_split(entries: list[DatasetEntry], cfg: Config, tokenizer, key: str,
     for i, entry in enumerate(entries):
         where = f"{key}[{i}]"
         ds, n_in = format_entry(entry, i, cfg, tokenizer, where)
-        n_produced = len(np.unique(_numpy(ds, "_row"))) if len(ds) else 0
+        n_produced = len(np.unique(column_numpy(ds, "_row"))) if len(ds) else 0
         ds, stats = apply_length_rules(ds, cfg, where, seq_len)
         stats.rows_in = n_in
         stats.name = f"{where} {_short_path(entry.path)}"
@@ -331,16 +188,16 @@ def prepare_split(entries: list[DatasetEntry], cfg: Config, tokenizer, key: str,
         per_entry.append(stats)
         if len(ds):
             parts.append(ds.shuffle(seed=cfg.seed) if cfg.shuffle_before_merging_datasets else ds)
-    total = _sum(per_entry)
+    total = sum_stats(per_entry)
     if not parts:
         raise DataError(f"{key}: no rows left after length rules ({dict(total.dropped)}).")
     merged = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if cfg.dataset_exact_deduplication:
-        merged, removed_from = _dedup(merged)
+        merged, removed_from = dedup(merged)
         for src, n in removed_from.items():
             per_entry[src].dropped["exact duplicate"] += n
             per_entry[src].rows_out -= n
-        total = _sum(per_entry)
+        total = sum_stats(per_entry)
     return merged, total, per_entry
 
 
@@ -352,52 +209,14 @@ def _short_path(path: str, limit: int = 40) -> str:
     return ".../" + "/".join(parts[-2:])
 
 
-def _sum(parts: list[Stats]) -> Stats:
-    total = Stats(name="all")
-    for s in parts:
-        total.add(s)
-    return total
-
-
-def _row_digests(ds, name: str) -> list[bytes]:
-    out: list[bytes] = []
-    for chunk in _slices(ds, name):
-        offsets, values = _flat(chunk)
-        size = values.itemsize
-        buf = memoryview(values.tobytes())
-        for a, b in zip(offsets[:-1], offsets[1:], strict=True):
-            out.append(hashlib.blake2b(buf[a * size : b * size], digest_size=16).digest())
-    return out
-
-
-def _dedup(ds) -> tuple[Any, Counter]:
-    """Keep the first of rows whose token columns (input_ids, labels, chosen_input_ids, ...) are all
-    identical; count removals per source."""
-    columns = sorted(c for c in ds.column_names if c.endswith(_TOKEN_COLUMN_SUFFIXES))
-    digests = [_row_digests(ds, c) for c in columns]
-    seen: set[bytes] = set()
-    keep = []
-    for i, parts in enumerate(zip(*digests, strict=True)):
-        key = b"".join(parts)
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    if len(keep) == len(ds):
-        return ds, Counter()
-    removed = np.ones(len(ds), dtype=bool)
-    removed[keep] = False
-    sources, counts = np.unique(_numpy(ds, "_source")[removed], return_counts=True)
-    return ds.select(keep), Counter({int(s): int(n) for s, n in zip(sources, counts, strict=True)})
-
-
 def split_stats(ds, names: list[str]) -> list[Stats]:
     """Rows, tokens and trained tokens of a final split, per dataset entry (from the `_source` column)."""
     n = len(names)
     if len(ds) == 0:
         return [Stats(name=x) for x in names]
-    source = _numpy(ds, "_source")
+    source = column_numpy(ds, "_source")
     rows = np.bincount(source, minlength=n)
-    tokens = np.bincount(source, weights=_numpy(ds, "length"), minlength=n)
+    tokens = np.bincount(source, weights=column_numpy(ds, "length"), minlength=n)
     trained = np.bincount(source, weights=trained_per_row(ds), minlength=n)
     return [
         Stats(name=names[i], rows_out=int(rows[i]), tokens=int(tokens[i]), trained_tokens=int(trained[i]))
@@ -405,7 +224,7 @@ def split_stats(ds, names: list[str]) -> list[Stats]:
     ]
 
 
-def _finish(per_entry: list[Stats], ds) -> list[Stats]:
+def _counts_of_final_split(per_entry: list[Stats], ds) -> list[Stats]:
     """Overwrite the output numbers of each entry with those of the final split (after dedup/split)."""
     final = split_stats(ds, [s.name for s in per_entry])
     for s, f in zip(per_entry, final, strict=True):
@@ -426,7 +245,7 @@ def build(cfg: Config, tokenizer) -> PreparedData:
         eval_ds, _, eval_parts = prepare_split(
             cfg.test_datasets, cfg, tokenizer, "test_datasets", cfg.eval_sequence_len
         )
-        eval_parts = _finish(eval_parts, eval_ds)
+        eval_parts = _counts_of_final_split(eval_parts, eval_ds)
     elif cfg.val_set_size:
         n_eval = int(cfg.val_set_size) if cfg.val_set_size >= 1 else max(1, round(cfg.val_set_size * len(train)))
         if n_eval >= len(train):
@@ -439,12 +258,12 @@ def build(cfg: Config, tokenizer) -> PreparedData:
         eval_parts = split_stats(eval_ds, [s.name for s in train_parts])
         for s in eval_parts:
             s.rows_in = s.rows_out
-    train_parts = _finish(train_parts, train)
+    train_parts = _counts_of_final_split(train_parts, train)
     by_dataset = {"train": train_parts}
-    stats = {"train": _sum(train_parts)}
+    stats = {"train": sum_stats(train_parts)}
     if eval_ds is not None:
         by_dataset["eval"] = eval_parts
-        stats["eval"] = _sum(eval_parts)
+        stats["eval"] = sum_stats(eval_parts)
     return PreparedData(train=train, eval=eval_ds, stats=stats, by_dataset=by_dataset)
 
 

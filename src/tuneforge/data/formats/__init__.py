@@ -16,80 +16,24 @@ import hashlib
 import importlib
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from tuneforge.config.data import DatasetEntry, UserDefinedFormat
-from tuneforge.config.schema import Config
+from tuneforge.config.data import UserDefinedFormat
 from tuneforge.errors import DataError
 
-IGNORE_INDEX = -100
-
-RowFn = Callable[[dict[str, Any]], list[dict[str, Any]]]
-
-
-class RowError(DataError):
-    """A single row is malformed; raised from a RowFn with a message describing the problem."""
-
-
-@dataclass
-class FormatContext:
-    cfg: Config
-    entry: DatasetEntry
-    tokenizer: Any  # a transformers fast tokenizer
-    style: str | None = None  # the part after ":" in `type: name:style`
-
-
-FormatBuilder = Callable[[FormatContext], RowFn]
-
-
-@dataclass(frozen=True)
-class Format:
-    name: str
-    builder: FormatBuilder
-    version: str
-
-
-_REGISTRY: dict[str, Format] = {}
-# Some `type:` values mean a different row shape for another family of methods: no type is pre-tokenized
-# SFT rows, or prompt/chosen/rejected rows for DPO; `chatml.intel` is a pair for DPO and an unpaired
-# completion for KTO. A format registered with `method=` replaces the plain one for that family.
-_VARIANTS: dict[str, dict[str, Format]] = {}
-
-
-def register(name: str, *, version: str, method: str | None = None) -> Callable[[FormatBuilder], FormatBuilder]:
-    def deco(fn: FormatBuilder) -> FormatBuilder:
-        if method is None:
-            _REGISTRY[name] = Format(name, fn, version)
-        else:
-            _VARIANTS.setdefault(name, {})[method] = Format(name, fn, version)
-        return fn
-
-    return deco
-
-
-def method_family(cfg: Config) -> str | None:
-    """The family of row shapes the configured method trains on (None: the plain formats)."""
-    if cfg.rl == "kto":
-        return "kto"
-    if cfg.rl in ("dpo", "ipo", "simpo", "orpo") or cfg.reward_model:
-        return "preference"
-    if cfg.process_reward_model:
-        return "stepwise"
-    return None
-
-
-def _with_variants(fmt: Format) -> Format:
-    """`fmt`, or a format that picks its method variant from the config when one is registered."""
-    variants = _VARIANTS.get(fmt.name)
-    if not variants:
-        return fmt
-
-    def builder(ctx: FormatContext) -> RowFn:
-        return variants.get(method_family(ctx.cfg) or "", fmt).builder(ctx)
-
-    version = ";".join([fmt.version, *(f"{k}={v.version}" for k, v in sorted(variants.items()))])
-    return Format(fmt.name, builder, version)
+# Re-exported: the package's API (the formats themselves import them from .registry).
+from .registry import (  # noqa: F401
+    _REGISTRY,
+    IGNORE_INDEX,
+    Format,
+    FormatBuilder,
+    FormatContext,
+    RowError,
+    RowFn,
+    method_family,
+    register,
+    with_variants,
+)
 
 
 def registered() -> dict[str, Format]:
@@ -117,13 +61,13 @@ def resolve(type_spec: str | UserDefinedFormat | None, where: str = "datasets") 
     """Find the format for a `type:` value; returns it and the optional `:style` suffix."""
     _import_builtin()
     if type_spec is None:
-        return _with_variants(_REGISTRY["pretokenized"]), None
+        return with_variants(_REGISTRY["pretokenized"]), None
     if isinstance(type_spec, UserDefinedFormat):
-        return _with_variants(_REGISTRY["user_defined"]), None
+        return with_variants(_REGISTRY["user_defined"]), None
     name, _, style = type_spec.partition(":")
     # Registered names (dotted ones such as `chatml.intel` included) win over the `module.function` fallback.
     if name in _REGISTRY:
-        return _with_variants(_REGISTRY[name]), style or None
+        return with_variants(_REGISTRY[name]), style or None
     if "." in name:
         return _user_module_format(name, where), style or None
     close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.5)

@@ -20,7 +20,7 @@ from typing import Any
 
 from tuneforge.errors import DataError
 
-from . import IGNORE_INDEX, FormatContext, RowError, RowFn, register
+from .registry import IGNORE_INDEX, FormatContext, RowError, RowFn, register
 
 log = logging.getLogger("tuneforge")
 

@@ -15,10 +15,10 @@ from typing import Any
 from tuneforge import chat_templates
 
 from ..masking import ChatMasker
-from . import FormatContext, RowError, RowFn, register
 from .alpaca import text_field
 from .chat_template import dataset_template
 from .preference import VERSION, require_family
+from .registry import FormatContext, RowError, RowFn, register
 
 
 @register("bradley_terry.chat_template", version=VERSION)

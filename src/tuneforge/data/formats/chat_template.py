@@ -19,7 +19,7 @@ from tuneforge.config.schema import Config
 from tuneforge.errors import DataError, TuneforgeError
 
 from ..masking import ChatMasker
-from . import FormatContext, RowError, RowFn, register
+from .registry import FormatContext, RowError, RowFn, register
 
 # Canonical role -> role names seen in the wild; `roles:` in the config adds to (and overrides) these.
 DEFAULT_ROLES: dict[str, list[str]] = {

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import FormatContext, RowFn, register
 from .alpaca import bos_ids, encode, eos_ids, text_field
+from .registry import FormatContext, RowFn, register
 
 
 @register("completion", version="1")

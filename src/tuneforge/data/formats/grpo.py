@@ -32,7 +32,7 @@ from typing import Any
 from tuneforge.config.schema import Config
 from tuneforge.errors import DataError
 
-from . import IGNORE_INDEX
+from .registry import IGNORE_INDEX
 
 RowMapper = Callable[..., dict[str, Any]]
 VERSION = "1"

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import IGNORE_INDEX, FormatContext, RowError, RowFn, register
 from .alpaca import encode, present_keys
+from .registry import IGNORE_INDEX, FormatContext, RowError, RowFn, register
 
 
 def _segments(row: dict[str, Any]) -> list[tuple[str, bool]]:

@@ -23,7 +23,6 @@ from typing import Any
 
 from tuneforge.config.data import UserDefinedFormat
 
-from . import IGNORE_INDEX, FormatContext, RowError, RowFn, register
 from .alpaca import present_keys, text_field
 from .preference import (
     FIXED_TEMPLATES,
@@ -42,6 +41,7 @@ from .preference import (
     user_prompt_text,
     with_system,
 )
+from .registry import IGNORE_INDEX, FormatContext, RowError, RowFn, register
 
 # row -> (prompt messages, completion text)
 ChatOneFn = Callable[[dict[str, Any]], tuple[Messages, str]]

@@ -45,9 +45,9 @@ from tuneforge.config.data import UserDefinedFormat
 from tuneforge.errors import DataError
 
 from ..masking import ChatMasker
-from . import IGNORE_INDEX, FormatContext, RowError, RowFn, method_family, register
 from .alpaca import present_keys, text_field
 from .chat_template import MessageReader, dataset_template
+from .registry import IGNORE_INDEX, FormatContext, RowError, RowFn, method_family, register
 
 Messages = list[dict[str, Any]]
 Sequence = tuple[list[int], list[int]]  # (input_ids, labels)

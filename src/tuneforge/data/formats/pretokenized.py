@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import IGNORE_INDEX, FormatContext, RowError, RowFn, register
+from .registry import IGNORE_INDEX, FormatContext, RowError, RowFn, register
 
 
 @register("pretokenized", version="1")

@@ -16,9 +16,9 @@ from typing import Any
 
 from tuneforge.errors import DataError
 
-from . import IGNORE_INDEX, FormatContext, RowError, RowFn, register
 from .alpaca import present_keys, text_field
 from .preference import VERSION, require_family
+from .registry import IGNORE_INDEX, FormatContext, RowError, RowFn, register
 
 
 def _ids(tokenizer, text: str) -> list[int]:

@@ -22,8 +22,8 @@ from typing import Any
 from tuneforge.config.data import UserDefinedFormat
 from tuneforge.errors import DataError
 
-from . import FormatContext, RowError, RowFn, register
 from .alpaca import bos_ids, encode_pair, eos_ids, text_field
+from .registry import FormatContext, RowError, RowFn, register
 
 DEFAULT_FORMAT = "{instruction} {input} "
 DEFAULT_NO_INPUT_FORMAT = "{instruction} "
