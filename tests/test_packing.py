@@ -11,7 +11,7 @@ import pytest
 
 from tuneforge.config.schema import Config
 from tuneforge.data.batches import plan_epoch
-from tuneforge.data.packing import efficiency, pack, pack_sequential
+from tuneforge.data.packing import pack, pack_sequential
 from tuneforge.data.pipeline import apply_length_rules, trained_per_row
 from tuneforge.errors import DataError
 
@@ -197,6 +197,13 @@ def alpaca_like_lengths(n: int, seed: int = 0) -> list[int]:
     """Lognormal lengths, median ~150 tokens, long tail cut at 1500 (like Alpaca under a Llama tokenizer)."""
     rng = np.random.default_rng(seed)
     return np.clip(np.round(rng.lognormal(np.log(150), 0.7, n)), 8, 1500).astype(int).tolist()
+
+
+def efficiency(lengths: list[int], bins: list[list[int]], capacity: int) -> float:
+    """Share of the packed rows' token slots that hold real tokens."""
+    if not bins:
+        return 0.0
+    return sum(lengths[i] for b in bins for i in b) / (len(bins) * capacity)
 
 
 def test_packing_efficiency_on_alpaca_like_lengths():

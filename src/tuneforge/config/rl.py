@@ -93,7 +93,8 @@ class VLLMBlock(Section):
     host: str = Field("0.0.0.0", description="Server host.")
     port: int = Field(8000, description="Server port.")
     tensor_parallel_size: int | None = Field(None, ge=1, description="Tensor parallel size.")
-    data_parallel_size: int | None = Field(None, ge=1, description="Data parallel size.")
+    data_parallel_size: int | None = Field(None, ge=1, description="Accepted for Axolotl compatibility; no effect "
+                                           "(`tuneforge vllm-serve` runs one engine; see tensor_parallel_size).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
     dtype: str = Field("auto", description="Weights dtype.")
     max_model_len: int | None = Field(None, ge=1, description="Maximum context length.")

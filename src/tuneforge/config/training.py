@@ -223,4 +223,5 @@ class LoggingKeys(Section):
     mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI.")
     mlflow_experiment_name: str | None = Field(None, description="MLflow experiment name.")
     mlflow_run_name: str | None = Field(None, description="MLflow run name.")
-    include_tkps: bool = Field(True, description="Log trained tokens per second.")
+    include_tkps: bool = Field(True, description="Accepted for Axolotl compatibility; no effect (`tokens_per_second` "
+                               "is always logged).")

@@ -46,10 +46,3 @@ def pack_sequential(lengths: list[int], capacity: int, max_docs: int | None = No
         bins[-1].append(i)
         used += n
     return bins
-
-
-def efficiency(lengths: list[int], bins: list[list[int]], capacity: int) -> float:
-    """Share of the packed rows' token slots that hold real tokens."""
-    if not bins:
-        return 0.0
-    return sum(lengths[i] for b in bins for i in b) / (len(bins) * capacity)
