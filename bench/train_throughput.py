@@ -1,6 +1,6 @@
 """Training throughput: tuneforge's engine vs a plain Hugging Face Trainer, in the same run.
 
-Workload (perf.md section 7): a Llama-3.2-1B-shaped model with random weights (built from a config,
+Workload: a Llama-3.2-1B-shaped model with random weights (built from a config,
 no download), synthetic token ids with an Alpaca-like length distribution (lognormal, median 150,
 sigma 0.7, clipped 16..2048; seeded), every token trained.
 
@@ -10,7 +10,8 @@ sigma 0.7, clipped 16..2048; seeded), every token trained.
   fused AdamW, --hf-batch rows per step (the usual way people fine-tune on this data).
 
 Reported per engine: trained tokens/s (median over timed steps, excluding warm-up), MFU against
-989 TFLOP/s (PaLM convention; perf.md section 2) and peak allocated memory. Prints one JSON line
+989 TFLOP/s (H100/H200 dense bf16; FLOPs as in the PaLM paper, appendix B, see engine/metrics.py) and peak
+allocated memory. Prints one JSON line
 per engine and writes them to --out.
 
     python bench/train_throughput.py --mode full --seq-len 4096 --steps 30
@@ -34,7 +35,7 @@ from pathlib import Path
 
 PEAK = 989e12
 SHAPES = {
-    # Public Llama-3.2-1B / Qwen2.5-0.5B shapes (perf.md section 2).
+    # The shapes of the public Llama-3.2-1B config (and a tiny one for CPU smoke runs).
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
                      max_position_embeddings=8192),
