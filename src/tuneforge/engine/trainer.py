@@ -240,7 +240,7 @@ class Trainer:
         return evaluate
 
     def _optimizer_step(self, micro_batches: list[MicroBatch]) -> StepResult:
-        """One optimizer step over `micro_batches` (the trainer's OutOfMemoryPolicy names the phase it fails in)."""
+        """One optimizer step over `micro_batches`; `out_of_memory.phase` follows it, for the diagnosis."""
         acc, objective, oom = self.accelerator, self.objective, self.out_of_memory
         batches = [self._device_batch(mb) for mb in micro_batches]
         self.runner.train()
