@@ -62,7 +62,7 @@ def test_reward_rises_from_chance_to_above_0_8(toy, write_config, loss_type):
 
 @pytest.mark.slow
 def test_async_prefetch_with_importance_correction_still_learns(toy, write_config):
-    """rl.md 7.2 (c): completions sampled with weights one step old, token_truncate IS with C = 3."""
+    """Off-policy learning: completions sampled with weights one step old, token_truncate IS with C = 3."""
     cfg = _config(write_config, "hits", "dapo", steps=25, async_prefetch=True,
                   vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_cap=3.0)
     train = [r for r in _train(cfg).history if r["type"] == "train"]

@@ -1,4 +1,4 @@
-"""GRPO arithmetic against closed-form values (rl.md 7.1 items 4-11) and against TRL 1.16's own code.
+"""GRPO arithmetic against closed-form values (the formulas of docs/grpo.md) and against TRL 1.16's own code.
 
 TRL's per-token objective lives in `GRPOTrainer._compute_loss`; it is run here unchanged on a stand-in
 trainer whose log-prob function returns the tensors under test, so both implementations see the same
@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tuneforge.methods import grpo_loss as gl
+from tuneforge.methods.grpo import loss as gl
 
 
 @pytest.fixture(autouse=True)
@@ -335,7 +335,7 @@ def test_opsm_and_delta_equal_trl():
 def test_batch_statistics_span_every_process():
     """scale_rewards: batch / GDPO: the batch mean and std cover all processes' rewards (as TRL gathers them).
     Two simulated ranks, each summing its own and the other's partial sums, get the statistics of the union."""
-    from tuneforge.methods.grpo_loss import batch_mean_std, nanstd
+    from tuneforge.methods.grpo.loss import batch_mean_std, nanstd
 
     g = torch.Generator().manual_seed(0)
     ranks = [torch.randn(12, generator=g, dtype=torch.float64) * 3 + 1, torch.randn(20, generator=g, dtype=torch.float64)]

@@ -72,8 +72,8 @@ def _step(obj, model, batches, optimizer=None):
 
 def test_on_policy_step_is_reinforce_and_sampler_logps_match(rewards_module, write_config, write_jsonl, tiny_tokenizer,
                                                              tiny_model_dir):
-    from tuneforge.methods import grpo_loss as gl
     from tuneforge.methods.grpo import completion_logps
+    from tuneforge.methods.grpo import loss as gl
 
     cfg, obj, data = _setup(write_config, write_jsonl, tiny_tokenizer, trl={"loss_type": "grpo"})
     model = _model(tiny_model_dir)
@@ -93,7 +93,7 @@ def test_on_policy_step_is_reinforce_and_sampler_logps_match(rewards_module, wri
 
 def test_batch_scaling_spans_the_micro_batches_of_a_step(rewards_module, write_config, write_jsonl, tiny_tokenizer,
                                                          tiny_model_dir):
-    from tuneforge.methods import grpo_loss as gl
+    from tuneforge.methods.grpo import loss as gl
 
     cfg, obj, data = _setup(write_config, write_jsonl, tiny_tokenizer, trl={"scale_rewards": "batch"})
     model = _model(tiny_model_dir)
@@ -165,7 +165,7 @@ def test_full_finetune_reference_is_a_frozen_copy_and_kl_starts_at_zero(rewards_
 
 def test_async_prefetch_trains_on_the_previous_batch_with_importance_weights(rewards_module, write_config, write_jsonl,
                                                                             tiny_tokenizer, tiny_model_dir):
-    from tuneforge.methods import grpo_loss as gl
+    from tuneforge.methods.grpo import loss as gl
 
     cfg, obj, data = _setup(write_config, write_jsonl, tiny_tokenizer, trl={"async_prefetch": True})
     model = _model(tiny_model_dir)
@@ -197,7 +197,7 @@ def test_an_fp8_kv_cache_makes_the_sampler_off_policy_and_corrected(rewards_modu
                                                                     tiny_tokenizer, tiny_model_dir):
     """kv_cache_dtype fp8 samples from a rounded model: its log-probs are not pi's, so pi_old is recomputed
     and the importance weights pi_old / pi_sampler apply, as for vLLM."""
-    from tuneforge.methods import grpo_loss as gl
+    from tuneforge.methods.grpo import loss as gl
 
     cfg, obj, data = _setup(write_config, write_jsonl, tiny_tokenizer, trl={"generation_kwargs": {"kv_cache_dtype": "fp8"}})
     model = _model(tiny_model_dir)
@@ -294,7 +294,7 @@ def test_config_errors_come_before_any_model(write_config, rewards_module):
                            "trl": {"reward_funcs": ["obj_rewards.constant"], "generation_kwargs": {"kv_cache_dtype": "fp4"}}}))
     gdpo = get_objective(load(write_config({"rl": "gdpo", "datasets": [{"path": "x"}],
                                             "trl": {"reward_funcs": ["obj_rewards.constant"]}})))
-    assert gdpo.s.aggregation == "normalize_then_sum" and gdpo.s.loss_type == "dapo" and gdpo.s.beta == 0.0
+    assert gdpo.settings.aggregation == "normalize_then_sum" and gdpo.settings.loss_type == "dapo" and gdpo.settings.beta == 0.0
 
 
 def test_micro_batch_size_counts_completions_as_in_axolotl(write_config, rewards_module):
@@ -308,10 +308,10 @@ def test_micro_batch_size_counts_completions_as_in_axolotl(write_config, rewards
                                                 **top})))
 
     # prompts generated per optimizer step = micro_batch_size x gradient_accumulation_steps / num_generations
-    assert objective(micro_batch_size=8).rows_per_micro_batch() == 2
+    assert objective(micro_batch_size=8).step_shape().rows_per_micro_batch == 2
     split = objective(micro_batch_size=2, gradient_accumulation_steps=4)
-    assert split.rows_per_micro_batch() == 2 and split.micro_batches_per_step() == 1
-    assert objective().rows_per_micro_batch() == 1  # unset: one prompt's group per micro-batch
+    assert split.step_shape().rows_per_micro_batch == 2 and split.step_shape().micro_batches_per_step == 1
+    assert objective().step_shape().rows_per_micro_batch == 1  # unset: one prompt's group per micro-batch
     with pytest.raises(ConfigError, match=r"micro_batch_size: counts completions .* = 6 completions per optimizer "
                                           r"step, which must be a multiple of trl.num_generations \(4\)"):
         objective(micro_batch_size=6)
@@ -330,7 +330,7 @@ def test_splitting_a_generation_into_micro_batches_keeps_the_gradient(rewards_mo
         cfg, obj, data = _setup(write_config, write_jsonl, tiny_tokenizer, trl={"loss_type": "dapo"}, **top)
         model = _model(tiny_model_dir)
         torch.manual_seed(0)
-        batch = obj.collate([[data.train[i]] for i in range(obj.rows_per_micro_batch())], 0, training=True)
+        batch = obj.collate([[data.train[i]] for i in range(obj.step_shape().rows_per_micro_batch)], 0, training=True)
         out = _step(obj, model, [batch])
         assert [len(b["texts"]) for _, _, b in out] == ([8] if top["micro_batch_size"] == 8 else [2, 2, 2, 2])
         assert sum(sums["gen_seconds"] > 0 for _, sums, _ in out) == 1  # generation time counted once

@@ -7,7 +7,15 @@ import torch
 
 from test_engine_support import one_thread  # noqa: F401
 from tuneforge.data.collate import collate
-from tuneforge.models.losses import causal_lm_token_loss, chunked_cross_entropy, reference_token_loss
+from tuneforge.models.losses import IGNORE_INDEX, causal_lm_token_loss, chunked_cross_entropy
+
+
+def reference_token_loss(model, batch: dict) -> torch.Tensor:
+    """The same sum computed the plain way, from the full logits of model(...)."""
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), batch["target_ids"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Closed-form values of the preference losses (reference notes rl.md section 5/7.1), float32 within 1e-6.
+"""Closed-form values of the preference losses (formulas: docs/preference.md), float32 within 1e-6.
 
 At initialisation the policy equals the reference (full fine-tuning: the reference is the same
 checkpoint loaded again), so every log-ratio h is 0: DPO gives ln 2 for every beta, IPO 1/(4 beta^2),

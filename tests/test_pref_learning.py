@@ -1,6 +1,6 @@
 """Each preference method learns a toy preference from a tiny random model, through the real train loop.
 
-Task (rl.md 7.2): prompt = 4 random letters, chosen = the prompt reversed, rejected = 4 random letters.
+Task: prompt = 4 random letters, chosen = the prompt reversed, rejected = 4 random letters.
 256 training pairs, 64 held-out pairs from another seed. The held-out implicit-reward accuracy is the
 share of held-out pairs whose chosen answer gets the higher implicit reward: the log-ratio to the
 reference for DPO/IPO/KTO, the mean token log-prob for the reference-free SimPO and ORPO. The random model

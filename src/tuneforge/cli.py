@@ -69,8 +69,14 @@ def preprocess(
 ) -> None:
     """Tokenize, mask and cache the datasets; print a summary (and masks with --debug)."""
     from tuneforge.data.preprocess import run
+    from tuneforge.methods import get_objective
 
-    run(_load(config, ctx.args), debug=debug, num_examples=debug_num_examples, text_only=debug_text_only)
+    cfg = _load(config, ctx.args)
+    objective = get_objective(cfg)  # every method prepares its data itself, as `train` does
+    try:
+        run(cfg, debug=debug, num_examples=debug_num_examples, text_only=debug_text_only, objective=objective)
+    finally:
+        objective.close()
 
 
 @app.command(context_settings=EXTRA)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import Section
+from .methods import method_facts
 
 RLMethod = Literal["dpo", "ipo", "simpo", "kto", "orpo", "grpo", "gdpo", "ebft"]
 
@@ -18,19 +19,23 @@ KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 class TRLBlock(Section):
-    beta: float | None = Field(None, description="KL / preference temperature (takes precedence over rl_beta).")
-    max_completion_length: int | None = Field(None, ge=1, description="Maximum generated tokens per completion.")
+    beta: float | None = Field(None, description="KL / preference temperature (takes precedence over rl_beta; unset: "
+                               "rl_beta, else 0.1 for DPO-style methods and 0 for GRPO).")
+    max_completion_length: int | None = Field(
+        None, ge=1, description="Maximum generated tokens per completion (GRPO: 256 when unset); for stepwise_supervised "
+        "data, the cap on completion tokens (unset: none).")
     max_prompt_length: int | None = Field(None, ge=1, description="Maximum prompt tokens.")
-    num_generations: int | None = Field(None, ge=2, description="Completions sampled per prompt (GRPO group size).")
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (GRPO group size).")
     generation_batch_size: int | None = Field(
         None, ge=1, description="Completions generated per generation round; tuneforge generates once per optimizer "
         "step, so it must equal micro_batch_size x gradient_accumulation_steps (or be unset).")
     reward_funcs: list[str] | None = Field(None, description="Reward functions as `module.function` references.")
     reward_weights: list[float] | None = Field(None, description="Weights of the reward functions.")
     multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] | None = Field(
-        None, description="How several rewards combine before normalisation."
+        None, description="How several rewards combine before normalisation (unset: normalize_then_sum for gdpo, "
+        "sum_then_normalize otherwise)."
     )
-    reward_num_workers: int | None = Field(None, ge=0, description="Worker processes for reward functions.")
+    reward_num_workers: int = Field(0, ge=0, description="Worker processes for reward functions (0: in the training process).")
     use_vllm: bool = Field(False, description="Generate with vLLM instead of the embedded engine.")
     vllm_mode: Literal["server", "colocate"] | None = Field(None, description="vLLM mode.")
     vllm_server_host: str | None = Field(None, description="vLLM server host.")
@@ -41,52 +46,51 @@ class TRLBlock(Section):
         None, description="Colocate: put vLLM to sleep between generations (weights to CPU, KV cache freed) so "
         "training gets the GPU memory back (EXPERIMENTAL).")
     vllm_importance_sampling_correction: bool | None = Field(
-        None, description="Correct the sampler/trainer mismatch with truncated importance weights."
+        None, description="Correct the sampler/trainer mismatch with truncated importance weights (unset: on when "
+        "the sampler is off-policy: use_vllm, async_prefetch or an fp8 KV cache)."
     )
-    vllm_importance_sampling_mode: (
-        Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] | None
-    ) = Field(None, description="Importance-weight granularity and mode.")
-    vllm_importance_sampling_cap: float | None = Field(None, gt=0, description="Importance-weight cap C.")
-    temperature: float | None = Field(None, ge=0, description="Sampling temperature.")
-    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling threshold.")
-    top_k: int | None = Field(None, ge=0, description="Top-k sampling (0: off).")
-    min_p: float | None = Field(None, ge=0, le=1, description="Min-p sampling threshold.")
-    repetition_penalty: float | None = Field(None, gt=0, description="Repetition penalty.")
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
+        Field("token_truncate", description="Importance-weight granularity and mode."))
+    vllm_importance_sampling_cap: float = Field(3.0, gt=0, description="Importance-weight cap C.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    min_p: float = Field(0.0, ge=0, le=1, description="Min-p sampling threshold.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Repetition penalty.")
     generation_kwargs: dict[str, Any] | None = Field(
         None, description="Extra generation options: the embedded engine's keys (stop_token_ids, cuda_graphs, compile, "
         "half_precision_copy, fused_decode, kv_cache_dtype; see grpo.md); any other key goes to vLLM's "
         "SamplingParams when use_vllm is set.")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extra chat-template variables for prompts.")
-    num_iterations: int | None = Field(None, ge=1, description="Optimisation passes per generated batch.")
-    epsilon: float | None = Field(None, ge=0, description="Lower clip range of the ratio.")
+    num_iterations: int = Field(1, ge=1, description="Optimisation passes per generated batch.")
+    epsilon: float = Field(0.2, ge=0, description="Lower clip range of the ratio.")
     epsilon_high: float | None = Field(None, ge=0, description="Upper clip range of the ratio (default: epsilon).")
     delta: float | None = Field(None, description="Optional two-sided clip of the ratio.")
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] | None = Field(None, description="Loss aggregation.")
-    scale_rewards: bool | Literal["group", "batch", "none"] | None = Field(
-        None, description="Advantage scaling: group (std per group), batch, or none."
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("dapo", description="Loss aggregation.")
+    scale_rewards: bool | Literal["group", "batch", "none"] = Field(
+        "group", description="Advantage scaling: group (std per group), batch, or none (true: group, false: none)."
     )
-    mask_truncated_completions: bool | None = Field(None, description="Exclude truncated completions from the loss.")
-    importance_sampling_level: Literal["token", "sequence"] | None = Field(
-        None, description="Ratio per token (GRPO) or per sequence (GSPO)."
+    mask_truncated_completions: bool = Field(False, description="Exclude truncated completions from the loss.")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="Ratio per token (GRPO) or per sequence (GSPO)."
     )
-    log_completions: bool | None = Field(None, description="Log a sample of completions.")
-    async_prefetch: bool | None = Field(None, description="Generate the next batch while the current one trains.")
-    skip_zero_advantage_batches: bool | None = Field(None, description="Skip micro-batches with no learning signal.")
-    # Added with the GRPO objective (methods/grpo.py).
+    log_completions: bool = Field(False, description="Log a sample of completions (to the log and completions.jsonl).")
+    async_prefetch: bool = Field(False, description="Generate the next batch while the current one trains.")
+    skip_zero_advantage_batches: bool = Field(True, description="Skip micro-batches with no learning signal.")
     reward_timeout: float | None = Field(
         None, gt=0, description="Seconds a reward call may take in reward_num_workers worker processes (default: no limit)."
     )
-    prefetch_depth: int | None = Field(None, ge=1, description="Rollouts generated ahead with async_prefetch (default 1).")
-    use_data_producer: bool | None = Field(None, description="Accepted for Axolotl compatibility; same as async_prefetch.")
-    vllm_sync_interval: int | None = Field(None, ge=1, description="Optimizer steps between weight syncs to the sampler.")
+    prefetch_depth: int = Field(1, ge=1, description="Rollouts generated ahead with async_prefetch.")
+    use_data_producer: bool = Field(False, description="Accepted for Axolotl compatibility; same as async_prefetch.")
+    vllm_sync_interval: int = Field(1, ge=1, description="Optimizer steps between weight syncs to the sampler.")
     vllm_importance_sampling_clip_min: float | None = Field(
         None, ge=0, description="Lower bound of the importance weight (default: none; Axolotl uses 1/cap)."
     )
     off_policy_mask_threshold: float | None = Field(
         None, description="Drop negative-advantage sequences whose mean sampler-vs-policy log-ratio exceeds this."
     )
-    use_bias_correction_kl: bool | None = Field(None, description="Multiply the KL term by the importance ratio.")
-    num_completions_to_print: int | None = Field(None, ge=0, description="Completions logged per step with log_completions.")
+    use_bias_correction_kl: bool = Field(False, description="Multiply the KL term by the importance ratio.")
+    num_completions_to_print: int = Field(4, ge=0, description="Completions logged per step with log_completions.")
 
 
 class VLLMBlock(Section):
@@ -120,3 +124,16 @@ class RLKeys(Section):
     center_rewards_coefficient: float | None = Field(None, description="Penalty pulling reward-model outputs to zero.")
     trl: TRLBlock | None = Field(None, description="Online-RL and TRL-style options (GRPO).")
     vllm: VLLMBlock | None = Field(None, description="vLLM server options for `tuneforge vllm-serve`.")
+
+    @model_validator(mode="after")
+    def _method_head(self):
+        """A reward model's head (model_type, num_labels) is part of what `reward_model: true` means: fill
+        it in when left out, so the model loader, PEFT's task type and the saved config.yaml all see it
+        (a conflicting value is reported by config/rules.py)."""
+        head = method_facts(self).head if hasattr(self, "model_type") else None
+        if head is not None:
+            if self.model_type is None:
+                self.model_type = head.model_type
+            if self.num_labels is None:
+                self.num_labels = head.num_labels
+        return self

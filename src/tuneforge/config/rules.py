@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from . import distributed
 from .errors import ConfigIssue
+from .methods import method_facts, method_key
 from .rl import KV_CACHE_DTYPES
 from .schema import Config
 
@@ -124,9 +125,11 @@ def _methods(cfg: Config) -> list[ConfigIssue]:
         issues.append(ConfigIssue("rl", "`rl` and reward_model/process_reward_model select different trainers; keep one."))
     if cfg.reward_model and cfg.process_reward_model:
         issues.append(ConfigIssue("process_reward_model", "choose reward_model or process_reward_model, not both."))
-    if cfg.neftune_noise_alpha and (cfg.rl or cfg.reward_model or cfg.process_reward_model):
+    supervised = method_facts(cfg).supervised
+    if cfg.neftune_noise_alpha and not supervised:
         issues.append(ConfigIssue("neftune_noise_alpha", "NEFTune applies to supervised fine-tuning only; remove it "
                                   "(its noise would also reach the reference and reward forwards)."))
+    issues.extend(_model_head(cfg))
     if cfg.rl == "simpo" and cfg.warmup_ratio:
         issues.append(ConfigIssue("warmup_ratio", "SimPO runs take warmup_steps, not warmup_ratio."))
     if cfg.rl == "ipo" and cfg.dpo_label_smoothing:
@@ -143,6 +146,19 @@ def _methods(cfg: Config) -> list[ConfigIssue]:
     return issues
 
 
+def _model_head(cfg: Config) -> list[ConfigIssue]:
+    """A reward model trains a classification head; the config may only repeat it (rl.py fills it in)."""
+    head = method_facts(cfg).head
+    if head is None:
+        return []
+    key = method_key(cfg)
+    if cfg.model_type is not None and cfg.model_type != head.model_type:
+        return [ConfigIssue("model_type", f"`{key}` trains a {head.model_type}; got {cfg.model_type}.")]
+    if cfg.num_labels is not None and cfg.num_labels != head.num_labels:
+        return [ConfigIssue("num_labels", f"`{key}` needs num_labels: {head.num_labels}, got {cfg.num_labels}.")]
+    return []
+
+
 @rule
 def _eval_schedule(cfg: Config) -> list[ConfigIssue]:
     issues = []
@@ -150,13 +166,14 @@ def _eval_schedule(cfg: Config) -> list[ConfigIssue]:
     if (cfg.eval_steps or cfg.evals_per_epoch) and not has_eval:
         key = "eval_steps" if cfg.eval_steps else "evals_per_epoch"
         issues.append(ConfigIssue(key, "nothing to evaluate: set val_set_size or test_datasets."))
-    if cfg.batch_flattening and (cfg.rl or cfg.reward_model or cfg.process_reward_model):
+    supervised = method_facts(cfg).supervised
+    if cfg.batch_flattening and not supervised:
         issues.append(ConfigIssue("batch_flattening", "applies to supervised fine-tuning; preference data packs "
                                   "whole pairs with sample_packing: true."))
-    if cfg.generate_samples and (cfg.rl or cfg.reward_model or cfg.process_reward_model):
+    if cfg.generate_samples and not supervised:
         issues.append(ConfigIssue("generate_samples", "shows samples of supervised fine-tuning only (GRPO logs its "
                                   "completions with trl.log_completions); remove it."))
-    if cfg.do_causal_lm_eval and (cfg.rl or cfg.reward_model or cfg.process_reward_model):
+    if cfg.do_causal_lm_eval and not supervised:
         issues.append(ConfigIssue("do_causal_lm_eval", "scores generations of supervised fine-tuning only; remove it."))
     if cfg.do_causal_lm_eval and "comet" in cfg.eval_causal_lm_metrics:
         issues.append(ConfigIssue("eval_causal_lm_metrics", "comet scores with a neural model downloaded from the "

@@ -30,29 +30,39 @@ MASKED_STYLE = "red dim"
 OPEN, CLOSE = "[[", "]]"
 
 
-def run(cfg: Config, debug: bool = False, num_examples: int = 1, text_only: bool = False) -> PreparedData:
+def run(cfg: Config, debug: bool = False, num_examples: int = 1, text_only: bool = False, *,
+        objective=None) -> PreparedData:
+    """Prepare the data exactly as `train` does, through the method's own `prepare_data` (the cli passes
+    the objective; without one it is built from the config), rebuilding the cache, and print it."""
+    from tuneforge.config.methods import method_facts
     from tuneforge.models.tokenizer import load_tokenizer
-
-    from .pipeline import prepare
 
     console = Console(highlight=False, markup=False)  # data and paths may hold [brackets]
     if not console.is_terminal:  # logs and pipes: keep table rows on one line
         console.width = max(console.width, 140)
     tokenizer = load_tokenizer(cfg)
-    if cfg.rl in ("grpo", "gdpo"):
-        return _preview_prompts(console, cfg, tokenizer, num_examples if debug else 0)
-    data = prepare(cfg, tokenizer, rebuild=True)
+    owned = objective is None
+    if owned:
+        from tuneforge.methods import (
+            get_objective,  # the command's entry point; data never imports it at load
+        )
+
+        objective = get_objective(cfg)
+    try:
+        data = objective.prepare_data(tokenizer, rebuild=True)
+    finally:
+        if owned:
+            objective.close()
+    if method_facts(cfg).rows == "prompts":
+        return _preview_prompts(console, data, tokenizer, num_examples if debug else 0)
     print_summary(console, cfg, data)
     if debug:
         print_samples(console, data.train, tokenizer, num_examples, text_only, data.by_dataset.get("train"))
     return data
 
 
-def _preview_prompts(console: Console, cfg: Config, tokenizer, num_examples: int) -> PreparedData:
+def _preview_prompts(console: Console, data: PreparedData, tokenizer, num_examples: int) -> PreparedData:
     """Online RL trains on generated completions: show the prompt rows (nothing is cached or masked)."""
-    from .formats.grpo import prepare_prompts
-
-    data = prepare_prompts(cfg, tokenizer)
     for split, stats in data.stats.items():
         console.print(f"{split}: {stats.rows_out} prompts (from {stats.rows_in} rows), {stats.tokens:,} prompt tokens")
     for i in range(min(num_examples, len(data.train))):

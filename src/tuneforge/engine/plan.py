@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tuneforge.config.schema import Config
 from tuneforge.data.batches import plan_epoch
 from tuneforge.errors import DataError
+
+if TYPE_CHECKING:
+    from tuneforge.methods.base import StepShape
 
 MicroBatch = list[list[int]]  # rows, each a list of dataset indices (several when packed)
 
@@ -30,13 +34,14 @@ class Position:
 
 class StepPlan:
     def __init__(self, cfg: Config, lengths: list[int], *, world_size: int = 1, rank: int = 0,
-                 rows_per_micro_batch: int | None = None, micro_batches_per_step: int | None = None):
+                 shape: StepShape | None = None):
         self.cfg = cfg
-        self.micro_batch_size = rows_per_micro_batch or cfg.micro_batch_size
+        # The objective's step shape (methods/base.py); without one, the config's micro-batches.
+        self.micro_batch_size = shape.rows_per_micro_batch if shape else cfg.micro_batch_size
         self.lengths = lengths
         self.world = world_size
         self.rank = rank
-        self.accum = micro_batches_per_step or cfg.grad_accum
+        self.accum = shape.micro_batches_per_step if shape else cfg.grad_accum
         self._epochs: dict[int, list[MicroBatch]] = {}
         if cfg.max_steps:
             self.num_epochs = None

@@ -105,8 +105,7 @@ class Trainer:
 
         self.train_rows = RowSource(data.train, objective.row_columns)
         self.plan = StepPlan(cfg, self.train_rows.lengths, world_size=acc.num_processes, rank=acc.process_index,
-                             rows_per_micro_batch=objective.rows_per_micro_batch(),
-                             micro_batches_per_step=objective.micro_batches_per_step())
+                             shape=objective.step_shape())
         self.total_steps = self.plan.total_steps
         self.sharded = cfg.fsdp_enabled
         self.prepare_model()
@@ -115,7 +114,7 @@ class Trainer:
         if data.eval is not None and cfg.eval_strategy != "no":
             self.evaluator = Evaluator(cfg, objective, RowSource(data.eval, objective.row_columns), accelerator=acc,
                                        model=model, tokenizer=tokenizer, pad_id=self.pad_id,
-                                       rows_per_micro_batch=objective.rows_per_micro_batch(),
+                                       rows_per_micro_batch=objective.step_shape().rows_per_micro_batch,
                                        output_dir=self.output_dir, sharded=self.sharded)
         self.eval_cadence = eval_cadence(self.plan, cfg) if self.evaluator is not None else None
         self.save_cadence = save_cadence(self.plan, cfg)
@@ -390,9 +389,8 @@ class Trainer:
 
 
 def _generates(objective: Objective) -> bool:
-    """Whether the objective generates during a step (an online method overrides the rollout hooks)."""
-    kind = type(objective)
-    return kind.rollout_step is not Objective.rollout_step or kind.rollout is not Objective.rollout
+    """Whether the objective generates during a step (an online method overrides the rollout_step hook)."""
+    return type(objective).rollout_step is not Objective.rollout_step
 
 
 def _accelerator(cfg: Config, precision: str, trackers_: list[str], output_dir: Path):

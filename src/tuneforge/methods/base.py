@@ -1,11 +1,14 @@
 """The interface between the training loop and a training objective (SFT, DPO, GRPO, ...).
 
-The loop in `tuneforge.engine.trainer` knows an objective only through this class. An optimizer step is:
+The loop in `tuneforge.engine.trainer` knows an objective only through this class (the contract, the
+step shape and how to add a method: docs/objectives.md). What the trainer calls, per optimizer step:
 
-    batches = [objective.rollout(model, b) for b in micro_batches]   # online methods generate here
+    shape = objective.step_shape()          # once: how the planner cuts the rows into steps
+    batches = [objective.collate(rows) for rows in the step's planned micro-batches]
+    batches = objective.rollout_step(model, batches)   # online methods generate and score here
     n = sum(objective.num_items(b) for b in batches), summed over every data-parallel rank
     for b in batches:  loss, sums = objective.loss(model, b, n);  backward(loss)
-    logged = objective.summarize(sum of sums, n)
+    logged = objective.summarize(sum of sums over batches and ranks, n)
 
 `loss` must return the objective's *sum* over the items of the micro-batch divided by `n`, the item
 count of the whole optimizer step. Then gradient accumulation and data parallelism are exact: the
@@ -18,21 +21,29 @@ over the whole step rather than averages of per-batch averages.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from tuneforge.config.methods import MethodFacts, method_facts
 from tuneforge.config.schema import Config
 
 Batch = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """How the step planner cuts the training rows into optimizer steps for an objective."""
+
+    rows_per_micro_batch: int  # dataset rows in one planned micro-batch (GRPO: the prompts of a whole step)
+    micro_batches_per_step: int  # planned micro-batches per step (GRPO: 1; `rollout_step` splits it after generation)
 
 
 class Objective:
     """Base class of training objectives. Subclasses set `name` and implement `loss`."""
 
     name: str = "objective"
-    # Keys beyond the collate contract that this objective adds to batches (documentation, and for checks).
-    extra_batch_keys: tuple[str, ...] = ()
     # Dataset columns each document carries into `collate` (a dataset without one of them skips it):
     # preference pairs, KTO labels and cached reference log-probs travel this way.
     row_columns: tuple[str, ...] = ("input_ids", "labels")
@@ -43,20 +54,22 @@ class Objective:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
-    def rows_per_micro_batch(self) -> int:
-        """Dataset rows the planner puts in one planned micro-batch (GRPO: the prompts of a whole step)."""
-        return self.cfg.micro_batch_size
+    @property
+    def facts(self) -> MethodFacts:
+        """What lower layers know about this method (its rows, router loss, model head): config/methods.py."""
+        return method_facts(self.cfg)
 
-    def micro_batches_per_step(self) -> int:
-        """Planned micro-batches per optimizer step (GRPO: 1, split after generation by `rollout_step`)."""
-        return self.cfg.grad_accum
+    def step_shape(self) -> StepShape:
+        """Rows per planned micro-batch and planned micro-batches per optimizer step."""
+        return StepShape(self.cfg.micro_batch_size, self.cfg.grad_accum)
 
     # ---- data -------------------------------------------------------------------------------------
-    def prepare_data(self, tokenizer):
-        """Tokenized train/eval datasets (`tuneforge.data.pipeline.PreparedData`)."""
+    def prepare_data(self, tokenizer, *, rebuild: bool = False):
+        """Tokenized train/eval datasets (`tuneforge.data.pipeline.PreparedData`); `rebuild` (the
+        `preprocess` command) replaces the prepared-data cache entry instead of reusing it."""
         from tuneforge.data.pipeline import prepare
 
-        return prepare(self.cfg, tokenizer)
+        return prepare(self.cfg, tokenizer, rebuild=rebuild)
 
     def collate(self, rows: list[list[dict]], pad_id: int, *, training: bool) -> Batch:
         """Tensors for one micro-batch: `rows` is a list of packed rows, each a list of documents."""
@@ -70,13 +83,11 @@ class Objective:
         return collate(rows, pad_id, pad_to=pad_to, multiple_of=self.cfg.pad_to_multiple_of)
 
     # ---- one optimizer step -----------------------------------------------------------------------
-    def rollout(self, model, batch: Batch) -> Batch:
-        """Online methods generate completions (and score them) here; offline methods return the batch."""
-        return batch
-
     def rollout_step(self, model, batches: list[Batch]) -> list[Batch]:
-        """The micro-batches one optimizer step trains on, from its planned batches (default: `rollout` each)."""
-        return [self.rollout(model, b) for b in batches]
+        """The micro-batches one optimizer step trains on, from its planned (collated) batches. Offline
+        methods train on them as they are; online methods generate and score completions here, and may
+        return a different number of micro-batches (GRPO splits one generation into several)."""
+        return batches
 
     def num_items(self, batch: Batch) -> int:
         """How many items of this micro-batch the loss sums over (SFT: trained tokens)."""

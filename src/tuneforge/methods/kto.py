@@ -103,11 +103,11 @@ class KTOObjective(Objective):
         self._ready: set[int] = set()
 
     # ---- data
-    def prepare_data(self, tokenizer):
+    def prepare_data(self, tokenizer, *, rebuild: bool = False):
         data = prepare_checked(self.cfg, tokenizer, self.reference, ("label", "prompt_len"),
                                "KTO trains on completions labelled desirable/undesirable",
                                "Use a KTO dataset type (chatml.intel, llama3.argilla, ...), a dict type with "
-                               "field_completion/field_label, or rows with prompt/completion/label.")
+                               "field_completion/field_label, or rows with prompt/completion/label.", rebuild=rebuild)
         def balanced_with_kl(ds, split):
             self._check_balance(ds, split)
             return add_kl_completions(ds, self.cfg.micro_batch_size, self.cfg.sequence_len)

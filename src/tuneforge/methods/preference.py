@@ -251,13 +251,13 @@ class Reference:
 
 
 def prepare_checked(cfg: Config, tokenizer, reference: Reference | None, columns: tuple[str, ...], what: str,
-                    fix: str):
+                    fix: str, *, rebuild: bool = False):
     """Prepared data of a preference-style method, every split checked for the columns it trains on."""
     from tuneforge.data.pipeline import prepare
 
     if reference is not None:
         reference.tokenizer = tokenizer
-    data = prepare(cfg, tokenizer)
+    data = prepare(cfg, tokenizer, rebuild=rebuild)
     def checked(ds, split):
         require_columns(ds, split, columns, what, fix)
         return ds
@@ -438,11 +438,11 @@ class PairObjective(Objective):
         return False
 
     # ---- data
-    def prepare_data(self, tokenizer):
+    def prepare_data(self, tokenizer, *, rebuild: bool = False):
         data = prepare_checked(self.cfg, tokenizer, self.reference, ("chosen_input_ids", "rejected_input_ids"),
                                f"{self.name} trains on preference pairs",
                                "Use a preference dataset type such as chatml.intel, chat_template.default, or rows "
-                               "with prompt/chosen/rejected.")
+                               "with prompt/chosen/rejected.", rebuild=rebuild)
         def lengths_and_packing(ds, split):
             ds = pair_lengths(ds)
             packed = self.cfg.sample_packing if split == "train" else self.cfg.packing_for_eval

@@ -1,7 +1,7 @@
 """Process reward model (`process_reward_model: true`): token classification of reasoning steps.
 
-The model is `AutoModelForTokenClassification` with two classes (filled in when the config leaves
-`model_type` / `num_labels` out). Data is `stepwise_supervised`: the label of each step (0/1) sits on the
+The model is `AutoModelForTokenClassification` with two classes (the config fills in
+`model_type` / `num_labels` when left out, from `config/methods.py`). Data is `stepwise_supervised`: the label of each step (0/1) sits on the
 step's last token, every other token is -100. The loss is the cross-entropy of the head at the labelled
 tokens, averaged over every labelled token of the optimizer step (as transformers' token-classification
 loss, whose mean over a single micro-batch it equals). Packing works as for SFT: position ids restart
@@ -13,12 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tuneforge.config.schema import Config
 from tuneforge.data.formats import IGNORE_INDEX
 
 from .base import Batch, Objective
 from .preference import batch_shape, layout
-from .reward_model import backbone_hidden, default_head
+from .reward_model import backbone_hidden
 
 
 def collate_steps(rows: list[list[dict]], pad_id: int, *, pad_to: int | None = None,
@@ -39,10 +38,6 @@ def collate_steps(rows: list[list[dict]], pad_id: int, *, pad_to: int | None = N
 
 class ProcessRewardModelObjective(Objective):
     name = "process_reward_model"
-
-    def __init__(self, cfg: Config):
-        default_head(cfg, "AutoModelForTokenClassification", 2, "process_reward_model")
-        super().__init__(cfg)
 
     def collate(self, rows: list[list[dict]], pad_id: int, *, training: bool) -> Batch:
         _, pad_to = batch_shape(self.cfg, training)

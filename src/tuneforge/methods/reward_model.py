@@ -1,7 +1,7 @@
 """Outcome reward model (`reward_model: true`): a Bradley-Terry loss on a sequence-classification head.
 
-The model is `AutoModelForSequenceClassification` with one output (`model_type` and `num_labels: 1` are
-filled in when the config leaves them out). The reward r of a sequence is the head's output at its last
+The model is `AutoModelForSequenceClassification` with one output (the config fills in `model_type` and
+`num_labels: 1` when left out: `config/methods.py`, the head is part of the method's facts). The reward r of a sequence is the head's output at its last
 token, as TRL's RewardTrainer reads it. Per pair:
 
   L = -log sigmoid(r_chosen - r_rejected - margin) + center_rewards_coefficient * (r_chosen + r_rejected)^2
@@ -22,7 +22,7 @@ from tuneforge.models import attention
 from tuneforge.models.losses import unwrap_peft
 
 from .base import Batch
-from .preference import PairObjective, config_error
+from .preference import PairObjective
 
 
 def classifier_parts(model) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module | None]:
@@ -54,23 +54,10 @@ def sequence_scores(model, batch: Batch) -> torch.Tensor:
     return head(last).float()[:, 0]
 
 
-def default_head(cfg: Config, model_type: str, num_labels: int, key: str) -> None:
-    """Fill in the head a reward model needs; reject a config that asks for another one."""
-    if cfg.model_type is None:
-        cfg.model_type = model_type  # read by models.load and by PEFT's task type
-    elif cfg.model_type != model_type:
-        raise config_error("model_type", f"`{key}: true` trains a {model_type}; got {cfg.model_type}.")
-    if cfg.num_labels is None:
-        cfg.num_labels = num_labels
-    elif cfg.num_labels != num_labels:
-        raise config_error("num_labels", f"`{key}: true` needs num_labels: {num_labels}, got {cfg.num_labels}.")
-
-
 class RewardModelObjective(PairObjective):
     name = "reward_model"
 
     def __init__(self, cfg: Config):
-        default_head(cfg, "AutoModelForSequenceClassification", 1, "reward_model")
         super().__init__(cfg)
         self.center = float(cfg.center_rewards_coefficient or 0.0)
 

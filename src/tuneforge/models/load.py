@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from tuneforge.config.methods import method_facts
 from tuneforge.config.schema import Config
 from tuneforge.errors import ModelError, NotSupportedYet
 from tuneforge.models.tokenizer import model_source
@@ -183,7 +184,7 @@ def load_model(cfg: Config, tokenizer):
         log.info("initialised %s randomly from its config (reinit_weights)", type(model).__name__)
     else:
         model = _from_pretrained(cfg, cls, config, attn, dtype, quant)
-    if getattr(model.config, "output_router_logits", False) and (cfg.rl or cfg.reward_model or cfg.process_reward_model):
+    if getattr(model.config, "output_router_logits", False) and not method_facts(cfg).router_loss:
         # Supervised fine-tuning adds the router's auxiliary loss (models/losses.py); the other objectives
         # compute their losses from hidden states too, and would leave it out silently.
         raise NotSupportedYet(

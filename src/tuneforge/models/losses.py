@@ -24,23 +24,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from tuneforge.errors import NotSupportedYet
 from tuneforge.models import attention
+from tuneforge.models.logprobs import chunk_rows, token_logps
 
 IGNORE_INDEX = -100
-# Elements of fp32 logits per chunk. CPU: 64 Mi floats (256 MiB, 512 positions at a 128K vocabulary).
-# CUDA: 256 Mi floats (1 GiB): every chunk adds a full-size LM-head weight gradient, so few large
-# chunks cost far less memory traffic than many small ones (measured on an H200: see benchmarks.md).
-_CHUNK_ELEMENTS = 1 << 26
-_CHUNK_ELEMENTS_CUDA = 1 << 28
 
 
 def _chunk_rows(head: LogitHead, hidden: torch.Tensor) -> int:
-    elements = _CHUNK_ELEMENTS_CUDA if hidden.is_cuda else _CHUNK_ELEMENTS
-    return max(256, elements // head.vocab)
+    return chunk_rows(head.vocab, hidden)
 
 
 def unwrap_peft(model):
@@ -132,10 +125,6 @@ class LogitHead:
         return logits
 
 
-def _chunk_loss(head: LogitHead, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden), targets, reduction="sum")
-
-
 def _ce_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of cross-entropy, d loss / d logits in the logits' dtype) for logits [n, V], in fp32 inside."""
     x = logits.float()
@@ -196,15 +185,8 @@ def chunked_cross_entropy(head: LogitHead, hidden: torch.Tensor, targets: torch.
     chunk = chunk or _chunk_rows(head, hidden)
     if getattr(head, "fusable", False) and torch.is_grad_enabled() and (hidden.requires_grad or head.head.weight.requires_grad):
         return LinearCrossEntropy.apply(hidden, head.head.weight, targets, chunk)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk):
-        h, t = hidden[start : start + chunk], targets[start : start + chunk]
-        if torch.is_grad_enabled():
-            # Recompute this chunk's logits in backward instead of storing them.
-            total = total + checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(head, h, t)
-    return total
+    # Other heads (soft-capping, scaled logits, biases): the shared checkpointed log-prob chunks.
+    return -token_logps(head, hidden, targets, chunk=chunk).sum()
 
 
 def chunked_predictions(head: LogitHead, hidden: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -240,11 +222,3 @@ def causal_lm_token_loss(model, batch: dict, chunk: int | None = None) -> TokenL
         return TokenLoss(loss_sum, int(mask.sum()), mask, selected, head)
     router = balance(routers, batch.get("real_tokens"))
     return TokenLoss(loss_sum, int(mask.sum()), mask, selected, head, router, balance.coef)
-
-
-def reference_token_loss(model, batch: dict) -> torch.Tensor:
-    """The same sum computed the plain way, from the full logits of model(...): for tests only."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), batch["target_ids"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )

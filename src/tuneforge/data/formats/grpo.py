@@ -227,6 +227,9 @@ def prepare_prompts(cfg: Config, tokenizer):
         eval_ds, stats["eval"] = split(cfg.test_datasets, "test_datasets")
     elif cfg.val_set_size:
         n_eval = int(cfg.val_set_size) if cfg.val_set_size >= 1 else max(1, round(cfg.val_set_size * len(train)))
+        if n_eval >= len(train):  # the same guard as the SFT pipeline's split (data/pipeline.py)
+            raise DataError(f"val_set_size {cfg.val_set_size} leaves no training prompts ({len(train)} prompts in "
+                            "all). Lower val_set_size or add data.")
         parts = train.train_test_split(test_size=n_eval, seed=cfg.seed, shuffle=True)
         train, eval_ds = parts["train"], parts["test"]
         stats["eval"] = Stats(name="all", rows_in=len(eval_ds), rows_out=len(eval_ds))

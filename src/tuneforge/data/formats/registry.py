@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuneforge.config.data import DatasetEntry
+from tuneforge.config.methods import method_facts
 from tuneforge.config.schema import Config
 
 from ..rows import IGNORE_INDEX, RowError
@@ -59,13 +60,8 @@ def register(name: str, *, version: str, method: str | None = None) -> Callable[
 
 def method_family(cfg: Config) -> str | None:
     """The family of row shapes the configured method trains on (None: the plain formats)."""
-    if cfg.rl == "kto":
-        return "kto"
-    if cfg.rl in ("dpo", "ipo", "simpo", "orpo") or cfg.reward_model:
-        return "preference"
-    if cfg.process_reward_model:
-        return "stepwise"
-    return None
+    rows = method_facts(cfg).rows  # config/methods.py: what each method's data is
+    return None if rows in ("sft", "prompts") else rows
 
 
 def with_variants(fmt: Format) -> Format:

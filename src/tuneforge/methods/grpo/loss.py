@@ -1,6 +1,7 @@
 """The GRPO family's arithmetic, free of models and data: advantages, the per-token objective, loss
-aggregation and importance-sampling weights. Formulas: docs/grpo.md and the rl.md reference (sections
-1.2-1.5 and 2.2); every function is checked against closed-form values and TRL in tests/test_grpo_*.py.
+aggregation and importance-sampling weights. Formulas: docs/grpo.md (GRPO: Shao et al. 2024, DeepSeekMath;
+DAPO: Yu et al. 2025; Dr. GRPO: Liu et al. 2025; GSPO: Zheng et al. 2025; GDPO's per-reward normalisation);
+every function is checked against closed-form values and TRL in tests/test_grpo_*.py.
 
 Shapes: one row per completion, completion tokens on the second axis, `mask` [N, C] marks real tokens.
 """
@@ -48,7 +49,7 @@ def group_advantages(per_func: torch.Tensor, weights: torch.Tensor, num_generati
     batch ("batch") or no division ("none"). normalize_then_sum (GDPO): each reward is z-scored in its
     group, the weighted sum is z-scored over the batch. Unscorable completions (all rewards NaN) leave
     the group statistics and get advantage 0. `batch_stats` = (mean, std) of the batch when the batch
-    spans several calls (see `finish_batch`); otherwise the batch is `per_func` itself.
+    spans several calls or processes (see `batch_mean_std`); otherwise the batch is `per_func` itself.
     """
     n, k = per_func.shape
     if n % num_generations:
