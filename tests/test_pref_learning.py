@@ -28,7 +28,8 @@ METHODS = {
 
 def held_out_accuracy(model, cfg, tokenizer, pairs: list[dict], log_ratio: bool) -> float:
     from tuneforge.data.formats.preference import PlainCompletions
-    from tuneforge.methods.preference import collate_pairs, load_reference, sequence_logps
+    from tuneforge.methods.pairs import collate_pairs, sequence_logps
+    from tuneforge.methods.reference import load_reference
 
     encode = PlainCompletions(tokenizer, "held-out")
     docs = []
@@ -50,7 +51,7 @@ def held_out_accuracy(model, cfg, tokenizer, pairs: list[dict], log_ratio: bool)
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_learns_the_toy_preference(method, tmp_path, tiny_model_dir, tiny_tokenizer):
-    from tuneforge.methods.preference import load_reference
+    from tuneforge.methods.reference import load_reference
 
     train, test = reverse_task(256, seed=1), reverse_task(64, seed=2)
     if method == "kto":  # unpaired: each pair gives a desirable and an undesirable example

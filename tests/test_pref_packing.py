@@ -99,7 +99,7 @@ def test_pairs_longer_than_a_packed_row_are_dropped_or_rejected(tmp_path, tiny_m
 def test_packing_matches_per_sequence_logps(tiny_model_dir):
     """Direct check on the model: every sequence log-prob is the same in both layouts."""
     from test_pref_support import pair_doc, perturbed, random_examples
-    from tuneforge.methods.preference import collate_pairs, sequence_logps
+    from tuneforge.methods.pairs import collate_pairs, sequence_logps
 
     docs = [pair_doc(e) for e in random_examples(6, seed=2)]
     model = perturbed(tiny_model_dir)

@@ -55,7 +55,8 @@ def test_adapter_disabled_logps_equal_the_base_model(tiny_model_dir, tiny_tokeni
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tuneforge.methods.preference import Reference, collate_pairs, sequence_logps
+    from tuneforge.methods.pairs import collate_pairs, sequence_logps
+    from tuneforge.methods.reference import Reference
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32),
@@ -80,7 +81,7 @@ def test_adapter_disabled_logps_equal_the_base_model(tiny_model_dir, tiny_tokeni
 
 
 def test_reference_does_not_move_when_the_policy_trains(tiny_model_dir, tiny_tokenizer):
-    from tuneforge.methods.preference import collate_pairs, sequence_logps
+    from tuneforge.methods.pairs import collate_pairs, sequence_logps
 
     for keys in ({}, {"adapter": "lora", "lora_target_linear": True}):
         cfg = make_cfg(tiny_model_dir, rl="dpo", **keys)
@@ -110,7 +111,7 @@ def test_reference_does_not_move_when_the_policy_trains(tiny_model_dir, tiny_tok
 def test_frozen_copy_is_the_policy_init_even_with_reinit_weights(tiny_model_dir, tiny_tokenizer):
     from accelerate.utils import set_seed
 
-    from tuneforge.methods.preference import load_reference
+    from tuneforge.methods.reference import load_reference
     from tuneforge.models.load import load_model
 
     for keys in ({}, {"reinit_weights": True}):

@@ -120,7 +120,7 @@ def train_run(cfg):
 
 # ---------------------------------------------------------------- the layout itself
 def test_unpacked_layout_is_trl_order_and_packed_layout_keeps_pairs_together():
-    from tuneforge.methods.preference import collate_pairs
+    from tuneforge.methods.pairs import collate_pairs
 
     ex = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8, 9], "rejected_ids": [10]},
           {"prompt_ids": [11], "chosen_ids": [12], "rejected_ids": [13, 14]}]

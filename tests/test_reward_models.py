@@ -38,7 +38,7 @@ def test_reward_is_the_head_at_each_sequence_last_token(tiny_model_dir):
     """Packed or padded, the score of a sequence is what transformers' own pooling gives for it alone."""
     from transformers import AutoModelForSequenceClassification
 
-    from tuneforge.methods.preference import collate_pairs
+    from tuneforge.methods.pairs import collate_pairs
     from tuneforge.methods.reward_model import sequence_scores
 
     model = perturbed(tiny_model_dir, cls=AutoModelForSequenceClassification, num_labels=1).eval()

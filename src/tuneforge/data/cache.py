@@ -30,10 +30,10 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tuneforge.config.data import DatasetEntry
 from tuneforge.config.schema import Config
@@ -301,6 +301,19 @@ def _publish(tmp: Path, final: Path) -> None:
     os.rename(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write one file of a cache entry atomically: `write(f)` fills a uniquely named partial file beside
+    `path` (process id and a uuid, no RNG state is touched), which then replaces `path` in one rename."""
+    tmp = path.with_name(f"{PARTIAL_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def sweep_partials(root: Path) -> None:

@@ -32,6 +32,13 @@ from tuneforge.config.schema import Config
 Batch = dict[str, Any]
 
 
+def config_error(key: str, message: str) -> Exception:
+    """The error of a config value an objective cannot train with, reported like config/rules.py's."""
+    from tuneforge.config.errors import ConfigError, ConfigIssue
+
+    return ConfigError([ConfigIssue(key, message)])
+
+
 @dataclass(frozen=True)
 class StepShape:
     """How the step planner cuts the training rows into optimizer steps for an objective."""

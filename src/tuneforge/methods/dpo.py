@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from tuneforge.config.schema import Config
 from tuneforge.errors import NotSupportedYet
 
-from .base import Batch
-from .preference import PairObjective, beta_of, chosen_nll, config_error, reward_sums, sequence_logps
+from .base import Batch, config_error
+from .pairs import sequence_logps
+from .preference import PairObjective, beta_of, chosen_nll, reward_sums
 
 log = logging.getLogger("tuneforge")
 

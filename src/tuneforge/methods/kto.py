@@ -28,20 +28,10 @@ import torch.nn.functional as F
 from tuneforge.config.schema import Config
 from tuneforge.distributed import collectives
 
-from .base import Batch, Objective
-from .preference import (
-    Reference,
-    batch_shape,
-    beta_of,
-    config_error,
-    disable_dropout,
-    layout,
-    map_splits,
-    precompute_columns,
-    prepare_checked,
-    sequence_logps,
-    sub_batch,
-)
+from .base import Batch, Objective, config_error
+from .pairs import batch_shape, layout, sequence_logps, sub_batch
+from .preference import beta_of, map_splits, prepare_checked
+from .reference import Reference, disable_dropout, precompute_columns
 
 log = logging.getLogger("tuneforge")
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from tuneforge.config.schema import Config
 
 from .base import Batch
-from .preference import PairObjective, beta_of, chosen_nll, reward_sums, sequence_logps
+from .pairs import sequence_logps
+from .preference import PairObjective, beta_of, chosen_nll, reward_sums
 
 DEFAULT_LAMBDA = 0.1
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tuneforge.data.formats import IGNORE_INDEX
 
 from .base import Batch, Objective
-from .preference import batch_shape, layout
+from .pairs import batch_shape, layout
 from .reward_model import backbone_hidden
 
 

@@ -31,7 +31,8 @@ def completion_logps(model, batch: Batch, temperature: float) -> torch.Tensor:
 def training_layout(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Batch:
     """Rows prompt+completion in the collate contract, plus the completion view [N, C]:
     `completion_ids`, `token_valid` (real completion tokens) and `token_pos` (the position whose
-    next-token prediction is that token)."""
+    next-token prediction is that token), and the sizes the trainer's throughput metrics read
+    (`row_lengths`, `num_tokens`, `sum_sq_lengths`)."""
     docs = [[{"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c}] for p, c in zip(prompts, completions, strict=True)]
     batch = collate_documents(docs, pad_id)
     N, C = len(completions), max(1, max(len(c) for c in completions))
@@ -42,7 +43,9 @@ def training_layout(prompts: list[list[int]], completions: list[list[int]], pad_
         comp[i, : len(c)] = torch.tensor(c, dtype=torch.long)
         valid[i, : len(c)] = True
         pos[i] = torch.arange(C) + len(p) - 1
-    batch.update(completion_ids=comp, token_valid=valid, token_pos=pos.clamp(max=batch["input_ids"].shape[1] - 1))
+    row_lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+    batch.update(completion_ids=comp, token_valid=valid, token_pos=pos.clamp(max=batch["input_ids"].shape[1] - 1),
+                 row_lengths=row_lengths, num_tokens=sum(row_lengths), sum_sq_lengths=sum(n * n for n in row_lengths))
     return batch
 
 

@@ -40,7 +40,7 @@ from tuneforge.config.schema import Config
 from tuneforge.distributed import collectives
 
 from ..base import Batch, Objective, StepShape
-from ..preference import Reference, disable_dropout
+from ..reference import Reference, disable_dropout
 from ..rewards import RewardSet
 from . import loss as grpo_loss
 from . import metrics
@@ -154,7 +154,6 @@ class GRPOObjective(Objective):
         self.buffer.rollouts += 1
         texts, per_func = self._score(source, rollout, step=self.buffer.rollouts - 1)
         prompt_ids = [p for p in rollout.prompt_ids for _ in range(G)]
-        row_lengths = [len(p) + len(c) for p, c in zip(prompt_ids, rollout.completion_ids, strict=True)]
         device = next(model.parameters()).device
         scored = {k: v.to(device) if torch.is_tensor(v) else v
                   for k, v in training_layout(prompt_ids, rollout.completion_ids, source["pad_id"]).items()}
@@ -167,9 +166,7 @@ class GRPOObjective(Objective):
             sampler_logps[i, : len(lp)] = torch.tensor(lp, device=device)
         scored.update(mask=mask, truncated=truncated, rewards_per_func=per_func, sampler_logps=sampler_logps,
                       off_policy=off_policy, gen_seconds=rollout.seconds, gen_tokens=rollout.num_tokens, texts=texts,
-                      prompt_texts=[p if isinstance(p, str) else p[-1]["content"] for p in source["prompts"]],
-                      row_lengths=row_lengths, num_tokens=sum(row_lengths),
-                      sum_sq_lengths=sum(n * n for n in row_lengths))
+                      prompt_texts=[p if isinstance(p, str) else p[-1]["content"] for p in source["prompts"]])
         if s.num_iterations > 1 or (off_policy and s.correct_is) or s.opsm is not None:
             scored["old_logps"] = completion_logps(model, scored, s.temperature)
         if off_policy and s.correct_is:

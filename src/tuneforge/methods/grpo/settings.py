@@ -9,7 +9,8 @@ from tuneforge.config.rl import TRLBlock
 from tuneforge.config.schema import Config
 from tuneforge.errors import NotSupportedYet
 
-from ..preference import beta_of, config_error
+from ..base import config_error
+from ..preference import beta_of
 from .loss import LOSS_TYPES
 
 # trl.max_completion_length for GRPO when unset (the key is shared with stepwise_supervised data, where
