@@ -108,20 +108,23 @@ class VLLMBlock(Section):
 
 class RLKeys(Section):
     rl: RLMethod | None = Field(None, description="Preference or RL method: dpo, ipo, simpo, kto, orpo, grpo, gdpo.")
-    rl_beta: float | None = Field(None, description="beta of the preference/RL loss (trl.beta takes precedence).")
-    dpo_loss_type: list[str] | None = Field(None, description="DPO loss variants, e.g. [sigmoid], [ipo], [sigmoid, sft].")
+    rl_beta: float | None = Field(
+        None, description="beta of the preference/RL loss (trl.beta takes precedence; unset: 0.1 for DPO-style methods, 0 for GRPO).")
+    dpo_loss_type: list[str] | None = Field(
+        None, description="DPO loss variants, e.g. [sigmoid], [ipo], [sigmoid, sft] (unset: [ipo] for rl: ipo, else [sigmoid]).")
     dpo_loss_weights: list[float] | None = Field(None, description="Weights of the dpo_loss_type terms.")
-    dpo_label_smoothing: float | None = Field(None, ge=0, lt=0.5, description="Label smoothing (robust / cDPO).")
-    dpo_use_weighting: bool | None = Field(None, description="WPO weighting of the DPO loss.")
-    precompute_ref_log_probs: bool | None = Field(None, description="Compute reference log-probs once, before training.")
-    orpo_alpha: float | None = Field(None, description="ORPO lambda (weight of the odds-ratio term).")
-    simpo_gamma: float | None = Field(None, description="SimPO target margin gamma.")
-    cpo_alpha: float | None = Field(None, description="Weight of the NLL term for SimPO/CPO.")
-    kto_desirable_weight: float | None = Field(None, description="KTO weight of desirable examples.")
-    kto_undesirable_weight: float | None = Field(None, description="KTO weight of undesirable examples.")
+    dpo_label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Label smoothing (robust / cDPO).")
+    dpo_use_weighting: bool = Field(False, description="WPO weighting of the DPO loss.")
+    precompute_ref_log_probs: bool = Field(False, description="Compute reference log-probs once, before training.")
+    orpo_alpha: float | None = Field(
+        None, description="ORPO lambda (weight of the odds-ratio term; unset: trl.beta / rl_beta, else 0.1).")
+    simpo_gamma: float = Field(0.5, description="SimPO target margin gamma.")
+    cpo_alpha: float = Field(1.0, description="Weight of the NLL term for SimPO/CPO (0: the SimPO paper's loss).")
+    kto_desirable_weight: float = Field(1.0, description="KTO weight of desirable examples.")
+    kto_undesirable_weight: float = Field(1.0, description="KTO weight of undesirable examples.")
     reward_model: bool = Field(False, description="Train an outcome reward model (Bradley-Terry).")
     process_reward_model: bool = Field(False, description="Train a process reward model (token classification).")
-    center_rewards_coefficient: float | None = Field(None, description="Penalty pulling reward-model outputs to zero.")
+    center_rewards_coefficient: float = Field(0.0, description="Penalty pulling reward-model outputs to zero.")
     trl: TRLBlock | None = Field(None, description="Online-RL and TRL-style options (GRPO).")
     vllm: VLLMBlock | None = Field(None, description="vLLM server options for `tuneforge vllm-serve`.")
 

@@ -83,7 +83,7 @@ class DPOObjective(PairObjective):
         self.weights = list(cfg.dpo_loss_weights or [1.0] * len(self.loss_types))
         if len(self.weights) != len(self.loss_types):
             raise config_error("dpo_loss_weights", "needs one weight per entry of dpo_loss_type.")
-        self.eps = float(cfg.dpo_label_smoothing or 0.0)
+        self.eps = float(cfg.dpo_label_smoothing)
         if "exo_pair" in self.loss_types and self.eps == 0:
             raise config_error("dpo_label_smoothing", "dpo_loss_type exo_pair needs it > 0 (the EXO paper uses 1e-3).")
         if self.eps and not set(self.loss_types) & set(_SMOOTHED):

@@ -84,8 +84,7 @@ class KTOObjective(Objective):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.beta = beta_of(cfg)
-        self.w_d = 1.0 if cfg.kto_desirable_weight is None else float(cfg.kto_desirable_weight)
-        self.w_u = 1.0 if cfg.kto_undesirable_weight is None else float(cfg.kto_undesirable_weight)
+        self.w_d, self.w_u = float(cfg.kto_desirable_weight), float(cfg.kto_undesirable_weight)
         if cfg.micro_batch_size < 2:
             raise config_error("micro_batch_size", "KTO estimates its reference point from mismatched pairs within "
                                "a batch of examples; set micro_batch_size to 2 or more.")

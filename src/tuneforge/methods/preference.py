@@ -9,7 +9,7 @@ import torch
 
 from tuneforge.config.schema import Config
 
-from .base import Batch, Objective, config_error
+from .base import Batch, Objective
 from .pairs import (
     PAIR_COLUMNS,
     SequenceLogps,

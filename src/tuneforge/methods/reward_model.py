@@ -59,7 +59,7 @@ class RewardModelObjective(PairObjective):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        self.center = float(cfg.center_rewards_coefficient or 0.0)
+        self.center = float(cfg.center_rewards_coefficient)
 
     def setup(self, model) -> None:
         pass  # keep the model's dropout: TRL's RewardTrainer does not disable it

@@ -22,9 +22,6 @@ from .base import Batch
 from .pairs import sequence_logps
 from .preference import PairObjective, beta_of, chosen_nll, reward_sums
 
-DEFAULT_GAMMA = 0.5
-DEFAULT_CPO_ALPHA = 1.0
-
 
 class SimPOObjective(PairObjective):
     name = "simpo"
@@ -32,9 +29,7 @@ class SimPOObjective(PairObjective):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.beta = beta_of(cfg)
-        self.gamma = DEFAULT_GAMMA if cfg.simpo_gamma is None else float(cfg.simpo_gamma)
-        self.alpha = DEFAULT_CPO_ALPHA if cfg.cpo_alpha is None else float(cfg.cpo_alpha)
-        self.eps = float(cfg.dpo_label_smoothing or 0.0)
+        self.gamma, self.alpha, self.eps = float(cfg.simpo_gamma), float(cfg.cpo_alpha), float(cfg.dpo_label_smoothing)
 
     def pair_losses(self, model, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         seq = sequence_logps(model, batch)
