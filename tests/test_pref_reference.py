@@ -24,7 +24,7 @@ def _kto_rows(n: int = 16) -> list[dict]:
 
 @pytest.mark.parametrize("method", ["dpo", "kto"])
 def test_precomputed_reference_gives_the_same_first_step(method, tmp_path, tiny_model_dir, monkeypatch):
-    import tuneforge.methods.preference as pref
+    import tuneforge.methods.reference as pref
 
     rows = _kto_rows() if method == "kto" else reverse_task(16, seed=5)
     data = write_jsonl(tmp_path / "data.jsonl", rows)
@@ -130,7 +130,7 @@ def test_frozen_copy_is_the_policy_init_even_with_reinit_weights(tiny_model_dir,
 
 @pytest.mark.parametrize("method", ["simpo", "orpo", "reward_model"])
 def test_reference_free_methods_load_no_second_model(method, tmp_path, tiny_model_dir, monkeypatch):
-    import tuneforge.methods.preference as pref
+    import tuneforge.methods.reference as pref
 
     def fail(*a, **k):
         raise AssertionError("a reference-free method loaded a reference model")

@@ -168,17 +168,17 @@ class KTOObjective(Objective):
 
     def summarize(self, sums: dict[str, float], num_items: int) -> dict[str, float]:
         n = max(num_items, 1)
-        out = {"loss": sums["loss"] / n, "kl": sums["kl"] / n}
+        logged = {"loss": sums["loss"] / n, "kl": sums["kl"] / n}
         d, u = sums.get("desirable", 0.0), sums.get("undesirable", 0.0)
         if d:
-            out["rewards/chosen"] = sums["rewards/chosen"] / d
-            out["logps/chosen"] = sums["logps/chosen"] / d
+            logged["rewards/chosen"] = sums["rewards/chosen"] / d
+            logged["logps/chosen"] = sums["logps/chosen"] / d
         if u:
-            out["rewards/rejected"] = sums["rewards/rejected"] / u
-            out["logps/rejected"] = sums["logps/rejected"] / u
+            logged["rewards/rejected"] = sums["rewards/rejected"] / u
+            logged["logps/rejected"] = sums["logps/rejected"] / u
         if d and u:
-            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
-        return out
+            logged["rewards/margins"] = logged["rewards/chosen"] - logged["rewards/rejected"]
+        return logged
 
     def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]:
         return self.summarize(sums, int(sums.get("examples", 1)))

@@ -122,8 +122,8 @@ def sequence_logps(network, batch: Batch, *, full: bool = False) -> SequenceLogp
     n_docs = batch["doc_last"].numel()
 
     def per_doc(values: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(n_docs, dtype=values.dtype, device=values.device)
-        return out.index_add(0, doc[which], values[which])
+        totals = torch.zeros(n_docs, dtype=values.dtype, device=values.device)
+        return totals.index_add(0, doc[which], values[which])
 
     if not full:
         every = torch.ones_like(doc, dtype=torch.bool)

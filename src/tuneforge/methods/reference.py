@@ -141,7 +141,7 @@ def precompute_columns(cfg: Config, tokenizer, splits: dict[str, Any], columns: 
     from tuneforge.models.load import mixed_precision
 
     key = _reference_key(cfg, family, extra or {})
-    out, net = dict(splits), None
+    prepared, net = dict(splits), None
     device = PartialState().device
     precision = mixed_precision(cfg)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -172,12 +172,12 @@ def precompute_columns(cfg: Config, tokenizer, splits: dict[str, Any], columns: 
             if k in ds.column_names:
                 ds = ds.remove_columns(k)
             ds = ds.add_column(k, v.astype(np.float64).tolist())
-        out[name] = ds
+        prepared[name] = ds
     if net is not None:
         del net
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return out
+    return prepared
 
 
 def _load_npz(path: Path | None, rows: int) -> dict[str, np.ndarray] | None:

@@ -42,8 +42,8 @@ def backbone_hidden(model, batch: Batch) -> tuple[torch.Tensor, torch.nn.Module,
     extra = {}
     if getattr(unwrap_peft(model).config, "_attn_implementation", None) == attention.NAME and "cu_seqlens" in batch:
         extra = attention.varlen_kwargs(batch)  # sequence boundaries for the varlen kernel (CUDA)
-    out = backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    outputs = backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **extra)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     return hidden, head, dropout
 
 

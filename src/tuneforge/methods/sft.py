@@ -39,15 +39,15 @@ class SFTObjective(Objective):
     name = "sft"
 
     def loss(self, model, batch: Batch, num_items: int) -> tuple[torch.Tensor, dict[str, float]]:
-        out = causal_lm_token_loss(model, batch)
-        loss = out.loss_sum / max(num_items, 1)
-        metrics = {"loss_sum": float(out.loss_sum.detach()), "num_tokens": float(out.num_tokens)}
-        if out.router is not None:
+        token_loss = causal_lm_token_loss(model, batch)
+        loss = token_loss.loss_sum / max(num_items, 1)
+        metrics = {"loss_sum": float(token_loss.loss_sum.detach()), "num_tokens": float(token_loss.num_tokens)}
+        if token_loss.router is not None:
             # A micro-batch's router loss weighs by its share of the step's trained tokens: one micro-batch
             # gives transformers' loss + coef x aux exactly, several a token-weighted mean of theirs.
-            share = out.num_tokens / max(num_items, 1)
-            loss = loss + out.router_coef * share * out.router
-            metrics["router_aux_loss_sum"] = float(out.router.detach()) * out.num_tokens
+            share = token_loss.num_tokens / max(num_items, 1)
+            loss = loss + token_loss.router_coef * share * token_loss.router
+            metrics["router_aux_loss_sum"] = float(token_loss.router.detach()) * token_loss.num_tokens
         return loss, metrics
 
     def summarize(self, sums: dict[str, float], num_items: int) -> dict[str, float]:
@@ -58,13 +58,13 @@ class SFTObjective(Objective):
 
     @torch.no_grad()
     def evaluate(self, model, batch: Batch) -> dict[str, float]:
-        out = causal_lm_token_loss(model, batch)
-        targets = batch["target_ids"][out.mask]
-        correct = chunked_predictions(out.head, out.hidden) == targets
-        docs, exact = exact_match_documents(batch["position_ids"], out.mask, correct)
+        token_loss = causal_lm_token_loss(model, batch)
+        targets = batch["target_ids"][token_loss.mask]
+        correct = chunked_predictions(token_loss.head, token_loss.hidden) == targets
+        docs, exact = exact_match_documents(batch["position_ids"], token_loss.mask, correct)
         return {
-            "loss_sum": float(out.loss_sum),
-            "num_tokens": float(out.num_tokens),
+            "loss_sum": float(token_loss.loss_sum),
+            "num_tokens": float(token_loss.num_tokens),
             "correct_tokens": float(correct.sum()),
             "documents": float(docs),
             "exact_documents": float(exact),

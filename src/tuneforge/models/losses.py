@@ -54,14 +54,14 @@ def decoder_forward(model, batch: dict, router_logits: bool = False) -> tuple[to
     extra = {"output_router_logits": True} if router_logits else {}
     if getattr(base.config, "_attn_implementation", None) == attention.NAME and "cu_seqlens" in batch:
         extra |= attention.varlen_kwargs(batch)  # the packed documents' boundaries, for the varlen kernel
-    out = base.get_decoder()(
+    outputs = base.get_decoder()(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
         use_cache=False,
         **extra,
     )
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return hidden, out.router_logits if router_logits else None
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    return hidden, outputs.router_logits if router_logits else None
 
 
 class RouterBalance:
