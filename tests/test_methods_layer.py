@@ -79,6 +79,7 @@ def test_grpo_step_shape_is_one_planned_micro_batch_of_the_steps_prompts(prompts
     from tuneforge.methods.base import StepShape
 
     obj = get_objective(prompts(micro_batch_size=2, gradient_accumulation_steps=3))
+    assert obj.facts is METHODS["grpo"] and obj.facts.rows == "prompts"
     assert obj.step_shape() == StepShape(rows_per_micro_batch=3, micro_batches_per_step=1)  # 6 completions / 2
 
 

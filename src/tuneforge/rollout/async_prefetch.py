@@ -10,7 +10,7 @@ The first `depth` steps have nothing in flight yet and generate their own batch 
 prompts are then seen twice, once on-policy and once from the queue; the last `depth` prompt batches of
 the run are never trained on). Completions used at step k were sampled with weights up to `depth`
 optimizer steps old: the objective recomputes pi_old with the current weights and corrects the gap
-with the truncated importance weight pi_old / pi_sampler (see `methods/grpo_loss.importance_weights`).
+with the truncated importance weight pi_old / pi_sampler (see `methods/grpo/loss.py`, `importance_weights`).
 
 The background sampler generates with a *snapshot* of the policy (a deep copy refreshed in place before
 each submission), so the optimizer may update the live weights while generation runs. This costs one

@@ -9,7 +9,7 @@ Two users:
   than the decode step itself. `HalfPrecisionSampler` instead generates from a half-precision snapshot
   that is refreshed once per generation (one cast per optimizer step), at the cost of 2 bytes per
   parameter of extra memory. `generation_kwargs: {half_precision_copy: false}` turns it off; fp32
-  weights then generate in fp32 (see `methods/grpo.py`).
+  weights then generate in fp32 (see `rollout/factory.py`).
 """
 
 from __future__ import annotations
