@@ -49,6 +49,7 @@ class _Span:
     terms: list[tuple[int, int, str]] = field(default_factory=list)  # terminator tokens after the turn
     found: bool = True  # False: the message's text is not in the rendered text (empty, or dropped by the template)
     lead_space: bool = False  # body starts with separator spaces: tokens of those spaces alone are not trained
+    detached: bool = False  # located out of turn order (a system prompt inside a later turn): owns no terminators
     trim_end: bool = False  # spaces between the reply's content and its terminator are the template's, not trained
 
 
@@ -178,6 +179,13 @@ class ChatMasker:
                 raise RowError(f"message {i}: content must be a string, got {type(content).__name__}")
             if message.get("role") == "assistant":
                 span = self._locate_assistant(messages, tools, i, text, content, cursor)
+            elif message.get("role") == "system" and content and self._placed_later(messages, i, text, content, cursor):
+                # Mistral v3 / Pixtral write the system prompt into the last user turn: it is located on its own
+                # and takes no part in the order of the other turns (nor in their terminators).
+                found = _find(text, content, 0)
+                if found:
+                    spans[i] = _Span(found[0], found[0], found[1], body_end=found[1], detached=True)
+                continue
             elif content:
                 found = _find(text, content, cursor)
                 span = None
@@ -200,6 +208,17 @@ class ChatMasker:
                     while span.body_end > max(span.body_start, span.content_end) and text[span.body_end - 1] == " ":
                         span.body_end -= 1
         return spans
+
+    @staticmethod
+    def _placed_later(messages: list[dict], i: int, text: str, content: str, cursor: int) -> bool:
+        """True when the next message with text comes before this (system) message's content in the text."""
+        found = _find(text, content, cursor)
+        later = next((m.get("content") for m in messages[i + 1:] if isinstance(m.get("content"), str)
+                      and m.get("content").strip()), None)
+        if later is None:
+            return False
+        nxt = _find(text, later, cursor)
+        return nxt is not None and (found is None or nxt[0] < found[0])
 
     def _locate_assistant(self, messages, tools, i: int, text: str, content: str, cursor: int) -> _Span:
         if self._header_short:
@@ -226,11 +245,11 @@ class ChatMasker:
         found = _find(text, content, cursor) if content else None
         start = len(prompt) if prompt is not None and text.startswith(prompt) and len(prompt) >= cursor else None
         if start is not None and (found is None or (found[0] >= start and not text[start:found[0]].strip())):
-            return _Span(start, start, found[1] if found else start, lead_space=text.startswith(" ", start),
-                         trim_end=True)
+            # lead_space also when the text has no space: SentencePiece tokenizers may insert one after [/INST].
+            return _Span(start, start, found[1] if found else start, lead_space=True, trim_end=True)
         if found:
             start = _spaces_before(text, found[0], cursor)
-            return _Span(start, start, found[1], lead_space=start < found[0], trim_end=True)
+            return _Span(start, start, found[1], lead_space=True, trim_end=True)
         raise RowError(f"message {i} (assistant): cannot find where this turn starts in the rendered conversation.")
 
     def _assign_terminators(self, spans: list[_Span | None], text: str) -> None:
@@ -243,6 +262,8 @@ class ChatMasker:
         owner: int | None = None
         floating: list[int] = []
         for i in [*range(len(spans)), None]:
+            if i is not None and spans[i] is not None and spans[i].detached:
+                continue
             if i is not None and spans[i] is None:
                 floating.append(i)
                 continue
@@ -297,7 +318,7 @@ class ChatMasker:
                 )
         segments: list[tuple[int, int, bool]] = []
         pos = 0
-        for start, end, trained in cuts:
+        for start, end, trained in sorted(cuts, key=lambda c: c[0]):
             if start < pos:
                 raise RowError("the chat template renders turns out of order; cannot mask this conversation.")
             if start > pos:
@@ -348,7 +369,9 @@ class ChatMasker:
         redo = []
         for k in range(1, len(pieces)):
             prev = out[k - 1]
-            nl = self._nl_after_special if (prev and prev[-1] in self._added_ids) else self._nl_after_text
+            # (an unknown character's <unk> is text, not a special token written by the template)
+            after_special = prev and prev[-1] in self._added_ids and prev[-1] != self.tokenizer.unk_token_id
+            nl = self._nl_after_special if after_special else self._nl_after_text
             if nl is not None:
                 redo.append((k, nl))
         if redo:
