@@ -571,3 +571,19 @@ def test_prefix_space_tokenizers_match_apply_chat_template(scheme):
                 assert spaces, (scheme, name)
                 mask = [0 if k in spaces else m for k, m in enumerate(mask)]
             assert [int(x != IGNORE_INDEX) for x in out["labels"]] == mask, (scheme, name)
+
+
+@pytest.mark.parametrize("name", ["pixtral", "mistral_v2v3", "mistral_v3_tekken"])
+def test_system_prompt_in_the_last_user_turn_is_masked_on_its_own(chat_tok, name):
+    """These templates write the system prompt into the last user turn, after earlier replies; with every turn
+    trained it is trained where it stands, and the earlier replies keep their own spans."""
+    out = encode(chat_tok, {"messages": CHAT}, top={"chat_template": name, "train_on_inputs": True})
+    text = hf_text(chat_tok, ct.template(name), CHAT)
+    assert text.index("Four.") < text.index("You are terse.")
+    expected = ["What is two plus two?", "Four.</s>", "You are terse.", "And three plus three?", "Six.</s>"]
+    if name in LEAD_SPACE:
+        assert out["labels"] == offset_oracle(chat_tok, text, expected)
+    else:
+        check_exact(chat_tok, out, ct.template(name), CHAT, expected)
+    out = encode(chat_tok, {"messages": CHAT}, top={"chat_template": name})
+    assert "terse" not in "".join(trained_runs(chat_tok, out))

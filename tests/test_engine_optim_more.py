@@ -236,7 +236,8 @@ def test_schedule_free_keeps_only_the_warmup_of_the_schedule():
 
 
 @needs["torchao"]
-@pytest.mark.parametrize("name,cls_name", [("adamw_torch_8bit", "AdamW8bit"), ("adamw_torch_4bit", "AdamW4bit")])
+@pytest.mark.parametrize("name,cls_name", [("adamw_torch_8bit", "AdamW8bit"), ("adamw_torch_4bit", "AdamW4bit"),
+                                           ("ao_adamw_fp8", "AdamWFp8")])
 def test_torchao_low_bit_adamw_equals_torchao(name, cls_name):
     import torchao.optim
 
