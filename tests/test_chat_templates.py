@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tuneforge import chat_templates as ct
@@ -43,6 +45,37 @@ EXPECTED = {
              "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n",
     "phi_3": "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n"
              "<|user|>\nBye<|end|>\n<|assistant|>\n",
+    # Axolotl's template names, each in its family's layout (checked against the families' own templates):
+    "alpaca": '<s>Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello!</s>\n\n### Instruction:\nBye\n\n### Response:\n',
+    "mistral_v1": '<s> [INST] Be brief.\n\nHi [/INST] Hello!</s> [INST] Bye [/INST]',
+    "mistral_v2v3": '<s>[INST] Hi[/INST] Hello!</s>[INST] Be brief.\n\nBye[/INST]',
+    "mistral_v3_tekken": '<s>[INST]Hi[/INST]Hello!</s>[INST]Be brief.\n\nBye[/INST]',
+    "mistral_v7_tekken": '<s>[SYSTEM_PROMPT]Be brief.[/SYSTEM_PROMPT][INST]Hi[/INST]Hello!</s>[INST]Bye[/INST]',
+    "pixtral": '<s>[INST]Hi[/INST]Hello!</s>[INST]Be brief.\n\nBye[/INST]',
+    "llama3_2_vision": '<s><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n',
+    "llama4": '<s><|header_start|>system<|header_end|>\n\nBe brief.<|eot|><|header_start|>user<|header_end|>\n\nHi<|eot|><|header_start|>assistant<|header_end|>\n\nHello!<|eot|><|header_start|>user<|header_end|>\n\nBye<|eot|><|header_start|>assistant<|header_end|>\n\n',
+    "qwen_25": '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n',
+    "qwen3_5": '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n',
+    "qwen2_vl": '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n',
+    "gemma3": '<s><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n',
+    "gemma3n": '<s><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n',
+    "gemma4": '<s><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\nHello!<turn|>\n<|turn>user\nBye<turn|>\n<|turn>model\n<|channel>thought\n<channel|>',
+    "phi_35": '<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello!<|end|>\n<|user|>\nBye<|end|>\n<|assistant|>\n',
+    "phi_4": '<|im_start|>system<|im_sep|>Be brief.<|im_end|><|im_start|>user<|im_sep|>Hi<|im_end|><|im_start|>assistant<|im_sep|>Hello!<|im_end|><|im_start|>user<|im_sep|>Bye<|im_end|><|im_start|>assistant<|im_sep|>',
+    "deepseek_v2": '<s>Be brief.\n\nUser: Hi\n\nAssistant: Hello!</s>User: Bye\n\nAssistant:',
+    "deepseek_v3": '<s>Be brief.<｜User｜>Hi<｜Assistant｜>Hello!</s><｜User｜>Bye<｜Assistant｜>',
+    "cohere": '<s><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>Be brief.<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Hello!<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Bye<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>',
+    "aya": '<s><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>Be brief.<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>Hello!<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Bye<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>',
+    "command_a": '<s><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>Be brief.<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|><|START_RESPONSE|>Hello!<|END_RESPONSE|><|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Bye<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>',
+    "command_a_tool_use": '<s><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>Be brief.<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|><|START_RESPONSE|>Hello!<|END_RESPONSE|><|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Bye<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>',
+    "command_a_rag": '<s><|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>Be brief.<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Hi<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|><|START_RESPONSE|>Hello!<|END_RESPONSE|><|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|USER_TOKEN|>Bye<|END_OF_TURN_TOKEN|><|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>',
+    "falcon_h1": '<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n',
+    "nemotron_h": '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n',
+    "jamba": '<s><|bom|><|system|> Be brief.<|eom|><|bom|><|user|> Hi<|eom|><|bom|><|assistant|> Hello!<|eom|><|bom|><|user|> Bye<|eom|><|bom|><|assistant|>',
+    "exaone": '[|system|]Be brief.[|endofturn|]\n[|user|]Hi\n[|assistant|]Hello![|endofturn|]\n[|user|]Bye\n[|assistant|]',
+    "exaone4": '[|system|]\nBe brief.[|endofturn|]\n[|user|]\nHi[|endofturn|]\n[|assistant|]\n<think>\n\n</think>\n\nHello![|endofturn|]\n[|user|]\nBye[|endofturn|]\n[|assistant|]\n<think>\n\n</think>\n\n',
+    "metharme": '<s><|system|>Be brief.<|user|>Hi<|model|>Hello!</s><|user|>Bye<|model|>',
+    "llava": 'Be brief. USER: Hi ASSISTANT: Hello!</s>USER: Bye ASSISTANT:',
 }
 
 
@@ -51,18 +84,22 @@ def test_exact_rendering_with_system_and_generation_prompt(tiny_tokenizer, name)
     assert render(tiny_tokenizer, name, CHAT, add_generation_prompt=True) == EXPECTED[name]
     # Without the generation prompt the text is the same minus the assistant header.
     plain = render(tiny_tokenizer, name, CHAT)
+    if name == "phi_35":  # a finished conversation ends with eos (test_family_details)
+        plain = plain.removesuffix("</s>")
     assert EXPECTED[name].startswith(plain) and len(plain) <= len(EXPECTED[name])
 
 
 @pytest.mark.parametrize("name", ct.NAMES)
 @pytest.mark.parametrize("messages,tools", [(CHAT, None), (TOOL_CHAT, TOOLS), (CHAT[1:], TOOLS)])
 def test_generation_markers_do_not_change_the_text(tiny_tokenizer, name, messages, tools):
+    if tools and name not in ct.TOOL_NAMES:
+        messages, tools = [m for m in messages if "tool_calls" not in m and m["role"] != "tool"], None
     marked = ct.template(name, generation_markers=True)
     assert "{% generation %}" in marked and "{% generation %}" not in ct.template(name)
     assert render(tiny_tokenizer, name, messages, True, tools=tools) == render(tiny_tokenizer, name, messages, tools=tools)
 
 
-@pytest.mark.parametrize("name", ct.NAMES)
+@pytest.mark.parametrize("name", ct.TOOL_NAMES)
 def test_tools_calls_and_results_are_rendered(tiny_tokenizer, name):
     text = render(tiny_tokenizer, name, TOOL_CHAT, tools=TOOLS)
     assert '"name": "get_weather"' in text  # the definition and the call both name the function
@@ -158,3 +195,48 @@ def test_eot_tokens_for(tiny_tokenizer):
     # A template we did not write: the known terminators it contains, else eos.
     assert ct.eot_tokens_for("{{ '<|eot_id|>' }}", tiny_tokenizer) == ["<|eot_id|>"]
     assert ct.eot_tokens_for("{{ 'User: ' }}", tiny_tokenizer) == ["</s>"]
+
+
+def test_every_axolotl_template_name_is_known():
+    """Axolotl's `chat_template` names (its schema enum, less `jinja` and `tokenizer_default`, which resolve()
+    handles, and gemma4_unified, which is not written yet) are all templates here."""
+    axolotl = {"alpaca", "chatml", "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "mistral_v7_tekken", "gemma",
+               "cohere", "llama3", "llama3_2_vision", "llama4", "phi_3", "phi_35", "deepseek_v2", "deepseek_v3",
+               "jamba", "qwen_25", "qwen3", "qwen3_5", "falcon_h1", "nemotron_h", "exaone", "exaone4", "metharme",
+               "pixtral", "llava", "qwen2_vl", "gemma3", "gemma3n", "gemma4", "command_a", "command_a_tool_use",
+               "command_a_rag", "aya"}
+    assert axolotl <= set(ct.NAMES)
+    assert set(ct.TOOL_NAMES) <= set(ct.NAMES)
+    for name in ct.NAMES:  # each is a file of its own, not code
+        assert (Path(ct.__file__).parent / f"{name}.jinja").is_file()
+
+
+@pytest.mark.parametrize("name", [n for n in ct.NAMES if n not in ct.TOOL_NAMES])
+def test_templates_without_a_tool_format_render_plain_chats(tiny_tokenizer, name):
+    text = render(tiny_tokenizer, name, CHAT[1:3])
+    assert "Hi" in text and "Hello!" in text and "get_weather" not in text
+
+
+def test_family_details(tiny_tokenizer):
+    # mistral_v2v3 / v3_tekken / pixtral: the system prompt (and tools) precede the LAST user message.
+    for name in ("mistral_v2v3", "mistral_v3_tekken"):
+        text = render(tiny_tokenizer, name, TOOL_CHAT[:1] + [{"role": "user", "content": "Now?"}], tools=TOOLS)
+        assert text.index("[AVAILABLE_TOOLS]") > text.index("Weather?")
+    # llava and deepseek_v2: a reply follows its header after a space; the prompt ends at the header.
+    assert render(tiny_tokenizer, "llava", CHAT[1:3]) == "USER: Hi ASSISTANT: Hello!</s>"
+    assert render(tiny_tokenizer, "deepseek_v2", CHAT[1:3]) == "<s>User: Hi\n\nAssistant: Hello!</s>"
+    # phi_35 closes a finished conversation with eos; a generation prompt replaces it.
+    assert render(tiny_tokenizer, "phi_35", CHAT[1:3]).endswith("<|end|>\n</s>")
+    # llama3_2_vision: the date line follows `date_string`; image parts are <|image|>.
+    text = render(tiny_tokenizer, "llama3_2_vision", [{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "What is it?"}]}], date_string="1 Jan 2025")
+    assert "Today Date: 1 Jan 2025" in text and "<|image|>What is it?<|eot_id|>" in text
+    # exaone4: reasoning is shown with skip_think=false for answers after the last user message.
+    text = render(tiny_tokenizer, "exaone4", TOOL_CHAT, tools=TOOLS, skip_think=False)
+    assert "[|assistant|]\n<think>\nTool says 21.\n</think>\n\nWarm.[|endofturn|]" in text
+    # command_a_rag lists documents; command_a_tool_use writes calls as an action list.
+    text = render(tiny_tokenizer, "command_a_rag", CHAT[1:3], documents=[{"title": "Geo", "text": "Paris is in France."}])
+    assert '<document id="0">Geo\nParis is in France.</document>' in text
+    text = render(tiny_tokenizer, "command_a_tool_use", TOOL_CHAT, tools=TOOLS)
+    assert ('<|START_ACTION|>[{"tool_call_id": "0", "tool_name": "get_weather", "parameters": {"city": "Paris"}}]'
+            '<|END_ACTION|><|END_OF_TURN_TOKEN|>') in text

@@ -79,3 +79,61 @@ def test_bad_scheduler_options_are_clear(tmp_path):
         multiplier_fn(_cfg(tmp_path, lr_scheduler="cosine_with_min_lr"), 10)
     with pytest.raises(TuneforgeError, match="unknown option"):
         multiplier_fn(_cfg(tmp_path, lr_scheduler_kwargs={"power": 2}), 10)
+
+
+def _reference(name, total, warm, **kwargs):
+    from transformers import get_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    ref = get_scheduler(name, opt, num_warmup_steps=warm, num_training_steps=total,
+                        scheduler_specific_kwargs=kwargs or None)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    return out
+
+
+@pytest.mark.parametrize("name,ours,theirs", [
+    ("cosine_with_restarts", {"num_cycles": 3}, {"num_cycles": 3}),
+    ("polynomial", {"power": 2.0, "lr_end": 0.01}, {"power": 2.0, "lr_end": 0.01}),
+    ("inverse_sqrt", {}, {}),
+    ("inverse_sqrt", {"timescale": 7}, {"timescale": 7}),
+    ("warmup_stable_decay", {"num_decay_steps": 6}, {"num_decay_steps": 6}),
+    ("warmup_stable_decay", {"num_decay_steps": 5, "num_stable_steps": 9, "decay_type": "1-sqrt",
+                             "warmup_type": "cosine", "min_lr_ratio": 0.1},
+     {"num_decay_steps": 5, "num_stable_steps": 9, "decay_type": "1-sqrt", "warmup_type": "cosine",
+      "min_lr_ratio": 0.1}),
+])
+def test_more_schedules_match_transformers(tmp_path, name, ours, theirs):
+    cfg = _cfg(tmp_path, lr_scheduler=name, warmup_steps=4, lr_scheduler_kwargs=ours or None)
+    assert _lrs(cfg, 23) == pytest.approx(_reference(name, 23, 4, **theirs), abs=1e-12)
+
+
+def test_warmup_stable_decay_defaults_to_a_last_tenth_decay(tmp_path):
+    f = multiplier_fn(_cfg(tmp_path, lr_scheduler="warmup_stable_decay", warmup_steps=2), 22)
+    # 20 steps after warmup: decay over the last 2 (cosine), stable in between.
+    assert [f(1), f(2), f(19), f(20), f(21), f(22)] == pytest.approx([0.5, 1.0, 1.0, 1.0, 0.5, 0.0])
+    with pytest.raises(TuneforgeError, match="decay_type: `cos` is not one of linear, cosine, 1-sqrt"):
+        multiplier_fn(_cfg(tmp_path, lr_scheduler="warmup_stable_decay", lr_scheduler_kwargs={"decay_type": "cos"}), 9)
+
+
+def test_rex_closed_form(tmp_path):
+    """REX: with z the share of the decay ahead, min + (1 - min) z / (0.1 + 0.9 z), after a linear warmup."""
+    f = multiplier_fn(_cfg(tmp_path, lr_scheduler="rex", warmup_steps=2), 12)
+    assert [f(0), f(1), f(2)] == [0.0, 0.5, 1.0]
+    assert f(7) == pytest.approx(0.5 / (0.1 + 0.45))  # half-way: 0.909..., well above linear's 0.5
+    assert f(11) == pytest.approx(0.1 / (0.1 + 0.09)) and f(12) == 0.0
+    g = multiplier_fn(_cfg(tmp_path, lr_scheduler="rex", cosine_min_lr_ratio=0.2), 10)
+    assert g(0) == 1.0 and g(10) == pytest.approx(0.2) and g(5) == pytest.approx(0.2 + 0.8 * 0.5 / 0.55)
+    h = multiplier_fn(_cfg(tmp_path, lr_scheduler="rex", lr_scheduler_kwargs={"min_lr": 0.01}), 10)
+    assert h(10) == pytest.approx(0.1)  # min_lr 0.01 of learning_rate 0.1
+    vals = [f(s) for s in range(2, 13)]
+    assert vals == sorted(vals, reverse=True)  # decreasing after warmup
+
+
+def test_options_of_another_schedule_are_named(tmp_path):
+    with pytest.raises(TuneforgeError, match=r"unknown option\(s\) \['num_decay_steps'\] for `rex` "
+                                             r"\(known: min_lr, min_lr_rate\)"):
+        multiplier_fn(_cfg(tmp_path, lr_scheduler="rex", lr_scheduler_kwargs={"num_decay_steps": 3}), 10)

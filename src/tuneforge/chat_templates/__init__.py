@@ -1,8 +1,9 @@
 """Named chat templates and the resolution of the `chat_template` / `chat_template_jinja` keys.
 
-The templates (`<name>.jinja` next to this file) are tuneforge's own: chatml, llama3, mistral, gemma,
-qwen3 and phi_3 (alias `phi`). Each supports a system prompt, multi-turn chats, `add_generation_prompt`
-and tool calling in the family's style. The files carry `{% generation %}` markers around what an
+The templates (`<name>.jinja` next to this file) are tuneforge's own, written to each model family's
+documented format, under Axolotl's `chat_template` names (plus `mistral`, `phi_4` and the alias `phi`).
+Each supports a system prompt, multi-turn chats and `add_generation_prompt`; those in `TOOL_NAMES` also
+render tool definitions, calls and results in the family's style. The files carry `{% generation %}` markers around what an
 assistant turn produces (its text, tool calls, reasoning and end-of-turn token); `template(name)` strips
 them, because a template saved with a model must render the same in every inference stack, and
 `template(name, generation_markers=True)` keeps them for transformers' `return_assistant_tokens_mask`.
@@ -18,7 +19,19 @@ from pathlib import Path
 
 from tuneforge.errors import ModelError, TuneforgeError
 
-NAMES = ("chatml", "llama3", "mistral", "gemma", "qwen3", "phi_3")
+NAMES = (
+    "chatml", "llama3", "mistral", "gemma", "qwen3", "phi_3",
+    "alpaca", "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "mistral_v7_tekken", "pixtral",
+    "llama3_2_vision", "llama4", "qwen_25", "qwen3_5", "qwen2_vl", "gemma3", "gemma3n", "gemma4",
+    "phi_35", "phi_4", "deepseek_v2", "deepseek_v3", "cohere", "aya", "command_a", "command_a_tool_use",
+    "command_a_rag", "falcon_h1", "nemotron_h", "jamba", "exaone", "exaone4", "metharme", "llava",
+)
+# Templates that write tool definitions, calls and results (the others have no tool format of their own).
+TOOL_NAMES = (
+    "chatml", "llama3", "mistral", "gemma", "qwen3", "phi_3", "mistral_v2v3", "mistral_v3_tekken",
+    "mistral_v7_tekken", "llama3_2_vision", "llama4", "qwen_25", "qwen3_5", "gemma3", "gemma3n", "phi_35",
+    "phi_4", "deepseek_v3", "cohere", "aya", "command_a_tool_use", "falcon_h1", "jamba", "exaone4",
+)
 ALIASES = {"phi": "phi_3"}
 FALLBACK_PREFIX = "tokenizer_default_fallback_"
 
@@ -30,9 +43,17 @@ _EOT = {
     "gemma": ["<end_of_turn>"],
     "mistral": ["eos"],
     "phi_3": ["<|end|>"],
+    **dict.fromkeys(("alpaca", "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "mistral_v7_tekken", "pixtral",
+                     "deepseek_v2", "deepseek_v3", "metharme", "llava"), ["eos"]),
+    **dict.fromkeys(("qwen_25", "qwen3_5", "qwen2_vl", "phi_4", "falcon_h1", "nemotron_h"), ["<|im_end|>"]),
+    **dict.fromkeys(("cohere", "aya", "command_a", "command_a_tool_use", "command_a_rag"), ["<|END_OF_TURN_TOKEN|>"]),
+    **dict.fromkeys(("exaone", "exaone4"), ["[|endofturn|]"]),
+    "gemma3": ["<end_of_turn>"], "gemma3n": ["<end_of_turn>"], "gemma4": ["<turn|>"],
+    "llama3_2_vision": ["<|eot_id|>"], "llama4": ["<|eot|>"], "phi_35": ["<|end|>"], "jamba": ["<|eom|>"],
 }
 # Turn terminators looked for in templates we did not write (tokenizer_default, jinja).
-_KNOWN_EOT = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eom_id|>", "<|endoftext|>")
+_KNOWN_EOT = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eom_id|>", "<|endoftext|>", "<|eot|>",
+              "<|END_OF_TURN_TOKEN|>", "[|endofturn|]", "<|eom|>", "<turn|>")
 
 _MARKER = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 

@@ -21,8 +21,18 @@ Optimizer = Literal[
     "lion_8bit",
     "lion_32bit",
     "paged_lion_8bit",
+    # engine/optim.py builds these (optional packages in brackets): rmsprop, adagrad, ademamix and muon are
+    # torch's or ours; adamw_torch_8bit/4bit, ao_* [torchao], schedule_free_* [schedulefree], optimi_* and
+    # stable_adamw [torch-optimi], lion [lion-pytorch], *ademamix_8bit/32bit [bitsandbytes].
+    "rmsprop", "adagrad", "ademamix", "muon",
+    "adamw_torch_8bit", "adamw_torch_4bit", "ao_adamw_8bit", "ao_adamw_4bit", "ao_adamw_fp8",
+    "schedule_free_adamw", "schedule_free_radam", "schedule_free_sgd",
+    "optimi_adamw", "optimi_adam", "optimi_lion", "optimi_radam", "optimi_ranger", "optimi_sgd",
+    "optimi_stableadamw", "optimi_adan", "stable_adamw", "lion",
+    "ademamix_8bit", "paged_ademamix_8bit", "paged_ademamix_32bit",
 ]
-Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"]
+Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr",
+                    "rex", "warmup_stable_decay", "inverse_sqrt", "polynomial", "cosine_with_restarts"]
 
 
 class DynamicCheckpoint(Section):
@@ -61,8 +71,11 @@ class TrainingKeys(Section):
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
     optimizer: Optimizer = Field(
         "adamw_torch_fused",
-        description="Optimizer: adamw_torch, adamw_torch_fused, adamw_8bit / paged_adamw_8bit (bitsandbytes), "
-        "sgd, adafactor, lion_8bit / lion_32bit (bitsandbytes).",
+        description="Optimizer: adamw_torch, adamw_torch_fused, sgd, rmsprop, adagrad, adafactor, ademamix, muon "
+        "(hidden matrices; AdamW for the rest); adamw_8bit / paged_adamw_8bit / lion_8bit / lion_32bit / "
+        "ademamix_8bit (bitsandbytes); adamw_torch_8bit / adamw_torch_4bit / ao_adamw_fp8 (torchao); "
+        "schedule_free_adamw / _radam / _sgd (schedulefree); optimi_adamw, optimi_lion, ... and stable_adamw "
+        "(torch-optimi); lion (lion-pytorch).",
     )
     optim_args: dict[str, Any] | None = Field(None, description="Extra keyword arguments for the optimizer.")
     lr_groups: list[LRGroup] | None = Field(
@@ -72,7 +85,10 @@ class TrainingKeys(Section):
     embedding_lr_scale: float | None = Field(
         None, gt=0, description="Embedding layers train at learning_rate x this (exclusive with embedding_lr)."
     )
-    lr_scheduler: Scheduler = Field("cosine", description="Learning-rate schedule after warmup.")
+    lr_scheduler: Scheduler = Field(
+        "cosine", description="Learning-rate schedule after warmup: cosine, cosine_with_min_lr, linear, constant, "
+        "constant_with_warmup, rex, warmup_stable_decay (lr_scheduler_kwargs num_decay_steps / num_stable_steps, "
+        "decay_type, min_lr_ratio), inverse_sqrt, polynomial (power, lr_end), cosine_with_restarts (num_cycles).")
     lr_scheduler_kwargs: dict[str, Any] | None = Field(None, description="Extra scheduler options.")
     cosine_min_lr_ratio: float | None = Field(
         None, ge=0.0, le=1.0, description="Cosine schedule floor, as a fraction of learning_rate."

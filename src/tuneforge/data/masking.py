@@ -27,6 +27,7 @@ from .rows import IGNORE_INDEX, RowError
 log = logging.getLogger("tuneforge")
 
 TrainOn = Literal["turn", "all", "last", "none"]
+_LEAD = "lead"  # a trained piece that starts with separator spaces (see _Span.lead_space)
 _MODES = ("turn", "all", "last", "none")
 
 
@@ -47,6 +48,16 @@ class _Span:
     body_end: int = -1
     terms: list[tuple[int, int, str]] = field(default_factory=list)  # terminator tokens after the turn
     found: bool = True  # False: the message's text is not in the rendered text (empty, or dropped by the template)
+    lead_space: bool = False  # body starts with separator spaces: tokens of those spaces alone are not trained
+    detached: bool = False  # located out of turn order (a system prompt inside a later turn): owns no terminators
+    trim_end: bool = False  # spaces between the reply's content and its terminator are the template's, not trained
+
+
+def _spaces_before(text: str, pos: int, floor: int) -> int:
+    """`pos` moved back over the spaces right before it, not past `floor`."""
+    while pos > floor and text[pos - 1] == " ":
+        pos -= 1
+    return pos
 
 
 def _find(text: str, content: str, start: int, end: int | None = None) -> tuple[int, int] | None:
@@ -168,9 +179,21 @@ class ChatMasker:
                 raise RowError(f"message {i}: content must be a string, got {type(content).__name__}")
             if message.get("role") == "assistant":
                 span = self._locate_assistant(messages, tools, i, text, content, cursor)
+            elif message.get("role") == "system" and content and self._placed_later(messages, i, text, content, cursor):
+                # Mistral v3 / Pixtral write the system prompt into the last user turn: it is located on its own
+                # and takes no part in the order of the other turns (nor in their terminators).
+                found = _find(text, content, 0)
+                if found:
+                    spans[i] = _Span(found[0], found[0], found[1], body_end=found[1], detached=True)
+                continue
             elif content:
                 found = _find(text, content, cursor)
-                span = _Span(found[0], found[0], found[1]) if found else None
+                span = None
+                if found:
+                    # Spaces before the content (`[INST] ` + content) join its piece, so that it is tokenized
+                    # as in the whole text (`▁What`, `ĠWhat`); a token of those spaces alone is not trained.
+                    start = _spaces_before(text, found[0], cursor)
+                    span = _Span(start, start, found[1], lead_space=start < found[0])
             else:
                 span = None  # empty text: placed by its terminator below
             if span is not None:
@@ -181,7 +204,21 @@ class ChatMasker:
             if span is not None and span.body_end < 0:
                 is_turn = messages[i].get("role") == "assistant"
                 span.body_end = span.terms[0][0] if (is_turn and span.terms) else span.content_end
+                if span.trim_end:  # `content + ' ' + eos` (Llama 2): the space is the template's, not the reply's
+                    while span.body_end > max(span.body_start, span.content_end) and text[span.body_end - 1] == " ":
+                        span.body_end -= 1
         return spans
+
+    @staticmethod
+    def _placed_later(messages: list[dict], i: int, text: str, content: str, cursor: int) -> bool:
+        """True when the next message with text comes before this (system) message's content in the text."""
+        found = _find(text, content, cursor)
+        later = next((m.get("content") for m in messages[i + 1:] if isinstance(m.get("content"), str)
+                      and m.get("content").strip()), None)
+        if later is None:
+            return False
+        nxt = _find(text, later, cursor)
+        return nxt is not None and (found is None or nxt[0] < found[0])
 
     def _locate_assistant(self, messages, tools, i: int, text: str, content: str, cursor: int) -> _Span:
         if self._header_short:
@@ -198,19 +235,21 @@ class ChatMasker:
             stop = self._terms.search(text, body)
             found = _find(text, content, body, stop.start() if stop else None) if content else None
             return _Span(at, body, found[1] if found else body)
-        # No header (e.g. mistral: the reply follows [/INST] directly): the reply starts at its content or,
-        # when it has none (a tool call), where the prompt for this turn ends.
-        if content:
-            found = _find(text, content, cursor)
-            if found:
-                return _Span(found[0], found[0], found[1])
+        # No header ([INST]-style: the reply follows [/INST] directly). The reply starts where the prompt for
+        # this turn ends, so a separator (`[/INST] ` + content) is tokenized with the content as at generation
+        # time; as in Axolotl, only tokens holding the content are trained, not a token of the separator alone.
         try:
             prompt = self.render(messages[:i], tools, add_generation_prompt=True)
         except RowError:
             prompt = None
-        if prompt is not None and text.startswith(prompt) and len(prompt) >= cursor:
-            found = _find(text, content, len(prompt)) if content else None
-            return _Span(len(prompt), len(prompt), found[1] if found else len(prompt))
+        found = _find(text, content, cursor) if content else None
+        start = len(prompt) if prompt is not None and text.startswith(prompt) and len(prompt) >= cursor else None
+        if start is not None and (found is None or (found[0] >= start and not text[start:found[0]].strip())):
+            # lead_space also when the text has no space: SentencePiece tokenizers may insert one after [/INST].
+            return _Span(start, start, found[1] if found else start, lead_space=True, trim_end=True)
+        if found:
+            start = _spaces_before(text, found[0], cursor)
+            return _Span(start, start, found[1], lead_space=True, trim_end=True)
         raise RowError(f"message {i} (assistant): cannot find where this turn starts in the rendered conversation.")
 
     def _assign_terminators(self, spans: list[_Span | None], text: str) -> None:
@@ -223,6 +262,8 @@ class ChatMasker:
         owner: int | None = None
         floating: list[int] = []
         for i in [*range(len(spans)), None]:
+            if i is not None and spans[i] is not None and spans[i].detached:
+                continue
             if i is not None and spans[i] is None:
                 floating.append(i)
                 continue
@@ -264,7 +305,8 @@ class ChatMasker:
                 )
             if span is None:
                 continue
-            cuts.append((span.body_start, span.body_end, bool(train[i])))
+            trained = bool(train[i])
+            cuts.append((span.body_start, span.body_end, _LEAD if trained and span.lead_space else trained))
             for start, end, tok in span.terms:
                 cuts.append((start, end, self._terminator_trained(tok, i, train, last_trained)))
             if train[i] and not span.terms and not self._warned_no_terminator:
@@ -276,7 +318,7 @@ class ChatMasker:
                 )
         segments: list[tuple[int, int, bool]] = []
         pos = 0
-        for start, end, trained in cuts:
+        for start, end, trained in sorted(cuts, key=lambda c: c[0]):
             if start < pos:
                 raise RowError("the chat template renders turns out of order; cannot mask this conversation.")
             if start > pos:
@@ -308,7 +350,13 @@ class ChatMasker:
         for (_s, _e, trained), piece_ids in zip(segments, encoded, strict=True):
             starts.append(len(ids))
             ids.extend(piece_ids)
-            labels.extend(piece_ids if trained else [IGNORE_INDEX] * len(piece_ids))
+            piece_labels = list(piece_ids) if trained else [IGNORE_INDEX] * len(piece_ids)
+            if trained == _LEAD:  # tokens of the separator spaces alone stay untrained
+                for k, tid in enumerate(piece_ids):
+                    if self.tokenizer.decode([tid]).strip():
+                        break
+                    piece_labels[k] = IGNORE_INDEX
+            labels.extend(piece_labels)
         return ids, labels, starts
 
     def _encode_pieces(self, pieces: list[str]) -> list[list[int]]:
@@ -321,7 +369,9 @@ class ChatMasker:
         redo = []
         for k in range(1, len(pieces)):
             prev = out[k - 1]
-            nl = self._nl_after_special if (prev and prev[-1] in self._added_ids) else self._nl_after_text
+            # (an unknown character's <unk> is text, not a special token written by the template)
+            after_special = prev and prev[-1] in self._added_ids and prev[-1] != self.tokenizer.unk_token_id
+            nl = self._nl_after_special if after_special else self._nl_after_text
             if nl is not None:
                 redo.append((k, nl))
         if redo:
