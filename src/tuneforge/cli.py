@@ -104,6 +104,26 @@ def train(
 
 
 @app.command(context_settings=EXTRA)
+def plan(
+    ctx: typer.Context,
+    config: Path,
+    gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs the run uses (FSDP2 divides the sharded parts by it)."),
+    gpu_memory: str = typer.Option("80GiB", "--gpu-memory", help="Memory of one GPU, e.g. 80GiB, 24GB."),
+    model_config: str | None = typer.Option(
+        None, "--model-config", help="A config.json, or a shipped shape (llama-3.2-1b, llama-3.1-8b, llama-3.1-70b, "
+        "qwen2.5-7b), instead of base_model's config."),
+) -> None:
+    """Per-GPU memory of the training run by part (no GPU, no weights loaded), whether it fits, and the
+    cheapest settings that make it fit."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read configs from local folders or the HF cache, never download
+    from tuneforge.planner import parse_size
+    from tuneforge.planner import plan as make_plan
+
+    memory = parse_size(gpu_memory)
+    typer.echo(make_plan(_load(config, ctx.args), gpus=gpus, gpu_memory=memory, model=model_config).text())
+
+
+@app.command(context_settings=EXTRA)
 def inference(
     ctx: typer.Context,
     config: Path,

@@ -31,6 +31,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     from tuneforge.models.adapters import apply_adapter
     from tuneforge.models.load import compile_blocks, count_parameters, load_model
     from tuneforge.models.tokenizer import load_tokenizer
+    from tuneforge.planner.hook import log_plan
 
     from . import outputs, plot
     from .signals import TrainingInterrupted
@@ -43,6 +44,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     # Several processes (torchrun / accelerate launch): gloo on CPU, NCCL on GPUs. The first process
     # prepares (and caches) the data while the others wait, then they load its cache.
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=cfg.ddp_timeout))
+    log_plan(cfg, state.num_processes, state.is_main_process)  # the memory estimate, before the model loads
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
     with _main_process_first(state, cfg.ddp_timeout):

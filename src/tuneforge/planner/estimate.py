@@ -1,0 +1,264 @@
+"""Per-GPU memory of one training run, by part, and its peak.
+
+Parts that live for the whole run (weights, optimizer states, a reference copy) add to the largest of the
+transient phases of a step:
+- loss: the end of the forward pass, while the LM head + cross entropy runs one chunk of rows at a time
+  (every layer's saved activations, the autocast weight copies, the loss's working set);
+- backward: its first layer (saved activations still held, that layer's gradients and, with gradient
+  checkpointing, its recomputed activations);
+- update: all gradients, plus the optimizer's temporaries;
+- generation (GRPO): the KV cache of every completion of the step.
+The peak of torch's allocator is the largest phase; the GPU also holds the allocator's slack and the CUDA
+context, reported as their own part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import coefficients as k
+from .model import Architecture, ModelFacts
+from .settings import Settings
+
+
+@dataclass
+class Part:
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class Estimate:
+    settings: Settings
+    parts: list[Part]
+    phases: dict[str, int]  # transient bytes of each phase
+    peak_phase: str
+    allocated: int  # torch's peak allocated bytes
+    total: int  # per GPU, with allocator slack and CUDA context
+    host: int  # per process, CPU memory while training
+    host_at_load: int  # per node, while the weights load
+    gpu_memory: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_memory
+
+    def part(self, name: str) -> int:
+        return next(p.bytes for p in self.parts if p.name == name)
+
+
+# ---------------------------------------------------------------- activations
+def residual_bytes(s: Settings) -> int:
+    """Bytes of the residual stream: the embeddings' dtype (fp32 under full fine-tuning and QLoRA, whose
+    preparation upcasts every unquantized weight)."""
+    if s.quantized:
+        return 4
+    return k.DTYPE_BYTES[s.weights_dtype]
+
+
+def layer_activation_bytes(a: Architecture, s: Settings, adapted: list[tuple[str, int, int]]) -> int:
+    """Bytes autograd saves per token in one decoder layer (no checkpointing)."""
+    if s.compiled:
+        return _compiled_layer_bytes(a, s, adapted)
+    c, r = s.compute_bytes, residual_bytes(s)
+    b = 2 * k.NORM_FP32_INPUT * a.hidden + 2 * k.RSQRT_BYTES  # both RMSNorms' fp32 inputs
+    b += _attention_bytes(a, s)
+    b += k.MLP_SAVED * c * a.intermediate
+    if s.adapter is None:
+        b += 2 * r * a.hidden  # the normalised inputs, for the norm weights' gradients
+        # Each linear layer keeps its input for its weight's gradient. Under autocast with fp32 norms every
+        # layer casts its own copy (q, k, v; gate, up); the output projection's input is the attention output.
+        casts = 5 if r != c else 2
+        b += casts * c * a.hidden + c * a.intermediate  # + the down projection's input
+    else:
+        # Frozen base layers keep nothing; each LoRA factor A keeps its (cast) input, factor B A's output.
+        b += sum(c * fan_in + c * rank for _, fan_in, rank in adapted)
+    return b
+
+
+def _attention_bytes(a: Architecture, s: Settings) -> int:
+    """q, k, v and the output in the compute dtype, and the fp32 log-sum-exp (flash / varlen kernels)."""
+    c = s.compute_bytes
+    b = c * (2 * a.q_dim + 2 * a.kv_dim) + k.LSE_BYTES * a.heads
+    if s.attention == "eager":
+        b += k.EAGER_PROBS * c * a.heads * min(s.sequence_len, s.tokens)
+    return b
+
+
+def _compiled_layer_bytes(a: Architecture, s: Settings, adapted: list[tuple[str, int, int]]) -> int:
+    """torch_compile'd blocks: the compiler recomputes elementwise work (norm upcasts, casts, SiLU) in the
+    backward instead of saving it, so each distinct matmul input is kept once, in the compute dtype."""
+    c, r = s.compute_bytes, residual_bytes(s)
+    b = 2 * r * a.hidden + 2 * k.RSQRT_BYTES + _attention_bytes(a, s)
+    b += k.COMPILED_MLP_SAVED * c * a.intermediate
+    if s.adapter is None:
+        return b + 2 * c * a.hidden + c * a.intermediate  # the two normalised inputs, the down input
+    inputs = set()
+    for name, fan_in, rank in adapted:
+        b += c * rank
+        if not name.endswith("o_proj"):  # the output projection's input is the attention output
+            inputs.add((name.rsplit(".", 1)[0], fan_in))
+    return b + sum(c * fan_in for _, fan_in in inputs)
+
+
+def outside_layers_bytes(a: Architecture, s: Settings) -> int:
+    """Per token, outside the layers: rotary cos/sin, the final norm, its output, the trained rows picked
+    from it and their gradient (computed with the loss)."""
+    r = residual_bytes(s)
+    b = 2 * a.head_dim * r + k.NORM_FP32_INPUT * a.hidden + 3 * r * a.hidden
+    return b + (r * a.hidden if s.adapter is None else 0)
+
+
+def activations(f: ModelFacts, s: Settings, checkpointing: bool) -> int:
+    """Saved activations of one micro-batch at the end of the forward pass."""
+    a, T = f.arch, s.tokens
+    per_layer = residual_bytes(s) * a.hidden if checkpointing else layer_activation_bytes(a, s, f.adapted)
+    return T * (a.layers * per_layer + outside_layers_bytes(a, s))
+
+
+def backward_workspace(f: ModelFacts, s: Settings) -> int:
+    """The backward of one layer: its gradients in flight and, with checkpointing, its recomputed tensors."""
+    a, T, c = f.arch, s.tokens, s.compute_bytes
+    b = T * (k.BACKWARD_MLP_GRADS * c * a.intermediate + k.BACKWARD_RESIDUAL_GRADS * 4 * a.hidden)
+    if s.gradient_checkpointing:
+        b += T * layer_activation_bytes(a, s, f.adapted) + autocast_copies(f, s) // max(a.layers, 1)
+    return b
+
+
+def loss_chunk(f: ModelFacts, s: Settings) -> int:
+    """models/losses.py's LinearCrossEntropy: one chunk of logits and its softmax, plus the head weight in the
+    compute dtype and its fp32 gradient (accumulated over chunks) when the head trains."""
+    a, c = f.arch, s.compute_bytes
+    rows = min(s.tokens, max(k.MIN_CHUNK_ROWS, k.CHUNK_ELEMENTS_CUDA // a.vocab))
+    per_logit = k.LOGIT_CHUNK_BYTES_COMPILED if s.compiled else k.LOGIT_CHUNK_BYTES
+    b = rows * (per_logit * a.vocab + c * a.hidden)
+    if f.head_bytes_per_element != c:
+        b += c * a.vocab * a.hidden
+    if f.head_trainable:
+        b += 4 * a.vocab * a.hidden
+    return b
+
+
+def autocast_copies(f: ModelFacts, s: Settings) -> int:
+    """Autocast caches a compute-dtype copy of every fp32 weight that trains, for the whole forward pass."""
+    if s.precision == "no" or (s.compiled and not k.COMPILED_KEEPS_CASTS):
+        return 0
+    if s.adapter is None:
+        return s.compute_bytes * f.matmul_params if k.DTYPE_BYTES[s.weights_dtype] != s.compute_bytes else 0
+    return s.compute_bytes * f.trainable.count  # the fp32 LoRA factors
+
+
+def kv_cache(f: ModelFacts, s: Settings) -> int:
+    """GRPO's static KV cache: every completion of the step, prompt + completion slots, keys and values."""
+    if not s.completions_per_step:
+        return 0
+    a = f.arch
+    rows = s.completions_per_step
+    per_row = (s.prompt_len + s.completion_len) * a.layers * 2 * a.kv_dim * s.kv_cache_bytes
+    return rows * (per_row + k.DECODE_LOGIT_BYTES * a.vocab)
+
+
+# ---------------------------------------------------------------- states
+def optimizer_bytes(f: ModelFacts, s: Settings) -> int:
+    kind, states = k.OPTIMIZER_STATES.get(s.optimizer, ("like_param", 2 if s.optimizer != "adafactor" else 0))
+    if s.optimizer == "sgd" and s.sgd_momentum:
+        states = 1
+    per = {"like_param": f.trainable_bytes_per_element, "fp32": 4, "int8": 1 + 4 / k.BNB_OPTIM_BLOCK}[kind]
+    return int(f.trainable.count * per * states)
+
+
+def gradient_bytes(f: ModelFacts) -> int:
+    return int(f.trainable.count * f.trainable_bytes_per_element)
+
+
+def reference_bytes(f: ModelFacts, s: Settings) -> int:
+    """A frozen copy of the policy (full fine-tuning, loaded like the policy); adapters reuse the base."""
+    if not s.reference or s.precompute_ref or s.adapter:
+        return 0
+    return f.weight_bytes
+
+
+# ---------------------------------------------------------------- the whole
+def estimate(f: ModelFacts, s: Settings, gpu_memory: int) -> Estimate:
+    n = s.gpus if s.fsdp else 1
+    weights, grads, optim = f.weight_bytes, gradient_bytes(f), optimizer_bytes(f, s)
+    host_states = 0
+    if s.fsdp:
+        weights, grads, optim = -(-weights // n), -(-grads // n), -(-optim // n)
+        if s.offload:
+            host_states, weights, grads, optim = weights + grads + optim, 0, 0, 0
+    gathered = 0
+    if s.fsdp:  # unsharded parameters in flight: the root group throughout, the layers one or two at a time
+        layers = f.arch.layers if not s.reshard_after_forward else min(k.FSDP_LAYERS_IN_FLIGHT, f.arch.layers)
+        gathered = f.root_bytes + layers * f.layer_bytes
+    reference = reference_bytes(f, s)
+    casts = autocast_copies(f, s)
+    acts_gc, acts_full = activations(f, s, True), activations(f, s, False)
+    acts = acts_gc if s.gradient_checkpointing else acts_full
+    chunk = loss_chunk(f, s)
+    kv = kv_cache(f, s)
+    accumulated = grads if s.grad_accum > 1 else 0  # earlier micro-batches' gradients stay during a forward
+    layer_grads = f.layer_bytes if s.adapter is None else 0
+    head_grad = 4 * f.arch.vocab * f.arch.hidden if f.head_trainable else 0
+    foreach = k.FOREACH_TEMPORARIES.get(s.optimizer, 0) * int(f.trainable_bytes_per_element * f.trainable.count)
+    backward_casts = casts if (s.fsdp or not s.gradient_checkpointing) else 0
+    phases = {
+        "loss": acts + casts + chunk + accumulated + gathered,
+        "backward": acts + backward_casts + backward_workspace(f, s) + head_grad + accumulated + gathered
+        + (layer_grads if s.fsdp else 0),
+        "update": grads + foreach,
+        "generation": kv + gathered if kv else 0,
+    }
+    peak_phase = max(phases, key=phases.get)
+    static = weights + optim + reference
+    allocated = static + phases[peak_phase]
+    slack = int(allocated * k.ALLOCATOR_SLACK)
+    context = int(k.CUDA_CONTEXT_GIB * k.GiB)
+    parts = [
+        Part("weights", weights, _weights_note(f, s, n)),
+        Part("gradients", grads, "fp32" if f.trainable_bytes_per_element == 4 else "like the weights"),
+        Part("optimizer states", optim, s.optimizer),
+        Part("master weights", 0, "none separate: full fine-tuning trains fp32 weights" if s.adapter is None
+             else "none: adapter weights are fp32"),
+        Part("autocast weight copies", casts, "compute-dtype copies of the trained fp32 weights"),
+        Part("activations", acts, f"{s.tokens} tokens/micro-batch, "
+             + ("checkpointed" if s.gradient_checkpointing else "no checkpointing")),
+        Part("activations (checkpointing)", acts_gc, "each layer's input + one layer recomputed"),
+        Part("activations (no checkpointing)", acts_full, "every layer's saved tensors"),
+        Part("logits chunk", chunk, "LM head + cross entropy, one chunk of rows"),
+        Part("reference model", reference, _reference_note(s)),
+        Part("generation KV cache", kv, _kv_note(s)),
+        Part("FSDP gathered layers", gathered, "unsharded parameters in flight" if s.fsdp else "no FSDP"),
+        Part("CUDA context + allocator", context + slack, f"{k.CUDA_CONTEXT_GIB} GiB + {k.ALLOCATOR_SLACK:.0%}"),
+    ]
+    host_proc = int(k.HOST_PROCESS_GIB * k.GiB) + host_states
+    local = min(s.gpus, 8)
+    host_load = local * (int(k.HOST_PROCESS_GIB * k.GiB) + f.weight_bytes)  # each process reads the weights
+    return Estimate(s, parts, phases, peak_phase, allocated, allocated + slack + context, host_proc, host_load,
+                    gpu_memory, {"trainable": f.trainable.count, "frozen": f.frozen.count,
+                                 "host_states": host_states})
+
+
+def _weights_note(f: ModelFacts, s: Settings, n: int) -> str:
+    kind = {"nf4": "NF4 4-bit base", "int8": "int8 base"}.get(f.quantized or "", s.weights_dtype)
+    note = f"{f.total:,} params ({f.trainable.count:,} trainable), {kind}"
+    if s.fsdp:
+        note += f", sharded over {n}" + (" and offloaded to CPU" if s.offload else "")
+    return note
+
+
+def _reference_note(s: Settings) -> str:
+    if not s.reference:
+        return "not used by this method"
+    if s.precompute_ref:
+        return "precomputed log-probs: none held"
+    return "the adapter-disabled base (no copy)" if s.adapter else "frozen full copy"
+
+
+def _kv_note(s: Settings) -> str:
+    if not s.completions_per_step:
+        return "no generation"
+    return (f"{s.completions_per_step} completions x ({s.prompt_len} + {s.completion_len}) tokens "
+            f"({s.num_generations} per prompt)")

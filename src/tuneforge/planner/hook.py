@@ -1,0 +1,36 @@
+"""`tuneforge train`'s memory estimate: logged by the first process before the model loads. A model the
+planner cannot size (an architecture without a decoder `layers` list, a remote-code model) only costs the
+estimate, never the run."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("tuneforge")
+
+
+def log_plan(cfg, processes: int, main: bool = True) -> None:
+    if not main:
+        return
+    try:
+        import torch
+
+        from . import plan
+
+        memory = None
+        if torch.cuda.is_available():
+            memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        lines = plan(cfg, gpus=processes, gpu_memory=memory, with_suggestions=False).lines()
+    except Exception as exc:  # the estimate is advice; training goes on without it
+        log.debug("memory plan unavailable: %s: %s", type(exc).__name__, exc)
+        return
+    if memory is None:
+        lines[-1] += " (no GPU here: planned for an 80 GiB GPU)"
+    for line in lines:
+        log.info("%s", line)
+    if memory is not None and not plan_fits(lines):
+        log.warning("the memory plan says this run may not fit; `tuneforge plan <config>` lists settings that do")
+
+
+def plan_fits(lines: list[str]) -> bool:
+    return not lines[-1].lstrip().startswith("DOES NOT FIT")

@@ -1,0 +1,122 @@
+"""The planner's inputs, read from a Config as the trainer would read them on a CUDA GPU (the planner runs
+anywhere; `bf16: auto` means bf16 there). Suggestions are variants of these settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from tuneforge.config.schema import Config
+
+# Methods whose loss compares against a reference model (a frozen copy under full fine-tuning).
+REFERENCE_METHODS = ("dpo", "ipo", "kto")
+PAIRED_METHODS = ("dpo", "ipo", "simpo", "orpo")
+ONLINE_METHODS = ("grpo", "gdpo")
+
+
+@dataclass(frozen=True)
+class Settings:
+    micro_batch_size: int
+    sequence_len: int
+    packed: bool
+    grad_accum: int
+    gradient_checkpointing: bool
+    adapter: str | None  # None (full fine-tuning), "lora", "qlora"
+    quantized: str | None  # "nf4", "int8" or None
+    precision: str  # "bf16", "fp16" or "no" (fp32)
+    torch_dtype: str | None  # an explicit weights dtype (e.g. "bfloat16": pure bf16 full fine-tuning)
+    optimizer: str
+    sgd_momentum: bool
+    attention: str  # "varlen" (flash-style), "sdpa", "eager"
+    rl: str | None
+    reward_model: bool
+    precompute_ref: bool
+    reference: bool  # the method needs pi_ref at all
+    gpus: int
+    fsdp: bool
+    offload: bool
+    reshard_after_forward: bool
+    compiled: bool
+    num_generations: int = 8
+    prompt_len: int = 0
+    completion_len: int = 256
+    completions_per_step: int = 0
+    kv_cache_bytes: int = 2
+
+    def but(self, **changes) -> Settings:
+        return replace(self, **changes)
+
+    @property
+    def compute_bytes(self) -> int:
+        return 4 if self.precision == "no" else 2
+
+    @property
+    def weights_dtype(self) -> str:
+        """models.load.weights_dtype for a CUDA GPU with bf16."""
+        if self.torch_dtype and self.torch_dtype != "auto":
+            return self.torch_dtype
+        if self.adapter and self.precision != "no":
+            return "bfloat16" if self.precision == "bf16" else "float16"
+        return "float32"
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in one micro-batch's forward pass (an upper bound when rows are padded, not packed)."""
+        if self.rl in ONLINE_METHODS:
+            return self.micro_batch_size * (self.prompt_len + self.completion_len)
+        paired = self.rl in PAIRED_METHODS or self.reward_model
+        rows = self.micro_batch_size * (2 if paired and not self.packed else 1)
+        return rows * self.sequence_len
+
+
+def precision_on_gpu(cfg: Config) -> str:
+    if cfg.fp16:
+        return "fp16"
+    if cfg.bf16 is True or cfg.bf16 == "auto":
+        return "bf16"
+    return "no"
+
+
+def from_config(cfg: Config, gpus: int) -> Settings:
+    fsdp = cfg.fsdp_config
+    trl = cfg.trl
+    quantized = "nf4" if cfg.load_in_4bit or cfg.adapter == "qlora" else "int8" if cfg.load_in_8bit else None
+    online = cfg.rl in ONLINE_METHODS
+    settings = Settings(
+        micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len, packed=bool(cfg.sample_packing),
+        grad_accum=cfg.grad_accum, gradient_checkpointing=bool(cfg.gradient_checkpointing),
+        adapter=("qlora" if quantized else "lora") if cfg.adapter else None, quantized=quantized,
+        precision=precision_on_gpu(cfg), torch_dtype=cfg.torch_dtype, optimizer=cfg.optimizer,
+        sgd_momentum=bool((cfg.optim_args or {}).get("momentum")), attention=_attention(cfg), rl=cfg.rl,
+        reward_model=bool(cfg.reward_model), precompute_ref=bool(getattr(cfg, "precompute_ref_log_probs", False)),
+        reference=_uses_reference(cfg), gpus=max(1, gpus), fsdp=bool(cfg.fsdp_enabled),
+        offload=bool(fsdp and fsdp.offload_params), reshard_after_forward=bool(fsdp.reshard_after_forward) if fsdp else True,
+        compiled=bool(cfg.torch_compile),
+    )
+    if online:
+        generations = int(getattr(trl, "num_generations", None) or 8)
+        from tuneforge.data.formats.grpo import prompt_limit
+
+        per_micro = cfg.micro_batch_size if "micro_batch_size" in cfg.model_fields_set else generations
+        kv = ((getattr(trl, "generation_kwargs", None) or {}).get("kv_cache_dtype") if trl else None)
+        settings = settings.but(
+            num_generations=generations, prompt_len=prompt_limit(cfg) or cfg.sequence_len,
+            completion_len=int(getattr(trl, "max_completion_length", None) or 256),
+            completions_per_step=per_micro * cfg.grad_accum, micro_batch_size=per_micro,
+            kv_cache_bytes=1 if kv and "fp8" in str(kv) else settings.compute_bytes)
+    return settings
+
+
+def _attention(cfg: Config) -> str:
+    impl = cfg.attn_implementation
+    if impl in (None, "varlen", "flash_attention_2", "flex_attention"):
+        return "varlen"  # CUDA's default: tuneforge's varlen (flash) kernel
+    return "eager" if impl == "eager" else "sdpa"
+
+
+def _uses_reference(cfg: Config) -> bool:
+    if cfg.rl in REFERENCE_METHODS:
+        return True
+    if cfg.rl in ONLINE_METHODS:
+        beta = cfg.trl.beta if cfg.trl is not None and cfg.trl.beta is not None else cfg.rl_beta
+        return bool(beta)  # GRPO's default beta is 0: no KL term, no reference
+    return False

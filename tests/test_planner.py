@@ -1,0 +1,354 @@
+"""The memory planner: exact parameter counts against real models, closed forms of each part, the
+activation model against the tensors autograd really saves, the suggestions, and the CLI output."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tuneforge.config import load
+from tuneforge.planner import coefficients as k
+from tuneforge.planner import parse_size, plan
+from tuneforge.planner.estimate import layer_activation_bytes, loss_chunk
+from tuneforge.planner.model import architecture, count, model_config
+from tuneforge.planner.settings import from_config
+
+GiB = 2**30
+
+
+def cfg_of(tiny_model_dir, **keys):
+    return load(data={"base_model": str(tiny_model_dir), "sequence_len": 256, "bf16": True, **keys})
+
+
+def facts_of(cfg, dtype=torch.float32, quantized=None):
+    return count(cfg, model_config(cfg), dtype, quantized)
+
+
+# ---------------------------------------------------------------- exact counts
+def test_full_counts_equal_the_real_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    real = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    facts = facts_of(cfg_of(tiny_model_dir))
+    assert facts.total == sum(p.numel() for p in real.parameters())
+    assert facts.trainable.count == facts.total and facts.frozen.count == 0
+    assert facts.weight_bytes == 4 * facts.total
+    assert facts.matmul_params == sum(m.weight.numel() for m in real.model.layers.modules()
+                                      if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("keys", [
+    {"lora_target_linear": True},
+    {"lora_target_modules": ["q_proj", "v_proj"], "lora_r": 4},
+    {"lora_target_linear": True, "lora_modules_to_save": ["lm_head"]},
+])
+def test_lora_counts_equal_the_adapter_the_trainer_builds(tiny_model_dir, keys):
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.models.adapters import apply_adapter
+
+    cfg = cfg_of(tiny_model_dir, adapter="lora", **keys)
+    real = apply_adapter(cfg, AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)))
+    trainable = sum(p.numel() for p in real.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in real.parameters() if not p.requires_grad)
+    facts = facts_of(cfg, torch.bfloat16)
+    assert (facts.trainable.count, facts.frozen.count) == (trainable, frozen)
+    assert facts.trainable.count < facts.frozen.count
+    lora = sum(p.numel() for n, p in real.named_parameters() if "lora_" in n)
+    # LoRA factors are fp32 (PEFT upcasts adapters), the frozen base bf16.
+    assert facts.frozen.bytes == 2 * frozen
+    assert facts.trainable.bytes - 4 * lora == 2 * (trainable - lora)
+
+
+def test_qlora_counts_nf4_with_its_quantization_constants(tiny_model_dir):
+    cfg = cfg_of(tiny_model_dir, adapter="lora", lora_target_linear=True)
+    plain, nf4 = facts_of(cfg, torch.bfloat16), facts_of(cfg, torch.bfloat16, "nf4")
+    quantized = plain.matmul_params
+    other = plain.frozen.count - quantized  # embeddings, norms, head: upcast to fp32 by kbit preparation
+    per_weight = 0.5 + 1 / 64 + 4 / (64 * 256)
+    assert nf4.frozen.bytes == pytest.approx(quantized * per_weight + 4 * other, abs=100)
+    assert nf4.trainable.bytes == plain.trainable.bytes
+
+
+def test_shipped_shapes_have_the_public_sizes():
+    expected = {"llama-3.2-1b": 1_235_814_400, "llama-3.1-8b": 8_030_261_248, "llama-3.1-70b": 70_553_706_496,
+                "qwen2.5-7b": 7_615_616_512}
+    cfg = load(data={"base_model": "unused"})
+    for name, total in expected.items():
+        e = plan(cfg, model=name).estimate
+        assert e.extra["trainable"] + e.extra["frozen"] == total, name
+
+
+# ---------------------------------------------------------------- closed forms
+def test_full_fine_tuning_closed_forms(tiny_model_dir):
+    e = plan(cfg_of(tiny_model_dir)).estimate
+    n = e.extra["trainable"]
+    assert e.part("weights") == 4 * n
+    assert e.part("gradients") == 4 * n
+    assert e.part("optimizer states") == 8 * n  # AdamW: two fp32 moments
+    assert e.part("reference model") == 0 and e.part("generation KV cache") == 0
+
+
+@pytest.mark.parametrize("optimizer, per_param", [
+    ("adamw_torch", 8), ("adamw_8bit", 2 * (1 + 4 / 256)), ("paged_adamw_32bit", 8), ("lion_8bit", 1 + 4 / 256),
+    ("sgd", 0)])
+def test_optimizer_states(tiny_model_dir, optimizer, per_param):
+    e = plan(cfg_of(tiny_model_dir, optimizer=optimizer)).estimate
+    assert e.part("optimizer states") == int(e.extra["trainable"] * per_param)
+
+
+def test_sgd_momentum_keeps_one_buffer(tiny_model_dir):
+    e = plan(cfg_of(tiny_model_dir, optimizer="sgd", optim_args={"momentum": 0.9})).estimate
+    assert e.part("optimizer states") == 4 * e.extra["trainable"]
+
+
+def test_fsdp_divides_the_states_by_the_gpus_and_offload_moves_them(tiny_model_dir):
+    one = plan(cfg_of(tiny_model_dir)).estimate
+    four = plan(cfg_of(tiny_model_dir, fsdp_version=2, fsdp_config={}), gpus=4).estimate
+    for part in ("weights", "gradients", "optimizer states"):
+        assert four.part(part) == -(-one.part(part) // 4)
+    assert four.part("FSDP gathered layers") > 0 and one.part("FSDP gathered layers") == 0
+    assert four.part("activations") == one.part("activations")
+    off = plan(cfg_of(tiny_model_dir, fsdp_version=2, fsdp_config={"offload_params": True}), gpus=4).estimate
+    assert off.part("weights") == off.part("gradients") == off.part("optimizer states") == 0
+    moved = sum(four.part(p) for p in ("weights", "gradients", "optimizer states"))
+    assert off.host - four.host == moved
+    assert off.total < four.total
+
+
+def test_activations_structure(tiny_model_dir):
+    base = plan(cfg_of(tiny_model_dir, micro_batch_size=1, sample_packing=True)).estimate
+    double = plan(cfg_of(tiny_model_dir, micro_batch_size=2, sample_packing=True)).estimate
+    gc = plan(cfg_of(tiny_model_dir, micro_batch_size=1, sample_packing=True, gradient_checkpointing=True)).estimate
+    assert double.part("activations") == 2 * base.part("activations")  # linear in tokens
+    assert gc.part("activations") < base.part("activations")
+    assert gc.part("activations") == base.part("activations (checkpointing)")
+    assert base.part("activations") == base.part("activations (no checkpointing)")
+    longer = plan(cfg_of(tiny_model_dir, sequence_len=512, sample_packing=True)).estimate
+    assert longer.part("activations") == 2 * base.part("activations")
+
+
+def test_logits_chunk_follows_the_loss_chunking(tiny_model_dir):
+    from tuneforge.models import losses
+
+    assert k.CHUNK_ELEMENTS_CUDA == losses._CHUNK_ELEMENTS_CUDA
+    cfg = cfg_of(tiny_model_dir, sequence_len=4096, sample_packing=True)
+    facts, s = facts_of(cfg), from_config(cfg, 1)
+    V, H = facts.arch.vocab, facts.arch.hidden
+    rows = min(4096, max(256, (1 << 28) // V))
+    # fp32 head: its bf16 copy and its fp32 gradient come with the chunk
+    assert loss_chunk(facts, s) == rows * (14 * V + 2 * H) + 2 * V * H + 4 * V * H
+    big_vocab = facts.arch.__class__(**{**facts.arch.__dict__, "vocab": 1 << 20})
+    assert loss_chunk(facts.__class__(**{**facts.__dict__, "arch": big_vocab}), s) == (
+        256 * (14 * (1 << 20) + 2 * H) + 6 * (1 << 20) * H)  # at least 256 rows per chunk
+
+
+def test_reference_model(tiny_model_dir):
+    full = plan(cfg_of(tiny_model_dir, rl="dpo")).estimate
+    assert full.part("reference model") == full.part("weights")  # a frozen copy, loaded like the policy
+    lora = plan(cfg_of(tiny_model_dir, rl="dpo", adapter="lora", lora_target_linear=True)).estimate
+    assert lora.part("reference model") == 0  # the adapter-disabled base
+    pre = plan(cfg_of(tiny_model_dir, rl="dpo", precompute_ref_log_probs=True)).estimate
+    assert pre.part("reference model") == 0
+    assert plan(cfg_of(tiny_model_dir, rl="orpo")).estimate.part("reference model") == 0
+    # pairs unpacked: chosen and rejected rows go through one forward
+    assert full.part("activations") == 2 * plan(cfg_of(tiny_model_dir)).estimate.part("activations")
+
+
+def test_grpo_kv_cache(tiny_model_dir):
+    cfg = cfg_of(tiny_model_dir, rl="grpo", micro_batch_size=4, gradient_accumulation_steps=2,
+                 trl={"num_generations": 4, "max_completion_length": 64, "max_prompt_length": 32})
+    e = plan(cfg).estimate
+    a = architecture(model_config(cfg))
+    rows = 4 * 2  # completions per step
+    expected = rows * ((32 + 64) * a.layers * 2 * a.kv_heads * a.head_dim * 2 + 8 * a.vocab)
+    assert e.part("generation KV cache") == expected
+    assert e.settings.tokens == 4 * (32 + 64)
+
+
+# ---------------------------------------------------------------- activations against autograd
+class _FlashLike(torch.autograd.Function):
+    """Saves what flash/varlen attention saves: q, k, v, the output and an fp32 log-sum-exp per head."""
+
+    @staticmethod
+    def forward(ctx, q, k_, v):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k_, v, is_causal=True, enable_gqa=True)
+        ctx.save_for_backward(q, k_, v, out, torch.zeros(q.shape[:3], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+def _flash_like(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    # tuneforge's varlen path: cast to the kernel dtype, [B, T, H, D] contiguous copies
+    dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    q, k_, v = (t.to(dt).transpose(1, 2).contiguous().transpose(1, 2) for t in (query, key, value))
+    return _FlashLike.apply(q, k_, v).transpose(1, 2), None
+
+
+def _saved_per_token(model, layer, tokens: int) -> tuple[float, int]:
+    """(activation bytes per token saved inside `layer`, bytes of weight-shaped tensors saved there)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shared, seen, active = set(), {}, [False]
+
+    def pre(module, args, kwargs):
+        shared.update(t.untyped_storage().data_ptr() for t in kwargs["position_embeddings"])
+        active[0] = True
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if active[0] and key not in params and key not in shared:
+            seen[key] = (t.untyped_storage().nbytes(), tokens in t.shape)
+        return t
+
+    hooks = [layer.register_forward_pre_hook(pre, with_kwargs=True),
+             layer.register_forward_hook(lambda *a: active.__setitem__(0, False))]
+    ids = torch.randint(0, 100, (1, tokens))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, position_ids=torch.arange(tokens)[None])
+    for h in hooks:
+        h.remove()
+    per_token = sum(n for n, has_t in seen.values() if has_t) / tokens
+    return per_token, sum(n for n, has_t in seen.values() if not has_t)
+
+
+@pytest.mark.parametrize("adapter", [None, "lora"])
+def test_layer_activations_equal_what_autograd_saves(tmp_path, adapter):
+    """The per-layer formula equals the bytes a real transformers Llama layer saves under bf16 autocast
+    (fp32 weights for full fine-tuning; a bf16 base with fp32 LoRA factors)."""
+    from transformers import AttentionInterface, AutoModelForCausalLM
+
+    from tuneforge.tiny import tiny_llama_config
+
+    AttentionInterface.register("planner_test", _flash_like)
+    config = tiny_llama_config(300, hidden=96, layers=3, heads=6, kv_heads=2, intermediate=160)
+    config.save_pretrained(tmp_path)
+    keys = {"adapter": "lora", "lora_target_linear": True, "lora_r": 4} if adapter else {}
+    cfg = load(data={"base_model": str(tmp_path), "bf16": True, **keys})
+    dtype = torch.bfloat16 if adapter else torch.float32
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="planner_test")
+    if adapter:
+        from tuneforge.models.adapters import apply_adapter
+
+        model = apply_adapter(cfg, model)
+    base = model.get_base_model() if adapter else model
+    tokens = 37  # a length no other dimension has
+    measured, weight_copies = _saved_per_token(model, base.model.layers[1], tokens)
+    facts = facts_of(cfg, dtype)
+    settings = from_config(cfg, 1)
+    assert layer_activation_bytes(facts.arch, settings, facts.adapted) == measured
+    if adapter is None:  # the autocast copies of the layer's weights
+        assert weight_copies == 2 * facts.matmul_params // facts.arch.layers
+
+
+# ---------------------------------------------------------------- suggestions
+def test_suggestions_fit_by_the_planners_own_numbers(tmp_path):
+    cfg = load(data={"base_model": "unused", "sequence_len": 4096, "sample_packing": True, "micro_batch_size": 2,
+                     "bf16": True})
+    report = plan(cfg, gpu_memory=24 * GiB, model="llama-3.1-8b")
+    assert not report.estimate.fits
+    labels = [s.label for s in report.suggestions]
+    assert labels[:3] == ["gradient checkpointing", "micro-batch 1 with more accumulation", "LoRA"]
+    assert "QLoRA" in labels and any("FSDP2" in x for x in labels)
+    fitting = [s for s in report.suggestions if s.estimate.fits]
+    assert {s.label for s in fitting} & {"LoRA", "QLoRA"} or any("GPUs with FSDP2" in s.label for s in fitting)
+    for s in report.suggestions:
+        assert s.estimate.fits == (s.estimate.total <= 24 * GiB)
+    qlora = next(s for s in report.suggestions if s.label == "QLoRA").estimate
+    # One micro-batch of 2 rows needs less than two accumulated ones (the accumulated gradients stay between
+    # them), so the later suggestions keep micro_batch_size 2 and only add checkpointing.
+    gc_step, mbs_step = report.suggestions[0].estimate, report.suggestions[1].estimate
+    assert mbs_step.total > gc_step.total and mbs_step.settings.grad_accum == 2
+    assert qlora.fits and qlora.settings.gradient_checkpointing and qlora.settings.micro_batch_size == 2
+    assert qlora.total < next(s for s in report.suggestions if s.label == "LoRA").estimate.total
+    # On 80 GiB GPUs, full fine-tuning of the same model fits with FSDP2 over a few GPUs, or offloaded on one.
+    roomy = plan(cfg, gpu_memory=80 * GiB, model="llama-3.1-8b")
+    fsdp = next(s for s in roomy.suggestions if "GPUs with FSDP2" in s.label).estimate
+    assert fsdp.fits and fsdp.settings.adapter is None and fsdp.settings.gpus in (2, 4, 8)
+    smallest = plan(cfg, gpu_memory=80 * GiB, model="llama-3.1-8b", gpus=fsdp.settings.gpus // 2)
+    assert not smallest.estimate.fits  # ... and the suggested count is the smallest that fits
+    half = plan(cfg.model_copy(update={"fsdp_version": 2, "gradient_checkpointing": True, "micro_batch_size": 1}),
+                gpu_memory=80 * GiB, model="llama-3.1-8b", gpus=fsdp.settings.gpus // 2).estimate
+    assert not half.fits
+    offload = next(s for s in roomy.suggestions if "offload" in s.label).estimate
+    assert offload.fits and offload.settings.gpus == 1 and offload.part("optimizer states") == 0
+
+
+def test_a_run_that_fits_gets_no_suggestions(tiny_model_dir):
+    report = plan(cfg_of(tiny_model_dir))
+    assert report.estimate.fits and report.suggestions == []
+
+
+def test_parse_size():
+    assert parse_size("80GiB") == 80 * GiB
+    assert parse_size("24GB") == 24 * 10**9
+    assert parse_size("81920MiB") == 80 * GiB
+    assert parse_size("40") == 40 * GiB
+    from tuneforge.planner import PlanError
+
+    with pytest.raises(PlanError, match="--gpu-memory"):
+        parse_size("80 XB")
+
+
+# ---------------------------------------------------------------- the CLI
+def test_plan_command_output(write_config):
+    from typer.testing import CliRunner
+
+    from tuneforge.cli import app
+
+    config = write_config({"sequence_len": 256, "micro_batch_size": 2})
+    result = CliRunner().invoke(app, ["plan", str(config), "--gpus", "1", "--gpu-memory", "24GiB"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for part in ("weights", "gradients", "optimizer states", "master weights", "activations (checkpointing)",
+                 "activations (no checkpointing)", "logits chunk", "reference model", "generation KV cache",
+                 "CUDA context + allocator", "total (peak)", "host memory per process"):
+        assert re.search(rf"^  {re.escape(part)} +\d+\.\d\d  ", out, re.M), part
+    assert re.search(r"^fits: peak \d+\.\d\d GiB of 24\.00 GiB per GPU", out, re.M)
+
+    tight = CliRunner().invoke(app, ["plan", str(config), "--gpu-memory", "10MiB", "--sequence-len", "512"])
+    assert tight.exit_code == 0, tight.output
+    assert re.search(r"^DOES NOT FIT: peak \d+\.\d\d GiB of 0\.01 GiB", tight.output, re.M)
+    assert "1. gradient checkpointing" in tight.output and "FSDP2 offload" in tight.output
+
+
+def test_plan_command_shapes_and_errors(write_config):
+    from typer.testing import CliRunner
+
+    from tuneforge.cli import app
+
+    config = write_config({})
+    result = CliRunner().invoke(app, ["plan", str(config), "--model-config", "llama-3.1-8b", "--adapter", "lora",
+                                      "--lora-target-linear", "true"])
+    assert result.exit_code == 0, result.output
+    # rank 8 on every linear layer of 32 layers: 8 x (in + out) summed over q, k, v, o, gate, up, down
+    lora = 32 * 8 * (2 * 4096 + 2 * (4096 + 1024) + 2 * 4096 + 3 * (4096 + 14336))
+    assert f"({lora:,} trainable, 8,030,261,248 frozen)" in result.output
+    assert "LoRA, sft" in result.output
+    bad = CliRunner().invoke(app, ["plan", str(config), "--model-config", "no-such-shape"])
+    assert bad.exit_code != 0 and "llama-3.1-8b" in str(bad.exception)
+
+
+# ---------------------------------------------------------------- train's log
+def test_train_logs_the_plan_and_never_fails_on_it(tiny_model_dir, caplog):
+    import logging
+
+    from tuneforge.planner.hook import log_plan
+
+    caplog.set_level(logging.INFO, logger="tuneforge")
+    log_plan(cfg_of(tiny_model_dir), 1)
+    text = caplog.text
+    assert "memory plan: full fine-tuning, sft" in text
+    for part in ("weights", "gradients", "optimizer states", "activations", "logits chunk"):
+        assert re.search(rf"  {part}: \d+\.\d\d GiB", text), part
+    assert re.search(r"fits: peak \d+\.\d\d GiB", text)
+    caplog.clear()
+    log_plan(load(data={"base_model": "/no/such/folder"}), 1)  # cannot be sized: no estimate, no error
+    assert "memory plan" not in caplog.text
+    log_plan(cfg_of(tiny_model_dir), 2, main=False)
+    assert "memory plan" not in caplog.text
