@@ -116,6 +116,11 @@ def test_fsdp_divides_the_states_by_the_gpus_and_offload_moves_them(tiny_model_d
     moved = sum(four.part(p) for p in ("weights", "gradients", "optimizer states"))
     assert off.host - four.host == moved
     assert off.total < four.total
+    from tuneforge.planner.hook import host_shortfall
+
+    assert host_shortfall(off, available=4 * off.host) is None
+    assert "offload_params" in host_shortfall(off, available=4 * off.host - 1)
+    assert host_shortfall(four, available=1) is None  # nothing offloaded
 
 
 def test_activations_structure(tiny_model_dir):
@@ -166,6 +171,10 @@ def test_grpo_kv_cache(tiny_model_dir):
     expected = rows * ((32 + 64) * a.layers * 2 * a.kv_heads * a.head_dim * 2 + 8 * a.vocab)
     assert e.part("generation KV cache") == expected
     assert e.settings.tokens == 4 * (32 + 64)
+    # full fine-tuning samples from a bf16 snapshot of the fp32 weights (off: no copy)
+    assert e.part("generation weight copy") == 2 * e.extra["trainable"]
+    off = cfg.model_copy(update={"trl": cfg.trl.model_copy(update={"generation_kwargs": {"half_precision_copy": False}})})
+    assert plan(off).estimate.part("generation weight copy") == 0
 
 
 # ---------------------------------------------------------------- activations against autograd
@@ -307,7 +316,7 @@ def test_plan_command_output(write_config):
     out = result.output
     for part in ("weights", "gradients", "optimizer states", "master weights", "activations (checkpointing)",
                  "activations (no checkpointing)", "logits chunk", "reference model", "generation KV cache",
-                 "CUDA context + allocator", "total (peak)", "host memory per process"):
+                 "generation weight copy", "CUDA context + allocator", "total (peak)", "host memory per process"):
         assert re.search(rf"^  {re.escape(part)} +\d+\.\d\d  ", out, re.M), part
     assert re.search(r"^fits: peak \d+\.\d\d GiB of 24\.00 GiB per GPU", out, re.M)
 
@@ -352,3 +361,13 @@ def test_train_logs_the_plan_and_never_fails_on_it(tiny_model_dir, caplog):
     assert "memory plan" not in caplog.text
     log_plan(cfg_of(tiny_model_dir), 2, main=False)
     assert "memory plan" not in caplog.text
+
+
+def test_accumulation_keeps_gradients_through_the_next_forward(tiny_model_dir):
+    one = plan(cfg_of(tiny_model_dir)).estimate
+    accum = plan(cfg_of(tiny_model_dir, gradient_accumulation_steps=4)).estimate
+    assert accum.phases["loss"] - one.phases["loss"] == one.part("gradients")
+    fsdp = plan(cfg_of(tiny_model_dir, gradient_accumulation_steps=4, fsdp_version=2, fsdp_config={}), gpus=4)
+    sharded = plan(cfg_of(tiny_model_dir, fsdp_version=2, fsdp_config={}), gpus=4).estimate
+    # without reduce-scatter, FSDP2 accumulates whole (unsharded) gradients
+    assert fsdp.estimate.phases["loss"] - sharded.phases["loss"] == one.part("gradients")

@@ -160,6 +160,15 @@ def kv_cache(f: ModelFacts, s: Settings) -> int:
     return rows * (per_row + k.DECODE_LOGIT_BYTES * a.vocab)
 
 
+def generation_copy(f: ModelFacts, s: Settings) -> int:
+    """GRPO under full fine-tuning with fp32 weights generates from a compute-dtype snapshot of the policy
+    (rollout/snapshot.py), kept for the whole run."""
+    fp32 = k.DTYPE_BYTES[s.weights_dtype] == 4 and s.adapter is None
+    if not s.completions_per_step or not fp32 or s.precision == "no" or not s.half_precision_copy:
+        return 0
+    return s.compute_bytes * f.total
+
+
 # ---------------------------------------------------------------- states
 def optimizer_bytes(f: ModelFacts, s: Settings) -> int:
     kind, states = k.OPTIMIZER_STATES.get(s.optimizer, ("like_param", 2 if s.optimizer != "adafactor" else 0))
@@ -194,12 +203,15 @@ def estimate(f: ModelFacts, s: Settings, gpu_memory: int) -> Estimate:
         layers = f.arch.layers if not s.reshard_after_forward else min(k.FSDP_LAYERS_IN_FLIGHT, f.arch.layers)
         gathered = f.root_bytes + layers * f.layer_bytes
     reference = reference_bytes(f, s)
+    snapshot = generation_copy(f, s)
     casts = autocast_copies(f, s)
     acts_gc, acts_full = activations(f, s, True), activations(f, s, False)
     acts = acts_gc if s.gradient_checkpointing else acts_full
     chunk = loss_chunk(f, s)
     kv = kv_cache(f, s)
-    accumulated = grads if s.grad_accum > 1 else 0  # earlier micro-batches' gradients stay during a forward
+    # Earlier micro-batches' gradients stay during a forward; FSDP2 accumulates them unsharded (it reduce-
+    # scatters on the step's last micro-batch only), on the GPU even with offload.
+    accumulated = (gradient_bytes(f) if s.fsdp else grads) if s.grad_accum > 1 else 0
     layer_grads = f.layer_bytes if s.adapter is None else 0
     head_grad = 4 * f.arch.vocab * f.arch.hidden if f.head_trainable else 0
     foreach = k.FOREACH_TEMPORARIES.get(s.optimizer, 0) * int(f.trainable_bytes_per_element * f.trainable.count)
@@ -212,7 +224,7 @@ def estimate(f: ModelFacts, s: Settings, gpu_memory: int) -> Estimate:
         "generation": kv + gathered if kv else 0,
     }
     peak_phase = max(phases, key=phases.get)
-    static = weights + optim + reference
+    static = weights + optim + reference + snapshot
     allocated = static + phases[peak_phase]
     slack = int(allocated * k.ALLOCATOR_SLACK)
     context = int(k.CUDA_CONTEXT_GIB * k.GiB)
@@ -230,6 +242,8 @@ def estimate(f: ModelFacts, s: Settings, gpu_memory: int) -> Estimate:
         Part("logits chunk", chunk, "LM head + cross entropy, one chunk of rows"),
         Part("reference model", reference, _reference_note(s)),
         Part("generation KV cache", kv, _kv_note(s)),
+        Part("generation weight copy", snapshot, "bf16 snapshot of the fp32 policy for sampling" if snapshot
+             else "none"),
         Part("FSDP gathered layers", gathered, "unsharded parameters in flight" if s.fsdp else "no FSDP"),
         Part("CUDA context + allocator", context + slack, f"{k.CUDA_CONTEXT_GIB} GiB + {k.ALLOCATOR_SLACK:.0%}"),
     ]

@@ -20,7 +20,8 @@ def log_plan(cfg, processes: int, main: bool = True) -> None:
         memory = None
         if torch.cuda.is_available():
             memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        lines = plan(cfg, gpus=processes, gpu_memory=memory, with_suggestions=False).lines()
+        report = plan(cfg, gpus=processes, gpu_memory=memory, with_suggestions=False)
+        lines = report.lines()
     except Exception as exc:  # the estimate is advice; training goes on without it
         log.debug("memory plan unavailable: %s: %s", type(exc).__name__, exc)
         return
@@ -30,6 +31,33 @@ def log_plan(cfg, processes: int, main: bool = True) -> None:
         log.info("%s", line)
     if memory is not None and not plan_fits(lines):
         log.warning("the memory plan says this run may not fit; `tuneforge plan <config>` lists settings that do")
+    short = host_shortfall(report.estimate)
+    if short:
+        log.warning("%s", short)
+
+
+def host_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def host_shortfall(estimate, available: int | None = None) -> str | None:
+    """A message when FSDP2 offload needs more CPU memory on this machine than it has."""
+    s = estimate.settings
+    if not s.offload:
+        return None
+    available = available if available is not None else host_memory()
+    need = min(s.gpus, 8) * estimate.host  # the processes of one machine
+    if not available or need <= available:
+        return None
+    return (f"fsdp_config.offload_params: the offloaded weights, gradients and optimizer states need about "
+            f"{need / 2**30:.1f} GiB of CPU memory on this machine, which has {available / 2**30:.1f} GiB; spread "
+            "the run over more machines, or use adapter: lora")
 
 
 def plan_fits(lines: list[str]) -> bool:

@@ -50,6 +50,16 @@ def render(plan: Plan) -> str:
                  + ("offloaded shards + the process" if e.settings.offload else "the process, weights on the GPU"))
     lines.append(f"  {'host memory while loading':<32}{gib(e.host_at_load):>8}  per node: each process reads "
                  "the weights into CPU memory first")
+    if e.settings.offload:
+        from .hook import host_memory, host_shortfall
+
+        here = host_memory()
+        need = min(e.settings.gpus, 8) * e.host
+        lines.append(f"  {'host memory per node (offload)':<32}{gib(need):>8}  "
+                     + (f"this machine has {gib(here)} GiB" if here else ""))
+        short = host_shortfall(e, here)
+        if short:
+            lines.append(f"  warning: {short}")
     lines += ["", fits_line(e)]
     if plan.suggestions:
         lines += ["", "To fit, in the order to try (each keeps the earlier checkpointing / micro-batch steps):"]

@@ -41,6 +41,7 @@ class Settings:
     completion_len: int = 256
     completions_per_step: int = 0
     kv_cache_bytes: int = 2
+    half_precision_copy: bool = True  # GRPO: generate from a compute-dtype snapshot of fp32 weights
 
     def but(self, **changes) -> Settings:
         return replace(self, **changes)
@@ -97,12 +98,14 @@ def from_config(cfg: Config, gpus: int) -> Settings:
         from tuneforge.data.formats.grpo import prompt_limit
 
         per_micro = cfg.micro_batch_size if "micro_batch_size" in cfg.model_fields_set else generations
-        kv = ((getattr(trl, "generation_kwargs", None) or {}).get("kv_cache_dtype") if trl else None)
+        gen_kwargs = (getattr(trl, "generation_kwargs", None) or {}) if trl else {}
+        kv = gen_kwargs.get("kv_cache_dtype")
         settings = settings.but(
             num_generations=generations, prompt_len=prompt_limit(cfg) or cfg.sequence_len,
             completion_len=int(getattr(trl, "max_completion_length", None) or 256),
             completions_per_step=per_micro * cfg.grad_accum, micro_batch_size=per_micro,
-            kv_cache_bytes=1 if kv and "fp8" in str(kv) else settings.compute_bytes)
+            kv_cache_bytes=1 if kv and "fp8" in str(kv) else settings.compute_bytes,
+            half_precision_copy=bool(gen_kwargs.get("half_precision_copy", True)))
     return settings
 
 
