@@ -131,6 +131,8 @@ def loss_chunk(f: ModelFacts, s: Settings) -> int:
     """models/losses.py's LinearCrossEntropy: one chunk of logits and its softmax, plus the head weight in the
     compute dtype and its fp32 gradient (accumulated over chunks) when the head trains."""
     a, c = f.arch, s.compute_bytes
+    if not f.lm_head:
+        return 0
     rows = min(s.tokens, max(k.MIN_CHUNK_ROWS, k.CHUNK_ELEMENTS_CUDA // a.vocab))
     per_logit = k.LOGIT_CHUNK_BYTES_COMPILED if s.compiled else k.LOGIT_CHUNK_BYTES
     b = rows * (per_logit * a.vocab + c * a.hidden)

@@ -65,8 +65,10 @@ class ModelFacts:
     head_trainable: bool
     head_bytes_per_element: int
     trainable_bytes_per_element: float  # gradients and optimizer states follow this
-    adapted: list[tuple[str, int, int]] = field(default_factory=list)  # per layer: (name, in_features, rank)
+    # (name, in_features, rank) of the adapted linear layers of the most-adapted decoder layer
+    adapted: list[tuple[str, int, int]] = field(default_factory=list)
     quantized: str | None = None  # "nf4" / "int8"
+    lm_head: bool = True  # False for classification heads (reward models): no logits over the vocabulary
 
     @property
     def total(self) -> int:
@@ -164,7 +166,13 @@ def count(cfg: Config, config, weights_dtype, quantized: str | None) -> ModelFac
     bitsandbytes cannot run on the meta device)."""
     import torch
 
-    model = build_meta(cfg, config, weights_dtype)
+    try:
+        model = build_meta(cfg, config, weights_dtype)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"the memory planner could not build {type(config).__name__} on the meta device: "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     base, layers = _decoder_layers(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     head_weight = getattr(head, "weight", None)
@@ -196,7 +204,8 @@ def count(cfg: Config, config, weights_dtype, quantized: str | None) -> ModelFac
         matmul_params=matmul,
         head_trainable=bool(head_weight is not None and head_weight.requires_grad), head_bytes_per_element=head_bytes,
         trainable_bytes_per_element=(sum(train_sizes) / len(train_sizes)) if train_sizes else 4.0,
-        adapted=_adapted(layers[0]) if cfg.adapter and len(layers) else [], quantized=quantized)
+        adapted=max((_adapted(layer) for layer in layers), key=len, default=[]) if cfg.adapter else [],
+        quantized=quantized, lm_head=head_weight is not None)
 
 
 def _quantizable(layers) -> set[int]:
