@@ -175,6 +175,11 @@ def test_grpo_kv_cache(tiny_model_dir):
     assert e.part("generation weight copy") == 2 * e.extra["trainable"]
     off = cfg.model_copy(update={"trl": cfg.trl.model_copy(update={"generation_kwargs": {"half_precision_copy": False}})})
     assert plan(off).estimate.part("generation weight copy") == 0
+    # under FSDP2 each process also keeps a whole copy of the model to generate with
+    from tuneforge.config.distributed import FsdpConfig
+
+    sharded = plan(cfg.model_copy(update={"fsdp_version": 2, "fsdp_config": FsdpConfig()}), gpus=2)
+    assert sharded.estimate.part("generation weight copy") == (4 + 2) * e.extra["trainable"]
 
 
 # ---------------------------------------------------------------- activations against autograd

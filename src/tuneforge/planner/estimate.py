@@ -163,12 +163,16 @@ def kv_cache(f: ModelFacts, s: Settings) -> int:
 
 
 def generation_copy(f: ModelFacts, s: Settings) -> int:
-    """GRPO under full fine-tuning with fp32 weights generates from a compute-dtype snapshot of the policy
-    (rollout/snapshot.py), kept for the whole run."""
-    fp32 = k.DTYPE_BYTES[s.weights_dtype] == 4 and s.adapter is None
-    if not s.completions_per_step or not fp32 or s.precision == "no" or not s.half_precision_copy:
+    """GRPO's copies of the policy for sampling, kept for the whole run: under FSDP2 a whole (unsharded) copy
+    refreshed from the shards (engine/trainer.py); under full fine-tuning with fp32 weights a compute-dtype
+    snapshot that the sampler generates from (rollout/snapshot.py)."""
+    if not s.completions_per_step:
         return 0
-    return s.compute_bytes * f.total
+    whole = f.weight_bytes if s.fsdp else 0
+    fp32 = k.DTYPE_BYTES[s.weights_dtype] == 4 and s.adapter is None
+    if not fp32 or s.precision == "no" or not s.half_precision_copy:
+        return whole
+    return whole + s.compute_bytes * f.total
 
 
 # ---------------------------------------------------------------- states
@@ -244,8 +248,7 @@ def estimate(f: ModelFacts, s: Settings, gpu_memory: int) -> Estimate:
         Part("logits chunk", chunk, "LM head + cross entropy, one chunk of rows"),
         Part("reference model", reference, _reference_note(s)),
         Part("generation KV cache", kv, _kv_note(s)),
-        Part("generation weight copy", snapshot, "bf16 snapshot of the fp32 policy for sampling" if snapshot
-             else "none"),
+        Part("generation weight copy", snapshot, _copy_note(s, snapshot)),
         Part("FSDP gathered layers", gathered, "unsharded parameters in flight" if s.fsdp else "no FSDP"),
         Part("CUDA context + allocator", context + slack, f"{k.CUDA_CONTEXT_GIB} GiB + {k.ALLOCATOR_SLACK:.0%}"),
     ]
@@ -271,6 +274,14 @@ def _reference_note(s: Settings) -> str:
     if s.precompute_ref:
         return "precomputed log-probs: none held"
     return "the adapter-disabled base (no copy)" if s.adapter else "frozen full copy"
+
+
+def _copy_note(s: Settings, size: int) -> str:
+    if not size:
+        return "none"
+    return ("whole copy for generation under FSDP2" if s.fsdp else "") + (
+        ("; " if s.fsdp else "") + "bf16 snapshot of the fp32 policy" if s.adapter is None and s.half_precision_copy
+        else "")
 
 
 def _kv_note(s: Settings) -> str:
