@@ -196,75 +196,85 @@ def reference_bytes(f: ModelFacts, s: Settings) -> int:
 
 
 # ---------------------------------------------------------------- the whole
-def estimate(f: ModelFacts, s: Settings, gpu_memory: int) -> Estimate:
-    n = s.gpus if s.fsdp else 1
+def _states(f: ModelFacts, s: Settings) -> tuple[int, int, int, int, int]:
+    """(weights, gradients, optimizer states) on each GPU, what offload moved to CPU memory, and FSDP2's
+    unsharded parameters in flight: the root group throughout, the layers one or two at a time."""
     weights, grads, optim = f.weight_bytes, gradient_bytes(f), optimizer_bytes(f, s)
-    host_states = 0
-    if s.fsdp:
-        weights, grads, optim = -(-weights // n), -(-grads // n), -(-optim // n)
-        if s.offload:
-            host_states, weights, grads, optim = weights + grads + optim, 0, 0, 0
-    gathered = 0
-    if s.fsdp:  # unsharded parameters in flight: the root group throughout, the layers one or two at a time
-        layers = f.arch.layers if not s.reshard_after_forward else min(k.FSDP_LAYERS_IN_FLIGHT, f.arch.layers)
-        gathered = f.root_bytes + layers * f.layer_bytes
-    reference = reference_bytes(f, s)
-    snapshot = generation_copy(f, s)
+    if not s.fsdp:
+        return weights, grads, optim, 0, 0
+    n = s.gpus
+    weights, grads, optim = -(-weights // n), -(-grads // n), -(-optim // n)
+    layers = f.arch.layers if not s.reshard_after_forward else min(k.FSDP_LAYERS_IN_FLIGHT, f.arch.layers)
+    gathered = f.root_bytes + layers * f.layer_bytes
+    if s.offload:
+        return 0, 0, 0, weights + grads + optim, gathered
+    return weights, grads, optim, 0, gathered
+
+
+def estimate(f: ModelFacts, s: Settings, gpu_memory: int) -> Estimate:
+    weights, grads, optim, host_states, gathered = _states(f, s)
     casts = autocast_copies(f, s)
     acts_gc, acts_full = activations(f, s, True), activations(f, s, False)
     acts = acts_gc if s.gradient_checkpointing else acts_full
-    chunk = loss_chunk(f, s)
     kv = kv_cache(f, s)
     # Earlier micro-batches' gradients stay during a forward; FSDP2 accumulates them unsharded (it reduce-
     # scatters on the step's last micro-batch only), on the GPU even with offload.
     accumulated = (gradient_bytes(f) if s.fsdp else grads) if s.grad_accum > 1 else 0
-    layer_grads = f.layer_bytes if s.adapter is None else 0
+    layer_grads = f.layer_bytes if s.fsdp and s.adapter is None else 0  # before their reduce-scatter
     head_grad = 4 * f.arch.vocab * f.arch.hidden if f.head_trainable else 0
-    foreach = k.FOREACH_TEMPORARIES.get(s.optimizer, 0) * int(f.trainable_bytes_per_element * f.trainable.count)
+    foreach = k.FOREACH_TEMPORARIES.get(s.optimizer, 0) * gradient_bytes(f)
     backward_casts = casts if (s.fsdp or not s.gradient_checkpointing) else 0
     phases = {
-        "loss": acts + casts + chunk + accumulated + gathered,
+        "loss": acts + casts + loss_chunk(f, s) + accumulated + gathered,
         "backward": acts + backward_casts + backward_workspace(f, s) + head_grad + accumulated + gathered
-        + (layer_grads if s.fsdp else 0),
+        + layer_grads,
         "update": grads + foreach,
         "generation": kv + gathered if kv else 0,
     }
     peak_phase = max(phases, key=phases.get)
-    static = weights + optim + reference + snapshot
+    static = weights + optim + reference_bytes(f, s) + generation_copy(f, s)
     allocated = static + phases[peak_phase]
-    slack = int(allocated * k.ALLOCATOR_SLACK)
-    context = int(k.CUDA_CONTEXT_GIB * k.GiB)
-    parts = [
-        Part("weights", weights, _weights_note(f, s, n)),
-        Part("gradients", grads, "fp32" if f.trainable_bytes_per_element == 4 else "like the weights"),
-        Part("optimizer states", optim, s.optimizer),
+    overhead = int(allocated * k.ALLOCATOR_SLACK) + int(k.CUDA_CONTEXT_GIB * k.GiB)
+    values = {"weights": weights, "gradients": grads, "optimizer states": optim, "autocast weight copies": casts,
+              "activations": acts, "activations (checkpointing)": acts_gc, "activations (no checkpointing)": acts_full,
+              "generation KV cache": kv, "FSDP gathered layers": gathered, "CUDA context + allocator": overhead}
+    process = int(k.HOST_PROCESS_GIB * k.GiB)
+    host_load = min(s.gpus, 8) * (process + f.weight_bytes)  # each process of a machine reads the weights
+    return Estimate(s, _parts(f, s, values), phases, peak_phase, allocated, allocated + overhead,
+                    process + host_states, host_load, gpu_memory,
+                    {"trainable": f.trainable.count, "frozen": f.frozen.count, "host_states": host_states})
+
+
+def _parts(f: ModelFacts, s: Settings, v: dict[str, int]) -> list[Part]:
+    snapshot = generation_copy(f, s)
+    return [
+        Part("weights", v["weights"], _weights_note(f, s)),
+        Part("gradients", v["gradients"], "fp32" if f.trainable_bytes_per_element == 4 else "like the weights"),
+        Part("optimizer states", v["optimizer states"], s.optimizer),
         Part("master weights", 0, "none separate: full fine-tuning trains fp32 weights" if s.adapter is None
              else "none: adapter weights are fp32"),
-        Part("autocast weight copies", casts, "compute-dtype copies of the trained fp32 weights"),
-        Part("activations", acts, f"{s.tokens} tokens/micro-batch, "
+        Part("autocast weight copies", v["autocast weight copies"], "compute-dtype copies of the trained fp32 weights"),
+        Part("activations", v["activations"], f"{s.tokens} tokens/micro-batch, "
              + ("checkpointed" if s.gradient_checkpointing else "no checkpointing")),
-        Part("activations (checkpointing)", acts_gc, "each layer's input + one layer recomputed"),
-        Part("activations (no checkpointing)", acts_full, "every layer's saved tensors"),
-        Part("logits chunk", chunk, "LM head + cross entropy, one chunk of rows"),
-        Part("reference model", reference, _reference_note(s)),
-        Part("generation KV cache", kv, _kv_note(s)),
+        Part("activations (checkpointing)", v["activations (checkpointing)"],
+             "each layer's input (one layer is recomputed in the backward)"),
+        Part("activations (no checkpointing)", v["activations (no checkpointing)"], "every layer's saved tensors"),
+        Part("logits chunk", loss_chunk(f, s), "LM head + cross entropy, one chunk of rows"),
+        Part("reference model", reference_bytes(f, s), _reference_note(s)),
+        Part("generation KV cache", v["generation KV cache"], _kv_note(s)),
         Part("generation weight copy", snapshot, _copy_note(s, snapshot)),
-        Part("FSDP gathered layers", gathered, "unsharded parameters in flight" if s.fsdp else "no FSDP"),
-        Part("CUDA context + allocator", context + slack, f"{k.CUDA_CONTEXT_GIB} GiB + {k.ALLOCATOR_SLACK:.0%}"),
+        Part("FSDP gathered layers", v["FSDP gathered layers"], "unsharded parameters in flight" if s.fsdp
+             else "no FSDP"),
+        Part("CUDA context + allocator", v["CUDA context + allocator"],
+             f"{k.CUDA_CONTEXT_GIB} GiB + {k.ALLOCATOR_SLACK:.0%}"),
     ]
-    host_proc = int(k.HOST_PROCESS_GIB * k.GiB) + host_states
-    local = min(s.gpus, 8)
-    host_load = local * (int(k.HOST_PROCESS_GIB * k.GiB) + f.weight_bytes)  # each process reads the weights
-    return Estimate(s, parts, phases, peak_phase, allocated, allocated + slack + context, host_proc, host_load,
-                    gpu_memory, {"trainable": f.trainable.count, "frozen": f.frozen.count,
-                                 "host_states": host_states})
 
 
-def _weights_note(f: ModelFacts, s: Settings, n: int) -> str:
+def _weights_note(f: ModelFacts, s: Settings) -> str:
     kind = {"nf4": "NF4 4-bit base", "int8": "int8 base"}.get(f.quantized or "", s.weights_dtype)
     note = f"{f.total:,} params ({f.trainable.count:,} trainable), {kind}"
     if s.fsdp:
-        note += f", sharded over {n}" + (" and offloaded to CPU" if s.offload else "")
+        note += f", sharded over {s.gpus}" + (" and offloaded to CPU" if s.offload else "")
     return note
 
 
