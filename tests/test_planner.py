@@ -344,6 +344,13 @@ def test_plan_command_shapes_and_errors(write_config):
     lora = 32 * 8 * (2 * 4096 + 2 * (4096 + 1024) + 2 * 4096 + 3 * (4096 + 14336))
     assert f"({lora:,} trainable, 8,030,261,248 frozen)" in result.output
     assert "LoRA, sft" in result.output
+    shape = config.parent / "what-if.json"  # a config.json of any architecture transformers knows
+    shape.write_text('{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, '
+                     '"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 500}')
+    by_path = CliRunner().invoke(app, ["plan", str(config), "--model-config", str(shape)])
+    assert by_path.exit_code == 0, by_path.output
+    embeddings, layer = 2 * 500 * 64, 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64
+    assert f"parameters: {embeddings + 3 * layer + 64:,} " in by_path.output
     bad = CliRunner().invoke(app, ["plan", str(config), "--model-config", "no-such-shape"])
     assert bad.exit_code != 0 and "llama-3.1-8b" in str(bad.exception)
 
