@@ -93,7 +93,7 @@ def test_full_fine_tuning_closed_forms(tiny_model_dir):
 
 @pytest.mark.parametrize("optimizer, per_param", [
     ("adamw_torch", 8), ("adamw_8bit", 2 * (1 + 4 / 256)), ("paged_adamw_32bit", 8), ("lion_8bit", 1 + 4 / 256),
-    ("sgd", 0)])
+    ("sgd", 0), ("ademamix", 12), ("muon", 4), ("ao_adamw_4bit", 2 * (0.5 + 4 / 128))])
 def test_optimizer_states(tiny_model_dir, optimizer, per_param):
     e = plan(cfg_of(tiny_model_dir, optimizer=optimizer)).estimate
     assert e.part("optimizer states") == int(e.extra["trainable"] * per_param)
@@ -136,9 +136,9 @@ def test_activations_structure(tiny_model_dir):
 
 
 def test_logits_chunk_follows_the_loss_chunking(tiny_model_dir):
-    from tuneforge.models import losses
+    from tuneforge.models import logprobs
 
-    assert k.CHUNK_ELEMENTS_CUDA == losses._CHUNK_ELEMENTS_CUDA
+    assert k.CHUNK_ELEMENTS_CUDA == logprobs.CHUNK_ELEMENTS_CUDA and k.MIN_CHUNK_ROWS == logprobs.MIN_CHUNK_ROWS
     cfg = cfg_of(tiny_model_dir, sequence_len=4096, sample_packing=True)
     facts, s = facts_of(cfg), from_config(cfg, 1)
     V, H = facts.arch.vocab, facts.arch.hidden

@@ -39,8 +39,34 @@ OPTIMIZER_STATES = {
     "lion_8bit": ("int8", 1),
     "paged_lion_8bit": ("int8", 1),
     "sgd": ("like_param", 0),  # plus one momentum buffer when optim_args sets momentum
+    "rmsprop": ("like_param", 1),
+    "adagrad": ("like_param", 1),
+    "ademamix": ("like_param", 3),  # two first moments (fast, slow) and the second moment
+    "ademamix_8bit": ("int8", 3),
+    "paged_ademamix_8bit": ("int8", 3),
+    "paged_ademamix_32bit": ("fp32", 3),
+    "muon": ("like_param", 1),  # momentum (embeddings, head and 1-D parameters take AdamW's two: not split out)
+    "adamw_torch_8bit": ("int8", 2),  # torchao low-bit AdamW
+    "ao_adamw_8bit": ("int8", 2),
+    "adamw_torch_4bit": ("int4", 2),
+    "ao_adamw_4bit": ("int4", 2),
+    "ao_adamw_fp8": ("int8", 2),
+    "schedule_free_adamw": ("like_param", 2),  # z and the second moment
+    "schedule_free_radam": ("like_param", 2),
+    "schedule_free_sgd": ("like_param", 1),
+    "optimi_adamw": ("like_param", 2),
+    "optimi_adam": ("like_param", 2),
+    "optimi_radam": ("like_param", 2),
+    "optimi_stableadamw": ("like_param", 2),
+    "stable_adamw": ("like_param", 2),
+    "optimi_ranger": ("like_param", 3),  # Adam's two and Lookahead's slow weights
+    "optimi_adan": ("like_param", 4),  # three moments and the previous gradient
+    "optimi_lion": ("like_param", 1),
+    "lion": ("like_param", 1),
+    "optimi_sgd": ("like_param", 0),
 }
 BNB_OPTIM_BLOCK = 256
+INT4_OPTIM_BLOCK = 128  # torchao 4-bit states: one fp32 scale per 128
 # The non-fused torch AdamW (foreach) builds a temporary list of sqrt(exp_avg_sq) + eps, one element per
 # trainable parameter in the states' dtype, during the step; the fused kernel and bitsandbytes do not.
 FOREACH_TEMPORARIES = {"adamw_torch": 1, "adamw": 1}
@@ -70,8 +96,8 @@ BACKWARD_RESIDUAL_GRADS = 2
 LOGIT_CHUNK_BYTES = 14
 # With torch_compile the softmax-and-gradient step is one fused kernel: logits in, gradient out.
 LOGIT_CHUNK_BYTES_COMPILED = 6
-CHUNK_ELEMENTS_CUDA = 1 << 28  # mirrors losses._CHUNK_ELEMENTS_CUDA (tested equal)
-MIN_CHUNK_ROWS = 256
+# The chunk size itself is the loss's own (models/logprobs.py): rows = max(MIN_CHUNK_ROWS, elements / V).
+from tuneforge.models.logprobs import CHUNK_ELEMENTS_CUDA, MIN_CHUNK_ROWS  # noqa: E402,F401
 
 # ---------------------------------------------------------------- GRPO generation
 # Besides the KV cache: the decode step's fp32 logits [rows, V] and the sampler's buffers, per row.

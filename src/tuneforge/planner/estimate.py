@@ -180,7 +180,8 @@ def optimizer_bytes(f: ModelFacts, s: Settings) -> int:
     kind, states = k.OPTIMIZER_STATES.get(s.optimizer, ("like_param", 2 if s.optimizer != "adafactor" else 0))
     if s.optimizer == "sgd" and s.sgd_momentum:
         states = 1
-    per = {"like_param": f.trainable_bytes_per_element, "fp32": 4, "int8": 1 + 4 / k.BNB_OPTIM_BLOCK}[kind]
+    per = {"like_param": f.trainable_bytes_per_element, "fp32": 4, "int8": 1 + 4 / k.BNB_OPTIM_BLOCK,
+           "int4": 0.5 + 4 / k.INT4_OPTIM_BLOCK}[kind]
     return int(f.trainable.count * per * states)
 
 
