@@ -47,7 +47,7 @@ class FsdpConfig(Section):
         False, description="Recompute each layer's activations in the backward (same as gradient_checkpointing).")
     mixed_precision_policy: str | dict | None = Field(
         None, description="Accepted for Axolotl configs: mixed precision follows bf16/fp16 (fp32 master "
-        "weights, autocast compute, fp32 gradient reduction).")
+        "shards, each layer gathered and computed in bf16/fp16, gradients reduced in fp32).")
     use_orig_params: bool | None = Field(None, description="FSDP1 only; FSDP2 always keeps the original parameters.")
     sync_module_states: bool | None = Field(
         None, description="FSDP1 only; every process loads the same weights here.")

@@ -74,8 +74,8 @@ def _groups(model: nn.Module, settings) -> list[nn.Module]:
     return [m for m in model.modules() if type(m) in classes]
 
 
-def _policy_kwargs(settings) -> dict:
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+def _policy_kwargs(settings, compute_dtype: torch.dtype | None) -> dict:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
     offload = OffloadPolicy()
     if settings.offload_params:
@@ -83,16 +83,21 @@ def _policy_kwargs(settings) -> dict:
             offload = CPUOffloadPolicy(pin_memory=settings.cpu_offload_pin_memory)
         else:
             log.info("fsdp_config.offload_params: the parameters already live in CPU memory (no GPU)")
-    return {"reshard_after_forward": settings.reshard_after_forward, "offload_policy": offload}
+    # Mixed precision is FSDP2's own: each layer is gathered in the compute dtype and its gradients reduced in
+    # fp32 into the fp32 shards. Autocast would instead cache a half-precision copy of every whole weight
+    # from the forward to the backward, on every process, whatever the sharding.
+    mixed = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
+    return {"reshard_after_forward": settings.reshard_after_forward, "offload_policy": offload, "mp_policy": mixed}
 
 
-def shard(runner: nn.Module, model: nn.Module, settings) -> int:
+def shard(runner: nn.Module, model: nn.Module, settings, compute_dtype: torch.dtype | None = None) -> int:
     """Apply FSDP2 to `model`'s layers and to `runner` (the root, which holds `model`). Returns the number of
-    shard groups. Must run before the optimizer is built: sharding replaces every parameter."""
+    shard groups. Must run before the optimizer is built: sharding replaces every parameter. `compute_dtype`
+    (bf16/fp16 mixed precision, else None) is the dtype layers run in; the shards keep their own dtype."""
     from torch.distributed.fsdp import fully_shard
 
     _ensure_process_group()
-    kwargs = _policy_kwargs(settings)
+    kwargs = _policy_kwargs(settings, compute_dtype)
     groups = _groups(model, settings)
     for module in groups:
         fully_shard(module, **kwargs)

@@ -148,7 +148,8 @@ class Trainer:
             if _generates(self.objective):
                 self.generation_model = copy.deepcopy(self.model).to(acc.device)
             self.runner = ObjectiveRunner(self.model)
-            fsdp.shard(self.runner, self.model, cfg.fsdp_config)
+            fsdp.shard(self.runner, self.model, cfg.fsdp_config,
+                       compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision))
             self.optimizer = acc.prepare(build_optimizer(cfg, self.model))
         else:
             self.runner, self.optimizer = acc.prepare(ObjectiveRunner(self.model), build_optimizer(cfg, self.model))
@@ -250,7 +251,7 @@ class Trainer:
         sums: dict[str, float] = defaultdict(float)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            with self._micro_batch_context(last), acc.autocast() if self.sharded else contextlib.nullcontext():
+            with self._micro_batch_context(last):
                 loss, metrics = self.runner(objective.loss, batch, num_items)
                 acc.backward(loss * acc.num_processes)
             for k, v in metrics.items():

@@ -144,8 +144,9 @@ def loss_chunk(f: ModelFacts, s: Settings) -> int:
 
 
 def autocast_copies(f: ModelFacts, s: Settings) -> int:
-    """Autocast caches a compute-dtype copy of every fp32 weight that trains, for the whole forward pass."""
-    if s.precision == "no" or (s.compiled and not k.COMPILED_KEEPS_CASTS):
+    """Autocast caches a compute-dtype copy of every fp32 weight that trains, for the whole forward pass.
+    FSDP2 runs without autocast: its mixed-precision policy gathers each layer in the compute dtype."""
+    if s.precision == "no" or s.fsdp or (s.compiled and not k.COMPILED_KEEPS_CASTS):
         return 0
     if s.adapter is None:
         return s.compute_bytes * f.matmul_params if k.DTYPE_BYTES[s.weights_dtype] != s.compute_bytes else 0
@@ -207,6 +208,9 @@ def _states(f: ModelFacts, s: Settings) -> tuple[int, int, int, int, int]:
     weights, grads, optim = -(-weights // n), -(-grads // n), -(-optim // n)
     layers = f.arch.layers if not s.reshard_after_forward else min(k.FSDP_LAYERS_IN_FLIGHT, f.arch.layers)
     gathered = f.root_bytes + layers * f.layer_bytes
+    stored = k.DTYPE_BYTES[s.weights_dtype]
+    if s.precision != "no" and stored > s.compute_bytes:  # FSDP2's mixed precision gathers in the compute dtype
+        gathered = gathered * s.compute_bytes // stored
     if s.offload:
         return 0, 0, 0, weights + grads + optim, gathered
     return weights, grads, optim, 0, gathered
