@@ -78,8 +78,12 @@ class TRLBlock(Section):
     async_prefetch: bool = Field(False, description="Generate the next batch while the current one trains.")
     skip_zero_advantage_batches: bool = Field(True, description="Skip micro-batches with no learning signal.")
     reward_timeout: float | None = Field(
-        None, gt=0, description="Seconds a reward call may take in reward_num_workers worker processes (default: no limit)."
+        None, gt=0, description="Seconds a reward call may take (default: no limit); the functions then run in worker "
+        "processes (reward_num_workers, at least one) that are stopped when the time is up."
     )
+    reward_nan_policy: Literal["error", "skip"] = Field(
+        "error", description="What a reward of NaN, infinity or beyond +-1e15 does: `error` stops the run naming the "
+        "function and row; `skip` treats it as None (not applicable) and logs how many.")
     prefetch_depth: int = Field(1, ge=1, description="Rollouts generated ahead with async_prefetch.")
     use_data_producer: bool = Field(False, description="Accepted for Axolotl compatibility; same as async_prefetch.")
     vllm_sync_interval: int = Field(1, ge=1, description="Optimizer steps between weight syncs to the sampler.")

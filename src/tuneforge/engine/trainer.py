@@ -37,6 +37,7 @@ from tuneforge.config.schema import Config
 from tuneforge.distributed import collectives, fsdp
 from tuneforge.methods.base import Batch, Objective
 from tuneforge.models.load import mixed_precision
+from tuneforge.user_code import keep_last_step_on_failure
 
 from . import checkpoint as ckpt
 from . import memory, resume, trackers
@@ -187,7 +188,8 @@ class Trainer:
                     epoch = state.epoch
                     mbs, after, epoch_end = self.plan.next_step(Position(state.epoch, state.index))
                     start = time.perf_counter()
-                    with self.profiler.step(state.global_step + 1):
+                    with self.profiler.step(state.global_step + 1), keep_last_step_on_failure(
+                            state.global_step, self.accelerator.num_processes, self._checkpoint_of_last_step):
                         result = self.out_of_memory.run_step(mbs, state, self._optimizer_step)
                     seconds = time.perf_counter() - start
                     state.global_step += 1

@@ -5,29 +5,27 @@ float (or None = "not applicable") per completion. `columns` are the extra datas
 completion's prompt row (repeated for the group), e.g. `answer`. A function without `**kwargs` receives
 only the keywords it names. `async def` functions run concurrently. A function that raises, returns the
 wrong number of values or a non-number stops the run with a message naming the function and the
-dataset row. With `trl.reward_num_workers: N` the functions run in N worker processes (rows split
-between them), each call bounded by `trl.reward_timeout` seconds, for checkers that use signals or
-may hang (math verifiers).
+dataset row; so does one that calls sys.exit / os._exit or raises KeyboardInterrupt (the trainer then
+saves the last completed step). Values must be finite numbers within +-1e15 or None: a NaN, an infinity
+or a larger value stops the run (`trl.reward_nan_policy: error`, the default) or counts as None (`skip`,
+logged). With `trl.reward_num_workers: N` the functions run in N worker processes (rows split between
+them); `trl.reward_timeout` bounds each call (with no workers set, one worker process runs them), and a
+worker that dies is reported at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from tuneforge.rewards.calling import (
-    RewardError,
-    RewardFn,
-    call_one,
-    locate_failure,
-    resolve,
-    to_floats,
-    worker_call,
-)
+from tuneforge.rewards.calling import RewardError, RewardFn, call_one, locate_failure, resolve, to_floats
+from tuneforge.rewards.workers import WorkerPool
+
+log = logging.getLogger("tuneforge")
 
 __all__ = ["RewardError", "RewardFn", "RewardSet", "resolve"]
 
@@ -37,7 +35,7 @@ class RewardSet:
 
     def __init__(self, funcs: list[tuple[str, RewardFn]], weights: Sequence[float] | None = None, *,
                  num_workers: int = 0, timeout: float | None = None, specs: list[str] | None = None,
-                 search: list[str] | None = None):
+                 search: list[str] | None = None, nan_policy: str = "error"):
         if not funcs:
             raise RewardError("GRPO needs at least one reward function: set `trl.reward_funcs: [module.function]`.")
         self.names = [n for n, _ in funcs]
@@ -49,8 +47,10 @@ class RewardSet:
         if len(weights) != len(funcs):
             raise RewardError(f"trl.reward_weights has {len(weights)} values for {len(funcs)} reward functions.")
         self.weights = torch.tensor(weights, dtype=torch.float32)
-        self.num_workers = num_workers
+        # A timeout needs a process to abandon: without workers, one worker runs the functions.
+        self.num_workers = max(num_workers, 1) if timeout and specs else num_workers
         self.timeout = timeout
+        self.nan_policy = nan_policy
         self.specs = specs  # importable names: what worker processes load
         self.search = search or []
         self._pool = None
@@ -62,60 +62,44 @@ class RewardSet:
         search = [str(cfg.source_dir)] if getattr(cfg, "source_dir", None) else []
         funcs = [(s, resolve(s, search)) for s in specs]
         return cls(funcs, trl.reward_weights if trl else None, num_workers=(trl.reward_num_workers or 0) if trl else 0,
-                   timeout=getattr(trl, "reward_timeout", None), specs=specs, search=search)
+                   timeout=getattr(trl, "reward_timeout", None), specs=specs, search=search,
+                   nan_policy=(getattr(trl, "reward_nan_policy", None) or "error") if trl else "error")
 
     def compute(self, prompts: list, completions: list, completion_ids: list[list[int]], columns: dict[str, list],
                 rows: Sequence[int] | None = None, extra: dict[str, Any] | None = None) -> torch.Tensor:
         n = len(completions)
         kwargs = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids, **columns,
                   **(extra or {})}
-        if self.num_workers and self.specs:
-            return self._compute_in_workers(kwargs, n, rows)
-        out = torch.empty(n, len(self.funcs), dtype=torch.float64)
-        for k, (name, fn) in enumerate(zip(self.names, self.funcs, strict=True)):
-            try:
-                values = call_one(name, fn, kwargs)
-            except RewardError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                raise locate_failure(name, fn, kwargs, n, rows, exc) from None
-            out[:, k] = torch.tensor(to_floats(name, values, n, rows), dtype=torch.float64)
-        return out
-
-    # ---------------------------------------------------------------- worker processes
-    def _compute_in_workers(self, kwargs: dict[str, Any], n: int, rows) -> torch.Tensor:
-        if self._pool is None:
-            self._pool = mp.get_context("spawn").Pool(self.num_workers)
-        bounds = [(n * w // self.num_workers, n * (w + 1) // self.num_workers) for w in range(self.num_workers)]
-        bounds = [(a, b) for a, b in bounds if b > a]
-        out = torch.empty(n, len(self.funcs), dtype=torch.float64)
+        pooled = bool(self.num_workers and self.specs)
         picklable = {k: v for k, v in kwargs.items() if not callable(v)}
-        for k, (name, spec) in enumerate(zip(self.names, self.specs, strict=True)):
-            jobs = []
-            for a, b in bounds:
-                part = {key: (v[a:b] if isinstance(v, list) and len(v) == n else v) for key, v in picklable.items()}
-                jobs.append(self._pool.apply_async(worker_call, (spec, self.search, part)))
-            values: list = []
-            for job, (a, b) in zip(jobs, bounds, strict=True):
+        out = torch.empty(n, len(self.funcs), dtype=torch.float64)
+        skipped: list[str] = []
+        for k, (name, fn) in enumerate(zip(self.names, self.funcs, strict=True)):
+            if pooled:
+                if self._pool is None:
+                    self._pool = WorkerPool(self.num_workers, self.timeout)
+                values: list[float] = []
+                for a, b, part in self._pool.call(name, self.specs[k], self.search, picklable, n, rows):
+                    values += to_floats(name, part, b - a, rows[a:b] if rows is not None else None, self.nan_policy,
+                                        skipped)
+            else:
                 try:
-                    status, result = job.get(timeout=self.timeout)
-                except mp.TimeoutError:
-                    self.close()
-                    raise RewardError(f"reward function `{name}` did not finish within trl.reward_timeout "
-                                      f"({self.timeout} s) on completions {a}..{b - 1}.") from None
-                if status == "error":
-                    part = {key: (v[a:b] if isinstance(v, list) and len(v) == n else v) for key, v in picklable.items()}
-                    sub_rows = rows[a:b] if rows is not None else None
-                    raise locate_failure(name, resolve(spec, self.search), part, b - a, sub_rows,
-                                          RuntimeError(result)) from None
-                values.extend(to_floats(name, result, b - a, rows[a:b] if rows is not None else None))
+                    result = call_one(name, fn, kwargs)
+                except Exception as exc:  # noqa: BLE001 - the user's code may raise anything
+                    raise locate_failure(name, fn, kwargs, n, rows, exc) from None
+                values = to_floats(name, result, n, rows, self.nan_policy, skipped)
             out[:, k] = torch.tensor(values, dtype=torch.float64)
+        if skipped:
+            log.warning("trl.reward_nan_policy skip: %d reward value(s) treated as None, e.g. %s", len(skipped),
+                        skipped[0])
+        if n and bool(torch.isnan(out).all()):
+            log.warning("no reward function gave a value for any of the %d completions of this step: the step "
+                        "learns nothing from them", n)
         return out
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.close()
             self._pool = None
 
     def __del__(self):

@@ -1,0 +1,86 @@
+"""Containing the user's own code (reward functions, `type: module.fn` formats): what it may not do to us.
+
+`contained()` runs a call so that `sys.exit`, `os._exit`, `KeyboardInterrupt` raised by the code itself and
+any exception become one ordinary `UserCodeExit`/exception that the caller turns into a message naming the
+function and the row. `UserCodeFailure` is the error the trainer catches to save the last completed step
+before the run stops (engine/trainer.py), so a failing reward costs at most the step it failed in.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tuneforge.errors import TuneforgeError
+
+
+class UserCodeFailure(TuneforgeError):
+    """The user's code failed during a training step; the trainer saves the last completed step, then stops."""
+
+    def with_checkpoint(self, saved: str | None, step: int) -> UserCodeFailure:
+        if saved:
+            note = (f" The last completed step ({step}) is saved in {saved}; fix the function, then resume with "
+                    f"`--resume-from-checkpoint {saved}`.")
+        else:
+            note = " No step had completed, so there is no checkpoint to resume from."
+        return type(self)(str(self).rstrip(".") + "." + note)
+
+
+@contextmanager
+def keep_last_step_on_failure(completed: int, processes: int, checkpoint_last_step) -> Iterator[None]:
+    """Around a training step: the user's code failed in it, so stop, with the checkpoint of the last
+    completed step (`checkpoint_last_step()` saves it unless it exists). Single-process runs only: the other
+    processes of a data-parallel run wait in a collective and would not join the save."""
+    try:
+        yield
+    except UserCodeFailure as exc:
+        saved = str(checkpoint_last_step()) if processes == 1 and completed > 0 else None
+        raise exc.with_checkpoint(saved, completed) from None
+
+
+class UserCodeExit(Exception):  # noqa: N818 - an exit of user code turned into an ordinary exception
+    """The user's code tried to end the process (sys.exit, os._exit) or raised KeyboardInterrupt itself."""
+
+
+class _OsExit(BaseException):
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
+def _user_abort_pending() -> bool:
+    """A second Ctrl-C from the user (the trainer's stop flag already set) aborts: it is not the code's."""
+    handler = signal.getsignal(signal.SIGINT)
+    return getattr(getattr(handler, "__self__", None), "signum", None) is not None
+
+
+@contextmanager
+def contained() -> Iterator[None]:
+    """Run user code with `os._exit` intercepted and process-ending exceptions turned into `UserCodeExit`."""
+    real_exit = os._exit
+
+    def _exit(code=0):
+        raise _OsExit(code)
+
+    os._exit = _exit
+    try:
+        yield
+    except _OsExit as exc:
+        raise UserCodeExit(f"called os._exit({exc.code})") from None
+    except SystemExit as exc:
+        raise UserCodeExit(f"called sys.exit({exc.code if exc.code is not None else ''})") from None
+    except KeyboardInterrupt:
+        if _user_abort_pending():
+            raise
+        raise UserCodeExit("raised KeyboardInterrupt (a function may not stop the run itself)") from None
+    finally:
+        os._exit = real_exit
+
+
+def describe(exc: BaseException) -> str:
+    """`raised ValueError: msg`, or the exit it attempted."""
+    if isinstance(exc, UserCodeExit):
+        return str(exc)
+    return f"raised {type(exc).__name__}: {exc}"
