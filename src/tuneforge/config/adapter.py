@@ -14,7 +14,7 @@ class AdapterKeys(Section):
         None, description="Train a PEFT adapter instead of all weights: lora, or qlora (with load_in_4bit)."
     )
     lora_r: int = Field(8, ge=1, description="LoRA rank r.")
-    lora_alpha: float = Field(16, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
+    lora_alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     lora_target_modules: str | list[str] | None = Field(
         None, description="Module names (or a regex string) that receive LoRA layers, e.g. [q_proj, v_proj]."

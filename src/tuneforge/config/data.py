@@ -109,7 +109,7 @@ class DataKeys(Section):
     )
     dataset_exact_deduplication: bool = Field(False, description="Drop rows whose tokens exactly repeat another row.")
     train_on_inputs: bool = Field(False, description="Train on prompt/user tokens too (no prompt masking).")
-    sequence_len: int = Field(512, ge=8, description="Maximum tokens per sample, and per packed row.")
+    sequence_len: int = Field(512, ge=8, le=2**24, description="Maximum tokens per sample, and per packed row.")
     eval_sequence_len: int | None = Field(None, ge=8, description="Maximum tokens per evaluation sample.")
     excess_length_strategy: Literal["drop", "truncate", "raise"] = Field(
         "drop", description="What to do with rows longer than sequence_len: drop, truncate, or raise an error."

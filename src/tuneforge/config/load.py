@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from . import compat, distributed, rules
+from . import compat, distributed, ranges, rules  # noqa: F401 - ranges registers its rules
 from .errors import ConfigError, ConfigIssue
 from .schema import Config
 
@@ -27,7 +27,30 @@ Path_ = tuple[str | int, ...]
 
 
 # ---------------------------------------------------------------- YAML with line numbers
-def _line_map(text: str) -> dict[Path_, int]:
+# A config is a few hundred nodes; aliases can make a 9-line file expand to billions (an "alias bomb"), which
+# every later walk (line map, validation) would expand. The expanded size is counted on the composed graph
+# (each distinct node once) and refused beyond this bound.
+MAX_YAML_NODES = 100_000
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order: a deeply nested file cannot exhaust the recursion limit
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else list(node.value) if isinstance(node, yaml.SequenceNode) else [])
+        if done:
+            sizes[id(node)] = min(1 + sum(sizes[id(c)] for c in children), MAX_YAML_NODES + 1)
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def _line_map(root: yaml.Node | None) -> dict[Path_, int]:
     """Map each key path to its 1-based line in the YAML text."""
     lines: dict[Path_, int] = {}
 
@@ -43,23 +66,49 @@ def _line_map(text: str) -> dict[Path_, int]:
                 lines[p] = item.start_mark.line + 1
                 walk(item, p)
 
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
     if root is not None:
         walk(root, ())
     return lines
 
 
+def _compose_and_construct(text: str, path: Path) -> tuple[Any, yaml.Node | None]:
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is not None and _expanded_size(root) > MAX_YAML_NODES:
+            raise ConfigError([ConfigIssue("", f"the YAML expands to more than {MAX_YAML_NODES:,} values (aliases "
+                                           "repeating aliases?); a config needs far fewer: write the values out",
+                                           None, str(path))])
+        return (loader.construct_document(root) if root is not None else None), root
+    finally:
+        loader.dispose()
+
+
+def _decode(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError([ConfigIssue("", f"the file is not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
+                                       f"{exc.start}); save it as UTF-8", line, str(path))]) from None
+
+
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[Path_, int]]:
     if not path.exists():
         raise ConfigError([ConfigIssue("", f"config file not found: {path}")])
-    text = path.read_text()
+    if not path.is_file():
+        raise ConfigError([ConfigIssue("", f"the config {path} is not a file")])
+    text = _decode(path.read_bytes(), path)
     try:
-        data = yaml.safe_load(text) or {}
-        lines = _line_map(text)
+        data, root = _compose_and_construct(text, path)
+        data = data or {}
+        lines = _line_map(root)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
         raise ConfigError([ConfigIssue("", f"invalid YAML: {getattr(exc, 'problem', exc)}", line, str(path))]) from None
+    except RecursionError:
+        raise ConfigError([ConfigIssue("", "the YAML is nested too deeply for a config", None, str(path))]) from None
     if not isinstance(data, dict):
         raise ConfigError([ConfigIssue("", "the config must be a mapping of keys to values", 1, str(path))])
     return data, lines

@@ -98,11 +98,11 @@ class TrainingKeys(Section):
         None, ge=0.0, le=1.0, description="Warmup as a fraction of total steps (exclusive with warmup_steps)."
     )
     weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (not applied to norms and biases).")
-    adam_beta1: float = Field(0.9, description="Adam beta1.")
-    adam_beta2: float = Field(0.999, description="Adam beta2.")
-    adam_epsilon: float = Field(1e-8, description="Adam epsilon.")
-    max_grad_norm: float | None = Field(1.0, description="Clip the global gradient norm to this (null: no clipping).")
-    seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1, in [0, 1).")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2, in [0, 1).")
+    adam_epsilon: float = Field(1e-8, gt=0, description="Adam epsilon (> 0).")
+    max_grad_norm: float | None = Field(1.0, ge=0, description="Clip the global gradient norm to this (null: no clipping).")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for data order, dropout and initialisation.")
     loss_watchdog_threshold: float | None = Field(
         None, description="Stop when the training loss stays above this for loss_watchdog_patience steps."
     )
