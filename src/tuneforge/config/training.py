@@ -160,6 +160,9 @@ class TrainingKeys(Section):
     )
     # checkpoints
     output_dir: str = Field("./outputs/model-out", description="Where checkpoints and the final model are written.")
+    overwrite_output_dir: bool = Field(
+        False, description="Train into an output_dir that holds another run or files tuneforge did not write (the "
+        "working directory included); tuneforge replaces only files of its own names there.")
     save_steps: int | float | None = Field(
         None, description="Save a checkpoint every N steps (or a fraction of total steps)."
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from tuneforge import outputs_guard
 from tuneforge.config.schema import Config
 from tuneforge.errors import TuneforgeError
 
@@ -25,7 +26,7 @@ def resume_path(cfg: Config, output_dir: Path) -> Path | None:
             raise TuneforgeError(f"resume_from_checkpoint: {cfg.resume_from_checkpoint} does not exist.")
         return path
     if cfg.auto_resume_from_checkpoints:
-        return ckpt.latest_checkpoint(output_dir)
+        return outputs_guard.newest_intact_checkpoint(output_dir)  # a damaged newest one is skipped, named
     return None
 
 

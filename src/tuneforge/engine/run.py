@@ -10,6 +10,8 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from tuneforge import outputs_guard
+from tuneforge.config import dump
 from tuneforge.config.schema import Config
 from tuneforge.errors import TuneforgeError
 
@@ -44,6 +46,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     # Several processes (torchrun / accelerate launch): gloo on CPU, NCCL on GPUs. The first process
     # prepares (and caches) the data while the others wait, then they load its cache.
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=cfg.ddp_timeout))
+    outputs_guard.claim(cfg, out, dump(cfg), main=state.is_main_process)  # nothing of the user's or another run's
     log_plan(cfg, state.num_processes, state.is_main_process)  # the memory estimate, before the model loads
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)

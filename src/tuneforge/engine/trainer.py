@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from tuneforge import outputs_guard
 from tuneforge.config.schema import Config
 from tuneforge.distributed import collectives, fsdp
 from tuneforge.methods.base import Batch, Objective
@@ -328,14 +329,15 @@ class Trainer:
             "plan": self._plan_signature(),
         }
         only_model = self.cfg.save_only_model and not resumable
-        path = ckpt.save_checkpoint(
-            self.output_dir, self.state.global_step, model=self.model, tokenizer=self.tokenizer,
-            optimizer=self.optimizer, scheduler=self.scheduler, state=state, only_model=only_model,
-            accelerator=self.accelerator, safe=self.cfg.save_safetensors,
-            objective_state=None if only_model else self.objective.state_dict(),
-            sharded=self.runner if self.sharded else None,
-            sharded_full_weights=self.sharded and self.cfg.fsdp_config.state_dict_type == "FULL_STATE_DICT",
-        )
+        with outputs_guard.save_errors(self.output_dir, self.state.global_step, self.last_checkpoint):  # disk full
+            path = ckpt.save_checkpoint(
+                self.output_dir, self.state.global_step, model=self.model, tokenizer=self.tokenizer,
+                optimizer=self.optimizer, scheduler=self.scheduler, state=state, only_model=only_model,
+                accelerator=self.accelerator, safe=self.cfg.save_safetensors,
+                objective_state=None if only_model else self.objective.state_dict(),
+                sharded=self.runner if self.sharded else None,
+                sharded_full_weights=self.sharded and self.cfg.fsdp_config.state_dict_type == "FULL_STATE_DICT",
+            )
         if self.accelerator.is_main_process:
             ckpt.rotate(self.output_dir, self.cfg.save_total_limit, keep=(path, self.best.checkpoint_path()))
         self.last_checkpoint = path
