@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_engine_support import losses, make_config, one_thread, train  # noqa: F401 - fixture
 
+from test_engine_support import losses, make_config, one_thread, train  # noqa: F401 - fixture
 from tuneforge import outputs_guard
 from tuneforge.config import dump
 from tuneforge.outputs_guard import OutputDirError
@@ -29,7 +29,7 @@ def test_empty_output_dir_and_the_working_directory_are_refused(tmp_path, tiny_m
                               "of its own, e.g. output_dir: ./outputs/run1")
     with pytest.raises(OutputDirError) as err:
         _claim(make_config(tmp_path / "a", tiny_model_dir, output_dir="."))
-    assert str(err.value).startswith(f"output_dir . is the working directory; training writes config.yaml, "
+    assert str(err.value).startswith("output_dir . is the working directory; training writes config.yaml, "
                                      "README.md, tokenizer and weight files there.")
     assert (tmp_path / "README.md").read_text() == "mine"
     assert not (tmp_path / outputs_guard.CLAIM).exists()
