@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
+
 from test_engine_support import make_config, one_thread, train  # noqa: F401 - fixture
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
