@@ -53,8 +53,12 @@ def validate(ctx: typer.Context, config: Path) -> None:
     from tuneforge.methods import get_objective
 
     cfg = _load(config, ctx.args)
-    # The method's own checks too (GRPO batch geometry, reward functions importable, ...); no model loads.
-    get_objective(cfg).close()
+    from tuneforge.methods.rewards import without_importing
+
+    # The method's own checks too (GRPO batch geometry, reward modules present, ...); no model loads and no
+    # user code runs (reward modules are located, not imported: training imports them).
+    with without_importing():
+        get_objective(cfg).close()
     typer.echo(yaml.safe_dump(dump(cfg), sort_keys=False))
     typer.secho(f"{config}: valid", fg="green", err=True)
 

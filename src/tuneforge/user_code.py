@@ -8,10 +8,15 @@ before the run stops (engine/trainer.py), so a failing reward costs at most the 
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import os
 import signal
+import sys
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
 
@@ -84,3 +89,70 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, UserCodeExit):
         return str(exc)
     return f"raised {type(exc).__name__}: {exc}"
+
+
+# ---------------------------------------------------------------- importing the user's modules
+@contextmanager
+def _import_paths(extra: list[str]) -> Iterator[None]:
+    """The working directory and the config's folder on sys.path while importing: the `tuneforge` command's
+    own sys.path[0] is its bin folder, so modules next to the config would not import without PYTHONPATH."""
+    added = [p for p in extra if p not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for p in added:
+            if p in sys.path:
+                sys.path.remove(p)
+
+
+def import_user_module(name: str, search: list[str] | None = None) -> types.ModuleType:
+    """Import `name` from the working directory, the config's folder (`search`) or sys.path; the module's
+    top-level code runs contained (an exit becomes `UserCodeExit`)."""
+    with _import_paths([str(Path.cwd()), *(search or [])]), contained():
+        return importlib.import_module(name)
+
+
+MAX_DIGEST_FILES = 2000
+
+
+def local_sources_digest(module: types.ModuleType) -> str:
+    """A hash of the user's module and the local code next to it: every .py file of its package (or, for a
+    single-file module, of its folder), so an edit of a helper it imports changes the cache key."""
+    file = getattr(module, "__file__", None)
+    if not file:
+        return ""
+    top = sys.modules.get(module.__name__.partition(".")[0], module)
+    top_file = Path(getattr(top, "__file__", None) or file)
+    if top_file.name == "__init__.py":
+        files = sorted(top_file.parent.rglob("*.py"))
+    else:
+        files = sorted(top_file.parent.glob("*.py"))
+    digest = hashlib.sha256()
+    for f in files[:MAX_DIGEST_FILES]:
+        try:
+            digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+        except OSError:
+            continue
+    return digest.hexdigest()[:16]
+
+
+def module_file(name: str, search: list[str] | None = None) -> Path | None:
+    """Where module `name` would be imported from, found without running any of its code (not even its
+    parent packages' __init__): the working directory and `search` first, then sys.path."""
+    import importlib.util
+
+    parts = name.split(".")
+    for root in [str(Path.cwd()), *(search or []), *sys.path]:
+        base = Path(root or ".", *parts)
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    if name in sys.modules:
+        file = getattr(sys.modules[name], "__file__", None)
+        return Path(file) if file else Path(name)
+    try:  # an installed top-level module (no parent package to run)
+        spec = importlib.util.find_spec(parts[0]) if len(parts) == 1 else None
+    except (ImportError, ValueError):
+        spec = None
+    return Path(spec.origin) if spec is not None and spec.origin else None

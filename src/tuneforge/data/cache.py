@@ -120,7 +120,7 @@ def entry_material(entry: DatasetEntry, cfg: Config, where: str) -> dict[str, An
     """One dataset entry: its fields, its format's version, and its data (file contents or hub coordinates)."""
     from . import formats
 
-    fmt, style = formats.resolve(entry.type, where)
+    fmt, style = formats.resolve(entry.type, where, [str(cfg.source_dir)])
     fields = entry.model_dump(mode="json")
     resolved = cfg.resolve_path(entry.path)
     local = Path(resolved).expanduser()

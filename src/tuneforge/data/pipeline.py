@@ -47,7 +47,7 @@ def _row_length(r: dict[str, Any]) -> int:
 
 def format_entry(entry: DatasetEntry, index: int, cfg: Config, tokenizer, where: str):
     """Load one dataset entry and run its format over every row. Returns (dataset, source rows)."""
-    fmt, style = formats.resolve(entry.type, where)
+    fmt, style = formats.resolve(entry.type, where, [str(cfg.source_dir)])
     ds = load_source(entry, cfg, where)
     if len(ds) == 0:
         raise DataError(f"{where}: {entry.path} has no rows.")

@@ -16,6 +16,7 @@ worker that dies is reported at once.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -24,10 +25,37 @@ import torch
 
 from tuneforge.rewards.calling import RewardError, RewardFn, call_one, locate_failure, resolve, to_floats
 from tuneforge.rewards.workers import WorkerPool
+from tuneforge.user_code import module_file
 
 log = logging.getLogger("tuneforge")
 
+# `validate` runs none of the user's code: reward modules are located as files, not imported (training imports).
+_IMPORT = contextvars.ContextVar("import_reward_modules", default=True)
+
+
+@contextlib.contextmanager
+def without_importing():
+    token = _IMPORT.set(False)
+    try:
+        yield
+    finally:
+        _IMPORT.reset(token)
+
+
+def _located(spec: str, search: list[str]) -> None:
+    """What validate checks: `module.function` names a module file that exists."""
+    module_name = spec.rpartition(".")[0]
+    if not module_name:
+        raise RewardError(f"trl.reward_funcs: `{spec}` is not `module.function`; e.g. `rewards.accuracy`.")
+    if module_file(module_name, search) is None:
+        raise RewardError(f"trl.reward_funcs: module `{module_name}` for `{spec}` was not found. Put it next to the "
+                          "config file or where you run tuneforge, or on PYTHONPATH.")
+
 __all__ = ["RewardError", "RewardFn", "RewardSet", "resolve"]
+
+
+def _not_imported(**kwargs):
+    raise RewardError("reward functions are not imported by `validate`; `train` imports them.")
 
 
 class RewardSet:
@@ -60,7 +88,12 @@ class RewardSet:
         trl = cfg.trl
         specs = list(trl.reward_funcs or []) if trl else []
         search = [str(cfg.source_dir)] if getattr(cfg, "source_dir", None) else []
-        funcs = [(s, resolve(s, search)) for s in specs]
+        if not _IMPORT.get():
+            for s in specs:
+                _located(s, search)
+            funcs = [(s, _not_imported) for s in specs]
+        else:
+            funcs = [(s, resolve(s, search)) for s in specs]
         return cls(funcs, trl.reward_weights if trl else None, num_workers=(trl.reward_num_workers or 0) if trl else 0,
                    timeout=getattr(trl, "reward_timeout", None), specs=specs, search=search,
                    nan_policy=(getattr(trl, "reward_nan_policy", None) or "error") if trl else "error")

@@ -6,16 +6,12 @@ See `tuneforge.methods.rewards` for the calling convention and the error message
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import math
-import sys
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-from tuneforge.user_code import UserCodeFailure, contained, describe
+from tuneforge.user_code import UserCodeFailure, contained, describe, import_user_module
 
 RewardFn = Callable[..., Sequence[float | None]]
 
@@ -29,36 +25,21 @@ class RewardError(UserCodeFailure):
     """A reward function failed or returned something unusable."""
 
 
-@contextmanager
-def _import_paths(extra: list[str]):
-    """Make modules next to the config file and in the working directory importable while loading."""
-    added = [p for p in extra if p not in sys.path]
-    sys.path[:0] = added
-    try:
-        yield
-    finally:
-        for p in added:
-            if p in sys.path:
-                sys.path.remove(p)
-
-
 def resolve(spec: str, search: list[str] | None = None) -> RewardFn:
     """`module.function` -> the callable; a clear error when the module or function is missing."""
     module_name, _, fn_name = spec.rpartition(".")
     if not module_name:
         raise RewardError(f"trl.reward_funcs: `{spec}` is not `module.function`; e.g. `rewards.accuracy`.")
-    with _import_paths([str(Path.cwd()), *(search or [])]):
-        try:
-            with contained():
-                module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise RewardError(
-                f"trl.reward_funcs: cannot import module `{module_name}` for `{spec}` ({exc}). Put it next to the "
-                "config file or where you run tuneforge, or on PYTHONPATH."
-            ) from None
-        except Exception as exc:  # noqa: BLE001 - the module's top-level code may raise anything
-            raise RewardError(f"trl.reward_funcs: importing module `{module_name}` for `{spec}` {describe(exc)}"
-                              ) from None
+    try:
+        module = import_user_module(module_name, search)
+    except ImportError as exc:
+        raise RewardError(
+            f"trl.reward_funcs: cannot import module `{module_name}` for `{spec}` ({exc}). Put it next to the "
+            "config file or where you run tuneforge, or on PYTHONPATH."
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - the module's top-level code may raise anything
+        raise RewardError(f"trl.reward_funcs: importing module `{module_name}` for `{spec}` {describe(exc)}"
+                          ) from None
     fn = getattr(module, fn_name, None)
     if fn is None or not callable(fn):
         raise RewardError(f"trl.reward_funcs: module `{module_name}` has no function `{fn_name}` (from `{spec}`).")
