@@ -17,6 +17,8 @@ BATCH_TIME_KEYS; a test enforces it, so a new key cannot silently be left out of
 Writes are atomic: an entry is built in a `.partial-*` folder, gets a completion marker listing its
 files and row counts, and only then is renamed to its key. A reader trusts an entry only if the
 marker is there and agrees with the files, so a killed run never leaves a cache that is later reused.
+The marker also holds a content hash (BLAKE2b) of every file, checked on every load: token ids changed
+in place (same size) are detected and the entry rebuilt, never trained on.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from tuneforge.config.schema import Config
 
 log = logging.getLogger("tuneforge")
 
-CACHE_FORMAT = "1"  # bump when the layout or the meaning of the stored rows changes
+CACHE_FORMAT = "2"  # bump when the layout or the meaning of the stored rows changes
 DEFAULT_DIR = "last_run_prepared"
 MARKER = "COMPLETE.json"
 PARTIAL_PREFIX = ".partial."  # .partial.<key>.<pid>.<random>.<host> while written
@@ -240,10 +242,13 @@ def load(root: Path, key: str) -> Entry | None:
         info = json.loads(marker.read_text())
         if info.get("key") != key or info.get("cache_format") != CACHE_FORMAT:
             raise ValueError("the marker belongs to another key or cache format")
+        digests = info["digests"]
         for rel, size in info["files"].items():
             actual = (path / rel).stat().st_size
             if actual != size:
                 raise ValueError(f"{rel} has {actual} bytes, {size} were written")
+            if content_digest(path / rel) != digests[rel]:
+                raise ValueError(f"{rel} does not hold the bytes that were written (changed in place)")
         splits = {}
         for name, rows in info["rows"].items():
             ds = datasets.load_from_disk(str(path / name))
@@ -270,10 +275,12 @@ def save(root: Path, key: str, material: dict, splits: dict[str, Any], stats: di
             rows[name] = len(ds)
         (tmp / "key.json").write_text(json.dumps(material, indent=1, sort_keys=True, default=str))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        written = [f for f in sorted(tmp.rglob("*")) if f.is_file()]
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in written}
+        digests = {str(f.relative_to(tmp)): content_digest(f) for f in written}
         _write_synced(tmp / MARKER, json.dumps(
-            {"key": key, "cache_format": CACHE_FORMAT, "created": time.time(), "rows": rows, "files": files},
-            indent=1,
+            {"key": key, "cache_format": CACHE_FORMAT, "created": time.time(), "rows": rows, "files": files,
+             "digests": digests}, indent=1,
         ))
         _publish(tmp, root / key)
     except BaseException:
@@ -283,6 +290,15 @@ def save(root: Path, key: str, material: dict, splits: dict[str, Any], stats: di
     if entry is None:
         raise OSError(f"the prepared data just written to {root / key} cannot be read back")
     return entry
+
+
+def content_digest(path: Path) -> str:
+    """BLAKE2b of a file's bytes, streamed (the token arrays are checked on every load)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _write_synced(path: Path, text: str) -> None:
