@@ -7,7 +7,6 @@ import logging
 import struct
 
 from test_cache import _rows_of, setup  # noqa: F401 - the fixture
-
 from tuneforge.data.pipeline import prepare
 
 
