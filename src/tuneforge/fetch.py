@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -44,6 +45,38 @@ def _files(folder: Path) -> list[Path]:
     return out
 
 
+def _check_destination(dest: Path, files: list[Path]) -> None:
+    """Refuse a destination that is a file, that is not writable, or where a copy would go through a symbolic
+    link (a dangling link or a linked subfolder would write outside the destination)."""
+    if dest.exists() and not dest.is_dir():
+        raise TuneforgeError(f"--dest {dest} is a file, not a folder; pass another --dest.")
+    links = set()
+    for rel in files:
+        for depth in range(1, len(rel.parts) + 1):
+            part = dest.joinpath(*rel.parts[:depth])
+            if part.is_symlink():
+                links.add(part)
+                break
+            if not part.exists():
+                break
+    if links:
+        shown = ", ".join(str(p) for p in sorted(links)[:5]) + (", ..." if len(links) > 5 else "")
+        raise TuneforgeError(f"{dest} holds symbolic links where fetch would write ({shown}); a copy through them "
+                             "would land outside the destination. Remove them, or pass another --dest.")
+    probe = dest
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK) or _read_only_fs(probe):
+        raise TuneforgeError(f"cannot write into {dest} ({probe} is read-only); pass a writable --dest.")
+
+
+def _read_only_fs(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
 def run(what: str, dest: str | Path | None = None) -> Path:
     """Copy the shipped folder to `dest` (default ./<what>); never overwrites a file that differs."""
     if what not in SHIPPED:
@@ -55,6 +88,7 @@ def run(what: str, dest: str | Path | None = None) -> Path:
     files = _files(src)
     if src.resolve() == dest.resolve():
         raise TuneforgeError(f"{dest} is the shipped folder itself; pass another --dest.")
+    _check_destination(dest, files)
     conflicts = [rel for rel in files if (dest / rel).exists() and (dest / rel).read_bytes() != (src / rel).read_bytes()]
     if conflicts:
         shown = ", ".join(str(c) for c in conflicts[:5]) + (", ..." if len(conflicts) > 5 else "")
@@ -62,8 +96,12 @@ def run(what: str, dest: str | Path | None = None) -> Path:
             f"{len(conflicts)} file(s) in {dest} differ from the shipped ones and would be overwritten ({shown}). "
             "Move them away, or pass another --dest."
         )
-    for rel in files:
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src / rel, dest / rel)
+    try:
+        for rel in files:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, dest / rel)
+    except OSError as exc:
+        raise TuneforgeError(f"cannot write into {dest}: {exc.strerror or exc} ({exc.filename}); pass a writable "
+                             "--dest.") from None
     print(f"copied {len(files)} file(s) of {what} to {dest}")
     return dest
