@@ -78,3 +78,14 @@ def test_packing_longer_than_the_machine_can_hold(write_config, monkeypatch):
                            "sample_packing": True}))
     assert ("(4,194,304) x micro_batch_size with sample_packing needs about 2 GiB for the packed rows alone; this "
             "machine has 1 GiB. Lower sequence_len.") in str(err.value)
+
+
+def test_data_that_is_not_utf8_names_the_file_and_line(tmp_path, write_config):
+    from tuneforge.data.sources import load_source
+    from tuneforge.errors import DataError
+
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    cfg = load(write_config({"datasets": [{"path": "bad.jsonl", "type": "completion"}]}))
+    with pytest.raises(DataError) as err:
+        load_source(cfg.datasets[0], cfg, "datasets[0]")
+    assert str(err.value) == "datasets[0]: bad.jsonl line 2 is not UTF-8 text (byte 0xe9); save the file as UTF-8."

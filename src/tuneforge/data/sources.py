@@ -10,6 +10,7 @@ with `name`, `split`, `data_files` and `revision`.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import logging
@@ -108,11 +109,38 @@ def _load_local(entry: DatasetEntry, path: Path, where: str):
     empty = [f for f in files if f.stat().st_size == 0]
     if empty:
         raise DataError(f"{where}: {empty[0]} is empty.")
+    if kind in ("json", "csv", "text"):
+        for f in files:
+            _check_utf8(f, where)
     try:
         with _quiet_datasets_errors():
             return datasets.load_dataset(kind, data_files=[str(f) for f in files], split=split)
     except Exception as exc:  # the datasets library raises many kinds; the user needs the file and the cause
         raise DataError(f"{where}: could not read {path} as {kind}: {_explain(files, kind, exc)}") from None
+
+
+def _check_utf8(path: Path, where: str) -> None:
+    """Text data must be UTF-8. The datasets library stores invalid bytes and fails only when the row is
+    read, deep in formatting and without its number: check first, naming the line (row = line - 1 in JSON
+    lines without blank lines)."""
+    if path.suffix.lower() in _COMPRESSION:
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                line += chunk[: exc.start].count(b"\n")
+                raise DataError(f"{where}: {path.name} line {line} is not UTF-8 text (byte {chunk[exc.start]:#04x}); "
+                                "save the file as UTF-8.") from None
+            line += chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"{where}: {path.name} ends in the middle of a UTF-8 character; save the file as UTF-8."
+                        ) from None
 
 
 @contextlib.contextmanager
