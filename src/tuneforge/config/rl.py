@@ -98,8 +98,13 @@ class TRLBlock(Section):
 
 
 class VLLMBlock(Section):
-    host: str = Field("0.0.0.0", description="Server host.")
-    port: int = Field(8000, description="Server port.")
+    host: str = Field("127.0.0.1", description="Address `vllm-serve` binds (this machine only by default; set "
+                      "0.0.0.0 for a trainer on another machine, with api_key).")
+    port: int = Field(8000, ge=0, le=65535, description="Server port.")
+    api_key: str | None = Field(None, description="Bearer token `vllm-serve` requires on every endpoint but /health/, "
+                                "and the trainer sends (env TUNEFORGE_VLLM_API_KEY takes precedence).")
+    adapter_roots: list[str] | None = Field(None, description="Folders `vllm-serve` may load LoRA adapters from "
+                                            "(default: the system temp folder, where the trainer's LoRA sync writes).")
     tensor_parallel_size: int | None = Field(None, ge=1, description="Tensor parallel size.")
     data_parallel_size: int | None = Field(None, ge=1, description="Accepted for Axolotl compatibility; no effect "
                                            "(`tuneforge vllm-serve` runs one engine; see tensor_parallel_size).")

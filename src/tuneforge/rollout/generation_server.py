@@ -17,231 +17,57 @@ The same backends serve `vllm_mode: colocate` in-process through `BackendSampler
 
 from __future__ import annotations
 
-import base64
-import copy
+import collections
+import hmac
 import json
 import logging
+import os
+import tempfile
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Protocol
 
 import torch
 
 from tuneforge.errors import TuneforgeError
 
-from .base import Rollout, SamplingParams
+# Re-exported: the backends and the wire format lived here (tests and methods/grpo.py import them from here).
+from .backends import Backend, BackendSampler, EmbeddedBackend, VLLMBackend, WeightLoader, finished_flags  # noqa: F401
+from .wire import decode_tensor, encode_tensor, sampling_params  # noqa: F401
 
 log = logging.getLogger("tuneforge")
 
 
-class Backend(Protocol):
-    world_size: int
-
-    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> tuple[list, list]:
-        """(completion ids, per-token log-probs), n rows per prompt, grouped by prompt."""
-
-    def load_weights(self, named: list[tuple[str, torch.Tensor]]) -> None: ...
-
-    def load_lora(self, path: str, name: str, version: int) -> None: ...
-
-    def clear_lora(self) -> None: ...
-
-    def reset_prefix_cache(self) -> None: ...
-
-
-# ---------------------------------------------------------------- wire format
-def encode_tensor(name: str, t: torch.Tensor) -> dict:
-    t = t.detach().to("cpu").contiguous()
-    raw = t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
-    return {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-            "data": base64.b64encode(raw).decode()}
-
-
-def decode_tensor(item: dict) -> tuple[str, torch.Tensor]:
-    dtype = getattr(torch, item["dtype"])
-    raw = bytearray(base64.b64decode(item["data"]))
-    t = torch.frombuffer(raw, dtype=torch.uint8 if dtype == torch.bfloat16 else dtype)
-    return item["name"], (t.view(torch.bfloat16) if dtype == torch.bfloat16 else t).reshape(item["shape"])
-
-
-def sampling_params(p: dict) -> SamplingParams:
-    """The /generate/ payload's sampling fields (TRL's names and defaults; top_k -1 = off); the other
-    `generation_kwargs` travel on to vLLM's SamplingParams."""
-    extra = dict(p.get("generation_kwargs") or {})
-    stops = extra.pop("stop_token_ids", None) or []
-    return SamplingParams(temperature=float(p.get("temperature", 1.0)), top_p=float(p.get("top_p", 1.0)),
-                          top_k=max(int(p.get("top_k", -1)), 0), min_p=float(p.get("min_p", 0.0)),
-                          repetition_penalty=float(p.get("repetition_penalty", 1.0)),
-                          max_tokens=int(p.get("max_tokens", 16)), stop_token_ids=tuple(stops), extra=extra)
-
-
-# ---------------------------------------------------------------- backends
-class EmbeddedBackend:
-    """tuneforge's embedded engine on its own copy of the model (weights and adapters swapped on request)."""
-
-    world_size = 1
-
-    def __init__(self, model, pad_id: int = 0, *, copy_model: bool = True, **sampler_kwargs):
-        self.base_model = (copy.deepcopy(model) if copy_model else model).eval()
-        self.model = self.base_model
-        self.pad_id = pad_id
-        self.sampler_kwargs = sampler_kwargs
-
-    def generate(self, prompts, n, params):
-        from .embedded import EmbeddedSampler
-
-        r = EmbeddedSampler(self.model, self.pad_id, **self.sampler_kwargs).generate(prompts, n, params)
-        return r.completion_ids, r.logprobs
-
-    @torch.no_grad()
-    def load_weights(self, named):
-        state = self.base_model.state_dict()
-        unknown = [name for name, _ in named if name not in state]
-        if unknown:
-            raise KeyError(f"unknown parameter(s) {unknown[:5]}: is the server serving the trainer's base model?")
-        for name, t in named:
-            state[name].copy_(t)
-        self.model = self.base_model
-
-    def load_lora(self, path, name, version):
-        from peft import PeftModel
-
-        self.model = PeftModel.from_pretrained(copy.deepcopy(self.base_model), path).eval()
-
-    def clear_lora(self):
-        self.model = self.base_model
-
-    def reset_prefix_cache(self):
-        pass  # the embedded engine keeps no cache between calls
-
-
-class WeightLoader:
-    """vLLM worker extension (`worker_extension_cls`): loads named tensors into the worker's model."""
-
-    def load_named_weights(self, items):
-        self.model_runner.model.load_weights(weights=items)
-
-
-class VLLMBackend:
-    """EXPERIMENTAL: `vllm.LLM` in this process (the server's, or the trainer's for colocate)."""
-
-    def __init__(self, model: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 dtype: str = "auto", max_model_len: int | None = None, enable_prefix_caching: bool | None = None,
-                 enforce_eager: bool | None = None, max_lora_rank: int | None = None, seed: int = 0,
-                 sleep: bool = False, extra: dict | None = None):
-        try:
-            import vllm
-        except ImportError:
-            raise TuneforgeError("vllm is not installed. Install it on the generation machine (`pip install vllm`), "
-                                 "or serve with tuneforge's own engine: `tuneforge vllm-serve config.yaml "
-                                 "--engine embedded`.") from None
-        self.vllm = vllm
-        kwargs = {"model": model, "tensor_parallel_size": tensor_parallel_size, "dtype": dtype, "seed": seed,
-                  "gpu_memory_utilization": gpu_memory_utilization,
-                  "worker_extension_cls": f"{__name__}.WeightLoader",
-                  # log-probs of the distribution actually sampled (after temperature), as the trainer's are
-                  "logprobs_mode": "processed_logprobs"}
-        optional = {"max_model_len": max_model_len, "enable_prefix_caching": enable_prefix_caching,
-                    "enforce_eager": enforce_eager}
-        kwargs.update({k: v for k, v in optional.items() if v is not None})
-        if max_lora_rank:
-            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
-        if sleep:
-            kwargs["enable_sleep_mode"] = True
-        kwargs.update(extra or {})
-        self.llm = vllm.LLM(**kwargs)
-        self.world_size = tensor_parallel_size
-        self.lora = None
-        self.sleep, self.sleeping = sleep, False
-
-    def _awake(self) -> None:
-        if self.sleeping:
-            self.llm.wake_up()
-            self.sleeping = False
-
-    def generate(self, prompts, n, params):
-        self._awake()
-        sp = self.vllm.SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p,
-                                      top_k=params.top_k or -1, min_p=params.min_p,
-                                      repetition_penalty=params.repetition_penalty, max_tokens=params.max_tokens,
-                                      logprobs=0, stop_token_ids=list(params.stop_token_ids), **params.extra)
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling_params=sp,
-                                    lora_request=self.lora, use_tqdm=False)
-        completions, logps = [], []
-        for request in outputs:
-            for out in request.outputs:
-                ids = list(out.token_ids)
-                completions.append(ids)
-                logps.append([float(step[tok].logprob) for step, tok in zip(out.logprobs, ids, strict=True)])
-        if self.sleep:  # level 1: weights to CPU memory, KV cache dropped; training gets the GPU back
-            self.llm.sleep(level=1)
-            self.sleeping = True
-        return completions, logps
-
-    def load_weights(self, named):
-        self._awake()
-        self.llm.collective_rpc("load_named_weights", args=(list(named),))
-
-    def load_lora(self, path, name, version):
-        from vllm.lora.request import LoRARequest
-
-        self.lora = LoRARequest(name, version, path)
-
-    def clear_lora(self):
-        self.lora = None
-
-    def reset_prefix_cache(self):
-        self._awake()
-        self.llm.reset_prefix_cache()
-
-
-# ---------------------------------------------------------------- in-process sampler (colocate)
-class BackendSampler:
-    """The `Sampler` interface directly over a backend: `trl.vllm_mode: colocate` (no HTTP)."""
-
-    def __init__(self, backend: Backend, *, lora_sync: bool = False):
-        import tempfile
-
-        self.backend = backend
-        self.lora_sync = lora_sync
-        self.version = 0
-        self._dir = tempfile.TemporaryDirectory(prefix="tuneforge-lora-sync-")
-
-    def sync_weights(self, model) -> None:
-        from pathlib import Path
-
-        from .vllm_client import merged_weights
-
-        self.version += 1
-        if self.lora_sync:
-            path = Path(self._dir.name) / f"v{self.version}"
-            model.save_pretrained(str(path))
-            self.backend.load_lora(str(path), "tuneforge", self.version)
-        else:
-            self.backend.load_weights(list(merged_weights(model).items()))
-        self.backend.reset_prefix_cache()
-
-    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> Rollout:
-        start = time.perf_counter()
-        comp, logps = self.backend.generate(prompt_ids, n, params)
-        return Rollout([list(p) for p in prompt_ids], comp, logps, finished_flags(comp, params), n=n,
-                       seconds=time.perf_counter() - start, meta={"backend": type(self.backend).__name__})
-
-
-def finished_flags(completions: list[list[int]], params: SamplingParams) -> list[bool]:
-    """A completion finished if it ended on a stop token or before max_tokens (else it was truncated)."""
-    stops = set(params.stop_token_ids)
-    return [bool(c) and (c[-1] in stops or len(c) < params.max_tokens) for c in completions]
-
-
 # ---------------------------------------------------------------- HTTP server
-class GenerationServer:
-    """Serves a backend over HTTP. Every request is recorded in `calls` (path, payload) for tests."""
+TOKEN_ENV = "TUNEFORGE_VLLM_API_KEY"
+MAX_BODY_BYTES = 4 * 2**30  # one tensor of a large embedding, base64-encoded, fits
 
-    def __init__(self, backend: Backend, host: str = "127.0.0.1", port: int = 0):
+
+def _summary(payload: dict) -> dict:
+    """What `calls` keeps of a request: its small fields, never prompts or tensors (a weight sync of a real
+    model is gigabytes; a server that kept bodies grew by that much per sync)."""
+    out = {k: v for k, v in payload.items() if k not in ("prompts", "params")}
+    if "prompts" in payload:
+        out["num_prompts"] = len(payload["prompts"])
+    if "params" in payload:
+        out["num_tensors"] = len(payload["params"])
+    return out
+
+
+class GenerationServer:
+    """Serves a backend over HTTP.
+
+    Exposure: bind 127.0.0.1 unless told otherwise; with `token`, every endpoint but /health/ needs
+    `Authorization: Bearer <token>`; LoRA adapters load only from folders under `adapter_roots` (default: the
+    system temp folder, where the trainer's LoRA sync writes). `calls` records the last requests' paths and
+    small fields (for tests and debugging), never their bodies.
+    """
+
+    def __init__(self, backend: Backend, host: str = "127.0.0.1", port: int = 0, *, token: str | None = None,
+                 adapter_roots: list[str] | None = None):
         self.backend = backend
-        self.calls: list[tuple[str, dict]] = []
+        self.calls: collections.deque[tuple[str, dict]] = collections.deque(maxlen=256)
+        self.token = token or None
+        self.adapter_roots = [os.path.realpath(r) for r in (adapter_roots or [tempfile.gettempdir()])]
         self.lock = threading.Lock()  # one backend call at a time: generation and weight loads never interleave
         routes = {"/generate/": self.generate, "/reset_prefix_cache/": self.reset_prefix_cache,
                   "/http_update_weights/": self.update_weights, "/v1/load_lora_adapter": self.load_lora,
@@ -260,8 +86,19 @@ class GenerationServer:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _authorized(self) -> bool:
+                if server.token is None or self.path == "/health/":
+                    return True
+                given = self.headers.get("Authorization", "")
+                if hmac.compare_digest(given.encode(), f"Bearer {server.token}".encode()):
+                    return True
+                self._reply(401, {"error": "missing or wrong bearer token (vllm.api_key / " + TOKEN_ENV + ")"})
+                return False
+
             def do_GET(self):
                 server.calls.append((self.path, {}))
+                if not self._authorized():
+                    return None
                 if self.path == "/health/":
                     return self._reply(200, {"status": "ok"})
                 if self.path == "/get_world_size/":
@@ -269,17 +106,31 @@ class GenerationServer:
                 return self._reply(404, {"error": f"no endpoint {self.path}"})
 
             def do_POST(self):
-                payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                server.calls.append((self.path, payload))
+                if not self._authorized():
+                    return None
                 handler = routes.get(self.path)
                 if handler is None:
                     return self._reply(404, {"error": f"no endpoint {self.path}"})
                 try:
+                    length = int(self.headers.get("Content-Length", 0))
+                    if not 0 <= length <= MAX_BODY_BYTES:
+                        return self._reply(413, {"error": f"request body over {MAX_BODY_BYTES} bytes"})
+                    payload = json.loads(self.rfile.read(length) or b"{}")
+                    if not isinstance(payload, dict):
+                        raise ValueError("the body must be a JSON object")
+                except ValueError as exc:
+                    return self._reply(400, {"error": f"bad request: {exc}"})
+                server.calls.append((self.path, _summary(payload)))
+                try:
                     with server.lock:
                         return self._reply(200, handler(payload))
+                except PermissionError as exc:
+                    return self._reply(403, {"error": str(exc)})
                 except Exception as exc:  # noqa: BLE001 - reported to the client as a 500 with the cause
                     log.exception("%s failed", self.path)
                     return self._reply(500, {"error": f"{type(exc).__name__}: {exc}"})
+                finally:
+                    del payload  # the body is not kept past the call
 
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.host, self.port = self.httpd.server_address[:2]
@@ -318,7 +169,11 @@ class GenerationServer:
         return {}
 
     def load_lora(self, p: dict) -> dict:
-        self.backend.load_lora(p["lora_path"], p.get("lora_name", "tuneforge"), int(p.get("lora_int_id", 1)))
+        path = os.path.realpath(str(p["lora_path"]))
+        if not any(os.path.commonpath([path, root]) == root for root in self.adapter_roots):
+            raise PermissionError(f"adapter path {p['lora_path']} is outside the folders this server loads adapters "
+                                  f"from ({', '.join(self.adapter_roots)}; vllm.adapter_roots)")
+        self.backend.load_lora(path, p.get("lora_name", "tuneforge"), int(p.get("lora_int_id", 1)))
         return {}
 
     def clear_lora(self, p: dict) -> dict:
@@ -357,9 +212,15 @@ def backend_from_config(cfg, engine: str, *, colocate: bool = False) -> Backend:
 def serve(cfg, engine: str = "vllm", host: str | None = None, port: int | None = None) -> None:
     """Start the server for this config and block (Ctrl-C stops it)."""
     backend = backend_from_config(cfg, engine)
-    host = host or (cfg.vllm.host if cfg.vllm else "0.0.0.0")
-    port = port if port is not None else (cfg.vllm.port if cfg.vllm else 8000)
-    server = GenerationServer(backend, host, port)
+    v = cfg.vllm
+    host = host or (v.host if v else "127.0.0.1")
+    port = port if port is not None else (v.port if v else 8000)
+    token = os.environ.get(TOKEN_ENV) or (v.api_key if v else None)
+    roots = [str(cfg.resolve_path(r) or r) for r in (v.adapter_roots or [])] if v else []
+    server = GenerationServer(backend, host, port, token=token, adapter_roots=roots or None)
+    if host not in ("127.0.0.1", "localhost", "::1") and not token:
+        log.warning("vllm-serve listens on %s without a token: anyone who can reach this port can replace the "
+                    "served weights. Set vllm.api_key (or %s) on both sides.", host, TOKEN_ENV)
     log.info("generation server (%s engine) listening on http://%s:%s", engine, server.host, server.port)
     print(f"tuneforge vllm-serve: {engine} engine on http://{server.host}:{server.port} (Ctrl-C stops)", flush=True)
     try:

@@ -9,7 +9,7 @@ Speaks the HTTP protocol of TRL's `vllm-serve` with Axolotl's additions (rl.md s
 - otherwise the merged weights go over `POST /http_update_weights/` (base64 tensors, chunked).
 The NCCL endpoints (`/init_communicator/`, `/update_named_param/`) are not used.
 
-`VLLMClient` is itself a `generation_server.Backend` (the same calls, over HTTP), so the sampler is the
+`VLLMClient` is itself a `backends.Backend` (the same calls, over HTTP), so the sampler is the
 colocate sampler plus a readiness wait. vLLM cannot be installed on the machines this was written on:
 the client is tested against `tuneforge vllm-serve --engine embedded` (`generation_server.py`), which
 serves the same endpoints. Treat the vLLM path as experimental until it has run against a real vLLM;
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import urllib.error
 import urllib.request
@@ -28,8 +29,9 @@ import torch
 
 from tuneforge.errors import TuneforgeError
 
+from .backends import BackendSampler
 from .base import SamplingParams
-from .generation_server import BackendSampler, encode_tensor
+from .wire import encode_tensor, merged_weights  # noqa: F401 - merged_weights re-exported (it lived here)
 
 log = logging.getLogger("tuneforge")
 _CHUNK_BYTES = 10 * 1024 * 1024
@@ -40,14 +42,17 @@ class VLLMError(TuneforgeError):
 
 
 class VLLMClient:
-    def __init__(self, host: str = "127.0.0.1", port: int = 8000, timeout: float = 240.0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, timeout: float = 240.0,
+                 api_key: str | None = None):
         self.base = f"http://{host}:{port}"
         self.timeout = timeout
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
 
     def _request(self, method: str, path: str, payload: dict | None = None, timeout: float | None = None) -> dict:
         data = json.dumps(payload).encode() if payload is not None else None
-        req = urllib.request.Request(self.base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers=self.headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
                 body = resp.read()
@@ -114,28 +119,6 @@ class VLLMClient:
         self._request("POST", "/clear_lora_adapter/", {})
 
 
-def merged_weights(model) -> dict[str, torch.Tensor]:
-    """The policy's weights under the base model's parameter names, LoRA deltas folded in (W + s B A),
-    computed as new tensors: the training model is never merged in place."""
-    if not (hasattr(model, "peft_config") and hasattr(model, "get_base_model")):
-        return {k: v for k, v in model.state_dict().items()}
-    base = model.get_base_model()
-    out: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for mod_name, module in base.named_modules():
-            if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
-                weight = module.base_layer.weight
-                delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
-                out[f"{mod_name}.weight"] = weight + delta
-                if getattr(module.base_layer, "bias", None) is not None:
-                    out[f"{mod_name}.bias"] = module.base_layer.bias
-        for name, t in base.state_dict().items():
-            if "lora_" in name or ".base_layer." in name:
-                continue
-            out.setdefault(name.replace(".modules_to_save.default", "").replace(".original_module", ""), t)
-    return out
-
-
 class VLLMServerSampler(BackendSampler):
     """The `Sampler` interface over a server: waits for /health/ once, then syncs and generates over HTTP."""
 
@@ -148,7 +131,9 @@ class VLLMServerSampler(BackendSampler):
     def from_config(cls, cfg, tokenizer) -> VLLMServerSampler:
         t = cfg.trl
         log.warning("trl.use_vllm is EXPERIMENTAL in tuneforge: its client is tested against tuneforge's own server")
-        client = VLLMClient(t.vllm_server_host or "127.0.0.1", t.vllm_server_port or 8000, t.vllm_server_timeout or 240.0)
+        key = os.environ.get("TUNEFORGE_VLLM_API_KEY") or (cfg.vllm.api_key if cfg.vllm else None)
+        client = VLLMClient(t.vllm_server_host or "127.0.0.1", t.vllm_server_port or 8000,
+                            t.vllm_server_timeout or 240.0, api_key=key)
         return cls(client, lora_sync=bool(t.vllm_lora_sync) and bool(cfg.adapter))
 
     def _ensure_ready(self) -> None:
