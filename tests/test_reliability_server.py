@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_rollout_vllm_client import _perturbed, model  # noqa: F401 - the fixture
 
+from test_rollout_vllm_client import _perturbed, model  # noqa: F401 - the fixture
 from tuneforge.rollout.base import SamplingParams
 from tuneforge.rollout.generation_server import EmbeddedBackend, GenerationServer
 from tuneforge.rollout.vllm_client import VLLMClient, VLLMError, VLLMServerSampler

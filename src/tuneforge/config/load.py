@@ -197,10 +197,10 @@ def _apply_compat(raw: dict[str, Any], issues: list[ConfigIssue], where) -> list
                 issues.append(
                     ConfigIssue(key, f"not supported yet by tuneforge ({compat.NOT_SUPPORTED_YET[key]}); remove it", *where((key,)))
                 )
-    for i, entry in enumerate(raw.get("datasets") or []):
-        _dataset_compat(entry, ("datasets", i), notes)
-    for i, entry in enumerate(raw.get("test_datasets") or []):
-        _dataset_compat(entry, ("test_datasets", i), notes)
+    for key in ("datasets", "test_datasets"):
+        entries = raw.get(key)
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):  # else: a type error, reported
+            _dataset_compat(entry, (key, i), notes)
     return notes
 
 
@@ -208,6 +208,8 @@ def _dataset_compat(entry: Any, path: Path_, notes: list[str]) -> None:
     if not isinstance(entry, dict):
         return
     mapping = entry.get("message_property_mappings") or {}
+    if not isinstance(mapping, dict):
+        return  # reported by validation
     for old, prop in (("message_field_role", "role"), ("message_field_content", "content")):
         if old in entry:
             mapping.setdefault(prop, entry.pop(old))
