@@ -179,3 +179,29 @@ def test_a_failing_reward_mid_training_keeps_the_last_completed_step(tmp_path, w
                               f"completions). The last completed step (2) is saved in {saved}; fix the function, then "
                                    f"resume with `--resume-from-checkpoint {saved}`.")
     assert (saved / "trainer_state.json").exists()
+
+
+def test_ctrl_c_to_the_process_group_does_not_kill_reward_workers(bad_module, tmp_path):
+    """Workers ignore SIGINT: a Ctrl-C reaches the trainer (which finishes the step and saves), not a worker
+    in the middle of a call (which used to hang the trainer forever)."""
+    import os
+    import signal
+    import threading
+
+    (bad_module / "slow_rewards.py").write_text("import time\ndef slow(completions, **kw):\n"
+                                                "    time.sleep(1.5)\n    return [2.0] * len(completions)\n")
+    rs = RewardSet([("slow", resolve("slow_rewards.slow"))], specs=["slow_rewards.slow"], num_workers=2, timeout=60,
+                   search=[str(bad_module)])
+
+    def interrupt_workers():
+        time.sleep(0.8)
+        for proc in list(rs._pool._pool._processes.values()):
+            os.kill(proc.pid, signal.SIGINT)
+
+    try:
+        rs.compute(["q"], ["warm-up"], [[1]], {})  # starts the workers
+        threading.Thread(target=interrupt_workers).start()
+        out = rs.compute(["q"] * 4, ["a", "b", "c", "d"], [[1]] * 4, {})
+    finally:
+        rs.close()
+    assert out.tolist() == [[2.0]] * 4
