@@ -19,6 +19,7 @@ falling back (with a message naming the damaged one) to an earlier intact checkp
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -75,8 +76,9 @@ def _refuse_special(cfg, out: Path) -> None:
                              "of its own, e.g. output_dir: ./outputs/run1")
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"output_dir {out} is a file, not a folder; choose another output_dir.")
-    special = {Path.cwd().resolve(): "the working directory", Path.home().resolve(): "your home folder",
-               Path("/"): "the filesystem root"}
+    special = {Path.cwd().resolve(): "the working directory", Path("/"): "the filesystem root"}
+    with contextlib.suppress(RuntimeError, KeyError):  # no home folder known
+        special.setdefault(Path.home().resolve(), "your home folder")
     if cfg.source_file is not None:
         special[Path(cfg.source_file).resolve().parent] = "the config file's folder"
     what = special.get(out.resolve())
@@ -93,10 +95,11 @@ def claim(cfg, out: Path, public: dict, *, main: bool = True) -> None:
     mine = fingerprint(public)
     request = getattr(cfg.dynamic_checkpoint, "trigger_file_path", None) or "axolotl_checkpoint.save"
     # The checkpoint-request file (dynamic_checkpoint) is the user's message to tuneforge, not data of theirs.
-    present = sorted(p.name for p in out.iterdir() if p.name != request) if out.is_dir() else []
-    theirs = _stored_run(out) if present else None
-    checkpoints = [n for n in present if _CHECKPOINT.match(n)]
-    if theirs is not None and theirs.get("fingerprint") != mine["fingerprint"]:
+    ours = {request, CLAIM, CLAIM + ".tmp"}  # the claim itself: other processes may be writing it right now
+    present = sorted(p.name for p in out.iterdir() if p.name not in ours) if out.is_dir() else []
+    theirs = _stored_run(out) if out.is_dir() else None
+    checkpoints = sorted((n for n in present if _CHECKPOINT.match(n)), key=lambda n: int(n.rpartition("-")[2]))
+    if theirs is not None and present and theirs.get("fingerprint") != mine["fingerprint"]:
         other = (f"another run (base_model {theirs.get('base_model')}, datasets {theirs.get('datasets')}, "
                  f"rl {theirs.get('rl')}{', with ' + ', '.join(checkpoints[-3:]) if checkpoints else ''})")
         if cfg.auto_resume_from_checkpoints and checkpoints:
@@ -107,7 +110,7 @@ def claim(cfg, out: Path, public: dict, *, main: bool = True) -> None:
             raise OutputDirError(f"output_dir {out} holds {other}. To continue it, train with its own config "
                                  f"({out / 'config.yaml'}) and --resume-from-checkpoint; for a new run choose "
                                  "another output_dir (or set overwrite_output_dir: true to replace it).")
-    elif theirs is None and present and present != [CLAIM] and not cfg.overwrite_output_dir:
+    elif theirs is None and present and not cfg.overwrite_output_dir:
         shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
         raise OutputDirError(f"output_dir {out} holds files tuneforge did not write ({shown}); training would "
                              "replace files of the same names. Choose a new or empty folder, or set "

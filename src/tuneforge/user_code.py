@@ -28,8 +28,10 @@ class UserCodeFailure(TuneforgeError):
         if saved:
             note = (f" The last completed step ({step}) is saved in {saved}; fix the function, then resume with "
                     f"`--resume-from-checkpoint {saved}`.")
-        else:
+        elif step == 0:
             note = " No step had completed, so there is no checkpoint to resume from."
+        else:  # several processes: the others wait in a collective and cannot join a save now
+            note = " Fix the function, then resume from the last checkpoint saved in output_dir."
         return type(self)(str(self).rstrip(".") + "." + note)
 
 
