@@ -13,8 +13,6 @@ from tuneforge import outputs_guard
 from tuneforge.config.schema import Config
 from tuneforge.errors import TuneforgeError
 
-from . import checkpoint as ckpt
-
 log = logging.getLogger("tuneforge")
 
 

@@ -12,8 +12,6 @@ same input changes.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
-from typing import Any
 
 from tuneforge.config.data import UserDefinedFormat
 from tuneforge.errors import DataError

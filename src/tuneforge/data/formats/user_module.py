@@ -15,7 +15,7 @@ from typing import Any
 from tuneforge.errors import DataError
 from tuneforge.user_code import contained, describe, import_user_module, local_sources_digest
 
-from . import Format, FormatBuilder, FormatContext, RowError, RowFn
+from .registry import Format, FormatBuilder, FormatContext, RowError, RowFn
 
 
 def user_module_format(spec: str, where: str, search: list[str] | None = None) -> Format:
