@@ -20,6 +20,7 @@ from tuneforge.config.errors import ConfigError
 
 RUN = {"micro_batch_size": 2, "max_steps": 4, "learning_rate": 1e-3, "lr_scheduler": "constant",
        "optimizer": "adamw_torch", "save_steps": 2, "save_strategy": "steps", "logging_steps": 1}
+NO_SAVES = {**{k: v for k, v in RUN.items() if k != "save_steps"}, "save_strategy": "no"}  # save_steps would contradict
 FSDP = {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}}
 TOL = 1e-4  # fp32, as the issue states; observed differences are ~1e-7
 
@@ -81,7 +82,7 @@ def test_full_finetune_matches_one_process_and_resumes_on_2_and_1(tmp_path, tiny
 @pytest.mark.slow
 def test_lora_matches_one_process_and_saves_a_peft_adapter(tmp_path, tiny_model_dir):
     rows = make_rows(n=24, seed=4)
-    keys = {**RUN, "adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True, "save_strategy": "no"}
+    keys = {**NO_SAVES, "adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True}
     single = train(make_config(tmp_path / "single", tiny_model_dir, rows, gradient_accumulation_steps=2, **keys))
     make_config(tmp_path / "fsdp", tiny_model_dir, rows, gradient_accumulation_steps=1, **keys, **FSDP)
     done = _torchrun("-m", "tuneforge.cli", "train", str(tmp_path / "fsdp" / "config.yaml"))
@@ -102,7 +103,7 @@ def test_lora_matches_one_process_and_saves_a_peft_adapter(tmp_path, tiny_model_
 @pytest.mark.slow
 def test_dpo_with_reference_matches_one_process(tmp_path, tiny_model_dir):
     pairs = [{"prompt": f"say {i}", "chosen": f"{i} yes", "rejected": f"{i + 1} no"} for i in range(16)]
-    keys = {**RUN, "rl": "dpo", "save_strategy": "no"}
+    keys = {**NO_SAVES, "rl": "dpo"}
     single = train(make_config(tmp_path / "single", tiny_model_dir, pairs, gradient_accumulation_steps=2, **keys))
     make_config(tmp_path / "fsdp", tiny_model_dir, pairs, gradient_accumulation_steps=1, **keys, **FSDP)
     done = _torchrun("-m", "tuneforge.cli", "train", str(tmp_path / "fsdp" / "config.yaml"))
@@ -270,7 +271,7 @@ def test_two_nodes_on_one_host_train_like_one_process(tmp_path, tiny_model_dir):
     """Two `tuneforge train --nnodes 2` commands (one process each) meet at a localhost rendezvous: the run
     equals one process accumulating both micro-batches, with one writer."""
     rows = make_rows(n=24, seed=5)
-    keys = {**RUN, "save_strategy": "no"}
+    keys = {**NO_SAVES}
     single = train(make_config(tmp_path / "single", tiny_model_dir, rows, gradient_accumulation_steps=2, **keys))
     make_config(tmp_path / "nodes", tiny_model_dir, rows, gradient_accumulation_steps=1, **keys, **FSDP)
     endpoint = f"127.0.0.1:{_free_port()}"
