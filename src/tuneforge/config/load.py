@@ -275,6 +275,7 @@ def load(
         raise ConfigError(issues)
     assert cfg is not None
     cfg._notes = list(notes)
+    cfg._lines = dict(lines)
     if path is not None:
         cfg._source_dir = Path(path).resolve().parent
         cfg._source_file = Path(path).resolve()

@@ -19,6 +19,7 @@ class Config(ModelKeys, AdapterKeys, DataKeys, TrainingKeys, LoggingKeys, RLKeys
 
     _source_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source_file: Path | None = PrivateAttr(default=None)
+    _lines: dict = PrivateAttr(default_factory=dict)  # key path -> YAML line, for checks made after loading
     _notes: list[str] = PrivateAttr(default_factory=list)  # Axolotl keys accepted with a note, for `validate`
 
     @property
