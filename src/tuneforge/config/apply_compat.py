@@ -84,6 +84,11 @@ def _legacy_values(raw: dict, notes: list[str]) -> None:
             raw.setdefault("sequence_len", length)
             notes.append(f"`max_packed_sequence_len: {length}` is Axolotl's older packing key; using "
                          f"`sample_packing: true` with sequence_len {raw['sequence_len']}")
+    mode = raw.get("torch_compile_mode")
+    if mode in compat.COMPILE_MODES:
+        raw["torch_compile_mode"] = compat.COMPILE_MODES[mode]
+        notes.append(f"`torch_compile_mode: {mode}` captures CUDA graphs, which per-block compilation cannot; "
+                     f"using {compat.COMPILE_MODES[mode]}")
     if "rope_scaling" in raw:
         value = raw.pop("rope_scaling")
         if value:
@@ -129,6 +134,11 @@ def _dataset_compat(entry: Any, path: tuple, notes: list[str]) -> None:
             notes.append(f"{'.'.join(map(str, path))}.{old} is deprecated; using message_property_mappings.{prop}")
     if mapping:
         entry["message_property_mappings"] = mapping
+    if entry.get("type") in compat.DATASET_TYPES:
+        old = entry["type"]
+        entry["type"] = compat.DATASET_TYPES[old]
+        notes.append(f"{'.'.join(map(str, path))}: `type: {old}` is Axolotl's name; using `type: {entry['type']}` "
+                     "(the same rows)")
     if entry.get("type") == "sharegpt":
         notes.append(f"{'.'.join(map(str, path))}: `type: sharegpt` is deprecated; using chat_template with from/value")
         entry["type"] = "chat_template"

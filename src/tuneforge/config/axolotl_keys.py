@@ -76,6 +76,7 @@ resources_per_worker image_size image_resize_algorithm max_packed_sequence_len r
 noisy_embedding_alpha dpo_beta evaluation_strategy model_config model_kwargs model_type model_revision
 overrides_of_model_config overrides_of_model_kwargs type_of_model revision_of_model precompute_ref_log_probs
 center_rewards_coefficient early_stopping_threshold dynamic_checkpoint kd_ce_alpha ebft
+eval_table_max_new_tokens fused_attn_kernel torch_compile_options gemma4_hybrid_attn_impl adam_eps
 """
 
 # Arguments of Axolotl's plugins (their `args.py`), set at the top level of a config.

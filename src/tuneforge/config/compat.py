@@ -26,7 +26,14 @@ RENAMED = {
     "noisy_embedding_alpha": "neftune_noise_alpha",
     "dpo_beta": "rl_beta",
     "evaluation_strategy": "eval_strategy",
+    "eval_table_max_new_tokens": "generation_max_new_tokens",
 }
+
+# Axolotl dataset type names that are another name of a tuneforge format (rows of the same shape).
+DATASET_TYPES = {"orpo.chat_template": "chat_template.argilla"}
+
+# torch.compile modes that capture CUDA graphs, which per-block compilation cannot: the same tuning without.
+COMPILE_MODES = {"max-autotune": "max-autotune-no-cudagraphs", "reduce-overhead": "default"}
 
 # Keys Axolotl reads that carry no meaning here (we are always strict, single-process logging).
 IGNORED = {"strict", "local_rank", "debug", "hf_use_auth_token", "sample_packing_eff_est", "total_num_tokens",

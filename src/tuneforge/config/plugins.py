@@ -37,7 +37,7 @@ PLUGINS: dict[str, tuple[bool, str]] = {
 FUSION_SWITCHES = (
     "liger_rope", "liger_rms_norm", "liger_layer_norm", "liger_glu_activation", "liger_swiglu",
     "liger_rms_norm_gated", "unsloth_rms_norm", "unsloth_rope", "flash_attn_rms_norm", "flash_attn_fuse_mlp",
-    "flash_attn_fuse_qkv",
+    "flash_attn_fuse_qkv", "fused_attn_kernel",
 )
 
 
