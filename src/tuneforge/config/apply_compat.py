@@ -134,7 +134,7 @@ def _dataset_compat(entry: Any, path: tuple, notes: list[str]) -> None:
             notes.append(f"{'.'.join(map(str, path))}.{old} is deprecated; using message_property_mappings.{prop}")
     if mapping:
         entry["message_property_mappings"] = mapping
-    if entry.get("type") in compat.DATASET_TYPES:
+    if isinstance(entry.get("type"), str) and entry["type"] in compat.DATASET_TYPES:
         old = entry["type"]
         entry["type"] = compat.DATASET_TYPES[old]
         notes.append(f"{'.'.join(map(str, path))}: `type: {old}` is Axolotl's name; using `type: {entry['type']}` "
