@@ -84,6 +84,9 @@ def _legacy_values(raw: dict, notes: list[str]) -> None:
             raw.setdefault("sequence_len", length)
             notes.append(f"`max_packed_sequence_len: {length}` is Axolotl's older packing key; using "
                          f"`sample_packing: true` with sequence_len {raw['sequence_len']}")
+    if raw.pop("lr_quadratic_warmup", None):
+        notes.append("`lr_quadratic_warmup: true`: warmup is linear here (a quadratic ramp is not implemented); "
+                     "the rest of the schedule is the same")
     mode = raw.get("torch_compile_mode")
     if mode in compat.COMPILE_MODES:
         raw["torch_compile_mode"] = compat.COMPILE_MODES[mode]

@@ -77,6 +77,7 @@ noisy_embedding_alpha dpo_beta evaluation_strategy model_config model_kwargs mod
 overrides_of_model_config overrides_of_model_kwargs type_of_model revision_of_model precompute_ref_log_probs
 center_rewards_coefficient early_stopping_threshold dynamic_checkpoint kd_ce_alpha ebft
 eval_table_max_new_tokens fused_attn_kernel torch_compile_options gemma4_hybrid_attn_impl adam_eps
+use_dynamic_finetuning
 """
 
 # Arguments of Axolotl's plugins (their `args.py`), set at the top level of a config.
@@ -126,6 +127,14 @@ ADVICE = {
     "spectrum_top_fraction": "list the modules to train in unfrozen_parameters",
     "spectrum_model_name": "list the modules to train in unfrozen_parameters",
     "use_pose": "remove it; set model_config rope scaling and train on long rows instead",
+    "cls_model_config": "remove it; the config class comes from the model's config.json (model_type)",
+    "use_dynamic_finetuning": "remove it; the DFT loss is not implemented (the loss is plain cross-entropy)",
+    "field_thinking": "remove it and put the reasoning in the assistant message's content, as the chat template "
+                      "should render it",
+    "template_thinking_key": "remove it and put the reasoning in the assistant message's content",
+    "model_quantization_config_kwargs": "remove it with model_quantization_config; use load_in_4bit with "
+                                        "adapter: qlora",
+    "torch_compile_options": "remove it; torch_compile_backend and torch_compile_mode are the settings here",
 }
 PREFIX_ADVICE = (
     ("gptq", "GPTQ-quantized bases cannot be trained here; start from the unquantized model with "

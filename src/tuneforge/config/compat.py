@@ -39,7 +39,9 @@ COMPILE_MODES = {"max-autotune": "max-autotune-no-cudagraphs", "reduce-overhead"
 IGNORED = {"strict", "local_rank", "debug", "hf_use_auth_token", "sample_packing_eff_est", "total_num_tokens",
            "is_preprocess", "eval_table_size", "include_tokens_per_second", "total_supervised_tokens",
            "axolotl_config_path", "world_size", "is_falcon_derived_model", "is_llama_derived_model",
-           "is_mistral_derived_model", "is_qwen_derived_model"}
+           "is_mistral_derived_model", "is_qwen_derived_model",
+           # Axolotl's default (true) for how FSDP sharding places weights; tuneforge has one way to load
+           "experimental_skip_move_to_device"}
 
 # Axolotl switches for what tuneforge always does (or has no use for): accepted, with a note when set.
 _FUSED_LOSS = FUSED_LOSS
@@ -60,8 +62,6 @@ BUILT_IN = {
     "dataloader_pin_memory": _NO_LOADER,
     "chunked_cross_entropy_num_chunks": _FUSED_LOSS,
     "torchdistx_path": "models load through transformers; torchdistx's deferred initialisation is not used",
-    "lr_quadratic_warmup": "warmup is linear (the quadratic ramp is not implemented; the schedule is otherwise "
-                           "the same)",
     "tokenizer_save_jinja_files": "the chat template is saved in the tokenizer's config with the model",
     "ddp": "data-parallel training is used whenever tuneforge is launched with torchrun",
     "gemma4_hybrid_attn_impl": "every layer uses attn_implementation",
