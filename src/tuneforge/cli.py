@@ -72,6 +72,26 @@ def _setup_logging(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def choose_cpu_threads(cores: int, load: float) -> int | None:
+    """CPU threads for torch on a machine with `cores` usable cores and a 1-minute load average `load`;
+    None keeps torch's default (one per core). A busy or small machine is not oversubscribed: on the 2-core
+    machine at load ~4.8, the tiny example trained in 83 s with 1 thread against 237 s with 2."""
+    free = cores - round(load)
+    return max(1, free) if free < cores else None
+
+
+def _limit_cpu_threads() -> None:
+    if "OMP_NUM_THREADS" in os.environ:
+        return  # the user's choice
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = choose_cpu_threads(cores, load)
+    if threads is not None:
+        # Before torch is imported, so OpenMP starts with this many threads.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        log.info("CPU threads: %d of %d (load average %.1f); set OMP_NUM_THREADS to choose", threads, cores, load)
+
+
 def _load(config: Path, extra: list[str]):
     from tuneforge.config import load
 
@@ -239,6 +259,7 @@ def fetch(
 def main() -> None:
     verbose = os.environ.get("TUNEFORGE_DEBUG") == "1"
     _setup_logging(verbose)
+    _limit_cpu_threads()
     try:
         app()
     except TuneforgeError as exc:
