@@ -151,3 +151,11 @@ def test_duplicate_yaml_key_names_both_lines(tmp_path):
 def test_duplicate_nested_key(tmp_path):
     (issue,) = _issues(tmp_path, "datasets:\n  - path: a.jsonl\n    path: b.jsonl\n")
     assert issue.path == "datasets.0.path" and "lines 3 and 4" in issue.message
+
+
+def test_lora_kernel_switches_ask_for_compiled_blocks(tmp_path, caplog):
+    cfg, notes = _notes(tmp_path, caplog, "adapter: lora\nlora_target_linear: true\nlora_mlp_kernel: true\n"
+                        "lora_qkv_kernel: true\nlora_o_kernel: false\n")
+    assert cfg.torch_compile == "auto"
+    (note,) = notes
+    assert "`lora_mlp_kernel`, `lora_qkv_kernel`" in note and "lora_o_kernel" not in note

@@ -76,9 +76,6 @@ DTYPE_SWITCHES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "floa
 NOT_SUPPORTED_YET = {
     "pretraining_dataset": "streaming continual pretraining is planned; use `type: completion` for now",
     "streaming": "streaming datasets are planned",
-    "lora_mlp_kernel": "fused LoRA kernels are planned",
-    "lora_qkv_kernel": "fused LoRA kernels are planned",
-    "lora_o_kernel": "fused LoRA kernels are planned",
     "lora_embedding_kernel": "fused LoRA kernels are planned",
     "hub_model_id": "pushing to the hub is not implemented (no hub access is assumed)",
     "hub_strategy": "pushing to the hub is not implemented",
@@ -109,9 +106,6 @@ NOT_SUPPORTED_YET = {
     "multipack_real_batches": "packing always builds full micro-batches",
     "pretrain_multipack_attn": "streaming pretraining is planned",
     "flash_optimum": "BetterTransformer is not supported",
-    "unsloth_lora_mlp": "Unsloth patches are not supported",
-    "unsloth_lora_qkv": "Unsloth patches are not supported",
-    "unsloth_lora_o": "Unsloth patches are not supported",
     "special_tokens_overrides": "not implemented",
 }
 

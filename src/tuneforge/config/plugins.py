@@ -33,8 +33,10 @@ PLUGINS: dict[str, tuple[bool, str]] = {
     "EBFTPlugin": (False, "EBFT is not implemented; remove it"),
 }
 
-# Switches that ask for fused norms, RoPE, activations or MLP: torch_compile fuses them per block.
+# Switches that ask for fused norms, RoPE, activations, MLP or LoRA projections: tuneforge has no
+# hand-written kernels for them; compiling each transformer block (its LoRA layers included) fuses them.
 FUSION_SWITCHES = (
+    "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "unsloth_lora_mlp", "unsloth_lora_qkv", "unsloth_lora_o",
     "liger_rope", "liger_rms_norm", "liger_layer_norm", "liger_glu_activation", "liger_swiglu",
     "liger_rms_norm_gated", "unsloth_rms_norm", "unsloth_rope", "flash_attn_rms_norm", "flash_attn_fuse_mlp",
     "flash_attn_fuse_qkv", "fused_attn_kernel",
