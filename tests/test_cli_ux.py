@@ -41,3 +41,25 @@ def test_every_option_has_help():
     for command in typer.main.get_command(app).commands.values():
         for param in command.params:
             assert getattr(param, "help", None), f"{command.name} {param.name} has no help"
+
+
+def test_a_second_fetch_does_not_claim_to_copy_unchanged_files(tmp_path, capsys):
+    from tuneforge.fetch import run
+
+    run("examples", tmp_path / "ex")
+    first = capsys.readouterr().out
+    run("examples", tmp_path / "ex")
+    second = capsys.readouterr().out
+    n = int(first.split()[1])
+    assert n > 0 and "already there" not in first
+    assert second.startswith("copied 0 file(s)") and f"; {n} already there, unchanged" in second
+
+
+def test_preprocess_filter_drops_only_the_cache_location_line():
+    import logging
+
+    from tuneforge.cli import _CacheLineFilter
+
+    record = logging.LogRecord("tuneforge", logging.INFO, __file__, 1, "prepared data saved to %s", ("/x",), None)
+    other = logging.LogRecord("tuneforge", logging.INFO, __file__, 1, "tokenizing %d rows", (3,), None)
+    assert not _CacheLineFilter().filter(record) and _CacheLineFilter().filter(other)

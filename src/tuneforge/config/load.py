@@ -147,7 +147,7 @@ def _check_keys(raw: dict, model: type[BaseModel], path: Path_, issues: list[Con
     allowed = _allowed_keys(model)
     for key in list(raw):
         if key not in allowed:
-            if compat.is_noop(raw[key]) and axolotl_keys.is_axolotl_key(str(key), nested=model is not Config):
+            if compat.is_noop(raw[key]) and _axolotl_key(str(key), model):
                 del raw[key]  # an Axolotl key left empty (`hub_model_id:`), as its examples write: nothing to do
                 continue
             issues.append(ConfigIssue(_dotted((*path, key)), _unknown_message(str(key), allowed, model), *where((*path, key))))
@@ -176,11 +176,17 @@ def _accepts_none(annotation: Any) -> bool:
     return type(None) in typing.get_args(annotation)
 
 
+def _axolotl_key(key: str, model: type[BaseModel]) -> bool:
+    """An Axolotl key at the top level or in a `datasets:` entry (other nested blocks: typos only)."""
+    if model is Config:
+        return axolotl_keys.is_axolotl_key(key)
+    return model.__name__ == "DatasetEntry" and axolotl_keys.is_axolotl_key(key, nested=True)
+
+
 def _unknown_message(key: str, allowed: dict[str, Any], model: type[BaseModel]) -> str:
     if model is Config and key in compat.NOT_SUPPORTED_YET:
         return f"not supported yet ({compat.NOT_SUPPORTED_YET[key]})"
-    nested = model is not Config
-    if axolotl_keys.is_axolotl_key(key, nested=nested) and (not nested or model.__name__ == "DatasetEntry"):
+    if _axolotl_key(key, model):
         # A real Axolotl key: a did-you-mean to a different tuneforge key would mislead.
         return f"Axolotl key, not supported yet by tuneforge: `{key}`; {axolotl_keys.advice(key)}"
     close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
