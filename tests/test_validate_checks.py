@@ -58,11 +58,20 @@ def test_missing_file_unknown_type_and_unknown_template_are_reported_together(tm
     assert "nomod.py" in by_path["datasets.2.type"]
 
 
-def test_a_module_type_next_to_the_config_is_found_without_importing_it(tmp_path):
+def test_a_module_type_is_found_on_the_import_path_without_importing_it(tmp_path, monkeypatch):
     (tmp_path / "mine.py").write_text("raise SystemExit('imported')\n")
     path = tmp_path / "c.yaml"
     path.write_text("base_model: m\ndatasets:\n  - path: owner/name\n    type: mine.rows\n")
-    check_without_model(load(path))
+    (issue,) = _problems_of(path)  # next to the config, but the data step imports from the import path
+    assert "`mine`" in issue.message and "PYTHONPATH" in issue.message
+    monkeypatch.syspath_prepend(str(tmp_path))
+    check_without_model(load(path))  # found, and not run (it would exit)
+
+
+def _problems_of(path):
+    with pytest.raises(ConfigError) as exc:
+        check_without_model(load(path))
+    return exc.value.issues
 
 
 def test_validate_prints_yaml_on_stdout_and_notes_on_stderr(tmp_path):

@@ -77,12 +77,7 @@ def _type_issues(cfg: Config, entry: DatasetEntry, where: str) -> list[ConfigIss
         if name in _BUILTINS:
             return []
     if "." in name:
-        top = name.partition(".")[0]
-        beside = [d / f"{top}.py" for d in (cfg.source_dir, Path.cwd())] + [d / top for d in (cfg.source_dir, Path.cwd())]
-        if any(p.exists() for p in beside) or importlib.util.find_spec(top) is not None:
-            return []
-        return [ConfigIssue(f"{where}.type", f"`type: {spec}` names module `{name.rpartition('.')[0]}`, which is "
-                            f"not next to the config, in the working directory, or installed; put {top}.py there")]
+        return _module_issues(cfg, spec, name, where)
     if cfg.rl in ("grpo", "gdpo"):
         from .formats.grpo import _BUILTINS
 
@@ -93,6 +88,20 @@ def _type_issues(cfg: Config, entry: DatasetEntry, where: str) -> list[ConfigIss
     except TuneforgeError as exc:
         return [ConfigIssue(f"{where}.type", str(exc).removeprefix(f"{where}: "))]
     return []
+
+
+def _module_issues(cfg: Config, spec: str, name: str, where: str) -> list[ConfigIssue]:
+    """`type: module.function`: the module must be findable where the data step will import it from."""
+    top = name.partition(".")[0]
+    if importlib.util.find_spec(top) is not None:
+        return []
+    grpo = cfg.rl in ("grpo", "gdpo")  # GRPO transforms are also looked up next to the config and in the cwd
+    if grpo and any((d / f"{top}.py").exists() or (d / top).is_dir() for d in (cfg.source_dir, Path.cwd())):
+        return []
+    where_looked = "next to the config, in the working directory or " if grpo else ""
+    return [ConfigIssue(f"{where}.type", f"`type: {spec}` names module `{name.rpartition('.')[0]}`, which is not "
+                        f"{where_looked}on the import path; put {top}.py on PYTHONPATH (e.g. PYTHONPATH=. "
+                        "when it is in the working directory)")]
 
 
 def _needed_fields(entry: DatasetEntry) -> tuple[list[str], str | None]:
