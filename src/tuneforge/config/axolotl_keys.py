@@ -77,7 +77,7 @@ noisy_embedding_alpha dpo_beta evaluation_strategy model_config model_kwargs mod
 overrides_of_model_config overrides_of_model_kwargs type_of_model revision_of_model precompute_ref_log_probs
 center_rewards_coefficient early_stopping_threshold dynamic_checkpoint kd_ce_alpha ebft
 eval_table_max_new_tokens fused_attn_kernel torch_compile_options gemma4_hybrid_attn_impl adam_eps
-use_dynamic_finetuning
+use_dynamic_finetuning experts_implementation expert_parallel_size nvfp4_merge_aware quantize_moe_experts
 """
 
 # Arguments of Axolotl's plugins (their `args.py`), set at the top level of a config.
@@ -134,6 +134,12 @@ ADVICE = {
     "template_thinking_key": "remove it and put the reasoning in the assistant message's content",
     "model_quantization_config_kwargs": "remove it with model_quantization_config; use load_in_4bit with "
                                         "adapter: qlora",
+    "experts_implementation": "remove it; mixture-of-experts layers run as transformers implements them",
+    "expert_parallel_size": "expert parallelism is not implemented; remove it (several GPUs train data-parallel "
+                            "with torchrun)",
+    "nvfp4_merge_aware": "NVFP4 checkpoints are not supported; start from the bf16 model",
+    "quantize_moe_experts": "quantized expert weights are not supported; remove it (load_in_4bit / load_in_8bit "
+                            "quantize the linear layers)",
     "torch_compile_options": "remove it; torch_compile_backend and torch_compile_mode are the settings here",
 }
 PREFIX_ADVICE = (

@@ -31,6 +31,8 @@ PLUGINS: dict[str, tuple[bool, str]] = {
     "DiffusionPlugin": (False, "diffusion language-model training is not implemented; remove it"),
     "DionPlugin": (False, "the Dion optimizer is not available; remove it and use optimizer: adamw_torch_fused"),
     "EBFTPlugin": (False, "EBFT is not implemented; remove it"),
+    "ExpertParallelPlugin": (False, "expert parallelism is not implemented; remove it and expert_parallel_size "
+                                    "(several GPUs train data-parallel with torchrun)"),
 }
 
 # Switches that ask for fused norms, RoPE, activations, MLP or LoRA projections: tuneforge has no
