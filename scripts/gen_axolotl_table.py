@@ -41,6 +41,8 @@ def _top_level_row(key: str, allowed: set[str]) -> tuple[str, str]:
     if key == "plugins":
         names = ", ".join(f"`{n}`" for n, (ok, _) in sorted(plugins.PLUGINS.items()) if ok)
         return "accepted with a note", f"{names} (built in); any other plugin is refused by name"
+    if key == "fsdp":
+        return "accepted with a note", "FSDP1's list form: translated to `fsdp_version: 2` with `fsdp_config`"
     if key in compat.ATTENTION_FLAGS:
         return "accepted with a note", f"`attn_implementation: {compat.ATTENTION_FLAGS[key]}`"
     if key in compat.RENAMED:

@@ -42,7 +42,8 @@ def test_every_axolotl_key_has_one_row_and_refusals_say_what_to_do():
 def test_the_table_follows_the_code():
     rows = {line.split("`")[1]: line.split(" | ")[1] for line in gen.render().splitlines() if line.startswith("| `")}
     assert rows["liger_rms_norm"] == "accepted with a note"  # compiled blocks
-    assert rows["fsdp_config"] == "refused"
+    assert rows["fsdp"] == "accepted with a note" and rows["fsdp_config"] == "supported"
+    assert rows["activation_offloading"] == "refused"
     assert rows["learning_rate"] == "supported"
     assert rows["strict"] == "ignored"
     assert rows["CutCrossEntropyPlugin"] == "accepted with a note" and rows["KDPlugin"] == "refused"
