@@ -61,7 +61,7 @@ def _top_level_row(key: str, allowed: set[str]) -> tuple[str, str]:
         if key in ("evals_per_epoch", "eval_steps"):
             return "supported", "ignored with a note when there is nothing to evaluate (or 0)"
         if key == "torch_compile_mode":
-            return "supported", "CUDA-graph modes become the same tuning without graphs, with a note"
+            return "supported", "max-autotune becomes max-autotune-no-cudagraphs (the same tuning), with a note"
         return "supported", ""
     if key in _LEGACY:
         return "accepted with a note", _LEGACY[key]

@@ -87,3 +87,21 @@ def test_validate_prints_yaml_on_stdout_and_notes_on_stderr(tmp_path):
     notes = [line for line in out.stderr.splitlines() if line.startswith("WARNING ")]
     assert len(notes) == 2 and "LigerPlugin" in notes[0] and "evals_per_epoch" in notes[1]
     assert "valid (2 note(s) above)" in out.stderr
+
+
+def test_data_and_method_problems_are_reported_together(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tuneforge.cli import app
+
+    (tmp_path / "rw.py").write_text("def const(completions, **kw):\n    return [0.0 for _ in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "c.yaml"
+    path.write_text("base_model: m\nrl: grpo\nmicro_batch_size: 3\ndatasets:\n  - path: gone.jsonl\n"
+                    "trl:\n  reward_funcs: [rw.const]\n  num_generations: 4\n")
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert isinstance(result.exception, ConfigError)
+    by_path = {issue.path: issue.message for issue in result.exception.issues}
+    assert "dataset file not found: gone.jsonl" in by_path["datasets.0.path"]  # the data check
+    assert any("counts completions" in m for m in by_path.values())  # and GRPO's own batch geometry

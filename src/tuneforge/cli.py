@@ -104,14 +104,27 @@ def _load(config: Path, extra: list[str]):
 def validate(ctx: typer.Context, config: Path = typer.Argument(..., help="The YAML config.")) -> None:
     import yaml
 
-    from tuneforge.config import dump
+    from tuneforge.config import ConfigError, ConfigIssue, dump
     from tuneforge.data.validate_rows import check_without_model
     from tuneforge.methods import get_objective
 
     cfg = _load(config, ctx.args)
-    check_without_model(cfg)
+    issues = []
+    try:
+        check_without_model(cfg)
+    except ConfigError as exc:
+        issues += exc.issues
     # The method's own checks too (GRPO batch geometry, reward functions importable, ...); no model loads.
-    get_objective(cfg).close()
+    try:
+        get_objective(cfg).close()
+    except ConfigError as exc:
+        issues += exc.issues
+    except TuneforgeError as exc:
+        if not issues:
+            raise
+        issues.append(ConfigIssue("", str(exc)))
+    if issues:
+        raise ConfigError(issues)  # every problem at once
     typer.echo(yaml.safe_dump(dump(cfg), sort_keys=False))
     notes = f" ({len(cfg.notes)} note(s) above)" if cfg.notes else ""
     typer.secho(f"{config}: valid{notes}", fg="green", err=True)

@@ -32,8 +32,9 @@ RENAMED = {
 # Axolotl dataset type names that are another name of a tuneforge format (rows of the same shape).
 DATASET_TYPES = {"orpo.chat_template": "chat_template.argilla"}
 
-# torch.compile modes that capture CUDA graphs, which per-block compilation cannot: the same tuning without.
-COMPILE_MODES = {"max-autotune": "max-autotune-no-cudagraphs", "reduce-overhead": "default"}
+# max-autotune captures CUDA graphs, which per-block compilation cannot: the same tuning without them.
+# (reduce-overhead is nothing but CUDA graphs, so it stays refused.)
+COMPILE_MODES = {"max-autotune": "max-autotune-no-cudagraphs"}
 
 # Keys Axolotl reads that carry no meaning here (we are always strict, single-process logging).
 IGNORED = {"strict", "local_rank", "debug", "hf_use_auth_token", "sample_packing_eff_est", "total_num_tokens",
