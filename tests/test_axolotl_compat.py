@@ -119,9 +119,10 @@ def test_flash_attn_norm_and_mlp_switches_ask_for_compile(tmp_path, caplog):
 
 # ---------------------------------------------------------------- optimizer names
 @pytest.mark.parametrize("name, family, closest", [
-    ("adamw_torch_4bit", "torchao", "adamw_8bit"),
-    ("ademamix_8bit", "bitsandbytes", "adamw_8bit"),
-    ("optimi_adamw", "optimi", "adamw_torch_fused"),
+    ("adamw_torch_fp8", "torchao", "adamw_torch_8bit"),
+    ("rmsprop_bnb_8bit", "bitsandbytes", "adamw_8bit"),
+    ("optimi_lamb", "optimi", "optimi_adamw"),
+    ("galore_adamw", "GaLore", "adamw_8bit"),
 ])
 def test_unknown_optimizer_names_its_family_and_the_closest_choice(tmp_path, name, family, closest):
     (issue,) = _issues(tmp_path, f"optimizer: {name}\n")
