@@ -105,7 +105,7 @@ def test_old_message_field_keys_map_into_property_mappings(tmp_path):
         ("save_steps: 10\nsaves_per_epoch: 2\n", "saves_per_epoch", "cannot both"),
         ("gradient_accumulation_steps: 2\nbatch_size: 8\n", "batch_size", "give one"),
         ("bf16: true\nfp16: true\n", "fp16", "conflict"),
-        ("eval_steps: 10\n", "eval_steps", "val_set_size"),
+        ("load_best_model_at_end: true\n", "load_best_model_at_end", "val_set_size"),
         ("rl: dpo\nreward_model: true\n", "rl", "keep one"),
     ],
 )

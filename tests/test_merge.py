@@ -440,3 +440,33 @@ def test_merge_into_a_file_is_refused(base, tmp_path):
     with pytest.raises(DestinationError, match="not a folder"):
         merge_adapter(base, adapter, target, overwrite=True)
     assert target.read_text() == "x"
+
+
+def test_merged_generation_config_stops_at_end_of_turn_and_modes_follow_umask(base, tmp_path, write_config):
+    """A chatml-trained adapter: plain `generate` on the merged model must stop at <|im_end|>, not only </s>;
+    the merged folder and files get the modes the umask gives (mkdtemp alone makes them private)."""
+    import json
+    import os
+
+    from transformers import AutoTokenizer
+
+    from tuneforge.chat_templates import template
+    from tuneforge.config import load as load_config
+    from tuneforge.merge import run
+
+    out = tmp_path / "out"
+    make_adapter(base, out, r=4, lora_alpha=8, target_modules=["v_proj"])
+    tok = AutoTokenizer.from_pretrained(str(base))
+    tok.chat_template = template("chatml")
+    tok.save_pretrained(str(out))
+    cfg = load_config(write_config({"adapter": "lora", "lora_target_modules": ["v_proj"], "chat_template": "chatml"}))
+    old = os.umask(0o022)
+    try:
+        dest = run(cfg)
+    finally:
+        os.umask(old)
+    gen = json.loads((dest / "generation_config.json").read_text())
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert gen["eos_token_id"] == [tok.eos_token_id, im_end]
+    assert dest.stat().st_mode & 0o777 == 0o755
+    assert (dest / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -96,12 +96,14 @@ def run(what: str, dest: str | Path | None = None) -> Path:
             f"{len(conflicts)} file(s) in {dest} differ from the shipped ones and would be overwritten ({shown}). "
             "Move them away, or pass another --dest."
         )
+    copied = [rel for rel in files if not (dest / rel).exists()]  # the others are identical (checked above)
     try:
-        for rel in files:
+        for rel in copied:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / rel, dest / rel)
     except OSError as exc:
         raise TuneforgeError(f"cannot write into {dest}: {exc.strerror or exc} ({exc.filename}); pass a writable "
                              "--dest.") from None
-    print(f"copied {len(files)} file(s) of {what} to {dest}")
+    same = len(files) - len(copied)
+    print(f"copied {len(copied)} file(s) of {what} to {dest}" + (f"; {same} already there, unchanged" if same else ""))
     return dest

@@ -1,8 +1,13 @@
-"""Axolotl compatibility: deprecated aliases and keys we know but do not support yet."""
+"""Axolotl compatibility: deprecated aliases, switches for what tuneforge always does, and keys it lacks.
+
+Plugins and kernel switches are in plugins.py; Axolotl's full key list is in axolotl_keys.py.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+from .plugins import FUSED_LOSS
 
 # Boolean attention flags Axolotl deprecated in favour of `attn_implementation`.
 ATTENTION_FLAGS = {
@@ -17,15 +22,30 @@ RENAMED = {
     "dataset_processes": "dataset_num_proc",
     "model_config_overrides": "model_config",
     "eval_max_new_tokens": "generation_max_new_tokens",  # Axolotl's older key for do_causal_lm_eval's length
+    "adam_eps": "adam_epsilon",
+    "noisy_embedding_alpha": "neftune_noise_alpha",
+    "dpo_beta": "rl_beta",
+    "evaluation_strategy": "eval_strategy",
+    "eval_table_max_new_tokens": "generation_max_new_tokens",
 }
+
+# Axolotl dataset type names that are another name of a tuneforge format (rows of the same shape).
+DATASET_TYPES = {"orpo.chat_template": "chat_template.argilla"}
+
+# max-autotune captures CUDA graphs, which per-block compilation cannot: the same tuning without them.
+# (reduce-overhead is nothing but CUDA graphs, so it stays refused.)
+COMPILE_MODES = {"max-autotune": "max-autotune-no-cudagraphs"}
 
 # Keys Axolotl reads that carry no meaning here (we are always strict, single-process logging).
 IGNORED = {"strict", "local_rank", "debug", "hf_use_auth_token", "sample_packing_eff_est", "total_num_tokens",
-           "is_preprocess", "eval_table_size", "include_tokens_per_second"}
+           "is_preprocess", "eval_table_size", "include_tokens_per_second", "total_supervised_tokens",
+           "axolotl_config_path", "world_size", "is_falcon_derived_model", "is_llama_derived_model",
+           "is_mistral_derived_model", "is_qwen_derived_model",
+           # Axolotl's default (true) for how FSDP sharding places weights; tuneforge has one way to load
+           "experimental_skip_move_to_device"}
 
 # Axolotl switches for what tuneforge always does (or has no use for): accepted, with a note when set.
-_FUSED_LOSS = ("the loss is always computed a chunk of trained positions at a time, fused with the LM head, "
-               "without the full logits tensor (models/losses.py)")
+_FUSED_LOSS = FUSED_LOSS
 _NO_LOADER = ("batches are gathered in the training process from the memory-mapped prepared dataset, without "
               "loader workers")
 BUILT_IN = {
@@ -41,33 +61,26 @@ BUILT_IN = {
     "dataloader_num_workers": _NO_LOADER,
     "dataloader_prefetch_factor": _NO_LOADER,
     "dataloader_pin_memory": _NO_LOADER,
+    "chunked_cross_entropy_num_chunks": _FUSED_LOSS,
+    "torchdistx_path": "models load through transformers; torchdistx's deferred initialisation is not used",
+    "tokenizer_save_jinja_files": "the chat template is saved in the tokenizer's config with the model",
+    "ddp": "data-parallel training is used whenever tuneforge is launched with torchrun",
+    "gemma4_hybrid_attn_impl": "every layer uses attn_implementation",
+    "xformers_attention": "attention uses attn_implementation (sdpa by default; packed rows attend per document)",
 }
 
-_LIGER = "Liger kernels are not used; `torch_compile: true` fuses each block's norms, RoPE and activation instead"
+# Axolotl's non-AMP dtype switches (`bfloat16: true` loads and trains the weights in that dtype): torch_dtype.
+DTYPE_SWITCHES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 # Axolotl keys that tuneforge does not implement yet. A falsy value (false, null, empty) is a no-op and
 # is accepted; anything else is an explicit error rather than a silently ignored setting.
 NOT_SUPPORTED_YET = {
     "pretraining_dataset": "streaming continual pretraining is planned; use `type: completion` for now",
     "streaming": "streaming datasets are planned",
-    "plugins": "plugins are not supported; for the Liger plugin's fusions use torch_compile: true (the loss is "
-               "already fused)",
-    "liger_rope": _LIGER,
-    "liger_rms_norm": _LIGER,
-    "liger_glu_activation": _LIGER,
-    "liger_swiglu": _LIGER,
-    "liger_layer_norm": _LIGER,
-    "relora": "ReLoRA is not implemented",
-    "relora_steps": "ReLoRA is not implemented",
-    "jagged_restart_steps": "ReLoRA is not implemented",
-    "lora_mlp_kernel": "fused LoRA kernels are planned",
-    "lora_qkv_kernel": "fused LoRA kernels are planned",
-    "lora_o_kernel": "fused LoRA kernels are planned",
     "lora_embedding_kernel": "fused LoRA kernels are planned",
     "hub_model_id": "pushing to the hub is not implemented (no hub access is assumed)",
     "hub_strategy": "pushing to the hub is not implemented",
     "push_dataset_to_hub": "pushing to the hub is not implemented",
-    "gptq": "GPTQ bases are not supported",
     "processor_type": "multimodal models are not supported yet",
     "context_parallel_size": "context parallelism is not implemented",
     "sequence_parallel_degree": "context parallelism is not implemented",
@@ -84,7 +97,6 @@ NOT_SUPPORTED_YET = {
     "do_bench_eval": "benchmark evaluation is not implemented",
     "activation_offloading": "activation offloading is not implemented",
     "tiled_mlp": "tiled MLP is not implemented",
-    "xformers_attention": "xformers attention is not supported; use attn_implementation: sdpa",
     "sage_attention": "SageAttention is not supported; use attn_implementation: sdpa",
     "s2_attention": "shifted sparse attention is not supported",
     "added_tokens_overrides": "renaming reserved tokens is not implemented; use `tokens`",
@@ -94,13 +106,7 @@ NOT_SUPPORTED_YET = {
     "use_ray": "Ray is not supported",
     "multipack_real_batches": "packing always builds full micro-batches",
     "pretrain_multipack_attn": "streaming pretraining is planned",
-    "flash_attn_rms_norm": "fused norms are planned",
-    "flash_attn_fuse_qkv": "fused attention projections are planned",
-    "flash_attn_fuse_mlp": "fused MLP is planned",
     "flash_optimum": "BetterTransformer is not supported",
-    "unsloth_lora_mlp": "Unsloth patches are not supported",
-    "unsloth_lora_qkv": "Unsloth patches are not supported",
-    "unsloth_lora_o": "Unsloth patches are not supported",
     "special_tokens_overrides": "not implemented",
 }
 

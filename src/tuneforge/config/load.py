@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from . import compat, distributed, ranges, rules  # noqa: F401 - ranges registers its rules
+from . import apply_compat, axolotl_keys, compat, ranges, rules  # noqa: F401 - ranges registers its rules
 from .errors import ConfigError, ConfigIssue
 from .schema import Config
 
@@ -50,14 +50,17 @@ def _expanded_size(root: yaml.Node) -> int:
     return sizes[id(root)]
 
 
-def _line_map(root: yaml.Node | None) -> dict[Path_, int]:
-    """Map each key path to its 1-based line in the YAML text."""
+def _line_map(root: yaml.Node | None, duplicates: list[tuple[Path_, int, int]] | None = None) -> dict[Path_, int]:
+    """Map each key path to its 1-based line in the YAML text; a key given twice goes to `duplicates`."""
     lines: dict[Path_, int] = {}
+    duplicates = [] if duplicates is None else duplicates
 
     def walk(node: yaml.Node, path: Path_) -> None:
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 p = (*path, key_node.value)
+                if p in lines:
+                    duplicates.append((p, lines[p], key_node.start_mark.line + 1))
                 lines[p] = key_node.start_mark.line + 1
                 walk(value_node, p)
         elif isinstance(node, yaml.SequenceNode):
@@ -99,10 +102,11 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[Path_, int]]:
     if not path.is_file():
         raise ConfigError([ConfigIssue("", f"the config {path} is not a file")])
     text = _decode(path.read_bytes(), path)
+    duplicates: list[tuple[Path_, int, int]] = []
     try:
         data, root = _compose_and_construct(text, path)
         data = data or {}
-        lines = _line_map(root)
+        lines = _line_map(root, duplicates)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
@@ -111,6 +115,12 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[Path_, int]]:
         raise ConfigError([ConfigIssue("", "the YAML is nested too deeply for a config", None, str(path))]) from None
     if not isinstance(data, dict):
         raise ConfigError([ConfigIssue("", "the config must be a mapping of keys to values", 1, str(path))])
+    if duplicates:
+        # YAML keeps the last value silently; a key written twice is almost always a mistake.
+        raise ConfigError([
+            ConfigIssue(_dotted(p), f"is given twice, on lines {first} and {second}; keep one", second, str(path))
+            for p, first, second in duplicates
+        ])
     return data, lines
 
 
@@ -166,63 +176,6 @@ def _merge(base: dict[str, Any], over: dict[str, Any], prefix: Path_, touched: s
             touched.add(path)
 
 
-# ---------------------------------------------------------------- compatibility
-def _apply_compat(raw: dict[str, Any], issues: list[ConfigIssue], where) -> list[str]:
-    notes: list[str] = []
-    for old, new in compat.ATTENTION_FLAGS.items():
-        if old in raw:
-            value = raw.pop(old)
-            if value:
-                if raw.get("attn_implementation") not in (None, new):
-                    issues.append(ConfigIssue(old, f"conflicts with attn_implementation: {raw['attn_implementation']}", *where((old,))))
-                raw["attn_implementation"] = new
-                notes.append(f"`{old}: true` is deprecated; using `attn_implementation: {new}`")
-    for old, new in compat.RENAMED.items():
-        if old in raw:
-            if new in raw:
-                issues.append(ConfigIssue(old, f"is the old name of `{new}`, which is also set; keep `{new}`", *where((old,))))
-            else:
-                raw[new] = raw.pop(old)
-                notes.append(f"`{old}` is deprecated; using `{new}`")
-    distributed.normalize(raw, notes, lambda key, msg: issues.append(ConfigIssue(key, msg, *where(tuple(key.split("."))))))
-    for key in list(raw):
-        if key in compat.IGNORED:
-            raw.pop(key)
-        elif key in compat.BUILT_IN:
-            if raw.pop(key):
-                notes.append(f"`{key}` is not needed: {compat.BUILT_IN[key]}")
-        elif key in compat.NOT_SUPPORTED_YET:
-            value = raw.pop(key)
-            if not compat.is_noop(value):
-                issues.append(
-                    ConfigIssue(key, f"not supported yet by tuneforge ({compat.NOT_SUPPORTED_YET[key]}); remove it", *where((key,)))
-                )
-    for key in ("datasets", "test_datasets"):
-        entries = raw.get(key)
-        for i, entry in enumerate(entries if isinstance(entries, list) else []):  # else: a type error, reported
-            _dataset_compat(entry, (key, i), notes)
-    return notes
-
-
-def _dataset_compat(entry: Any, path: Path_, notes: list[str]) -> None:
-    if not isinstance(entry, dict):
-        return
-    mapping = entry.get("message_property_mappings") or {}
-    if not isinstance(mapping, dict):
-        return  # reported by validation
-    for old, prop in (("message_field_role", "role"), ("message_field_content", "content")):
-        if old in entry:
-            mapping.setdefault(prop, entry.pop(old))
-            notes.append(f"{'.'.join(map(str, path))}.{old} is deprecated; using message_property_mappings.{prop}")
-    if mapping:
-        entry["message_property_mappings"] = mapping
-    if entry.get("type") == "sharegpt":
-        notes.append(f"{'.'.join(map(str, path))}: `type: sharegpt` is deprecated; using chat_template with from/value")
-        entry["type"] = "chat_template"
-        entry.setdefault("field_messages", "conversations")
-        entry.setdefault("message_property_mappings", {"role": "from", "content": "value"})
-
-
 # ---------------------------------------------------------------- unknown keys
 def _nested_models(annotation: Any) -> list[type[BaseModel]]:
     found: list[type[BaseModel]] = []
@@ -243,6 +196,9 @@ def _check_keys(raw: dict, model: type[BaseModel], path: Path_, issues: list[Con
     allowed = _allowed_keys(model)
     for key in list(raw):
         if key not in allowed:
+            if compat.is_noop(raw[key]) and _axolotl_key(str(key), model):
+                del raw[key]  # an Axolotl key left empty (`hub_model_id:`), as its examples write: nothing to do
+                continue
             issues.append(ConfigIssue(_dotted((*path, key)), _unknown_message(str(key), allowed, model), *where((*path, key))))
             del raw[key]
             continue
@@ -269,11 +225,21 @@ def _accepts_none(annotation: Any) -> bool:
     return type(None) in typing.get_args(annotation)
 
 
+def _axolotl_key(key: str, model: type[BaseModel]) -> bool:
+    """An Axolotl key at the top level or in a `datasets:` entry (other nested blocks: typos only)."""
+    if model is Config:
+        return axolotl_keys.is_axolotl_key(key)
+    return model.__name__ == "DatasetEntry" and axolotl_keys.is_axolotl_key(key, nested=True)
+
+
 def _unknown_message(key: str, allowed: dict[str, Any], model: type[BaseModel]) -> str:
-    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
-    hint = f"; did you mean `{close[0]}`?" if close else ""
     if model is Config and key in compat.NOT_SUPPORTED_YET:
         return f"not supported yet ({compat.NOT_SUPPORTED_YET[key]})"
+    if _axolotl_key(key, model):
+        # A real Axolotl key: a did-you-mean to a different tuneforge key would mislead.
+        return f"Axolotl key, not supported yet by tuneforge: `{key}`; {axolotl_keys.advice(key)}"
+    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+    hint = f"; did you mean `{close[0]}`?" if close else ""
     return f"unknown key `{key}`{hint}"
 
 
@@ -290,6 +256,9 @@ def _issues_from_validation(exc: ValidationError, raw: dict, where) -> list[Conf
         msg = err["msg"].removeprefix("Value error, ")  # our validators' own words
         if err["type"] == "missing":
             msg = "required key is missing"
+        elif path == ("optimizer",) and err["type"] == "literal_error":
+            supported = list(typing.get_args(Config.model_fields["optimizer"].annotation))
+            msg = axolotl_keys.optimizer_message(err.get("input"), supported)
         elif "input" in err and not isinstance(err["input"], dict | list):
             msg = f"{msg} (got {err['input']!r})"
         key = (_dotted(path), msg)
@@ -344,7 +313,7 @@ def load(
         return None, None
 
     issues: list[ConfigIssue] = []
-    notes = _apply_compat(raw, issues, where)
+    notes = apply_compat.apply(raw, issues, where)
     _check_keys(raw, Config, (), issues, where)
     cfg = None
     try:
@@ -355,11 +324,13 @@ def load(
         cfg = _validate_without(raw, {i.path.split(".")[0] for i in bad})
     if cfg is not None:
         issues.extend(_locate(i, where) for i in rules.check(cfg))
+    for note in notes:  # before any error too: `validate` shows what was accepted with a note
+        log.warning(note)
     if issues:
         raise ConfigError(issues)
-    for note in notes:
-        log.warning(note)
     assert cfg is not None
+    cfg._notes = list(notes)
+    cfg._lines = dict(lines)
     if path is not None:
         cfg._source_dir = Path(path).resolve().parent
         cfg._source_file = Path(path).resolve()

@@ -163,9 +163,8 @@ def _model_head(cfg: Config) -> list[ConfigIssue]:
 def _eval_schedule(cfg: Config) -> list[ConfigIssue]:
     issues = []
     has_eval = bool(cfg.val_set_size) or bool(cfg.test_datasets)
-    if (cfg.eval_steps or cfg.evals_per_epoch) and not has_eval:
-        key = "eval_steps" if cfg.eval_steps else "evals_per_epoch"
-        issues.append(ConfigIssue(key, "nothing to evaluate: set val_set_size or test_datasets."))
+    # eval_steps / evals_per_epoch without evaluation data: dropped with a note before validation, as
+    # Axolotl ignores them (apply_compat._evaluation_without_data).
     supervised = method_facts(cfg).supervised
     if cfg.batch_flattening and not supervised:
         issues.append(ConfigIssue("batch_flattening", "applies to supervised fine-tuning; preference data packs "

@@ -19,11 +19,18 @@ class Config(ModelKeys, AdapterKeys, DataKeys, TrainingKeys, LoggingKeys, RLKeys
 
     _source_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source_file: Path | None = PrivateAttr(default=None)
+    _lines: dict = PrivateAttr(default_factory=dict)  # key path -> YAML line, for checks made after loading
+    _notes: list[str] = PrivateAttr(default_factory=list)  # Axolotl keys accepted with a note, for `validate`
 
     @property
     def source_dir(self) -> Path:
         """Folder of the YAML file; relative paths are looked up here first, then in the working directory."""
         return self._source_dir
+
+    @property
+    def notes(self) -> list[str]:
+        """What `load` accepted with a note (an Axolotl key mapped, built in or ignored)."""
+        return self._notes
 
     @property
     def source_file(self) -> Path | None:

@@ -86,6 +86,7 @@ def merge_for_config(cfg, lora_model_dir: str | None = None, output: str | None 
     log.info("merging %s into %s -> %s", adapter_dir, base_dir, dest)
     report = merge_adapter(base_dir, adapter_dir, dest, tokenizer_dir=tokenizer_dir, generation_config_dir=gen_dir,
                            overwrite=overwrite)
+    _set_stop_tokens(cfg, dest)
     log.info(
         "merged %d LoRA modules and %d saved tensors over %d shard(s) (%.1f MB) into %s%s",
         report.merged_tensors,
@@ -96,3 +97,21 @@ def merge_for_config(cfg, lora_model_dir: str | None = None, output: str | None 
         f"; vocab_size -> {report.vocab_size}" if report.vocab_size else "",
     )
     return dest
+
+
+def _set_stop_tokens(cfg, dest: Path) -> None:
+    """generation_config.json stops at the chat template's end-of-turn token(s), as training used them."""
+    import json
+
+    path = dest / "generation_config.json"
+    if not path.exists():
+        return
+    from transformers import AutoTokenizer
+
+    from tuneforge.chat_templates import stop_token_ids
+
+    ids = stop_token_ids(AutoTokenizer.from_pretrained(str(dest)), cfg.eot_tokens)
+    if ids:
+        data = json.loads(path.read_text())
+        data["eos_token_id"] = ids[0] if len(ids) == 1 else ids
+        path.write_text(json.dumps(data, indent=2) + "\n")

@@ -89,6 +89,7 @@ def merge_adapter(
             _set_config(config, "tie_word_embeddings", False)
         _write_metadata(base, tmp, config, weight_map, total)
         copy_side_files(base_dir, tmp, tokenizer_dir, generation_config_dir)
+        _honor_umask(tmp)
         publish(tmp, dest, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -127,6 +128,7 @@ def merge_in_memory(base_dir: Path, adapter_dir: Path, dest: Path, tokenizer_dir
         merged.save_pretrained(tmp)
         (tmp / "generation_config.json").unlink(missing_ok=True)  # the run's, if any, as in the shard-wise merge
         copy_side_files(base_dir, tmp, tokenizer_dir, generation_config_dir)
+        _honor_umask(tmp)
         publish(tmp, dest, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -221,6 +223,18 @@ def copy_side_files(base_dir: Path, tmp: Path, tokenizer_dir, generation_config_
     gen = Path(generation_config_dir) / "generation_config.json" if generation_config_dir else None
     if gen is not None and gen.exists():
         shutil.copy2(gen, tmp / gen.name)
+
+
+def _honor_umask(tmp: Path) -> None:
+    """mkdtemp makes a private (0700) folder; the merged model gets the modes the user's umask gives."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    tmp.chmod(0o777 & ~mask)
+    for item in tmp.iterdir():
+        if item.is_file():
+            item.chmod(0o666 & ~mask)
 
 
 def tokenizer_files(folder: Path) -> list[Path]:
