@@ -116,7 +116,7 @@ def test_fsdp_divides_the_states_by_the_gpus_and_offload_moves_them(tiny_model_d
     moved = sum(four.part(p) for p in ("weights", "gradients", "optimizer states"))
     assert off.host - four.host == moved
     assert off.total < four.total
-    from tuneforge.planner.hook import host_shortfall
+    from tuneforge.planner.host import host_shortfall
 
     assert host_shortfall(off, available=4 * off.host) is None
     assert "offload_params" in host_shortfall(off, available=4 * off.host - 1)

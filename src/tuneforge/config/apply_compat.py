@@ -88,7 +88,7 @@ def _legacy_values(raw: dict, notes: list[str]) -> None:
         notes.append("`lr_quadratic_warmup: true`: warmup is linear here (a quadratic ramp is not implemented); "
                      "the rest of the schedule is the same")
     mode = raw.get("torch_compile_mode")
-    if mode in compat.COMPILE_MODES:
+    if isinstance(mode, str) and mode in compat.COMPILE_MODES:  # another type: reported by validation
         raw["torch_compile_mode"] = compat.COMPILE_MODES[mode]
         notes.append(f"`torch_compile_mode: {mode}` captures CUDA graphs, which per-block compilation cannot; "
                      f"using {compat.COMPILE_MODES[mode]}")

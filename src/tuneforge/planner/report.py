@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 from .coefficients import GiB
 
 if TYPE_CHECKING:
-    from . import Plan
     from .estimate import Estimate
 
 PHASES = {"loss": "the loss (end of the forward pass)", "backward": "the backward pass",
@@ -37,7 +36,7 @@ def fits_line(e: Estimate) -> str:
             f"(torch allocated {gib(e.allocated)} GiB, during {PHASES[e.peak_phase]})")
 
 
-def render(plan: Plan) -> str:
+def render(plan) -> str:  # a tuneforge.planner.Plan (not imported: the package imports this module)
     e = plan.estimate
     lines = [f"Memory plan for {plan.source}", f"  {describe(e)}",
              f"  parameters: {e.extra['trainable'] + e.extra['frozen']:,} "
@@ -51,7 +50,7 @@ def render(plan: Plan) -> str:
     lines.append(f"  {'host memory while loading':<32}{gib(e.host_at_load):>8}  per node: each process reads "
                  "the weights into CPU memory first")
     if e.settings.offload:
-        from .hook import host_memory, host_shortfall
+        from .host import host_memory, host_shortfall
 
         here = host_memory()
         need = min(e.settings.gpus, 8) * e.host
