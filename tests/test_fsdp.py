@@ -370,3 +370,21 @@ def test_resuming_a_sharded_checkpoint_of_another_model_is_one_clear_error(tmp_p
     plain = make_config(tmp_path / "c", tiny_model_dir, rows, max_steps=2, resume_from_checkpoint=str(ckpt), **lora)
     with pytest.raises(TuneforgeError, match="FSDP2 checkpoint"):
         train(plain)
+
+
+def test_bf16_mixed_precision_policy_trains_like_autocast(tmp_path, tiny_model_dir):
+    """FSDP2 computes in bf16 through its mixed-precision policy (fp32 shards, bf16 gathers, fp32 reduction),
+    not autocast: one process, bf16 on CPU, against plain training under bf16 autocast."""
+    import torch
+
+    rows = make_rows(n=16, seed=2)
+    keys = {**RUN, "save_strategy": "no", "bf16": True, "max_steps": 3}
+    keys.pop("save_steps")
+    plain = train(make_config(tmp_path / "plain", tiny_model_dir, rows, **keys))
+    sharded = train(make_config(tmp_path / "fsdp", tiny_model_dir, rows, **keys, **FSDP))
+    a, b = losses(plain), losses(sharded)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 2e-2 * abs(a[step]), (a, b)  # bf16 rounding, not another model
+    weights = next(p for p in sharded.model.parameters())
+    assert getattr(weights, "to_local", lambda: weights)().dtype == torch.float32  # fp32 master shards
