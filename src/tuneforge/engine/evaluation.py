@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +23,7 @@ from tuneforge.methods.base import Objective
 from . import text_metrics
 from .plan import MicroBatch
 from .rows import RowSource, device_batch
+from .samples_writer import SamplesWriter
 
 log = logging.getLogger("tuneforge")
 
@@ -124,6 +124,4 @@ class Evaluator:
         for sample in samples:
             log.info("sample at step %d: %r -> %r (reference %r)", step, sample["prompt"][-80:],
                      sample["completion"], sample["reference"])
-        if samples:
-            with (self.output_dir / "samples.jsonl").open("a") as f:
-                f.writelines(json.dumps({"step": step, **sample}) + "\n" for sample in samples)
+        SamplesWriter(self.output_dir / "samples.jsonl").write({"step": step, **sample} for sample in samples)
