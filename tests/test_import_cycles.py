@@ -19,20 +19,12 @@ def _checker():
 
 check = _checker()
 
-# TEMPORARY: cycles through imports inside functions that the methods-layer redesign (issue 14) removes.
-# Delete each entry when its cycle is gone; a cycle not listed here fails the test.
-KNOWN_DEFERRED_CYCLES = [
-    ["tuneforge.rollout.generation_server", "tuneforge.rollout.vllm_client"],
-]
-
-
 def test_no_module_level_import_cycles():
     assert check.cycles(check.import_graph()) == []
 
 
 def test_no_new_import_cycles_through_imports_inside_functions():
-    found = check.cycles(check.import_graph(deferred=True))
-    assert [c for c in found if c not in KNOWN_DEFERRED_CYCLES] == []
+    assert check.cycles(check.import_graph(deferred=True)) == []
 
 
 def _package(tmp_path, files: dict[str, str]) -> dict[str, Path]:

@@ -1,7 +1,7 @@
 """`tuneforge vllm-serve`: a generation server that speaks TRL's `vllm-serve` HTTP protocol.
 
 The trainer (`trl.use_vllm: true`, `vllm_mode: server`, `rollout/vllm_client.py`) talks to it over
-these endpoints (rl.md section 3.2): `GET /health/`, `GET /get_world_size/`, `POST /generate/`,
+these endpoints (TRL's `trl vllm-serve` server; docs/vllm.md): `GET /health/`, `GET /get_world_size/`, `POST /generate/`,
 `POST /reset_prefix_cache/`, `POST /http_update_weights/` (base64 tensors, no NCCL group),
 `POST /v1/load_lora_adapter` and `POST /set_lora_adapter/` (adapter folder on a shared filesystem),
 `POST /clear_lora_adapter/`.

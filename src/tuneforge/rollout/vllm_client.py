@@ -1,6 +1,6 @@
 """EXPERIMENTAL: generation on a vLLM server (`trl.use_vllm: true`, `trl.vllm_mode: server`).
 
-Speaks the HTTP protocol of TRL's `vllm-serve` with Axolotl's additions (rl.md section 3.2):
+Speaks the HTTP protocol of TRL's `vllm-serve` with Axolotl's additions (docs/vllm.md):
 `GET /health/`, `POST /generate/` (token-id prompts, `n`, sampling fields, `logprobs: 0`),
 `POST /reset_prefix_cache/`, and two ways to sync weights that need no NCCL:
 - LoRA (`trl.vllm_lora_sync: true` with an adapter): the adapter is saved to a temporary folder and
