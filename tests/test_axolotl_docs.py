@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from script_support import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
+gen = load_script("scripts/gen_axolotl_table.py")
 
-
-def _generator():
-    spec = importlib.util.spec_from_file_location("gen_axolotl_table", ROOT / "scripts" / "gen_axolotl_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-gen = _generator()
 
 
 def test_axolotl_key_table_is_up_to_date():

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from script_support import load_script
 
+check = load_script("scripts/check_import_cycles.py")
 
-def _checker():
-    spec = importlib.util.spec_from_file_location("check_import_cycles", ROOT / "scripts" / "check_import_cycles.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-check = _checker()
 
 def test_no_module_level_import_cycles():
     assert check.cycles(check.import_graph()) == []

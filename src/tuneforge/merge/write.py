@@ -11,6 +11,7 @@ so an error never leaves a half-written model at the destination.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import re
@@ -78,9 +79,7 @@ def merge_adapter(
     new_vocab = check_shapes(plan, base, embed_key)
     tie_touched = embed_key is not None and bool({embed_key, LM_HEAD} & plan.touched())
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    try:
+    with _building(dest, overwrite) as tmp:
         weight_map, total, untied = _write_shards(plan, base, embed_key if tie_touched else None, tmp)
         config = dict(base.config)
         if new_vocab is not None:
@@ -89,11 +88,6 @@ def merge_adapter(
             _set_config(config, "tie_word_embeddings", False)
         _write_metadata(base, tmp, config, weight_map, total)
         copy_side_files(base_dir, tmp, tokenizer_dir, generation_config_dir)
-        _honor_umask(tmp)
-        publish(tmp, dest, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return MergeReport(
         dest=dest,
         shards=len(base.shards),
@@ -103,6 +97,21 @@ def merge_adapter(
         vocab_size=new_vocab,
         untied=untied,
     )
+
+
+@contextlib.contextmanager
+def _building(dest: Path, overwrite: bool):
+    """A temporary sibling folder to write the merged model into; published to `dest` when the body finishes,
+    removed if it fails (an error never leaves a half-written model at the destination)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        yield tmp
+        _honor_umask(tmp)
+        publish(tmp, dest, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def merge_in_memory(base_dir: Path, adapter_dir: Path, dest: Path, tokenizer_dir, generation_config_dir,
@@ -122,17 +131,10 @@ def merge_in_memory(base_dir: Path, adapter_dir: Path, dest: Path, tokenizer_dir
                               "merged here; only causal language models.")
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-    try:
+    with _building(dest, overwrite) as tmp:
         merged.save_pretrained(tmp)
         (tmp / "generation_config.json").unlink(missing_ok=True)  # the run's, if any, as in the shard-wise merge
         copy_side_files(base_dir, tmp, tokenizer_dir, generation_config_dir)
-        _honor_umask(tmp)
-        publish(tmp, dest, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     total = sum(p.numel() * p.element_size() for p in merged.state_dict().values())
     return MergeReport(dest=dest, shards=1, total_bytes=total,
                        merged_tensors=len(config.get("target_parameters") or []), replaced_tensors=0,
