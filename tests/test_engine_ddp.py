@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_engine_support import losses, make_config, make_rows, train
+from test_engine_support import losses, make_config, make_rows, sigterm_one_worker, train
 
 RUN = {"micro_batch_size": 2, "max_steps": 4, "learning_rate": 1e-3, "lr_scheduler": "constant",
        "optimizer": "adamw_torch", "save_steps": 2, "save_strategy": "steps"}
@@ -183,28 +183,13 @@ def test_sigterm_to_one_process_stops_all_at_one_checkpoint(tmp_path, tiny_model
     """A signal that reaches one process only (or the processes at different points of a step): all of them
     must agree on the step after which they stop (no rank left waiting in a collective), write one complete
     checkpoint, and the run must resume from it."""
-    import signal
-    import time
-
     rows = make_rows(n=24, seed=3)
     make_config(tmp_path / "run", tiny_model_dir, rows, max_steps=100000, logging_steps=1, save_strategy="no")
     config = tmp_path / "run" / "config.yaml"
     metrics = tmp_path / "run" / "out" / "metrics.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tuneforge.cli", "train"]
-    proc = subprocess.Popen([*launch, str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
-        time.sleep(0.2)
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2, workers
-    os.kill(int(max(workers, key=int)), signal.SIGTERM)  # one worker only
-    try:
-        _, err = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
-        pytest.fail("the processes did not stop after SIGTERM (a rank is stuck in a collective)")
+    err = sigterm_one_worker([*launch, str(config)], metrics, after_lines=5)
     checkpoints = sorted((tmp_path / "run" / "out").glob("checkpoint-*"))
     assert len(checkpoints) == 1, (checkpoints, err[-3000:])
     ckpt = checkpoints[0]

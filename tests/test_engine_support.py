@@ -115,3 +115,29 @@ def test_plan_shards_micro_batches_across_ranks(tmp_path, tiny_model_dir):
     a, b = (p.epoch(0) for p in plans)
     assert len(a) == len(b) == 4  # 9 micro-batches -> 4 each, the odd one dropped so ranks stay in step
     assert not {i for mb in a for r in mb for i in r} & {i for mb in b for r in mb for i in r}
+
+
+def sigterm_one_worker(command: list[str], metrics: Path, *, after_lines: int) -> str:
+    """Start `command` (a launcher with two workers), send SIGTERM to one worker once `metrics` has
+    `after_lines` lines, and return the launcher's stderr after every process stopped. A run that does not
+    stop (a rank stuck in a collective) is killed and fails the test."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < after_lines):
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(max(workers, key=int)), signal.SIGTERM)  # one worker only
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers
+        pytest.fail("the processes did not stop after SIGTERM (a rank is stuck in a collective)")
+    return err

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from test_engine_support import losses, make_config, make_rows, train
+from test_engine_support import losses, make_config, make_rows, sigterm_one_worker, train
 from tuneforge.config import load
 from tuneforge.config.errors import ConfigError
 
@@ -303,28 +303,13 @@ def test_launcher_arguments():
 
 @pytest.mark.slow
 def test_sigterm_to_one_sharded_process_leaves_one_complete_checkpoint(tmp_path, tiny_model_dir):
-    import signal
-    import time
-
     rows = make_rows(n=24, seed=3)
     make_config(tmp_path / "run", tiny_model_dir, rows, max_steps=100000, logging_steps=1, save_strategy="no",
                 lr_scheduler="constant", **FSDP)
     config = tmp_path / "run" / "config.yaml"
     metrics = tmp_path / "run" / "out" / "metrics.jsonl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "train", str(config), "--num-processes", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
-        time.sleep(0.2)
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(workers) == 2, workers
-    os.kill(int(max(workers, key=int)), signal.SIGTERM)  # one worker only
-    try:
-        _, err = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("the processes did not stop after SIGTERM (a rank is stuck in a collective)")
+    err = sigterm_one_worker([sys.executable, "-m", "tuneforge.cli", "train", str(config), "--num-processes", "2"],
+                             metrics, after_lines=4)
     checkpoints = sorted((tmp_path / "run" / "out").glob("checkpoint-*"))
     assert len(checkpoints) == 1, (checkpoints, err[-3000:])
     ckpt = checkpoints[0]
