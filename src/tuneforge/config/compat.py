@@ -100,7 +100,6 @@ NOT_SUPPORTED_YET = {
     "sage_attention": "SageAttention is not supported; use attn_implementation: sdpa",
     "s2_attention": "shifted sparse attention is not supported",
     "added_tokens_overrides": "renaming reserved tokens is not implemented; use `tokens`",
-    "ebft": "EBFT is planned",
     "gpu_memory_limit": "memory caps are not implemented",
     "max_memory": "memory caps are not implemented",
     "use_ray": "Ray is not supported",

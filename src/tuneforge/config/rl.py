@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from .base import Section
+from .ebft import EBFTBlock
 from .methods import method_facts
 
 RLMethod = Literal["dpo", "ipo", "simpo", "kto", "orpo", "grpo", "gdpo", "ebft"]
@@ -116,7 +117,7 @@ class VLLMBlock(Section):
 
 
 class RLKeys(Section):
-    rl: RLMethod | None = Field(None, description="Preference or RL method: dpo, ipo, simpo, kto, orpo, grpo, gdpo.")
+    rl: RLMethod | None = Field(None, description="Preference or RL method: dpo, ipo, simpo, kto, orpo, grpo, gdpo, ebft.")
     rl_beta: float | None = Field(
         None, description="beta of the preference/RL loss (trl.beta takes precedence; unset: 0.1 for DPO-style methods, 0 for GRPO).")
     dpo_loss_type: list[str] | None = Field(
@@ -136,6 +137,7 @@ class RLKeys(Section):
     center_rewards_coefficient: float = Field(0.0, description="Penalty pulling reward-model outputs to zero.")
     trl: TRLBlock | None = Field(None, description="Online-RL and TRL-style options (GRPO).")
     vllm: VLLMBlock | None = Field(None, description="vLLM server options for `tuneforge vllm-serve`.")
+    ebft: EBFTBlock | None = Field(None, description="EBFT options (`rl: ebft`; docs/ebft.md).")
 
     @model_validator(mode="after")
     def _method_head(self):
