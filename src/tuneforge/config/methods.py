@@ -32,21 +32,30 @@ class MethodFacts:
     # objectives that compute their loss from hidden states would silently leave it out.
     router_loss: bool = False
     head: ModelHead | None = None
+    # The frozen network the method compares against: "always" (DPO's pi_ref, EBFT's feature network),
+    # "kl" (online RL's pi_ref, held only when the KL coefficient beta is not 0), or None.
+    reference: Literal["always", "kl"] | None = None
 
     @property
     def supervised(self) -> bool:
         """Plain supervised fine-tuning rows (SFT-only keys such as neftune_noise_alpha apply)."""
         return self.rows == "sft"
 
+    @property
+    def online(self) -> bool:
+        """The data is prompts; completions are generated during training (GRPO, GDPO, EBFT)."""
+        return self.rows == "prompts"
+
 
 _PAIRS = MethodFacts(rows="preference")
-_ONLINE = MethodFacts(rows="prompts")
+_ONLINE = MethodFacts(rows="prompts", reference="kl")
 
 METHODS: dict[str, MethodFacts] = {
     "sft": MethodFacts(rows="sft", router_loss=True),
-    "dpo": _PAIRS, "ipo": _PAIRS, "simpo": _PAIRS, "orpo": _PAIRS,
-    "kto": MethodFacts(rows="kto"),
-    "grpo": _ONLINE, "gdpo": _ONLINE, "ebft": _ONLINE,
+    "dpo": MethodFacts(rows="preference", reference="always"), "ipo": MethodFacts(rows="preference", reference="always"),
+    "simpo": _PAIRS, "orpo": _PAIRS,
+    "kto": MethodFacts(rows="kto", reference="always"),
+    "grpo": _ONLINE, "gdpo": _ONLINE, "ebft": MethodFacts(rows="prompts", reference="always"),
     "reward_model": MethodFacts(rows="preference", head=ModelHead("AutoModelForSequenceClassification", 1)),
     "process_reward_model": MethodFacts(rows="stepwise", head=ModelHead("AutoModelForTokenClassification", 2)),
 }

@@ -17,6 +17,7 @@ from typing import Any
 from tuneforge import chat_templates
 from tuneforge.config import Config, ConfigError, ConfigIssue
 from tuneforge.config.data import DatasetEntry
+from tuneforge.config.methods import method_facts
 from tuneforge.errors import TuneforgeError
 
 from . import formats
@@ -71,14 +72,14 @@ def _type_issues(cfg: Config, entry: DatasetEntry, where: str) -> list[ConfigIss
     name = spec.partition(":")[0]
     if name in formats.registered():
         return []
-    if cfg.rl in ("grpo", "gdpo"):  # a GRPO entry's type is a prompt transform, not an SFT format
+    if method_facts(cfg).online:  # an online method's entry type is a prompt transform, not an SFT format
         from .formats.grpo import _BUILTINS
 
         if name in _BUILTINS:
             return []
     if "." in name:
         return _module_issues(cfg, spec, name, where)
-    if cfg.rl in ("grpo", "gdpo"):
+    if method_facts(cfg).online:
         from .formats.grpo import _BUILTINS
 
         return [ConfigIssue(f"{where}.type", f"unknown prompt transform `{spec}`; use `module.function` or one of "
@@ -95,7 +96,7 @@ def _module_issues(cfg: Config, spec: str, name: str, where: str) -> list[Config
     top = name.partition(".")[0]
     if importlib.util.find_spec(top) is not None:
         return []
-    grpo = cfg.rl in ("grpo", "gdpo")  # GRPO transforms are also looked up next to the config and in the cwd
+    grpo = method_facts(cfg).online  # prompt transforms are also looked up next to the config and in the cwd
     if grpo and any((d / f"{top}.py").exists() or (d / top).is_dir() for d in (cfg.source_dir, Path.cwd())):
         return []
     where_looked = "next to the config, in the working directory or " if grpo else ""

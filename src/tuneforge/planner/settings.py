@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from tuneforge.config.methods import method_facts
 from tuneforge.config.schema import Config
 
 # Methods whose loss compares against a reference model (a frozen copy under full fine-tuning).
-REFERENCE_METHODS = ("dpo", "ipo", "kto")
-PAIRED_METHODS = ("dpo", "ipo", "simpo", "orpo")
-ONLINE_METHODS = ("grpo", "gdpo")
 
 
 @dataclass(frozen=True)
@@ -42,6 +40,8 @@ class Settings:
     completions_per_step: int = 0
     kv_cache_bytes: int = 2
     half_precision_copy: bool = True  # GRPO: generate from a compute-dtype snapshot of fp32 weights
+    online: bool = False  # prompts in, completions generated during training (config.methods facts)
+    paired: bool = False  # chosen/rejected rows (preference methods, reward models)
 
     def but(self, **changes) -> Settings:
         return replace(self, **changes)
@@ -62,10 +62,9 @@ class Settings:
     @property
     def tokens(self) -> int:
         """Tokens in one micro-batch's forward pass (an upper bound when rows are padded, not packed)."""
-        if self.rl in ONLINE_METHODS:
+        if self.online:
             return self.micro_batch_size * (self.prompt_len + self.completion_len)
-        paired = self.rl in PAIRED_METHODS or self.reward_model
-        rows = self.micro_batch_size * (2 if paired and not self.packed else 1)
+        rows = self.micro_batch_size * (2 if self.paired and not self.packed else 1)
         return rows * self.sequence_len
 
 
@@ -81,7 +80,7 @@ def from_config(cfg: Config, gpus: int) -> Settings:
     fsdp = cfg.fsdp_config
     trl = cfg.trl
     quantized = "nf4" if cfg.load_in_4bit or cfg.adapter == "qlora" else "int8" if cfg.load_in_8bit else None
-    online = cfg.rl in ONLINE_METHODS
+    online = method_facts(cfg).online
     settings = Settings(
         micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len, packed=bool(cfg.sample_packing),
         grad_accum=cfg.grad_accum, gradient_checkpointing=bool(cfg.gradient_checkpointing),
@@ -89,7 +88,8 @@ def from_config(cfg: Config, gpus: int) -> Settings:
         precision=precision_on_gpu(cfg), torch_dtype=cfg.torch_dtype, optimizer=cfg.optimizer,
         sgd_momentum=bool((cfg.optim_args or {}).get("momentum")), attention=_attention(cfg), rl=cfg.rl,
         reward_model=bool(cfg.reward_model), precompute_ref=bool(getattr(cfg, "precompute_ref_log_probs", False)),
-        reference=_uses_reference(cfg), gpus=max(1, gpus), fsdp=bool(cfg.fsdp_enabled),
+        reference=_uses_reference(cfg), online=method_facts(cfg).online,
+        paired=method_facts(cfg).rows == "preference", gpus=max(1, gpus), fsdp=bool(cfg.fsdp_enabled),
         offload=bool(fsdp and fsdp.offload_params), reshard_after_forward=bool(fsdp.reshard_after_forward) if fsdp else True,
         compiled=bool(cfg.torch_compile),
     )
@@ -117,9 +117,10 @@ def _attention(cfg: Config) -> str:
 
 
 def _uses_reference(cfg: Config) -> bool:
-    if cfg.rl in REFERENCE_METHODS:
+    reference = method_facts(cfg).reference
+    if reference == "always":
         return True
-    if cfg.rl in ONLINE_METHODS:
+    if reference == "kl":
         beta = cfg.trl.beta if cfg.trl is not None and cfg.trl.beta is not None else cfg.rl_beta
         return bool(beta)  # GRPO's default beta is 0: no KL term, no reference
     return False
