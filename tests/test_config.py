@@ -146,6 +146,19 @@ def test_overrides_apply_and_are_validated(tmp_path):
     assert issue.source == "command line" and "learning_rate" in issue.message
 
 
+def test_switching_off_on_the_command_line_wins_over_the_files_companion_keys(tmp_path, caplog):
+    text = BASE + "save_steps: 50\n"
+    cfg = _load_text(tmp_path, text, ["--save-strategy", "no"])
+    assert cfg.save_strategy == "no" and not cfg.save_steps
+    assert any("save_steps: 50 from the file is not used" in r.message for r in caplog.records)
+    # in the file itself the same pair is still a contradiction
+    (issue,) = _issues(tmp_path, text + "save_strategy: 'no'\n")
+    assert issue.path == "save_steps"
+    # and both on the command line too
+    (issue,) = _issues(tmp_path, BASE, ["--save-strategy", "no", "--save-steps", "5"])
+    assert issue.path == "save_steps"
+
+
 def test_invalid_yaml_reports_line(tmp_path):
     (issue,) = _issues(tmp_path, BASE + "datasets: [\n  - path: x\n")
     assert "invalid YAML" in issue.message and issue.line is not None

@@ -176,6 +176,27 @@ def _merge(base: dict[str, Any], over: dict[str, Any], prefix: Path_, touched: s
             touched.add(path)
 
 
+# A command-line value that switches a feature off wins over the file's settings of that feature
+# (`train cfg.yml --save-strategy no` on a file with save_steps: the user asked for no checkpoints).
+_SUPERSEDES: dict[tuple[str, Any], tuple[str, ...]] = {
+    ("save_strategy", "no"): ("save_steps", "saves_per_epoch"),
+    ("eval_strategy", "no"): ("eval_steps", "evals_per_epoch"),
+}
+
+
+def _drop_superseded(raw: dict[str, Any], touched: set[Path_]) -> list[str]:
+    notes = []
+    for (key, value), companions in _SUPERSEDES.items():
+        # YAML reads an unquoted `no` as false; the schema takes both spellings
+        if (key,) not in touched or raw.get(key) not in (value, False if value == "no" else value):
+            continue
+        for other in companions:
+            if other in raw and (other,) not in touched:
+                notes.append(f"{other}: {raw.pop(other)!r} from the file is not used: --{key.replace('_', '-')} "
+                             f"{value} on the command line takes precedence")
+    return notes
+
+
 # ---------------------------------------------------------------- unknown keys
 def _nested_models(annotation: Any) -> list[type[BaseModel]]:
     found: list[type[BaseModel]] = []
@@ -303,6 +324,7 @@ def load(
         overrides = parse_overrides(overrides)
     touched: set[Path_] = set()
     _merge(raw, overrides or {}, (), touched)
+    dropped = _drop_superseded(raw, touched)
 
     def where(p: Path_) -> tuple[int | None, str | None]:
         for n in range(len(p), 0, -1):
@@ -313,7 +335,7 @@ def load(
         return None, None
 
     issues: list[ConfigIssue] = []
-    notes = apply_compat.apply(raw, issues, where)
+    notes = dropped + apply_compat.apply(raw, issues, where)
     _check_keys(raw, Config, (), issues, where)
     cfg = None
     try:
