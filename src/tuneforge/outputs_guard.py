@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import time
 import zipfile
@@ -116,7 +117,9 @@ def claim(cfg, out: Path, public: dict, *, main: bool = True) -> None:
                              "replace files of the same names. Choose a new or empty folder, or set "
                              "overwrite_output_dir: true.")
     if main:
-        _write_claim(out, {**mine, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        # run_id: this start's own mark, so that processes checking they see this file (distributed/
+        # shared_output.py) cannot mistake an older run's claim of the same config for it.
+        _write_claim(out, {**mine, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_id": secrets.token_hex(8)})
 
 
 def _write_claim(out: Path, record: dict) -> None:

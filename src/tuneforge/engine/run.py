@@ -13,6 +13,7 @@ from pathlib import Path
 from tuneforge import outputs_guard
 from tuneforge.config import dump
 from tuneforge.config.schema import Config
+from tuneforge.distributed import shared_output
 from tuneforge.errors import TuneforgeError
 
 log = logging.getLogger("tuneforge")
@@ -47,6 +48,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     # prepares (and caches) the data while the others wait, then they load its cache.
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=cfg.ddp_timeout))
     outputs_guard.claim(cfg, out, dump(cfg), main=state.is_main_process)  # nothing of the user's or another run's
+    shared_output.check_same_file(out / outputs_guard.CLAIM)  # several machines: one output_dir for all
     log_plan(cfg, state.num_processes, state.is_main_process)  # the memory estimate, before the model loads
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
