@@ -41,7 +41,7 @@ from tuneforge.models.load import mixed_precision
 from tuneforge.user_code import keep_last_step_on_failure
 
 from . import checkpoint as ckpt
-from . import memory, resume, trackers
+from . import loss_scaling, memory, resume, trackers
 from .best import BestEvaluation
 from .evaluation import Evaluator
 from .metrics import FlopCounter, LogInterval, MetricsLogger, StepResult, peak_flops
@@ -152,6 +152,7 @@ class Trainer:
             self.runner = ObjectiveRunner(self.model)
             fsdp.shard(self.runner, self.model, cfg.fsdp_config,
                        compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision))
+            loss_scaling.shard_aware(acc)  # before the optimizer is prepared: it keeps the scaler it is given
             self.optimizer = acc.prepare(build_optimizer(cfg, self.model))
         else:
             self.runner, self.optimizer = acc.prepare(ObjectiveRunner(self.model), build_optimizer(cfg, self.model))
@@ -284,6 +285,7 @@ class Trainer:
     def _clip_gradients(self) -> float:
         max_norm = self.cfg.max_grad_norm or float("inf")
         if self.sharded:
+            loss_scaling.unscale(self.accelerator)
             return fsdp.clip_grad_norm(self.trainable, max_norm)
         norm = self.accelerator.clip_grad_norm_(self.trainable, max_norm)
         return float(norm) if norm is not None else float("nan")
@@ -327,6 +329,7 @@ class Trainer:
             "watchdog": self.watchdog.state_dict(),
             "best": self.best.state_dict(),
             "plan": self._plan_signature(),
+            "grad_scaler": loss_scaling.state_dict(self.accelerator),
         }
         only_model = self.cfg.save_only_model and not resumable
         with outputs_guard.save_errors(self.output_dir, self.state.global_step, self.last_checkpoint):  # disk full
@@ -357,6 +360,7 @@ class Trainer:
         self.state = TrainState(**{k: saved[k] for k in fields if k in saved})
         self.watchdog.load_state_dict(saved.get("watchdog", {}))
         self.best.load_state_dict(saved.get("best", {}))
+        loss_scaling.load_state_dict(self.accelerator, saved.get("grad_scaler"))
         self.objective.load_state_dict(saved.get("objective", {}))
         resume.warn_if_plan_changed(saved.get("plan", {}), self._plan_signature())
         resume.check_steps_left(path, self.state.global_step, self.total_steps)
