@@ -13,6 +13,8 @@ from test_engine_support import losses, make_config, one_thread, train  # noqa: 
 from tuneforge.models import lora_fuse, lora_kernels
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# (device, compiled element-wise SwiGLU steps): CUDA runs the Triton path and the eager one
+PATHS = [("cpu", False)] + ([("cuda", True), ("cuda", False)] if torch.cuda.is_available() else [])
 
 
 def _config(family: str, bias: bool):
@@ -51,9 +53,10 @@ def _grads(model, embeds: torch.Tensor, labels: torch.Tensor):
     return out.logits.detach(), grads, embeds.grad
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,compiled", PATHS)
 @pytest.mark.parametrize("family,bias", [("llama", False), ("llama", True), ("qwen2", True), ("qwen3", False)])
-def test_fused_blocks_match_peft_gradients(family, bias, device):
+def test_fused_blocks_match_peft_gradients(family, bias, device, compiled, monkeypatch):
+    monkeypatch.setattr(lora_kernels, "COMPILE_ELEMENTWISE", compiled)
     peft_model = _peft_model(family, bias).to(device)
     fused = copy.deepcopy(peft_model)
     counts = lora_fuse.fuse_lora(fused, mlp=True, qkv=True, o=True)

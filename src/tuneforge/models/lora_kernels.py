@@ -128,6 +128,24 @@ class LoRAQKVFn(torch.autograd.Function):
         return (dx, None, None, dAq, dBs[0], None, None, None, dAk, dBs[1], None, None, None, dAv, dBs[2], None)
 
 
+# On CUDA the element-wise SwiGLU steps run as one compiled (Triton) kernel each, without the fp32
+# temporaries of the intermediate width that eager mode makes; False keeps them eager (the CPU path).
+COMPILE_ELEMENTWISE = True
+_compiled: dict = {}
+
+
+def _elementwise(fn, t: torch.Tensor):
+    if not (COMPILE_ELEMENTWISE and t.is_cuda) or torch.compiler.is_compiling():
+        return fn  # inside a compiled block inductor fuses them anyway
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
+
+
+def _silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return F.silu(g) * u
+
+
 def _silu_mul_grads(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor):
     """(dg, du) of h = silu(g) * u, with silu recomputed from g in fp32:
     silu'(g) = sig(g) (1 + g (1 - sig(g)))."""
@@ -149,7 +167,7 @@ class LoRASwiGLUFn(torch.autograd.Function):
         xg, xu = xa.split(ranks, dim=-1)
         g = _forward(x, Wg, bg, Bg, sg, xg)
         u = _forward(x, Wu, bu, Bu, su, xu)
-        h = F.silu(g) * u
+        h = _elementwise(_silu_mul, g)(g, u)
         ha = F.linear(_lora_in(h, Ad), Ad)
         y = _forward(h, Wd, bd, Bd, sd, ha)
         ctx.save_for_backward(x, g, u, Wg, Bg, Wu, Bu, A, xa, Wd, Ad, Bd, ha)  # not silu(g) nor h
@@ -163,12 +181,12 @@ class LoRASwiGLUFn(torch.autograd.Function):
         device, enabled, dtype = ctx.amp
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             dy2, g2, u2, ha2 = _flat(dy), _flat(g), _flat(u), _flat(ha)
-            h2 = F.silu(g2) * u2  # recomputed, not saved
+            h2 = _elementwise(_silu_mul, g2)(g2, u2)  # recomputed, not saved
             dyl, dxa_d = _lora_dy(dy2, ha2, Bd, sd)
             dAd, dBd = _dA(dxa_d, h2, Ad), _dB(dyl, ha2, Bd, sd)
             del h2
             dh = _plus_lora_dx(dy2 @ Wd.to(dy2.dtype), dxa_d, Ad)
-            dg, du = _silu_mul_grads(dh, g2, u2)
+            dg, du = _elementwise(_silu_mul_grads, dh)(dh, g2, u2)
             del dh
             x2, xa2 = _flat(x), _flat(xa)
             xg, xu = xa2.split(ctx.ranks, dim=-1)
