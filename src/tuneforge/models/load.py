@@ -5,7 +5,8 @@ Precision policy (documented choice):
 - Full fine-tuning keeps fp32 master weights and runs forward/backward under autocast (`bf16`/`fp16`
   mixed precision through accelerate). Optimizer states are then fp32 too, which keeps small updates
   from being rounded away. `torch_dtype: bfloat16` opts into pure bf16 weights (half the memory;
-  the optimizer states follow the weights' dtype).
+  the optimizer states follow the weights' dtype). `bf16_master_weights: kahan` does the same with AdamW
+  updates added through Kahan-compensated summation (torch-optimi), which keeps fp32-like accuracy.
 - Adapter runs load the frozen base in the mixed-precision dtype (bf16/fp16) when it is enabled - the
   base never receives updates, so nothing is lost - while PEFT keeps the adapter weights in fp32.
 - `bf16: auto` means bf16 on a CUDA GPU that supports it and fp32 elsewhere (CPU).
@@ -48,6 +49,8 @@ def mixed_precision(cfg: Config) -> str:
 
 
 def weights_dtype(cfg: Config) -> torch.dtype:
+    if cfg.bf16_master_weights == "kahan":  # bf16 weights, Kahan-compensated updates (engine/optim.py)
+        return torch.bfloat16
     if cfg.torch_dtype and cfg.torch_dtype != "auto":
         return getattr(torch, cfg.torch_dtype)
     precision = mixed_precision(cfg)
