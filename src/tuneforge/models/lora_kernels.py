@@ -39,8 +39,13 @@ def _lora_in(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(x: torch.Tensor, W, b, B, s: float, xa: torch.Tensor) -> torch.Tensor:
-    """base(x) + s * xa B^T, in PEFT's order and result dtype."""
+    """base(x) + s * xa B^T. Under autocast (or one dtype throughout) the LoRA term is added inside one
+    in-place GEMM, without the two temporaries of the output's size that PEFT's `+ lora * s` makes; else
+    in PEFT's order and result dtype (LoRA in A's dtype, cast back)."""
     y = F.linear(x, W, b)
+    if torch.is_autocast_enabled(x.device.type) or xa.dtype == y.dtype:
+        _flat(y).addmm_(_flat(xa).to(y.dtype), B.to(y.dtype).t(), alpha=s)
+        return y
     return (y + F.linear(xa, B) * s).to(y.dtype)
 
 
