@@ -18,6 +18,14 @@ per engine and writes them to --out.
     python bench/train_throughput.py --mode lora --seq-len 4096 --steps 30
     python bench/train_throughput.py --engines tuneforge,tuneforge-fsdp     # FSDP2's cost on one GPU
     python bench/train_throughput.py --shape llama-8b --engines tuneforge-fsdp --offload --dtype bfloat16
+    python bench/train_throughput.py --preset 8b-lora          # HF+PEFT vs eager vs fused LoRA kernels (+compile)
+    python bench/train_throughput.py --preset 1b-full-bf16     # fp32 master weights vs bf16_master_weights: kahan
+    python bench/train_throughput.py --preset 8b-lora --shape tiny --seq-len 256 --steps 4 --warmup 1   # CPU smoke
+
+Engines: `hf` (Trainer, + PEFT in lora mode) and `tuneforge` with any of these suffixes, joined by `-`:
+`kernels` (lora_mlp/qkv/o_kernel), `compile` (torch_compile), `kahan` (bf16_master_weights: kahan),
+`fsdp` (FSDP2 in one process). All engines of one command run in the same process, one after the other;
+the last line gives every engine's tokens/s as a ratio of the first engine's and of `hf`'s.
 """
 
 from __future__ import annotations
@@ -80,22 +88,50 @@ def flops_per_token_factor(cfg, lengths: list[int], lora_params: int | None) -> 
     return dense, attn
 
 
+# One command, one comparison: the engines and settings of the issue's tables.
+PRESETS = {
+    "8b-lora": dict(shape="llama-8b", mode="lora", gc=True, micro_batch=2, seq_len=4096, hf_batch=4,
+                    engines="hf,tuneforge,tuneforge-kernels,tuneforge-compile,tuneforge-kernels-compile"),
+    "1b-full-bf16": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,
+                         engines="tuneforge-compile,tuneforge-kahan-compile,tuneforge,tuneforge-kahan"),
+}
+VARIANTS = {"kernels", "compile", "kahan", "fsdp"}
+
+
+def variants(engine: str) -> set[str]:
+    """`tuneforge-kernels-compile` -> {"kernels", "compile"}; an unknown part is an error."""
+    head, *parts = engine.split("-")
+    unknown = set(parts) - VARIANTS
+    if head != "tuneforge" or unknown:
+        raise SystemExit(f"unknown engine {engine!r}: use hf or tuneforge[-{'|-'.join(sorted(VARIANTS))}]")
+    return set(parts)
+
+
+def _cuda():
+    import torch
+
+    return torch.cuda.is_available()
+
+
 # ---------------------------------------------------------------- tuneforge
-def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, fsdp: bool = False) -> dict:
+def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engine: str = "tuneforge") -> dict:
     from tuneforge.config import load
     from tuneforge.engine.run import train
+
+    parts = variants(engine)
+    fsdp = "fsdp" in parts
 
     data = work / "rows.jsonl"
     with data.open("w") as f:
         for r in rows:
             f.write(json.dumps({"input_ids": r}) + "\n")
     cfg = {
-        "base_model": str(model_dir), "reinit_weights": True, "bf16": True,
+        "base_model": str(model_dir), "reinit_weights": True, "bf16": True if _cuda() else "auto",
         "datasets": [{"path": str(data)}], "dataset_prepared_path": str(work / "prepared"),
         "sequence_len": args.seq_len, "sample_packing": True, "micro_batch_size": args.micro_batch,
         "gradient_accumulation_steps": 1, "max_steps": args.steps, "learning_rate": 1e-5,
         "optimizer": "adamw_torch_fused", "lr_scheduler": "constant", "logging_steps": 1,
-        "save_strategy": "no", "output_dir": str(work / "out-tf"), "shuffle_merged_datasets": True,
+        "save_strategy": "no", "output_dir": str(work / f"out-{engine}"), "shuffle_merged_datasets": True,
     }
     if args.attn:
         cfg["attn_implementation"] = args.attn
@@ -103,7 +139,15 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, fsdp
         cfg.update(adapter="lora", lora_r=16, lora_alpha=32, lora_target_linear=True)
     if args.gc:
         cfg["gradient_checkpointing"] = True
-    if args.compile:
+    if "kernels" in parts:
+        if args.mode != "lora":
+            raise SystemExit(f"{engine}: the fused LoRA kernels need --mode lora")
+        cfg.update(lora_mlp_kernel=True, lora_qkv_kernel=True, lora_o_kernel=True)
+    if "kahan" in parts:
+        if args.mode != "full":
+            raise SystemExit(f"{engine}: bf16_master_weights applies to --mode full")
+        cfg["bf16_master_weights"] = "kahan"
+    if args.compile or "compile" in parts:
         cfg["torch_compile"] = True
     if args.dtype:
         cfg["torch_dtype"] = args.dtype
@@ -113,17 +157,19 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, fsdp
 
     import torch
 
-    torch.cuda.reset_peak_memory_stats()
+    if _cuda():
+        torch.cuda.reset_peak_memory_stats()
     train(load(data=cfg), show_progress=False)
     host_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    records = [json.loads(line) for line in (work / "out-tf" / "metrics.jsonl").open()]
+    records = [json.loads(line) for line in (work / f"out-{engine}" / "metrics.jsonl").open()]
     steps = [r for r in records if r.get("type") == "train"][args.warmup:]
     tps = statistics.median(r["tokens_per_second"] for r in steps)
     mfu = statistics.median(r["mfu"] for r in steps if r.get("mfu") is not None) if any(
         r.get("mfu") is not None for r in steps) else None
     first = [round(r["loss"], 4) for r in records if r.get("type") == "train"][:5]
-    return {"engine": "tuneforge-fsdp" if fsdp else "tuneforge", "tokens_per_s": tps, "mfu": mfu, "first_losses": first,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "peak_host_gib_so_far": host_gib,
+    return {"engine": engine, "tokens_per_s": tps, "mfu": mfu, "first_losses": first,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if _cuda() else None,
+            "peak_host_gib_so_far": host_gib,
             "timed_steps": len(steps), "offload": bool(fsdp and args.offload)}
 
 
@@ -163,43 +209,59 @@ def run_hf(args, model_dir: Path, rows: list[list[int]], lengths: list[int], wor
 
     class Timer(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
-            torch.cuda.synchronize()
+            if _cuda():
+                torch.cuda.synchronize()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
-            torch.cuda.synchronize()
+            if _cuda():
+                torch.cuda.synchronize()
             timings.append((time.perf_counter() - self.t0, 0, 0))
 
     targs = TrainingArguments(
         output_dir=str(work / "out-hf"), per_device_train_batch_size=args.hf_batch, max_steps=args.steps,
-        learning_rate=1e-5, bf16=True, optim="adamw_torch_fused", logging_steps=10**9, save_strategy="no",
+        learning_rate=1e-5, bf16=_cuda(), optim="adamw_torch_fused", logging_steps=10**9, save_strategy="no",
         report_to=[], dataloader_drop_last=True, remove_unused_columns=False, lr_scheduler_type="constant",
         gradient_checkpointing=args.gc, seed=0,
     )
-    torch.cuda.reset_peak_memory_stats()
+    if _cuda():
+        torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=pad, callbacks=[Timer()])
     trainer.train()
     rates = [t / dt for (dt, _, _), t in zip(timings, collated_tokens, strict=False)][args.warmup:]
     tps = statistics.median(rates)
     dense, attn = flops_per_token_factor(config, lengths, lora_params)
-    return {"engine": "hf-trainer-padded", "tokens_per_s": tps, "mfu": tps * (dense + attn) / PEAK,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "timed_steps": len(rates)}
+    return {"engine": "hf", "tokens_per_s": tps, "mfu": tps * (dense + attn) / PEAK,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if _cuda() else None, "timed_steps": len(rates)}
 
 
-def profiled(args, model_dir: Path, rows: list[list[int]], work: Path) -> dict:
+def profiled(args, model_dir: Path, rows: list[list[int]], work: Path, engine: str) -> dict:
     """The tuneforge run under torch.profiler: where the GPU time goes, and how busy the GPU is."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        res = run_tuneforge(args, model_dir, rows, work)
+        res = run_tuneforge(args, model_dir, rows, work, engine)
     wall = time.perf_counter() - t0
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
     busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
     Path(args.profile).write_text(f"wall {wall:.1f} s, GPU kernels {busy:.1f} s\n{table}\n")
     torch.cuda.synchronize()
     return res
+
+
+def ratios(results: list[dict]) -> dict:
+    """Every engine's tokens/s (and peak memory) over the first engine's and over hf's, from this one run."""
+    out: dict = {}
+    refs = [results[0]] + [r for r in results if r["engine"] == "hf" and r is not results[0]]
+    for ref in refs:
+        out[f"tokens_per_s_over_{ref['engine']}"] = {
+            r["engine"]: round(r["tokens_per_s"] / ref["tokens_per_s"], 3) for r in results}
+        if ref.get("peak_gib"):
+            out[f"peak_gib_over_{ref['engine']}"] = {
+                r["engine"]: round(r["peak_gib"] / ref["peak_gib"], 3) for r in results if r.get("peak_gib")}
+    return out
 
 
 def main(argv=None) -> int:
@@ -220,7 +282,16 @@ def main(argv=None) -> int:
     p.add_argument("--offload", action="store_true", help="tuneforge-fsdp: fsdp_config.offload_params")
     p.add_argument("--out", default=None)
     p.add_argument("--profile", default=None, help="write a CUDA kernel-time table of the tuneforge run here")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="the settings and engines of one comparison; other flags given override them")
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
+    args.warmup = min(args.warmup, args.steps - 1)  # short smoke runs keep at least one timed step
+    for engine in args.engines.split(","):
+        if engine != "hf":
+            variants(engine)  # fail before anything runs
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     lengths = alpaca_lengths(args.rows)
     results = []
@@ -229,13 +300,13 @@ def main(argv=None) -> int:
         model_dir = make_model_dir(work, args.shape)
         rows = make_rows(lengths, 1000)
         for engine in args.engines.split(","):
-            if engine == "tuneforge" and args.profile:
-                res = profiled(args, model_dir, rows, work)
-            elif engine in ("tuneforge", "tuneforge-fsdp"):
-                res = run_tuneforge(args, model_dir, rows, work, fsdp=engine == "tuneforge-fsdp")
-            else:
+            if engine == "hf":
                 res = run_hf(args, model_dir, rows, lengths, work)
-            res.update(shape=args.shape, mode=args.mode, seq_len=args.seq_len, steps=args.steps)
+            elif args.profile and engine == args.engines.split(",")[0]:
+                res = profiled(args, model_dir, rows, work, engine)
+            else:
+                res = run_tuneforge(args, model_dir, rows, work, engine)
+            res.update(shape=args.shape, mode=args.mode, seq_len=args.seq_len, steps=args.steps, gc=args.gc)
             print(json.dumps(res), flush=True)
             results.append(res)
             import gc
@@ -243,10 +314,9 @@ def main(argv=None) -> int:
             import torch
 
             gc.collect()
-            torch.cuda.empty_cache()
-    if len(results) == 2:
-        ratio = results[0]["tokens_per_s"] / results[1]["tokens_per_s"]
-        print(json.dumps({f"ratio_{results[0]['engine']}_over_{results[1]['engine']}": ratio}))
+            if _cuda():
+                torch.cuda.empty_cache()
+    print(json.dumps(ratios(results)), flush=True)
     if args.out:
         Path(args.out).write_text("\n".join(json.dumps(r) for r in results) + "\n")
     return 0

@@ -154,9 +154,17 @@ def test_duplicate_nested_key(tmp_path):
     assert issue.path == "datasets.0.path" and "lines 3 and 4" in issue.message
 
 
-def test_lora_kernel_switches_ask_for_compiled_blocks(tmp_path, caplog):
-    cfg, notes = _notes(tmp_path, caplog, "adapter: lora\nlora_target_linear: true\nlora_mlp_kernel: true\n"
-                        "lora_qkv_kernel: true\nlora_o_kernel: false\n")
+def test_unsloth_kernel_switches_ask_for_compiled_blocks(tmp_path, caplog):
+    cfg, notes = _notes(tmp_path, caplog, "adapter: lora\nlora_target_linear: true\nunsloth_lora_mlp: true\n"
+                        "unsloth_lora_qkv: true\nunsloth_lora_o: false\n")
     assert cfg.torch_compile == "auto"
     (note,) = notes
-    assert "`lora_mlp_kernel`, `lora_qkv_kernel`" in note and "lora_o_kernel" not in note
+    assert "`unsloth_lora_mlp`, `unsloth_lora_qkv`" in note and "unsloth_lora_o`" not in note
+
+
+def test_lora_kernel_switches_are_fused_lora_keys(tmp_path, caplog):
+    """Axolotl's lora_*_kernel keys select the fused LoRA blocks (models/lora_fuse.py), without compiling."""
+    cfg, notes = _notes(tmp_path, caplog, "adapter: lora\nlora_target_linear: true\nlora_mlp_kernel: true\n"
+                        "lora_qkv_kernel: true\nlora_o_kernel: false\n")
+    assert (cfg.lora_mlp_kernel, cfg.lora_qkv_kernel, cfg.lora_o_kernel) == (True, True, False)
+    assert cfg.torch_compile != "auto" and notes == []

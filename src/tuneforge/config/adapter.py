@@ -37,6 +37,16 @@ class AdapterKeys(Section):
     lora_alpha_pattern: dict[str, float] | None = Field(
         None, description="Per-module alpha overrides (PEFT alpha_pattern)."
     )
+    lora_mlp_kernel: bool = Field(
+        False, description="Fused LoRA SwiGLU MLP (gate, up, down and their LoRA in one autograd function that "
+        "recomputes the activation instead of saving it); Llama/Mistral/Qwen2/Qwen3 layers with plain LoRA "
+        "(no dropout, DoRA or quantized base; those stay on PEFT's path with a warning).")
+    lora_qkv_kernel: bool = Field(
+        False, description="Fused LoRA q/k/v projections (one function; the three LoRA A products in one matmul); "
+        "same conditions as lora_mlp_kernel.")
+    lora_o_kernel: bool = Field(
+        False, description="Fused LoRA attention output projection (one function); same conditions as "
+        "lora_mlp_kernel.")
     peft_use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     peft_use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r.")
     peft_init_lora_weights: bool | str | None = Field(

@@ -37,8 +37,9 @@ PLUGINS: dict[str, tuple[bool, str]] = {
 
 # Switches that ask for fused norms, RoPE, activations, MLP or LoRA projections: tuneforge has no
 # hand-written kernels for them; compiling each transformer block (its LoRA layers included) fuses them.
+# (Axolotl's lora_mlp_kernel / lora_qkv_kernel / lora_o_kernel are real keys: config/adapter.py.)
 FUSION_SWITCHES = (
-    "lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "unsloth_lora_mlp", "unsloth_lora_qkv", "unsloth_lora_o",
+    "unsloth_lora_mlp", "unsloth_lora_qkv", "unsloth_lora_o",
     "liger_rope", "liger_rms_norm", "liger_layer_norm", "liger_glu_activation", "liger_swiglu",
     "liger_rms_norm_gated", "unsloth_rms_norm", "unsloth_rope", "flash_attn_rms_norm", "flash_attn_fuse_mlp",
     "flash_attn_fuse_qkv", "fused_attn_kernel",

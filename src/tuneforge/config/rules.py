@@ -75,7 +75,20 @@ def _quantization(cfg: Config) -> list[ConfigIssue]:
 def _precision(cfg: Config) -> list[ConfigIssue]:
     if cfg.bf16 is True and cfg.fp16:
         return [ConfigIssue("fp16", "`bf16: true` and `fp16: true` conflict; keep one.")]
-    return []
+    return _kahan(cfg)
+
+
+def _kahan(cfg: Config) -> list[ConfigIssue]:
+    if cfg.bf16_master_weights != "kahan":
+        return []
+    key, fix = "bf16_master_weights", None
+    if cfg.adapter:
+        fix = "applies to full fine-tuning (adapter weights are fp32 already); remove it"
+    elif cfg.optimizer not in ("adamw_torch", "adamw_torch_fused", "adamw", "optimi_adamw"):
+        fix = f"kahan is an AdamW (torch-optimi); use optimizer: adamw_torch_fused, not {cfg.optimizer}"
+    elif cfg.torch_dtype not in (None, "auto", "bfloat16") or cfg.fp16:
+        fix = "kahan keeps bf16 weights; remove torch_dtype / fp16"
+    return [ConfigIssue(key, f"bf16_master_weights: kahan {fix}.")] if fix else []
 
 
 @rule

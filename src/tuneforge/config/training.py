@@ -69,6 +69,12 @@ class TrainingKeys(Section):
     num_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides num_epochs).")
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    bf16_master_weights: Literal["fp32", "kahan"] | None = Field(
+        None, description="Full fine-tuning's master weights. fp32 (default): fp32 weights and optimizer states "
+        "under bf16 autocast. kahan: the weights stay bf16 (no fp32 copy: 10 instead of 16 bytes per parameter "
+        "with AdamW) and torch-optimi's AdamW adds each update with Kahan-compensated summation, so updates "
+        "smaller than bf16's resolution are not lost; needs optimizer adamw_torch, adamw_torch_fused or "
+        "optimi_adamw and no adapter.")
     optimizer: Optimizer = Field(
         "adamw_torch_fused",
         description="Optimizer: adamw_torch, adamw_torch_fused, sgd, rmsprop, adagrad, adafactor, ademamix, muon "

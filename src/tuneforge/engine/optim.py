@@ -148,6 +148,8 @@ def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     extra = dict(cfg.optim_args or {})
     lr = cfg.learning_rate
     adam = {"lr": lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon}
+    if cfg.bf16_master_weights == "kahan":
+        return _kahan_adamw(groups, adam, extra)
     if name in ("adamw_torch", "adamw", "adamw_torch_fused"):
         on_cuda = next(model.parameters()).is_cuda or torch.cuda.is_available()
         fused = name == "adamw_torch_fused" and on_cuda
@@ -182,6 +184,14 @@ def build_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
     if name == "optimi_adan":  # three betas of its own (optim_args `betas` to change them)
         return cls(groups, lr=lr, eps=cfg.adam_epsilon, **extra)
     return cls(groups, **adam, **extra)
+
+
+def _kahan_adamw(groups, adam: dict, extra: dict):
+    """bf16_master_weights: kahan: torch-optimi's AdamW with Kahan summation (Triton kernel on CUDA) over the
+    bf16 weights; optimi's own implementation rather than ours (its tests cover the compensation)."""
+    module = next(f for f in _FAMILIES if f.package == "optimi").load("optimi_adamw")
+    log.info("bf16_master_weights: kahan: bf16 weights with optimi.AdamW(kahan_sum=True)")
+    return module.AdamW(groups, **adam, **{"kahan_sum": True, **extra})
 
 
 def _adafactor(groups, lr: float, extra: dict):

@@ -74,6 +74,8 @@ def lora_config(cfg: Config, model):
 def apply_adapter(cfg: Config, model):
     """Wrap the model in a trainable PEFT adapter (new, or continued from lora_model_dir)."""
     if not cfg.adapter:
+        if cfg.lora_mlp_kernel or cfg.lora_qkv_kernel or cfg.lora_o_kernel:
+            log.warning("lora_*_kernel: ignored without `adapter: lora` (they fuse LoRA layers)")
         return model
     import peft
 
@@ -98,6 +100,10 @@ def apply_adapter(cfg: Config, model):
                 "`lora_target_linear: true`."
                 + (f" Parameters lora_target_parameters can name: {', '.join(experts)}." if experts else "")
             ) from None
+    if cfg.lora_mlp_kernel or cfg.lora_qkv_kernel or cfg.lora_o_kernel:
+        from tuneforge.models.lora_fuse import fuse_lora
+
+        fuse_lora(model, mlp=cfg.lora_mlp_kernel, qkv=cfg.lora_qkv_kernel, o=cfg.lora_o_kernel)
     if cfg.gradient_checkpointing:
         # With a frozen embedding the checkpointed blocks would get inputs that need no grad.
         model.enable_input_require_grads()

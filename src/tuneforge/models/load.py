@@ -5,7 +5,8 @@ Precision policy (documented choice):
 - Full fine-tuning keeps fp32 master weights and runs forward/backward under autocast (`bf16`/`fp16`
   mixed precision through accelerate). Optimizer states are then fp32 too, which keeps small updates
   from being rounded away. `torch_dtype: bfloat16` opts into pure bf16 weights (half the memory;
-  the optimizer states follow the weights' dtype).
+  the optimizer states follow the weights' dtype). `bf16_master_weights: kahan` does the same with AdamW
+  updates added through Kahan-compensated summation (torch-optimi), which keeps fp32-like accuracy.
 - Adapter runs load the frozen base in the mixed-precision dtype (bf16/fp16) when it is enabled - the
   base never receives updates, so nothing is lost - while PEFT keeps the adapter weights in fp32.
 - `bf16: auto` means bf16 on a CUDA GPU that supports it and fp32 elsewhere (CPU).
@@ -13,6 +14,7 @@ Precision policy (documented choice):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import re
@@ -48,6 +50,8 @@ def mixed_precision(cfg: Config) -> str:
 
 
 def weights_dtype(cfg: Config) -> torch.dtype:
+    if cfg.bf16_master_weights == "kahan":  # bf16 weights, Kahan-compensated updates (engine/optim.py)
+        return torch.bfloat16
     if cfg.torch_dtype and cfg.torch_dtype != "auto":
         return getattr(torch, cfg.torch_dtype)
     precision = mixed_precision(cfg)
@@ -165,6 +169,18 @@ def quantization_config(cfg: Config):
 
 
 # ---------------------------------------------------------------- the model
+def target_device(cfg: Config) -> torch.device | None:
+    """Where the weights are built or loaded: this process's GPU, so that an 8B model is never built (and
+    randomly initialised) on the CPU first and then copied. None leaves the placement as it was: CPU runs,
+    FSDP2 (which shards the CPU-built model itself), an explicit device_map and quantized models (which
+    bring their own device_map)."""
+    if not torch.cuda.is_available() or cfg.fsdp_enabled or cfg.device_map is not None:
+        return None
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        return None
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def load_model(cfg: Config, tokenizer):
     """Build the model to train (before any adapter is added)."""
     import transformers
@@ -176,14 +192,19 @@ def load_model(cfg: Config, tokenizer):
     dtype = weights_dtype(cfg)
     quant = quantization_config(cfg)
     apply_tf32(cfg)
+    device = target_device(cfg)
     if cfg.reinit_weights:
         if quant is not None:
             raise ModelError("`reinit_weights: true` cannot be combined with load_in_4bit/load_in_8bit.")
-        # Seeded by the caller (engine.run sets `seed` first), so the random init is reproducible.
-        model = cls.from_config(config, dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
-        log.info("initialised %s randomly from its config (reinit_weights)", type(model).__name__)
+        # Seeded by the caller (engine.run sets `seed` first), so the random init is reproducible. Every
+        # tensor is created (and initialised) on the target device directly.
+        with device or contextlib.nullcontext():
+            model = cls.from_config(config, dtype=dtype, attn_implementation=attn,
+                                    trust_remote_code=cfg.trust_remote_code)
+        log.info("initialised %s randomly from its config (reinit_weights) on %s", type(model).__name__,
+                 device or "the CPU")
     else:
-        model = _from_pretrained(cfg, cls, config, attn, dtype, quant)
+        model = _from_pretrained(cfg, cls, config, attn, dtype, quant, device)
     if getattr(model.config, "output_router_logits", False) and not method_facts(cfg).router_loss:
         # Supervised fine-tuning adds the router's auxiliary loss (models/losses.py); the other objectives
         # compute their losses from hidden states too, and would leave it out silently.
@@ -200,7 +221,7 @@ def load_model(cfg: Config, tokenizer):
     return model
 
 
-def _from_pretrained(cfg: Config, cls, config, attn: str, dtype, quant):
+def _from_pretrained(cfg: Config, cls, config, attn: str, dtype, quant, device=None):
     src = model_source(cfg)
     kwargs = {
         "config": config,
@@ -215,6 +236,8 @@ def _from_pretrained(cfg: Config, cls, config, attn: str, dtype, quant):
         kwargs["device_map"] = cfg.device_map or {"": torch.cuda.current_device()}
     elif cfg.device_map is not None:
         kwargs["device_map"] = cfg.device_map
+    elif device is not None:  # transformers builds on meta and loads each safetensors shard onto the device
+        kwargs["device_map"] = {"": device}
     if cfg.low_cpu_mem_usage is not None:
         kwargs["low_cpu_mem_usage"] = cfg.low_cpu_mem_usage
     kwargs.update(cfg.model_kwargs or {})
