@@ -180,7 +180,11 @@ def run_hf(args, model_dir: Path, rows: list[list[int]], lengths: list[int], wor
 
     config = AutoConfig.from_pretrained(model_dir)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    # Built on the GPU directly (an 8B model takes minutes to initialise on the CPU); LoRA on a bf16 base,
+    # as PEFT users train, full fine-tuning on fp32 weights under bf16 autocast.
+    dtype = torch.bfloat16 if args.mode == "lora" and _cuda() else torch.float32
+    with torch.device("cuda" if _cuda() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     lora_params = None
     if args.mode == "lora":
         from peft import LoraConfig, get_peft_model
