@@ -269,7 +269,7 @@ class Trainer:
         sums = dict(zip(keys, collectives.sum_floats([sums.get(k, 0.0) for k in keys]), strict=True))
         grad_norm = self._clip_gradients()
         summary = objective.summarize(sums, num_items)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])  # torchao optimizers keep lr as a tensor
         # Before the update: a non-finite loss or gradient must never reach the weights.
         self.watchdog.check(summary.get("loss", 0.0), None if self.precision == "fp16" else grad_norm,
                             self.state.global_step + 1, lr, str(self.last_checkpoint) if self.last_checkpoint else None)
