@@ -54,8 +54,11 @@ def _git_dir(mirror: Path) -> Path:
 
 def extract(mirror: Path, rev: str, dest: Path) -> None:
     """examples/ and deepspeed_configs/ (which examples name relative to the repository root)."""
-    archive = subprocess.run(["git", f"--git-dir={_git_dir(mirror)}", "archive", rev, "examples",
-                              "deepspeed_configs"], check=True, capture_output=True).stdout
+    top = subprocess.run(["git", f"--git-dir={_git_dir(mirror)}", "ls-tree", "--name-only", rev], check=True,
+                         capture_output=True, text=True).stdout.split()
+    folders = [f for f in ("examples", "deepspeed_configs") if f in top]
+    archive = subprocess.run(["git", f"--git-dir={_git_dir(mirror)}", "archive", rev, *folders], check=True,
+                             capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
 
 
