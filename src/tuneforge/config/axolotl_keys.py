@@ -92,6 +92,14 @@ dion_rank_multiple_of dion_difference_clip llm_compressor use_scattermoe use_son
 swanlab_project swanlab_experiment_name swanlab_description swanlab_mode swanlab_workspace swanlab_api_key
 swanlab_web_host swanlab_api_host swanlab_log_model swanlab_log_completions swanlab_completion_log_interval
 swanlab_completion_max_buffer swanlab_lark_webhook_url swanlab_lark_secret diffusion use_eaft eaft_alpha eaft_k
+expert_parallel_backend expert_parallel_num_nvl_bytes expert_parallel_num_rdma_bytes
+expert_parallel_token_capacity expert_parallel_fallback_on_unsupported expert_backend nonexpert_quantization
+moe_grouped_backend moe_dequant_chunk_size moe_bnb_fast use_dsv4_kernels use_glm_dsa_kernels
+dsv4_fp8_nonexpert_mode dsv4_fp8_lora_kernel dsv4_shared_mlp_lora_kernel dsv4_bf16_all dsv4_fp4_grouped_mode
+gemma4_fp8_nonexpert gemma4_nf4_nonexpert nvfp4_merge_aware_start_step use_mora mora_type mora nemo_gym_enabled
+nemo_gym_dir nemo_gym_auto_clone nemo_gym_config_paths nemo_gym_head_port nemo_gym_server_timeout
+nemo_gym_verify_timeout nemo_gym_run_timeout nemo_gym_datasets nemo_gym_auto_start nemo_gym_model_name
+nemo_gym_multi_turn nemo_gym_max_turns dense_mixer lm_eval_post_train kd_temperature_min hatchery
 """
 
 # Keys of Axolotl's `datasets:` entries (SFT, DPO, KTO, stepwise and pretraining datasets).
@@ -111,6 +119,8 @@ TOP_LEVEL = SCHEMA_KEYS | PLUGIN_ARG_KEYS
 DATASET_KEYS = frozenset(_DATASET.split())
 
 _GENERIC = "remove it; tuneforge has no equivalent yet"
+_KERNELS = ("an option of Axolotl's mixture-of-experts kernels; remove it (experts run through transformers' "
+            "experts_implementation)")
 
 # What to do instead, by exact key, then by prefix (first match wins).
 ADVICE = {
@@ -158,6 +168,22 @@ PREFIX_ADVICE = (
     ("use_swanlab", "SwanLab logging is not implemented; use wandb, mlflow or tensorboard"),
     ("use_eaft", "the EAFT loss is not implemented; remove use_eaft and its eaft_* keys"),
     ("eaft_", "the EAFT loss is not implemented; remove use_eaft and its eaft_* keys"),
+    ("expert_parallel", "expert parallelism is not implemented; remove it (several GPUs train data-parallel "
+                        "with torchrun)"),
+    ("dsv4_", _KERNELS),
+    ("use_dsv4_kernels", _KERNELS),
+    ("use_glm_dsa_kernels", _KERNELS),
+    ("moe_", _KERNELS),
+    ("expert_backend", _KERNELS),
+    ("nonexpert_quantization", _KERNELS),
+    ("gemma4_fp8_nonexpert", _KERNELS),
+    ("gemma4_nf4_nonexpert", _KERNELS),
+    ("nvfp4_", "NVFP4 checkpoints are not supported; start from the bf16 model"),
+    ("use_mora", "MoRA adapters are not implemented; use adapter: lora"),
+    ("mora", "MoRA adapters are not implemented; use adapter: lora"),
+    ("nemo_gym", "NeMo Gym environments are not supported; use rl: grpo with reward functions (trl.reward_funcs)"),
+    ("dense_mixer", "DenseMixer routing is not implemented; remove it"),
+    ("hatchery", "remote training backends are not supported; train locally with tuneforge train"),
     ("comet_", "Comet logging is not implemented; use wandb, mlflow or tensorboard"),
     ("trackio_", "Trackio logging is not implemented; use wandb, mlflow or tensorboard"),
     ("otel_", "OpenTelemetry metrics are not implemented; read output_dir/metrics.jsonl"),

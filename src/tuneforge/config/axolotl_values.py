@@ -169,7 +169,8 @@ def _tokens_mapping(raw: dict, notes: list[str]) -> None:
 
 
 def _fractional_warmup(raw: dict, notes: list[str]) -> None:
-    """transformers reads `warmup_steps` below 1 as a fraction of the training steps; so does Axolotl."""
+    """transformers' TrainingArguments reads `warmup_steps` below 1 as a fraction of the training steps.
+    (Axolotl's schema takes whole numbers only, yet some of its examples write 0.1: they mean the fraction.)"""
     value = raw.get("warmup_steps")
     if isinstance(value, float) and 0 < value < 1 and raw.get("warmup_ratio") is None:
         raw["warmup_ratio"] = raw.pop("warmup_steps")

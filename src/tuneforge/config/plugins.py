@@ -29,6 +29,11 @@ PLUGINS: dict[str, tuple[bool, str]] = {
     "KernelsPlugin": (True, "its mixture-of-experts kernels are replaced by transformers' grouped GEMM over all "
                             "experts (experts_implementation: grouped_mm) and its fused layers by torch_compile, "
                             "which use_kernels turns on"),
+    "MoraPlugin": (False, "MoRA adapters are not implemented; remove the plugin and use adapter: lora"),
+    "NemoGymPlugin": (False, "NeMo Gym environments are not supported; remove the plugin and use rl: grpo with "
+                             "reward functions (trl.reward_funcs)"),
+    "DenseMixerPlugin": (False, "DenseMixer routing is not implemented; remove the plugin"),
+    "HatcheryPlugin": (False, "remote training backends are not supported; remove the plugin and train locally"),
     "SwanLabPlugin": (False, "SwanLab logging is not implemented; remove the plugin and its swanlab_* keys, and use "
                              "wandb, mlflow or tensorboard"),
     "DiffusionPlugin": (False, "diffusion language-model training is not implemented; remove it"),
