@@ -126,31 +126,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rev", default="HEAD")
     ap.add_argument("--verbose", action="store_true", help="print every config's bucket and problems")
     args = ap.parse_args(argv)
-    logging.disable(logging.WARNING)  # notes are logged as warnings; only the results matter here
     commit = subprocess.run(["git", f"--git-dir={_git_dir(args.mirror)}", "rev-parse", args.rev], check=True,
                             capture_output=True, text=True).stdout.strip()
-    counts: collections.Counter[str] = collections.Counter()
-    reasons: collections.Counter[str] = collections.Counter()
-    mirror = args.mirror.resolve()
-    with tempfile.TemporaryDirectory() as tmp:
-        extract(mirror, commit, Path(tmp))
-        home = Path.cwd()
-        os.chdir(tmp)  # as a user runs Axolotl's examples: from the repository root
-        names = [n for n in example_configs(mirror, commit) if has_base_model(Path(tmp, n))]
-        for name in names:
-            try:
-                problems = check(Path(tmp, name))
-                kind = bucket(problems)
-            except Exception:  # noqa: BLE001 - a traceback is what this script exists to count
-                problems, kind = [traceback.format_exc()], "traceback"
-            counts[kind] += 1
-            if kind in ("failed", "traceback"):
-                reasons.update({reason(p) for p in problems if not _absent(p)})
-            if args.verbose or kind == "traceback":
-                print(f"{kind}: {name}" + "".join(f"\n    {p}" for p in problems))
+    mirror, home = args.mirror.resolve(), Path.cwd()
+    # Notes are logged as warnings; only the results matter here. Restored after, as is the working folder.
+    logging.disable(logging.WARNING)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            extract(mirror, commit, Path(tmp))
+            os.chdir(tmp)  # as a user runs Axolotl's examples: from the repository root
+            names = [n for n in example_configs(mirror, commit) if has_base_model(Path(tmp, n))]
+            counts, reasons = _measure(Path(tmp), names, args.verbose)
+    finally:
         os.chdir(home)
+        logging.disable(logging.NOTSET)
     _summary(commit, len(names), counts, reasons)
     return 1 if counts["traceback"] else 0
+
+
+def _measure(root: Path, names: list[str], verbose: bool) -> tuple[collections.Counter, collections.Counter]:
+    counts: collections.Counter[str] = collections.Counter()
+    reasons: collections.Counter[str] = collections.Counter()
+    for name in names:
+        try:
+            problems = check(root / name)
+            kind = bucket(problems)
+        except Exception:  # noqa: BLE001 - a traceback is what this script exists to count
+            problems, kind = [traceback.format_exc()], "traceback"
+        counts[kind] += 1
+        if kind in ("failed", "traceback"):
+            reasons.update({reason(p) for p in problems if not _absent(p)})
+        if verbose or kind == "traceback":
+            print(f"{kind}: {name}" + "".join(f"\n    {p}" for p in problems))
+    return counts, reasons
 
 
 def _summary(commit: str, total: int, counts: collections.Counter[str], reasons: collections.Counter[str]) -> None:

@@ -29,9 +29,15 @@ def _repo(tmp_path):
     return tmp_path
 
 
-def test_buckets_and_counts(tmp_path, capsys):
+def test_buckets_and_counts(tmp_path, capsys, monkeypatch):
+    import logging
+    import os
+
     measure = load_script("scripts/measure_axolotl_examples.py")
+    monkeypatch.chdir(tmp_path)
     assert measure.main([str(_repo(tmp_path / "repo")), "--verbose"]) == 0
+    assert logging.getLogger("tuneforge").isEnabledFor(logging.WARNING)  # logging is left as it was found
+    assert os.getcwd() == str(tmp_path)
     out = capsys.readouterr().out
     assert "pass: examples/a/ok.yaml" in out
     assert "pass (local file absent): examples/a/local_data.yml" in out
