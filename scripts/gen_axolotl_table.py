@@ -31,13 +31,26 @@ _LEGACY = {
 }
 
 
+# Supported keys that also take Axolotl's other spellings of their values (config/axolotl_values.py).
+_VALUES = {
+    "attn_implementation": "`xformers` becomes sdpa, a hub flash-attention kernel flash_attention_2, with a note",
+    "activation_offloading": "saved activations wait in CPU memory (torch.autograd.graph.save_on_cpu); "
+                             "`legacy` is the same, `disk` is refused",
+    "tokens": "a mapping of special tokens (Axolotl's older form) becomes special_tokens",
+    "warmup_steps": "a value below 1 is a fraction of the steps (warmup_ratio), as in transformers",
+    "fsdp_config": "FSDP1's names and sharding_strategy (FULL_SHARD, SHARD_GRAD_OP) are translated with a note",
+}
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
 def _top_level_row(key: str, allowed: set[str]) -> tuple[str, str]:
-    from tuneforge.config import axolotl_keys, compat, plugins
+    from tuneforge.config import axolotl_keys, axolotl_values, compat, plugins
 
+    if key in axolotl_values.ACCEPTED:
+        return "accepted with a note", axolotl_values.ACCEPTED[key]
     if key == "plugins":
         names = ", ".join(f"`{n}`" for n, (ok, _) in sorted(plugins.PLUGINS.items()) if ok)
         return "accepted with a note", f"{names} (built in); any other plugin is refused by name"
@@ -60,6 +73,8 @@ def _top_level_row(key: str, allowed: set[str]) -> tuple[str, str]:
     if key in allowed:
         if key in ("evals_per_epoch", "eval_steps"):
             return "supported", "ignored with a note when there is nothing to evaluate (or 0)"
+        if key in _VALUES:
+            return "supported", _VALUES[key]
         if key == "torch_compile_mode":
             return "supported", "max-autotune becomes max-autotune-no-cudagraphs (the same tuning), with a note"
         return "supported", ""
@@ -72,6 +87,7 @@ def render() -> str:
     sys.path.insert(0, str(ROOT / "src"))
     from tuneforge.config import Config, compat
     from tuneforge.config.axolotl_keys import DATASET_KEYS, TOP_LEVEL, advice
+    from tuneforge.config.axolotl_values import DATASET_ACCEPTED
     from tuneforge.config.data import DatasetEntry
 
     allowed = {(f.alias or n) for n, f in Config.model_fields.items()}
@@ -87,6 +103,8 @@ def render() -> str:
     for key in sorted(DATASET_KEYS):
         if key in entry_keys:
             lines.append(f"| `{key}` | supported |  |")
+        elif key in DATASET_ACCEPTED:
+            lines.append(f"| `{key}` | accepted with a note | {_cell(DATASET_ACCEPTED[key])} |")
         elif key in ("message_field_role", "message_field_content"):
             lines.append(f"| `{key}` | accepted with a note | `message_property_mappings` |")
         else:

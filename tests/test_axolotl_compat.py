@@ -71,14 +71,15 @@ def test_unknown_plugin_is_an_error_naming_it(tmp_path):
 
 # ---------------------------------------------------------------- Axolotl keys vs typos
 def test_real_axolotl_key_says_so_instead_of_a_misleading_did_you_mean(tmp_path):
-    (issue,) = _issues(tmp_path, "tokenizer_use_mistral_common: true\n")
-    assert issue.message.startswith("Axolotl key, not supported yet by tuneforge: `tokenizer_use_mistral_common`")
-    assert "did you mean" not in issue.message and "tokenizer.json" in issue.message
+    # difflib alone would suggest `model_revision`, a different setting
+    (issue,) = _issues(tmp_path, "hub_revision: main\n")
+    assert issue.message.startswith("Axolotl key, not supported yet by tuneforge: `hub_revision`")
+    assert "did you mean" not in issue.message and "huggingface-cli upload" in issue.message
 
 
 def test_axolotl_dataset_key_is_known_too(tmp_path):
-    (issue,) = _issues(tmp_path, "datasets:\n  - path: a.jsonl\n    type: chat_template\n    field_thinking: t\n")
-    assert issue.path == "datasets.0.field_thinking"
+    (issue,) = _issues(tmp_path, "datasets:\n  - path: a.jsonl\n    type: chat_template\n    split_thinking: true\n")
+    assert issue.path == "datasets.0.split_thinking"
     assert "Axolotl key" in issue.message and "did you mean" not in issue.message
 
 

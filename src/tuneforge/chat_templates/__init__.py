@@ -32,7 +32,8 @@ TOOL_NAMES = (
     "mistral_v7_tekken", "llama3_2_vision", "llama4", "qwen_25", "qwen3_5", "gemma3", "gemma3n", "phi_35",
     "phi_4", "deepseek_v3", "cohere", "aya", "command_a_tool_use", "falcon_h1", "jamba", "exaone4",
 )
-ALIASES = {"phi": "phi_3"}
+# Other names of the same format: Axolotl's gemma4_unified template renders exactly as its gemma4 one.
+ALIASES = {"phi": "phi_3", "gemma4_unified": "gemma4"}
 FALLBACK_PREFIX = "tokenizer_default_fallback_"
 
 # The token each template writes to close a turn; "eos" stands for the tokenizer's eos_token.
@@ -67,7 +68,7 @@ def canonical(name: str) -> str:
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     hint = f" Did you mean `{close[0]}`?" if close else ""
     raise TuneforgeError(
-        f"chat_template: unknown template `{name}`.{hint} Known: {', '.join(NAMES)}, phi, tokenizer_default, "
+        f"chat_template: unknown template `{name}`.{hint} Known: {', '.join([*NAMES, *ALIASES])}, tokenizer_default, "
         f"{FALLBACK_PREFIX}<name>, or jinja with chat_template_jinja."
     )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import compat, distributed, plugins
+from . import axolotl_values, compat, distributed, plugins
 from .errors import ConfigIssue
 
 Where = Callable[[tuple], tuple]
@@ -19,7 +19,9 @@ def apply(raw: dict[str, Any], issues: list[ConfigIssue], where: Where) -> list[
     notes: list[str] = []
     _attention_flags(raw, issues, where, notes)
     _renamed(raw, issues, where, notes)
-    distributed.normalize(raw, notes, lambda key, msg: issues.append(ConfigIssue(key, msg, *where(tuple(key.split("."))))))
+    problem = axolotl_values.refuse(issues, where)
+    axolotl_values.apply(raw, problem, notes)
+    distributed.normalize(raw, notes, problem)
     _legacy_values(raw, notes)
     _plugins(raw, issues, where, notes)
     notes += plugins.apply_fusion_switches(raw)
@@ -139,6 +141,7 @@ def _dataset_compat(entry: Any, path: tuple, notes: list[str]) -> None:
             notes.append(f"{'.'.join(map(str, path))}.{old} is deprecated; using message_property_mappings.{prop}")
     if mapping:
         entry["message_property_mappings"] = mapping
+    axolotl_values.dataset_thinking(entry, ".".join(map(str, path)), notes)
     if isinstance(entry.get("type"), str) and entry["type"] in compat.DATASET_TYPES:
         old = entry["type"]
         entry["type"] = compat.DATASET_TYPES[old]

@@ -88,7 +88,18 @@ spectrum_top_fraction spectrum_model_name kd_trainer kd_ce_alpha kd_alpha kd_tem
 kd_zscore_base_temp kd_top_k_before_softmax kd_normalize_topk kd_beta kd_online_server_base_url
 kd_online_topk kd_online_server kd_online_timeout kd_cache_dir kd_use_liger grokfast_alpha grokfast_lamb
 lm_eval_tasks lm_eval_batch_size lm_eval_model llmcompressor dion_lr dion_momentum dion_rank_fraction
-dion_rank_multiple_of dion_difference_clip llm_compressor use_scattermoe use_sonicmoe
+dion_rank_multiple_of dion_difference_clip llm_compressor use_scattermoe use_sonicmoe use_swanlab
+swanlab_project swanlab_experiment_name swanlab_description swanlab_mode swanlab_workspace swanlab_api_key
+swanlab_web_host swanlab_api_host swanlab_log_model swanlab_log_completions swanlab_completion_log_interval
+swanlab_completion_max_buffer swanlab_lark_webhook_url swanlab_lark_secret diffusion use_eaft eaft_alpha eaft_k
+expert_parallel_backend expert_parallel_num_nvl_bytes expert_parallel_num_rdma_bytes
+expert_parallel_token_capacity expert_parallel_fallback_on_unsupported expert_backend nonexpert_quantization
+moe_grouped_backend moe_dequant_chunk_size moe_bnb_fast use_dsv4_kernels use_glm_dsa_kernels
+dsv4_fp8_nonexpert_mode dsv4_fp8_lora_kernel dsv4_shared_mlp_lora_kernel dsv4_bf16_all dsv4_fp4_grouped_mode
+gemma4_fp8_nonexpert gemma4_nf4_nonexpert nvfp4_merge_aware_start_step use_mora mora_type mora nemo_gym_enabled
+nemo_gym_dir nemo_gym_auto_clone nemo_gym_config_paths nemo_gym_head_port nemo_gym_server_timeout
+nemo_gym_verify_timeout nemo_gym_run_timeout nemo_gym_datasets nemo_gym_auto_start nemo_gym_model_name
+nemo_gym_multi_turn nemo_gym_max_turns dense_mixer lm_eval_post_train kd_temperature_min hatchery
 """
 
 # Keys of Axolotl's `datasets:` entries (SFT, DPO, KTO, stepwise and pretraining datasets).
@@ -108,13 +119,12 @@ TOP_LEVEL = SCHEMA_KEYS | PLUGIN_ARG_KEYS
 DATASET_KEYS = frozenset(_DATASET.split())
 
 _GENERIC = "remove it; tuneforge has no equivalent yet"
+_KERNELS = ("an option of Axolotl's mixture-of-experts kernels; remove it (experts run through transformers' "
+            "experts_implementation)")
 
 # What to do instead, by exact key, then by prefix (first match wins).
 ADVICE = {
-    "tokenizer_use_mistral_common": "remove it; tuneforge loads the model's Hugging Face tokenizer "
-                                    "(tokenizer.json), which mistral models ship as well",
     "tokenizer_save_jinja_files": "remove it; the chat template is saved in the tokenizer's config",
-    "use_kernels": "remove it; use torch_compile: true for fused blocks",
     "model_quantization_config": "remove it; use load_in_4bit / load_in_8bit with adapter: qlora / lora",
     "hub_revision": "remove it; push the output folder yourself (huggingface-cli upload)",
     "hub_private_repo": "remove it; push the output folder yourself (huggingface-cli upload)",
@@ -127,19 +137,23 @@ ADVICE = {
     "spectrum_top_fraction": "list the modules to train in unfrozen_parameters",
     "spectrum_model_name": "list the modules to train in unfrozen_parameters",
     "use_pose": "remove it; set model_config rope scaling and train on long rows instead",
-    "cls_model_config": "remove it; the config class comes from the model's config.json (model_type)",
     "use_dynamic_finetuning": "remove it; the DFT loss is not implemented (the loss is plain cross-entropy)",
     "field_thinking": "remove it and put the reasoning in the assistant message's content, as the chat template "
                       "should render it",
     "template_thinking_key": "remove it and put the reasoning in the assistant message's content",
     "model_quantization_config_kwargs": "remove it with model_quantization_config; use load_in_4bit with "
                                         "adapter: qlora",
-    "experts_implementation": "remove it; mixture-of-experts layers run as transformers implements them",
     "expert_parallel_size": "expert parallelism is not implemented; remove it (several GPUs train data-parallel "
                             "with torchrun)",
     "nvfp4_merge_aware": "NVFP4 checkpoints are not supported; start from the bf16 model",
     "quantize_moe_experts": "quantized expert weights are not supported; remove it (load_in_4bit / load_in_8bit "
-                            "quantize the linear layers)",
+                            "quantize the linear layers; the experts then stay in 16 bits: plan their memory, or "
+                            "train on more GPUs with fsdp_version: 2)",
+    "llama4_linearized_experts": "Llama 4's experts stay fused as transformers loads them; remove it (LoRA then "
+                                 "targets the attention and shared-expert layers, lora_target_parameters the "
+                                 "experts)",
+    "diffusion": "diffusion language-model training is not implemented; remove it",
+    "flex_attn_compile_kwargs": "remove it; transformers compiles flex attention with its own settings",
     "torch_compile_options": "remove it; torch_compile_backend and torch_compile_mode are the settings here",
 }
 PREFIX_ADVICE = (
@@ -149,6 +163,27 @@ PREFIX_ADVICE = (
                "`tuneforge merge-lora` and train a new adapter on the merged model"),
     ("jagged_restart", "ReLoRA restarts are not implemented; remove it"),
     ("lisa_", "LISA is not implemented; use adapter: lora, or unfrozen_parameters to train chosen layers"),
+    ("swanlab_", "SwanLab logging is not implemented; use wandb, mlflow or tensorboard (metrics are also in "
+                 "output_dir/metrics.jsonl)"),
+    ("use_swanlab", "SwanLab logging is not implemented; use wandb, mlflow or tensorboard"),
+    ("use_eaft", "the EAFT loss is not implemented; remove use_eaft and its eaft_* keys"),
+    ("eaft_", "the EAFT loss is not implemented; remove use_eaft and its eaft_* keys"),
+    ("expert_parallel", "expert parallelism is not implemented; remove it (several GPUs train data-parallel "
+                        "with torchrun)"),
+    ("dsv4_", _KERNELS),
+    ("use_dsv4_kernels", _KERNELS),
+    ("use_glm_dsa_kernels", _KERNELS),
+    ("moe_", _KERNELS),
+    ("expert_backend", _KERNELS),
+    ("nonexpert_quantization", _KERNELS),
+    ("gemma4_fp8_nonexpert", _KERNELS),
+    ("gemma4_nf4_nonexpert", _KERNELS),
+    ("nvfp4_", "NVFP4 checkpoints are not supported; start from the bf16 model"),
+    ("use_mora", "MoRA adapters are not implemented; use adapter: lora"),
+    ("mora", "MoRA adapters are not implemented; use adapter: lora"),
+    ("nemo_gym", "NeMo Gym environments are not supported; use rl: grpo with reward functions (trl.reward_funcs)"),
+    ("dense_mixer", "DenseMixer routing is not implemented; remove it"),
+    ("hatchery", "remote training backends are not supported; train locally with tuneforge train"),
     ("comet_", "Comet logging is not implemented; use wandb, mlflow or tensorboard"),
     ("trackio_", "Trackio logging is not implemented; use wandb, mlflow or tensorboard"),
     ("otel_", "OpenTelemetry metrics are not implemented; read output_dir/metrics.jsonl"),
@@ -164,8 +199,6 @@ PREFIX_ADVICE = (
     ("tiled_mlp", "tiled MLP is not implemented; use gradient_checkpointing: true"),
     ("llmcompressor", "LLM Compressor sparse fine-tuning is not implemented; remove it"),
     ("llm_compressor", "LLM Compressor sparse fine-tuning is not implemented; remove it"),
-    ("use_scattermoe", "remove it; mixture-of-experts layers run as transformers implements them"),
-    ("use_sonicmoe", "remove it; mixture-of-experts layers run as transformers implements them"),
     ("is_", "remove it; tuneforge reads the model family from the model's config"),
 )
 

@@ -27,6 +27,7 @@ RENAMED = {
     "dpo_beta": "rl_beta",
     "evaluation_strategy": "eval_strategy",
     "eval_table_max_new_tokens": "generation_max_new_tokens",
+    "revision_of_model": "model_revision",
 }
 
 # Axolotl dataset type names that are another name of a tuneforge format (rows of the same shape).
@@ -67,6 +68,18 @@ BUILT_IN = {
     "ddp": "data-parallel training is used whenever tuneforge is launched with torchrun",
     "gemma4_hybrid_attn_impl": "every layer uses attn_implementation",
     "xformers_attention": "attention uses attn_implementation (sdpa by default; packed rows attend per document)",
+    "cls_model_config": "the model's config class comes from its config.json (model_type)",
+    "sample_packing_seq_len_multiplier": "packing fills each row of a micro-batch up to sequence_len",
+    "base_model_ignore_patterns": "transformers reads the model's safetensors weights when it has them",
+    "flex_attn_compile_kwargs": "transformers compiles flex attention's kernel with its own settings",
+    "tokenizer_use_mistral_common": "the model's Hugging Face tokenizer (tokenizer.json) is used, which Mistral "
+                                    "models ship as well; a model that ships only tekken.json fails at load: convert "
+                                    "it with transformers first",
+    "eta_min": "it is not an Axolotl key either (Axolotl ignores it); a floor for the cosine schedule is "
+               "cosine_min_lr_ratio",
+    "hub_model_id": "nothing is pushed to the hub (no hub access is assumed); upload output_dir afterwards "
+                    "with `huggingface-cli upload`",
+    "hub_strategy": "nothing is pushed to the hub; upload output_dir afterwards with `huggingface-cli upload`",
 }
 
 # Axolotl's non-AMP dtype switches (`bfloat16: true` loads and trains the weights in that dtype): torch_dtype.
@@ -78,8 +91,6 @@ NOT_SUPPORTED_YET = {
     "pretraining_dataset": "streaming continual pretraining is planned; use `type: completion` for now",
     "streaming": "streaming datasets are planned",
     "lora_embedding_kernel": "fused LoRA kernels are planned",
-    "hub_model_id": "pushing to the hub is not implemented (no hub access is assumed)",
-    "hub_strategy": "pushing to the hub is not implemented",
     "push_dataset_to_hub": "pushing to the hub is not implemented",
     "processor_type": "multimodal models are not supported yet",
     "context_parallel_size": "context parallelism is not implemented",
@@ -95,7 +106,6 @@ NOT_SUPPORTED_YET = {
     "use_otel_metrics": "OpenTelemetry metrics are not implemented",
     "lm_eval_tasks": "lm-eval integration is not implemented",
     "do_bench_eval": "benchmark evaluation is not implemented",
-    "activation_offloading": "activation offloading is not implemented",
     "tiled_mlp": "tiled MLP is not implemented",
     "sage_attention": "SageAttention is not supported; use attn_implementation: sdpa",
     "s2_attention": "shifted sparse attention is not supported",

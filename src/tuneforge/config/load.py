@@ -260,8 +260,17 @@ def _unknown_message(key: str, allowed: dict[str, Any], model: type[BaseModel]) 
         # A real Axolotl key: a did-you-mean to a different tuneforge key would mislead.
         return f"Axolotl key, not supported yet by tuneforge: `{key}`; {axolotl_keys.advice(key)}"
     close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+    if not close and model is Config:  # a misspelt Axolotl key tuneforge lacks: name it and what to do
+        axolotl = difflib.get_close_matches(key, sorted(axolotl_keys.TOP_LEVEL), n=1, cutoff=0.85)
+        if axolotl:
+            return f"unknown key `{key}`; did you mean Axolotl's `{axolotl[0]}`? (not supported here: " \
+                   f"{_unsupported_reason(axolotl[0])})"
     hint = f"; did you mean `{close[0]}`?" if close else ""
     return f"unknown key `{key}`{hint}"
+
+
+def _unsupported_reason(key: str) -> str:
+    return compat.NOT_SUPPORTED_YET.get(key) or axolotl_keys.advice(key)
 
 
 def _dotted(path: Path_) -> str:

@@ -94,6 +94,11 @@ class ModelKeys(Section):
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
         None, description="Options for gradient checkpointing, e.g. {use_reentrant: false}."
     )
+    activation_offloading: bool = Field(
+        False, description="Keep the activations saved for the backward pass in (pinned) CPU memory instead of "
+        "GPU memory (torch.autograd.graph.save_on_cpu): less GPU memory, slower steps. With "
+        "gradient_checkpointing only the checkpointed layer inputs are saved, so little is copied.",
+    )
     resize_token_embeddings_to_32x: bool = Field(
         False, description="Give the embeddings a multiple of 32 rows when they are resized (faster matmuls)."
     )

@@ -26,8 +26,16 @@ PLUGINS: dict[str, tuple[bool, str]] = {
     "GrokfastPlugin": (False, "Grokfast is not implemented; remove the plugin and its grokfast_* keys"),
     "LMEvalPlugin": (False, "run lm-eval on the saved model after training; remove the plugin and lm_eval_* keys"),
     "LLMCompressorPlugin": (False, "sparse fine-tuning with LLM Compressor is not implemented; remove it"),
-    "KernelsPlugin": (False, "custom MoE kernels are not used here (experts run as transformers implements them, "
-                             "compiled with torch_compile: true); remove the plugin"),
+    "KernelsPlugin": (True, "its mixture-of-experts kernels are replaced by transformers' grouped GEMM over all "
+                            "experts (experts_implementation: grouped_mm) and its fused layers by torch_compile, "
+                            "which use_kernels turns on"),
+    "MoraPlugin": (False, "MoRA adapters are not implemented; remove the plugin and use adapter: lora"),
+    "NemoGymPlugin": (False, "NeMo Gym environments are not supported; remove the plugin and use rl: grpo with "
+                             "reward functions (trl.reward_funcs)"),
+    "DenseMixerPlugin": (False, "DenseMixer routing is not implemented; remove the plugin"),
+    "HatcheryPlugin": (False, "remote training backends are not supported; remove the plugin and train locally"),
+    "SwanLabPlugin": (False, "SwanLab logging is not implemented; remove the plugin and its swanlab_* keys, and use "
+                             "wandb, mlflow or tensorboard"),
     "DiffusionPlugin": (False, "diffusion language-model training is not implemented; remove it"),
     "DionPlugin": (False, "the Dion optimizer is not available; remove it and use optimizer: adamw_torch_fused"),
     "EBFTPlugin": (False, "EBFT is not implemented; remove it"),
@@ -42,7 +50,7 @@ FUSION_SWITCHES = (
     "unsloth_lora_mlp", "unsloth_lora_qkv", "unsloth_lora_o",
     "liger_rope", "liger_rms_norm", "liger_layer_norm", "liger_glu_activation", "liger_swiglu",
     "liger_rms_norm_gated", "unsloth_rms_norm", "unsloth_rope", "flash_attn_rms_norm", "flash_attn_fuse_mlp",
-    "flash_attn_fuse_qkv", "fused_attn_kernel",
+    "flash_attn_fuse_qkv", "fused_attn_kernel", "use_kernels",
 )
 
 

@@ -96,7 +96,10 @@ def _adapter_keys(cfg: Config) -> list[ConfigIssue]:
     issues = []
     if cfg.adapter and cfg.unfrozen_parameters:
         issues.append(
-            ConfigIssue("unfrozen_parameters", "applies to full fine-tuning; with an adapter use lora_modules_to_save.")
+            ConfigIssue("unfrozen_parameters", "applies to full fine-tuning; with an adapter, LoRA trains its own "
+                        "weights only: to put LoRA on part of the model, give lora_target_modules a regex (e.g. "
+                        "`model.language_model.*(q|k|v|o)_proj`); to train whole modules too, list them in "
+                        "lora_modules_to_save; or remove the adapter for a full fine-tune of the matching parameters.")
         )
     if cfg.lora_model_dir and not cfg.adapter:
         issues.append(ConfigIssue("lora_model_dir", "needs `adapter: lora` or `adapter: qlora`."))

@@ -253,6 +253,10 @@ def load_plain(file: Path):
         with torch.serialization.safe_globals(_safe_classes()):
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "torchao" in str(exc):  # torchao registers its optimizer state classes as safe when it is imported
+            raise TuneforgeError(
+                f"{file}: holds torchao's low-bit optimizer state (adamw_torch_8bit / adamw_torch_4bit), and torchao "
+                "is not installed here: pip install torchao, and resume with the same optimizer") from None
         raise TuneforgeError(
             f"{file}: refused to load: it holds objects other than tensors and plain values ({exc}), which only a "
             "tampered or foreign checkpoint does. Resume from a checkpoint this tuneforge wrote."

@@ -167,10 +167,15 @@ class Trainer:
         return self.generation_model
 
     def _micro_batch_context(self, last: bool):
-        """Around one micro-batch's forward and backward: gradients are synchronised on the step's last one."""
-        if self.sharded:
-            return contextlib.nullcontext() if last else fsdp.gradient_sync(self.runner, False)
-        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.runner)
+        """Around one micro-batch's forward and backward: gradients are synchronised on the step's last one;
+        with activation_offloading the tensors saved for the backward wait in CPU memory."""
+        stack = contextlib.ExitStack()
+        if self.cfg.activation_offloading:
+            stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()))
+        if not last:
+            stack.enter_context(fsdp.gradient_sync(self.runner, False) if self.sharded
+                                else self.accelerator.no_sync(self.runner))
+        return stack
 
     # ------------------------------------------------------------------------------------------ loop
     def train(self) -> TrainResult:
@@ -264,7 +269,7 @@ class Trainer:
         sums = dict(zip(keys, collectives.sum_floats([sums.get(k, 0.0) for k in keys]), strict=True))
         grad_norm = self._clip_gradients()
         summary = objective.summarize(sums, num_items)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])  # torchao optimizers keep lr as a tensor
         # Before the update: a non-finite loss or gradient must never reach the weights.
         self.watchdog.check(summary.get("loss", 0.0), None if self.precision == "fp16" else grad_norm,
                             self.state.global_step + 1, lr, str(self.last_checkpoint) if self.last_checkpoint else None)
