@@ -34,7 +34,7 @@ BASE = {
     "base_model": "examples/tiny-llama",  # replaced by each shape; only its tokenizer folder is named
     "datasets": [{"path": "train.jsonl", "type": "chat_template"}],
     "sequence_len": 2048, "micro_batch_size": 1, "gradient_checkpointing": True, "bf16": True,
-    "optimizer": "adamw_torch", "output_dir": "outputs/plan",
+    "output_dir": "outputs/plan",  # the default optimizer, adamw_torch_fused
 }
 
 
