@@ -187,7 +187,7 @@ def sandbox(tmp_path, monkeypatch):
 
 def test_sandbox_runs_a_failing_command_as_a_failure(sandbox):
     with pytest.raises(AssertionError, match="validate"):
-        sandbox("tuneforge validate examples/sft-tiny.yaml --learning-rat 1e-4")
+        sandbox("tuneforge validate examples/sft-tiny.yaml --learning-rate 0")
     assert "valid" in sandbox("tuneforge validate examples/sft-tiny.yaml > /dev/null")
 
 
