@@ -182,7 +182,12 @@ class Sandbox:
 
 @pytest.fixture
 def sandbox(tmp_path, monkeypatch):
-    return Sandbox(tmp_path, monkeypatch)
+    yield Sandbox(tmp_path, monkeypatch)
+    # The in-process runs imported the sandbox's modules (my_rewards, grpo_toy): forget them, so that a later
+    # test importing a module of the same name gets its own.
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
+            del sys.modules[name]
 
 
 def test_sandbox_runs_a_failing_command_as_a_failure(sandbox):
