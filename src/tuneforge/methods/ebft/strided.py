@@ -24,6 +24,9 @@ import torch
 from tuneforge.config.schema import Config
 from tuneforge.distributed import collectives
 from tuneforge.errors import DataError
+from tuneforge.models.logprobs import token_logps
+from tuneforge.models.losses import LogitHead
+from tuneforge.rollout.base import SamplingParams
 
 from ..base import Batch, Objective, config_error
 from ..reference import Reference, disable_dropout, eval_mode
@@ -118,9 +121,6 @@ class StridedEBFTObjective(Objective):
         return rolled
 
     def _rollout(self, model, batch: Batch) -> Batch:
-        from tuneforge.models.losses import LogitHead
-        from tuneforge.rollout.base import SamplingParams
-
         if id(model) not in self._ready:
             disable_dropout(model)  # the sampled tokens' log-probs must be those of the loss forward
             self._ready.add(id(model))
@@ -148,9 +148,6 @@ class StridedEBFTObjective(Objective):
         return int(batch["gen_tokens"])
 
     def loss(self, model, batch: Batch, num_items: int) -> tuple[torch.Tensor, dict[str, float]]:
-        from tuneforge.models.losses import LogitHead
-        from tuneforge.models.logprobs import token_logps
-
         e, head = self.ebft, LogitHead(model)
         rl_total = ce_total = 0.0
         sums = {"rl_sum": 0.0, "ce_sum": 0.0, "gen_tokens": float(batch["gen_tokens"]),
