@@ -63,6 +63,18 @@ def test_mask_element_by_element():
     assert (add[0, 0][~expected] == torch.finfo(torch.float32).min).all()
 
 
+def test_flex_block_mask_is_the_dense_mask():
+    """The BlockMask (flex attention, eager here) gives sdpa-with-the-dense-mask's attention output."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch.manual_seed(0)
+    lay = StridedLayout(150, tuple(block_anchors(150, 8, 8, 8)), 8)  # 18 blocks, 294 tokens: several 128-blocks
+    q, k, v = (torch.randn(2, 4, lay.length, 16) for _ in range(3))
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=lay.allowed()[None, None])
+    flex = flex_attention(q, k, v, block_mask=lay.block_mask("cpu"))
+    assert torch.allclose(flex, dense, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     from transformers import AutoModelForCausalLM

@@ -49,8 +49,30 @@ def test_alignment_rises_and_cfm_loss_falls(strided_config):
     align = [r["ebft/alignment"] for r in records]
     cfm = [r["ebft/cfm_loss"] for r in records]
     first, last = sum(align[:2]) / 2, sum(align[-5:]) / 5
+    print("alignment", [round(a, 3) for a in align], "cfm_loss", [round(c, 3) for c in cfm])
     assert first < 0.42, align
     assert last > 0.5, align
     assert sum(cfm[-5:]) / 5 < 0.85 * sum(cfm[:2]) / 2, cfm
     evals = [r for r in result.history if r["type"] == "eval"]
     assert evals and 0.0 < evals[-1]["eval_ebft/alignment"] <= 1.0  # held-out documents scored too
+
+
+def test_the_shipped_example_validates_and_trains(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from tuneforge import methods
+    from tuneforge.cli import app
+    from tuneforge.config import load
+    from tuneforge.engine.run import train
+    from tuneforge.methods.ebft.strided import StridedEBFTObjective
+
+    monkeypatch.setitem(methods._REGISTRY, "ebft", StridedEBFTObjective)
+    example = Path(__file__).resolve().parents[1] / "examples" / "ebft-strided-tiny.yml"
+    result = CliRunner().invoke(app, ["validate", str(example)])
+    assert result.exit_code == 0, result.output
+    cfg = load(example, {"max_steps": 2, "eval_steps": 2, "output_dir": str(tmp_path / "out")})
+    history = train(cfg, show_progress=False).history
+    assert [r["step"] for r in history if r["type"] == "train"] == [1, 2]
+    assert any("eval_ebft/alignment" in r for r in history)
