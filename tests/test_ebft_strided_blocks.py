@@ -157,3 +157,21 @@ def test_flex_block_mask_matches_the_dense_mask_on_gpu(tiny_model_dir):
         with torch.no_grad():
             out[impl] = hidden_states(net, lay, seq).float()
     assert torch.allclose(out["flex_attention"], out["sdpa"], atol=3e-2, rtol=3e-2)
+
+
+def test_a_flex_attention_model_generates_with_sdpa_and_keeps_flex(tiny_model_dir, model):
+    """Decoding steps change the key length each time; they run on sdpa's dense mask (same tokens), and
+    the model is flex_attention again afterwards (for the BlockMask forwards)."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.methods.ebft.strided_rollout import generate_blocks
+    from tuneforge.models.losses import LogitHead
+    from tuneforge.rollout.base import SamplingParams
+
+    flex = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="flex_attention").eval()
+    doc = torch.randint(5, 900, (20,))
+    lay = StridedLayout(20, tuple(block_anchors(20, 6, 4, 4)), 4)
+    greedy = SamplingParams(temperature=0.0)
+    tokens = generate_blocks(flex, LogitHead(flex), lay, doc, 2, greedy)
+    assert flex.config._attn_implementation == "flex_attention"
+    assert torch.equal(tokens, generate_blocks(model, LogitHead(model), lay, doc, 2, greedy))

@@ -14,6 +14,8 @@ Masks: `attention_mask` picks the form the model's attention implementation take
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,22 @@ def attention_mask(model, layout: StridedLayout, device, length: int | None = No
     return layout.additive_mask(torch.float32, device, length, queries)
 
 
+@contextlib.contextmanager
+def cached_decoding(model) -> Iterator[None]:
+    """sdpa instead of flex attention while generating: each decode step has another key length, which
+    would compile another flex kernel (and its tensor-mask path indexes the mask per batch row)."""
+    net = unwrap_peft(model)
+    impl = getattr(net.config, "_attn_implementation", None)
+    if impl != "flex_attention":
+        yield
+        return
+    net.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        net.set_attn_implementation(impl)
+
+
 def hidden_states(model, layout: StridedLayout, tokens: torch.Tensor) -> torch.Tensor:
     """Final hidden states [n, T, H] of the transformer body over whole strided sequences (gradients
     flow when enabled: the policy's loss forward)."""
@@ -57,6 +75,11 @@ def generate_blocks(model, head, layout: StridedLayout, doc: torch.Tensor, n: in
 
     `head` maps hidden states to fp32 logits (models.losses.LogitHead). Call with the model in eval mode
     (gradient checkpointing would turn the KV cache off)."""
+    with cached_decoding(model):
+        return _generate(model, head, layout, doc, n, params)
+
+
+def _generate(model, head, layout: StridedLayout, doc: torch.Tensor, n: int, params: SamplingParams) -> torch.Tensor:
     from transformers import DynamicCache
 
     from tuneforge.rollout.embedded import cache_kwargs
