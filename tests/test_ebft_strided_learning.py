@@ -6,8 +6,8 @@ block's ground truth is the next four tokens of the cycle. The tiny Llama starts
 blocks are noise whose features (the frozen initial network's, mean-pooled over each block) point
 elsewhere: alignment ~0.35 at the start. With the default coefficients (diversity included), 8 samples
 per block and no cross-entropy (the rise comes from the REINFORCE term alone), 20 steps lift the alignment
-above 0.5 and cut the conditional feature-matching loss by more than 15% (measured: alignment
-0.35 -> ~0.57, cfm_loss 0.70 -> ~0.48).
+above 0.48 and cut the conditional feature-matching loss by more than 15% (measured: alignment
+0.33 -> 0.54 (mean of the first 2 / last 5 steps), cfm_loss 0.72 -> 0.52).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def test_alignment_rises_and_cfm_loss_falls(strided_config):
     cfm = [r["ebft/cfm_loss"] for r in records]
     first, last = sum(align[:2]) / 2, sum(align[-5:]) / 5
     print("alignment", [round(a, 3) for a in align], "cfm_loss", [round(c, 3) for c in cfm])
-    assert first < 0.42, align
-    assert last > 0.5, align
+    assert first < 0.42, align  # measured 0.33
+    assert last > 0.48, align  # measured 0.54
     assert sum(cfm[-5:]) / 5 < 0.85 * sum(cfm[:2]) / 2, cfm
     evals = [r for r in result.history if r["type"] == "eval"]
     assert evals and 0.0 < evals[-1]["eval_ebft/alignment"] <= 1.0  # held-out documents scored too
