@@ -149,7 +149,7 @@ def test_one_sample_forces_reinforce_without_diversity_and_pooling_falls_back(ob
     assert objective(embed_method="mean_pooling").pooling == "mean_pooling"
 
 
-def test_torch_compile_and_maskless_attention_are_refused(write_config, write_jsonl):
+def test_torch_compile_maskless_attention_and_activation_offloading_are_refused(write_config, write_jsonl):
     from tuneforge.config import load
     from tuneforge.config.errors import ConfigError
     from tuneforge.methods.ebft.strided import StridedEBFTObjective
@@ -160,3 +160,5 @@ def test_torch_compile_and_maskless_attention_are_refused(write_config, write_js
         StridedEBFTObjective(load(write_config({**base, "torch_compile": True})))
     with pytest.raises(ConfigError, match="attn_implementation"):
         StridedEBFTObjective(load(write_config({**base, "attn_implementation": "flash_attention_2"})))
+    with pytest.raises(ConfigError, match="activation_offloading"):  # refused for every method, at load
+        load(write_config({**base, "activation_offloading": True}))
