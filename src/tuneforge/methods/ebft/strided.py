@@ -209,6 +209,10 @@ def _check_config(cfg: Config) -> None:
     if cfg.torch_compile:
         raise config_error("torch_compile", "EBFT strided mode runs blocks of varying layout through one "
                            "masked forward, which torch.compile would recompile per document; set torch_compile: false.")
+    if cfg.activation_offloading:
+        raise config_error("activation_offloading", "EBFT strided mode does not support activation offloading "
+                           "(untested with its per-document masked forwards; Axolotl refuses it too); set "
+                           "activation_offloading: false.")
     if cfg.attn_implementation in MASKLESS_ATTENTION:
         raise config_error("attn_implementation", f"{cfg.attn_implementation} takes no block mask; EBFT strided "
                            "mode needs flex_attention (GPU) or sdpa / eager.")
