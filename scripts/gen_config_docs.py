@@ -406,6 +406,17 @@ FORMAT_SAMPLES = [
         {"prompt": "2 + 3 * 4 = ?", "completions": ["3 * 4 = 12", "2 + 12 = 14"], "labels": [True, True]},
         {"process_reward_model": True, "num_labels": 2},
     ),
+    FormatSample(
+        "`ebft_strided_structured.transform` and `ebft_strided_chat.transform` (EBFT strided mode)",
+        "With `rl: ebft` and `ebft.mode: strided`, prompt/completion rows `{prompt, completion}` (or `input`/"
+        "`output`) become one document whose completion is trained, plus `prompt_length`: strided blocks start "
+        "after the prompt and `ebft.ce_coef`'s cross-entropy covers the completion. `ebft_strided_chat.transform` "
+        "takes conversations, rendered and masked as `chat_template` does. Raw text needs no transform "
+        "(`type: completion`). See docs/ebft-strided.md.",
+        {"path": "ebft.jsonl", "type": "ebft_strided_structured.transform"},
+        {"prompt": "Reverse the word cat.", "completion": " tac"},
+        {"rl": "ebft", "ebft": {"mode": "strided"}},
+    ),
 ]
 
 

@@ -43,6 +43,7 @@ def _import_builtin() -> None:
         bradley_terry,
         chat_template,
         completion,
+        ebft_strided,
         input_output,
         kto,
         preference,

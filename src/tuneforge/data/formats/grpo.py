@@ -32,6 +32,7 @@ from typing import Any
 from tuneforge.config.schema import Config
 from tuneforge.errors import DataError
 
+from .ebft_structured import PROMPT_TRANSFORMS
 from .registry import IGNORE_INDEX
 
 RowMapper = Callable[..., dict[str, Any]]
@@ -99,6 +100,9 @@ def _gsm8k(cfg: Config, style: str | None) -> RowMapper:
         return out
 
     return mapper
+
+
+_BUILTINS.update(PROMPT_TRANSFORMS)  # EBFT's structured-mode transforms, under Axolotl's names
 
 
 # ---------------------------------------------------------------- resolving `type:`
