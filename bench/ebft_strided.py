@@ -169,6 +169,9 @@ def main() -> None:
                                                   "max_abs_logp_diff": float((logps - ref_logps).abs().max())}
         if args.cpu_check and cuda:
             cpu_obj, cpu_model = build(root, shape, "sdpa", "cpu", "float32")
+            # The same weights as the GPU model (a random init on another device or in another dtype draws
+            # other values), widened to fp32: the comparison is of the masks and kernels, not of two inits.
+            cpu_model.load_state_dict({k: v.float().cpu() for k, v in model.state_dict().items()})
             loss, logps = logps_of(cpu_obj, cpu_model, on(rolled, "cpu"))
             agreement[f"{impls[0]}_vs_cpu_fp32_dense"] = {"loss": [ref_loss, loss],
                                                          "max_abs_logp_diff": float((logps - ref_logps).abs().max()),
