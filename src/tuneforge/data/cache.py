@@ -66,6 +66,9 @@ BATCH_TIME_KEYS = (
     "eval_sample_packing", "pad_to_sequence_len", "pad_to_multiple_of", "sample_packing_group_size",
     "sample_packing_bin_size", "sample_packing_sequentially", "remove_unused_columns", "group_by_length",
     "curriculum_sampling", "batch_flattening",
+    # Streamed data is never prepared beforehand (data/streaming.py).
+    "pretraining_dataset", "streaming", "pretrain_multipack_attn", "pretraining_sample_concatenation",
+    "streaming_multipack_buffer_size",
 )
 ENTRY_LIST_KEYS = ("datasets", "test_datasets")
 

@@ -276,6 +276,8 @@ def prepare(cfg: Config, tokenizer, *, rebuild: bool = False) -> PreparedData:
     """
     from . import cache
 
+    if cfg.pretraining_dataset or cfg.streaming:
+        return _prepare_stream(cfg, tokenizer)
     if cfg.skip_prepare_dataset:
         return build(cfg, tokenizer)
     key, material = cache.cache_key(cfg, tokenizer)
@@ -296,6 +298,19 @@ def prepare(cfg: Config, tokenizer, *, rebuild: bool = False) -> PreparedData:
         saved = cache.save(root, key, material, splits, payload)
         log.info("prepared data saved to %s", saved.path)
         return _from_cache(saved, reused=False)
+
+
+def _prepare_stream(cfg: Config, tokenizer) -> PreparedData:
+    """Streamed training data (read while training), and test_datasets prepared in memory if given."""
+    from .streaming import StreamSpec
+
+    stream = StreamSpec(cfg, tokenizer)  # checks the sources now, before the model loads
+    data = PreparedData(train=None, eval=None, stats={}, stream=stream)
+    if cfg.test_datasets:
+        data.eval, data.stats["eval"], parts = prepare_split(
+            cfg.test_datasets, cfg, tokenizer, "test_datasets", cfg.eval_sequence_len)
+        data.by_dataset["eval"] = _counts_of_final_split(parts, data.eval)
+    return data
 
 
 def _from_cache(entry, reused: bool) -> PreparedData:
