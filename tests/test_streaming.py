@@ -258,3 +258,30 @@ def test_resume_without_the_stream_position_is_refused(tmp_path, tiny_model_dir)
     with pytest.raises(TuneforgeError, match="no stream position"):
         train(_config(tmp_path, tiny_model_dir, name="r.yaml", output_dir=str(tmp_path / "r"), max_steps=3,
                       resume_from_checkpoint=str(ckpt)))
+
+
+def test_example_corpus_regenerates_identically(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    spec = importlib.util.spec_from_file_location("make_pretrain_corpus", examples / "data" / "make_pretrain_corpus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "HERE", tmp_path)
+    module.main()
+    for name in ("pretrain_corpus.jsonl", "pretrain_test.jsonl"):
+        assert (tmp_path / name).read_bytes() == (examples / "data" / name).read_bytes(), name
+
+
+def test_preprocess_shows_the_first_streamed_rows(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from tuneforge.cli import app
+
+    _corpus(tmp_path / "corpus.jsonl", 10)
+    _config(tmp_path, tiny_model_dir)
+    result = CliRunner().invoke(app, ["preprocess", str(tmp_path / "cfg.yaml"), "--debug", "--debug-num-examples", "2"])
+    assert result.exit_code == 0, result.output
+    assert "streamed while training" in result.output
+    assert "--- packed row 1:" in result.output and "oc0 w0" in result.output  # the first token is no target
