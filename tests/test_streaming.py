@@ -284,4 +284,4 @@ def test_preprocess_shows_the_first_streamed_rows(tmp_path, tiny_model_dir):
     result = CliRunner().invoke(app, ["preprocess", str(tmp_path / "cfg.yaml"), "--debug", "--debug-num-examples", "2"])
     assert result.exit_code == 0, result.output
     assert "streamed while training" in result.output
-    assert "--- packed row 1:" in result.output and "oc0 w0" in result.output  # the first token is no target
+    assert "--- packed row 1:" in result.output and "[[do]]c0 w0</s>" in result.output  # a first token is no target
