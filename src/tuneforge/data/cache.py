@@ -73,7 +73,7 @@ BATCH_TIME_KEYS = (
 ENTRY_LIST_KEYS = ("datasets", "test_datasets")
 
 # tuneforge modules whose code decides the tokens of a prepared row (relative to the package root).
-_CODE = ("data/pipeline.py", "data/columns.py", "data/rows.py", "data/sources.py", "data/masking.py", "data/formats",
+_CODE = ("data/pipeline.py", "data/chunked.py", "data/columns.py", "data/rows.py", "data/sources.py", "data/masking.py", "data/formats",
          "data/templates", "chat_templates", "models/tokenizer.py")
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",

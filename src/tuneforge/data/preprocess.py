@@ -216,7 +216,7 @@ def sequences(row: dict[str, Any]) -> list[tuple[str, list[int], list[int]]]:
 
 def _extras(row: dict[str, Any]) -> str:
     """Scalar fields a format adds (e.g. KTO's `label`), shown in the sample header."""
-    skip = {"length", "_source", "_row"}
+    skip = {"length", "_source", "_row", "_trained"}
     items = [f"{k}={v}" for k, v in row.items() if k not in skip and not isinstance(v, list | dict)]
     return f" | {', '.join(items)}" if items else ""
 
