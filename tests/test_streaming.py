@@ -285,3 +285,38 @@ def test_preprocess_shows_the_first_streamed_rows(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert "streamed while training" in result.output
     assert "--- packed row 1:" in result.output and "[[do]]c0 w0</s>" in result.output  # a first token is no target
+
+
+@pytest.mark.slow
+def test_two_processes_read_their_own_shards_and_resume_exactly(tmp_path, tiny_model_dir):
+    """Under torchrun (2 CPU processes) each process keeps its own stream position in the checkpoint, the
+    positions are disjoint shards, and a resumed 2-process run repeats the uninterrupted run's losses."""
+    import os
+    import subprocess
+    import sys
+
+    _corpus(tmp_path / "corpus.jsonl", 24)
+    keys = {"max_steps": 4, "save_steps": 2, "lr_scheduler": "constant"}
+    _config(tmp_path, tiny_model_dir, **keys)
+    _config(tmp_path, tiny_model_dir, name="r.yaml", output_dir=str(tmp_path / "r"), **keys,
+            resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+    def torchrun(name):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                               "tuneforge.cli", "train", str(tmp_path / name)], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = tmp_path / ("out" if name == "cfg.yaml" else "r")
+        return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                if r["type"] == "train"}
+
+    full = torchrun("cfg.yaml")
+    positions = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())["stream"]
+    assert [(p["rank"], p["world"]) for p in positions] == [(0, 2), (1, 2)]
+    # rank r read source rows r, r + 2, ...: its cursor is after its last row, of its own parity
+    assert {p["cursor"]["row"] % 2 for p in positions} == {0, 1}
+    resumed = torchrun("r.yaml")
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert abs(resumed[step] - full[step]) <= 1e-5, (step, resumed, full)
