@@ -182,6 +182,28 @@ def test_path_json_with_data_files_and_several_entries(tmp_path, tiny_model_dir,
                                                                              "second"]
 
 
+def test_reading_the_stream_holds_bounded_memory(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """Python memory while reading a whole pass stays within a fixed bound (read-ahead + one row), far below
+    what the documents read would take if any part of the stream kept them (bench/stream_memory.py shows
+    VmRSS flat while the corpus grows 10x)."""
+    import tracemalloc
+
+    _corpus(tmp_path / "corpus.jsonl", 6000, words=40)
+    stream = _stream(_config(tmp_path, tiny_model_dir, sequence_len=256), tiny_tokenizer)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tokens = 0
+        while stream.passes == 0:
+            tokens += sum(len(d["input_ids"]) for d in stream.next_row())
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    held = tokens * 2 * 8  # input_ids + labels, 8 bytes a token (less than Python lists take)
+    assert tokens > 100_000
+    assert peak < 1.5e6 < held / 2, (peak, held)
+
+
 # ---------------------------------------------------------------- errors a user can make
 def test_streamed_configs_need_max_steps_and_test_datasets(tmp_path, tiny_model_dir):
     _corpus(tmp_path / "corpus.jsonl", 5)
