@@ -204,6 +204,24 @@ def test_reading_the_stream_holds_bounded_memory(tmp_path, tiny_model_dir, tiny_
     assert peak < 1.5e6 < held / 2, (peak, held)
 
 
+def test_parquet_streams_through_datasets_and_resumes_by_row(tmp_path, tiny_model_dir, tiny_tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": [f"doc{i} " + "w1 " * (i % 5) for i in range(20)]}), tmp_path / "c.parquet")
+    cfg = _config(tmp_path, tiny_model_dir, pretraining_dataset=[{"path": "c.parquet", "text_column": "body"}])
+    full = _stream(cfg, tiny_tokenizer)
+    ref = [full.next_row() for _ in range(8)]
+    assert _docs_of(ref[0], tiny_tokenizer)[0].startswith("doc0 ")
+    part = _stream(cfg, tiny_tokenizer)
+    for _ in range(3):
+        part.next_row()
+    assert set(part.state_dict()["cursor"]) == {"row"}  # not seekable: the position is a row count
+    again = _stream(cfg, tiny_tokenizer)
+    again.load_state_dict(part.state_dict())
+    assert [again.next_row() for _ in range(5)] == ref[3:]
+
+
 # ---------------------------------------------------------------- errors a user can make
 def test_streamed_configs_need_max_steps_and_test_datasets(tmp_path, tiny_model_dir):
     _corpus(tmp_path / "corpus.jsonl", 5)

@@ -345,6 +345,8 @@ def _prepare_stream(cfg: Config, tokenizer) -> PreparedData:
     from .streaming import StreamSpec
 
     stream = StreamSpec(cfg, tokenizer)  # checks the sources now, before the model loads
+    log.info("train data: streamed from %s, tokenized and packed while training",
+             ", ".join(s.entry.path for s in stream.sources))
     data = PreparedData(train=None, eval=None, stats={}, stream=stream)
     if cfg.test_datasets:
         data.eval, data.stats["eval"], parts = prepare_split(
