@@ -70,19 +70,22 @@ def source_batches(ds, rows: int = CHUNK_ROWS) -> Iterator[tuple[int, dict[str, 
     """(index of the first row, the rows as columns) of `ds`, `rows` at a time, decoded as `ds[a:b]` is."""
     import pyarrow as pa
 
-    files = ds.cache_files
-    plain = len(files) == 1 and getattr(ds, "_indices", "?") is None and len(ds) == ds.data.num_rows
+    files = [f["filename"] for f in ds.cache_files]
+    plain = files and getattr(ds, "_indices", "?") is None and len(ds) == ds.data.num_rows
     if not plain:  # a selection, shard or in-memory table: datasets' own slicing
         for start in range(0, len(ds), rows):
             yield start, ds[start : start + rows]
         return
     features, start = ds.features, 0
-    with pa.OSFile(files[0]["filename"]) as f:
-        for batch in pa.ipc.open_stream(f):
-            for at in range(0, batch.num_rows, rows):
-                part = batch.slice(at, rows)
-                yield start, features.decode_batch(part.to_pydict())
-                start += part.num_rows
+    for name in files:  # the table is these files' rows, in order (several when the source was large)
+        with pa.OSFile(name) as f:
+            for batch in pa.ipc.open_stream(f):
+                for at in range(0, batch.num_rows, rows):
+                    part = batch.slice(at, rows)
+                    yield start, features.decode_batch(part.to_pydict())
+                    start += part.num_rows
+    if start != len(ds):
+        raise RuntimeError(f"read {start} rows from {files}, but the dataset has {len(ds)}")
 
 
 _JOB: tuple | None = None  # the formatting function of the pool's workers (inherited through fork)
