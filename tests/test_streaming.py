@@ -321,7 +321,15 @@ def test_preprocess_shows_the_first_streamed_rows(tmp_path, tiny_model_dir):
 
     _corpus(tmp_path / "corpus.jsonl", 10)
     _config(tmp_path, tiny_model_dir)
-    result = CliRunner().invoke(app, ["preprocess", str(tmp_path / "cfg.yaml"), "--debug", "--debug-num-examples", "2"])
+    import logging
+
+    logger = logging.getLogger("tuneforge")
+    filters = list(logger.filters)  # the command adds one; later tests read these log lines
+    try:
+        result = CliRunner().invoke(app, ["preprocess", str(tmp_path / "cfg.yaml"), "--debug",
+                                          "--debug-num-examples", "2"])
+    finally:
+        logger.filters[:] = filters
     assert result.exit_code == 0, result.output
     assert "streamed while training" in result.output
     assert "--- packed row 1:" in result.output and "[[do]]c0 w0</s>" in result.output  # a first token is no target
