@@ -532,8 +532,55 @@ def render_formats() -> str:
             for i, out in enumerate(produced):
                 chunk = f", chunk {i + 1} of {len(produced)}" if len(produced) > 1 else ""
                 lines += _render_row(tokenizer, out, chunk)
+        lines += _continual_pretraining()
         lines += _type_index()
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _continual_pretraining() -> list[str]:
+    """The streamed corpus (`pretraining_dataset:`), which is not a `type:` of `datasets:` (data/streaming.py)."""
+    return [
+        "## Continual pretraining (`pretraining_dataset:`, streamed)",
+        "",
+        "A corpus too large to prepare beforehand is streamed: `pretraining_dataset:` lists text sources that are "
+        "read, tokenized and packed while training, so memory holds one partial row whatever the corpus size "
+        "and nothing is cached. Each document is the text of `text_column` (default `text`) as BOS (when the "
+        "tokenizer adds one) + tokens + EOS, every token trained, as in `completion`. Entry fields: `path` (a "
+        "local `.jsonl`/`.json`/`.txt`/`.parquet`/`.csv` file or folder, `json`/`text`/`parquet`/`csv` with "
+        "`data_files`, or a hub id, streamed), `data_files`, `name`, `split` (default `train`), `text_column`, "
+        "`type: pretrain`, `skip` (rows skipped at the start) and `ds_type`.",
+        "",
+        "```yaml",
+        "pretraining_dataset:",
+        "  - path: json",
+        "    data_files: [corpus/part-000.jsonl, corpus/part-001.jsonl]",
+        "    type: pretrain",
+        "    text_column: text",
+        "test_datasets:                  # evaluation data (a stream holds no rows out: no val_set_size)",
+        "  - path: corpus/held_out.jsonl",
+        "    type: completion",
+        "sequence_len: 2048",
+        "max_steps: 10000                # required: a stream has no length known in advance",
+        "pretrain_multipack_attn: true   # default: packed documents do not attend to each other",
+        "```",
+        "",
+        "- Rows of `sequence_len` tokens are filled in stream order: a document that does not fit starts the next "
+        "row (the rest of the row is padding), and a document longer than a row is cut into row-sized pieces. "
+        "With `pretraining_sample_concatenation: true` every row is filled: the document that does not fit is cut "
+        "and its rest opens the next row. `pretrain_multipack_attn: false` makes each row one sequence, whose "
+        "documents attend to each other.",
+        "- The entries are read one after the other; after the last the stream starts again, and `epoch` in the "
+        "logs counts these passes. Each data-parallel process reads every N-th document of N (its own shard).",
+        "- Checkpoints hold the stream position (the file offset of the last document read, and the part of a "
+        "document waiting for the next row): `--resume-from-checkpoint` continues with exactly the rows the "
+        "uninterrupted run would have trained on, seeking in local JSON-lines and text files instead of reading "
+        "the consumed part again. Resume on the same number of processes.",
+        "- `streaming: true` streams `datasets:` the same way: each row goes through its `type:` format and the "
+        "length rules of prepared data, and rows are packed with `sample_packing` (else one per row).",
+        "- `tuneforge preprocess config.yaml --debug` shows the first packed rows of the stream. An example that "
+        "trains on CPU: `examples/pretrain-tiny.yaml`.",
+        "",
+    ]
 
 
 def outputs() -> dict[Path, str]:

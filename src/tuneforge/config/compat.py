@@ -88,8 +88,6 @@ DTYPE_SWITCHES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "floa
 # Axolotl keys that tuneforge does not implement yet. A falsy value (false, null, empty) is a no-op and
 # is accepted; anything else is an explicit error rather than a silently ignored setting.
 NOT_SUPPORTED_YET = {
-    "pretraining_dataset": "streaming continual pretraining is planned; use `type: completion` for now",
-    "streaming": "streaming datasets are planned",
     "lora_embedding_kernel": "fused LoRA kernels are planned",
     "push_dataset_to_hub": "pushing to the hub is not implemented",
     "processor_type": "multimodal models are not supported yet",
@@ -114,7 +112,6 @@ NOT_SUPPORTED_YET = {
     "max_memory": "memory caps are not implemented",
     "use_ray": "Ray is not supported",
     "multipack_real_batches": "packing always builds full micro-batches",
-    "pretrain_multipack_attn": "streaming pretraining is planned",
     "flash_optimum": "BetterTransformer is not supported",
     "special_tokens_overrides": "not implemented",
 }

@@ -89,6 +89,22 @@ class DatasetEntry(Section):
     train_on_last_step_only: bool | None = Field(None, description="stepwise_supervised: label only the last step.")
 
 
+class PretrainingDataset(Section):
+    """One `pretraining_dataset:` entry: raw text streamed, tokenized and packed while training."""
+
+    path: str = Field(..., description="Local file or folder, `json`/`text`/`parquet`/`csv` with `data_files`, "
+                      "or a Hugging Face dataset id (streamed).")
+    name: str | None = Field(None, description="Dataset configuration name (hub datasets).")
+    split: str = Field("train", description="Split to stream.")
+    text_column: str = Field("text", description="Column holding each document's text.")
+    type: Literal["pretrain"] = Field("pretrain", description="`pretrain`: every token trained, no masking.")
+    data_files: str | list[str] | None = Field(None, description="Files to read (relative to the config's folder).")
+    skip: int = Field(0, ge=0, description="Source rows to skip at the start of the stream.")
+    ds_type: Literal["json", "jsonl", "parquet", "csv", "text"] | None = Field(
+        None, description="File format, when it cannot be inferred from the extension."
+    )
+
+
 class DataKeys(Section):
     datasets: list[DatasetEntry] | None = Field(None, description="Training datasets, mixed together.")
     test_datasets: list[DatasetEntry] | None = Field(
@@ -100,7 +116,9 @@ class DataKeys(Section):
     dataset_prepared_path: str | None = Field(
         None, description="Folder of the prepared-data cache (default: last_run_prepared in the working directory)."
     )
-    dataset_num_proc: int | None = Field(None, ge=1, description="Worker processes for tokenisation.")
+    dataset_num_proc: int | None = Field(
+        None, ge=1, description="Worker processes for tokenisation (default: the usable CPU cores, fewer on a busy "
+        "machine).")
     skip_prepare_dataset: bool = Field(False, description="Do not cache the prepared dataset.")
     shuffle_merged_datasets: bool = Field(True, description="Shuffle rows after mixing the datasets.")
     shuffle_before_merging_datasets: bool = Field(
@@ -140,5 +158,25 @@ class DataKeys(Section):
         False, description="Train on the rows in dataset order every epoch (no shuffling; packed: packed in order)."
     )
     remove_unused_columns: bool | None = Field(None, description="Accepted for Axolotl compatibility; no effect.")
+    pretraining_dataset: list[PretrainingDataset] | None = Field(
+        None, description="Continual pretraining: text corpora streamed in order (entry after entry, then again), "
+        "tokenized and packed into sequence_len rows while training; needs max_steps."
+    )
+    streaming: bool = Field(
+        False, description="Stream `datasets:` instead of preparing them beforehand: rows are read, formatted and "
+        "packed while training (needs max_steps; evaluation data from test_datasets)."
+    )
+    pretrain_multipack_attn: bool = Field(
+        True, description="Streamed rows: documents packed into one row do not attend to each other (false: the "
+        "row is one sequence)."
+    )
+    pretraining_sample_concatenation: bool | None = Field(
+        None, description="pretraining_dataset: fill every row to sequence_len, continuing a document that does not "
+        "fit in the next row (default: a document that does not fit starts the next row; the rest is padding)."
+    )
+    streaming_multipack_buffer_size: int = Field(
+        10_000, ge=1, description="Accepted for Axolotl compatibility: tuneforge packs the stream in order "
+        "(next-fit), so only one partial row is ever held."
+    )
     max_prompt_len: int | None = Field(None, ge=1, description="RL: maximum prompt tokens.")
     extra: dict[str, Any] | None = Field(None, description="Free-form values for user-defined formats and rewards.")

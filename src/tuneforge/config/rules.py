@@ -135,6 +135,31 @@ def _data(cfg: Config) -> list[ConfigIssue]:
 
 
 @rule
+def _streaming(cfg: Config) -> list[ConfigIssue]:
+    """Streamed data (pretraining_dataset, streaming: true) has no length known in advance: the run length is
+    max_steps, evaluation data is separate, and only the SFT objective reads it (data/streaming.py)."""
+    key = "pretraining_dataset" if cfg.pretraining_dataset else "streaming" if cfg.streaming else None
+    if key is None:
+        return []
+    issues = []
+    if not cfg.max_steps:
+        issues.append(ConfigIssue(key, "a stream has no length known in advance: set max_steps (optimizer steps to "
+                                  "train) as well."))
+    if cfg.val_set_size:
+        issues.append(ConfigIssue("val_set_size", f"cannot hold rows out of a stream ({key}); give evaluation data "
+                                  "as test_datasets instead."))
+    if cfg.pretraining_dataset and cfg.datasets:
+        issues.append(ConfigIssue("datasets", "pretraining_dataset is the training data, so `datasets:` would not be "
+                                  "used; remove one of them (evaluation data goes in test_datasets)."))
+    if cfg.streaming and not cfg.pretraining_dataset and not cfg.datasets:
+        issues.append(ConfigIssue("streaming", "there is nothing to stream: add `datasets:` (or pretraining_dataset)."))
+    if cfg.rl or cfg.reward_model or cfg.process_reward_model:
+        issues.append(ConfigIssue(key, "streamed data trains the SFT objective only; remove rl/reward_model/"
+                                  "process_reward_model, or prepare the data beforehand (no streaming)."))
+    return issues
+
+
+@rule
 def _methods(cfg: Config) -> list[ConfigIssue]:
     issues = []
     if cfg.rl and (cfg.reward_model or cfg.process_reward_model):

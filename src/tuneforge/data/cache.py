@@ -66,11 +66,14 @@ BATCH_TIME_KEYS = (
     "eval_sample_packing", "pad_to_sequence_len", "pad_to_multiple_of", "sample_packing_group_size",
     "sample_packing_bin_size", "sample_packing_sequentially", "remove_unused_columns", "group_by_length",
     "curriculum_sampling", "batch_flattening",
+    # Streamed data is never prepared beforehand (data/streaming.py).
+    "pretraining_dataset", "streaming", "pretrain_multipack_attn", "pretraining_sample_concatenation",
+    "streaming_multipack_buffer_size",
 )
 ENTRY_LIST_KEYS = ("datasets", "test_datasets")
 
 # tuneforge modules whose code decides the tokens of a prepared row (relative to the package root).
-_CODE = ("data/pipeline.py", "data/columns.py", "data/rows.py", "data/sources.py", "data/masking.py", "data/formats",
+_CODE = ("data/pipeline.py", "data/chunked.py", "data/columns.py", "data/rows.py", "data/sources.py", "data/masking.py", "data/formats",
          "data/templates", "chat_templates", "models/tokenizer.py")
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",

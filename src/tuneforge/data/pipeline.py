@@ -21,7 +21,7 @@ from tuneforge.config.data import DatasetEntry
 from tuneforge.config.schema import Config
 from tuneforge.errors import DataError
 
-from . import formats
+from . import chunked, formats
 from .columns import column_numpy, dedup, label_columns, trained_in, trained_per_row, truncate
 from .formats import FormatContext
 from .rows import RowError
@@ -45,10 +45,14 @@ def _row_length(r: dict[str, Any]) -> int:
     return max(lengths)
 
 
-def format_entry(entry: DatasetEntry, index: int, cfg: Config, tokenizer, where: str):
-    """Load one dataset entry and run its format over every row. Returns (dataset, source rows)."""
+def format_entry(entry: DatasetEntry, index: int, cfg: Config, tokenizer, where: str, work=None, seq_len=None):
+    """Load one dataset entry, run its format over every row and apply the length rules.
+
+    Returns (dataset, Stats, source rows, source rows that produced any row). With a `work` folder the rows
+    are formatted in bounded chunks written there as they go (data/chunked.py); without one, by `map`.
+    """
     fmt, style = formats.resolve(entry.type, where, [str(cfg.source_dir)])
-    ds = load_source(entry, cfg, where)
+    ds = load_source(entry, cfg, where, cache_dir=work)
     if len(ds) == 0:
         raise DataError(f"{where}: {entry.path} has no rows.")
     row_fn = fmt.builder(FormatContext(cfg=cfg, entry=entry, tokenizer=tokenizer, style=style))
@@ -89,8 +93,16 @@ def format_entry(entry: DatasetEntry, index: int, cfg: Config, tokenizer, where:
                     out.setdefault(k, []).append(v)
         return out
 
+    num_proc = cfg.dataset_num_proc or chunked.default_num_proc(len(ds))
+    if work is not None and features is not None:
+        out = work / f"formatted-{index}.arrow"
+        finish = _chunk_rules(features, cfg, where, seq_len)
+        stats, produced = chunked.write_formatted(ds, run, finish, out, num_proc)
+        import datasets
+
+        return datasets.Dataset.from_file(str(out)), stats, len(ds), produced
     # Several processes only pay off once the rows outnumber the cost of starting them.
-    num_proc = cfg.dataset_num_proc if cfg.dataset_num_proc and len(ds) > 1000 else None
+    num_proc = num_proc if num_proc > 1 and len(ds) > 1000 else None
     formatted = ds.map(
         run,
         batched=True,
@@ -104,8 +116,28 @@ def format_entry(entry: DatasetEntry, index: int, cfg: Config, tokenizer, where:
         new_fingerprint=uuid.uuid4().hex,
         on_mixed_types=None,
         features=features,
+        **({"cache_file_name": str(work / f"formatted-{index}.arrow")} if work is not None else {}),
     )
-    return formatted, len(ds)
+    produced = len(np.unique(column_numpy(formatted, "_row"))) if len(formatted) else 0
+    formatted, stats = apply_length_rules(formatted, cfg, where, seq_len)
+    return formatted, stats, len(ds), produced
+
+
+def _chunk_rules(features, cfg: Config, where: str, seq_len: int | None):
+    """The length rules of one formatted chunk: (Arrow table with `_trained`, Stats, rows that produced any)."""
+    import datasets
+    import pyarrow as pa
+
+    def finish(out: dict[str, list]):
+        part = datasets.Dataset.from_dict(out, features=features)
+        produced = len(np.unique(column_numpy(part, "_row"))) if len(part) else 0
+        part, stats = apply_length_rules(part, cfg, where, seq_len)
+        table = part.with_format("arrow")[:] if len(part) else part.data.table.slice(0, 0)
+        counts = [chunked.trained_counts(table.column(c)) for c in label_columns(part)]
+        trained = np.sum(counts, axis=0) if counts else np.zeros(table.num_rows, dtype=np.int64)
+        return table.append_column("_trained", pa.array(trained, type=pa.int64())), stats, produced
+
+    return finish
 
 
 def _output_features(ds, call, where: str, path: str):
@@ -171,16 +203,19 @@ def apply_length_rules(ds, cfg: Config, where: str, seq_len: int | None = None):
 
 
 # ---------------------------------------------------------------- splits
-def prepare_split(entries: list[DatasetEntry], cfg: Config, tokenizer, key: str, seq_len: int | None = None):
+def prepare_split(entries: list[DatasetEntry], cfg: Config, tokenizer, key: str, seq_len: int | None = None,
+                  work=None):
     """Format, length-check, merge and deduplicate one split. Returns (dataset, total stats, per-entry stats)."""
     import datasets
 
     parts, per_entry = [], []
     for i, entry in enumerate(entries):
         where = f"{key}[{i}]"
-        ds, n_in = format_entry(entry, i, cfg, tokenizer, where)
-        n_produced = len(np.unique(column_numpy(ds, "_row"))) if len(ds) else 0
-        ds, stats = apply_length_rules(ds, cfg, where, seq_len)
+        folder = None
+        if work is not None:  # each split's files apart: datasets names derived files after the first one's
+            folder = work / key
+            folder.mkdir(exist_ok=True)
+        ds, stats, n_in, n_produced = format_entry(entry, i, cfg, tokenizer, where, folder, seq_len)
         stats.rows_in = n_in
         stats.name = f"{where} {_short_path(entry.path)}"
         if n_produced < n_in:
@@ -217,7 +252,9 @@ def split_stats(ds, names: list[str]) -> list[Stats]:
     source = column_numpy(ds, "_source")
     rows = np.bincount(source, minlength=n)
     tokens = np.bincount(source, weights=column_numpy(ds, "length"), minlength=n)
-    trained = np.bincount(source, weights=trained_per_row(ds), minlength=n)
+    # `_trained` (data/chunked.py) spares reading the token lists of a shuffled split again.
+    per_row = column_numpy(ds, "_trained") if "_trained" in ds.column_names else trained_per_row(ds)
+    trained = np.bincount(source, weights=per_row, minlength=n)
     return [
         Stats(name=names[i], rows_out=int(rows[i]), tokens=int(tokens[i]), trained_tokens=int(trained[i]))
         for i in range(n)
@@ -233,17 +270,18 @@ def _counts_of_final_split(per_entry: list[Stats], ds) -> list[Stats]:
     return per_entry
 
 
-def build(cfg: Config, tokenizer) -> PreparedData:
-    """Build the train (and eval) datasets described by the config, without any caching."""
+def build(cfg: Config, tokenizer, work=None) -> PreparedData:
+    """Build the train (and eval) datasets described by the config, without any caching. With a `work`
+    folder, in bounded chunks whose Arrow files go there (the caller deletes it once the data is saved)."""
     if not cfg.datasets:
         raise DataError("no `datasets:` in the config; add at least one entry with `path` and `type`.")
-    train, _, train_parts = prepare_split(cfg.datasets, cfg, tokenizer, "datasets")
+    train, _, train_parts = prepare_split(cfg.datasets, cfg, tokenizer, "datasets", work=work)
     if cfg.shuffle_merged_datasets:
         train = train.shuffle(seed=cfg.seed)
     eval_ds, eval_parts = None, None
     if cfg.test_datasets:
         eval_ds, _, eval_parts = prepare_split(
-            cfg.test_datasets, cfg, tokenizer, "test_datasets", cfg.eval_sequence_len
+            cfg.test_datasets, cfg, tokenizer, "test_datasets", cfg.eval_sequence_len, work=work
         )
         eval_parts = _counts_of_final_split(eval_parts, eval_ds)
     elif cfg.val_set_size:
@@ -276,8 +314,10 @@ def prepare(cfg: Config, tokenizer, *, rebuild: bool = False) -> PreparedData:
     """
     from . import cache
 
+    if cfg.pretraining_dataset or cfg.streaming:
+        return _prepare_stream(cfg, tokenizer)
     if cfg.skip_prepare_dataset:
-        return build(cfg, tokenizer)
+        return build(cfg, tokenizer, chunked.lasting_work_dir())
     key, material = cache.cache_key(cfg, tokenizer)
     root = cache.cache_root(cfg)
     # The lock lets one process (e.g. rank 0 of a multi-GPU launch) build while the others wait and reuse.
@@ -287,15 +327,32 @@ def prepare(cfg: Config, tokenizer, *, rebuild: bool = False) -> PreparedData:
             if hit is not None:
                 log.info("reusing prepared data from %s", hit.path)
                 return _from_cache(hit, reused=True)
-        data = build(cfg, tokenizer)
-        splits = {"train": data.train} if data.eval is None else {"train": data.train, "eval": data.eval}
-        payload = {
-            "splits": {k: v.as_dict() for k, v in data.stats.items()},
-            "by_dataset": {k: [s.as_dict() for s in v] for k, v in data.by_dataset.items()},
-        }
-        saved = cache.save(root, key, material, splits, payload)
+        with chunked.work_dir(root, key) as work:  # intermediate files, deleted once the entry is saved
+            data = build(cfg, tokenizer, work)
+            splits = {"train": data.train} if data.eval is None else {"train": data.train, "eval": data.eval}
+            payload = {
+                "splits": {k: v.as_dict() for k, v in data.stats.items()},
+                "by_dataset": {k: [s.as_dict() for s in v] for k, v in data.by_dataset.items()},
+            }
+            saved = cache.save(root, key, material, splits, payload)
+            del data, splits  # their memory maps point into `work`
         log.info("prepared data saved to %s", saved.path)
         return _from_cache(saved, reused=False)
+
+
+def _prepare_stream(cfg: Config, tokenizer) -> PreparedData:
+    """Streamed training data (read while training), and test_datasets prepared in memory if given."""
+    from .streaming import StreamSpec
+
+    stream = StreamSpec(cfg, tokenizer)  # checks the sources now, before the model loads
+    log.info("train data: streamed from %s, tokenized and packed while training",
+             ", ".join(s.entry.path for s in stream.sources))
+    data = PreparedData(train=None, eval=None, stats={}, stream=stream)
+    if cfg.test_datasets:
+        data.eval, data.stats["eval"], parts = prepare_split(
+            cfg.test_datasets, cfg, tokenizer, "test_datasets", cfg.eval_sequence_len, chunked.lasting_work_dir())
+        data.by_dataset["eval"] = _counts_of_final_split(parts, data.eval)
+    return data
 
 
 def _from_cache(entry, reused: bool) -> PreparedData:

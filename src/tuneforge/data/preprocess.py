@@ -53,6 +53,8 @@ def run(cfg: Config, debug: bool = False, num_examples: int = 1, text_only: bool
     finally:
         if owned:
             objective.close()
+    if data.stream is not None:
+        return _preview_stream(console, cfg, data, tokenizer, num_examples if debug else 0, text_only)
     if method_facts(cfg).rows == "prompts":
         return _preview_prompts(console, data, tokenizer, num_examples if debug else 0)
     print_summary(console, cfg, data)
@@ -69,6 +71,27 @@ def _preview_prompts(console: Console, data: PreparedData, tokenizer, num_exampl
         row = data.train[i]
         console.print(f"--- prompt {i} ({row['length']} tokens)")
         console.print(tokenizer.decode(row["input_ids"]) if "input_ids" in row else str(row.get("prompt")))
+    return data
+
+
+def _preview_stream(console: Console, cfg: Config, data: PreparedData, tokenizer, num_examples: int,
+                    text_only: bool) -> PreparedData:
+    """Streamed training data is read while training (nothing is cached): say so, and show its first rows."""
+    sources = ", ".join(s.entry.path for s in data.stream.sources)
+    console.print(Text(f"train: streamed while training from {sources} (nothing cached); rows of "
+                       f"{cfg.sequence_len} tokens are packed as documents are read", style="bold"), soft_wrap=True)
+    if data.eval is not None:
+        console.print(_split_table("eval split", data.by_dataset.get("eval") or [data.stats["eval"]],
+                                   data.stats["eval"]))
+    stream = data.stream.open()
+    for k in range(num_examples):
+        row = stream.next_row()
+        console.print(Text(f"\n--- packed row {k}: {len(row)} document(s), {sum(len(d['input_ids']) for d in row)} "
+                           "tokens ---", style="bold"), soft_wrap=True)
+        for doc in row:
+            console.print(render_masked_text(tokenizer, doc["input_ids"], doc["labels"]), soft_wrap=True)
+            if not text_only:
+                console.print(render_token_triples(tokenizer, doc["input_ids"], doc["labels"]), soft_wrap=True)
     return data
 
 
@@ -193,7 +216,7 @@ def sequences(row: dict[str, Any]) -> list[tuple[str, list[int], list[int]]]:
 
 def _extras(row: dict[str, Any]) -> str:
     """Scalar fields a format adds (e.g. KTO's `label`), shown in the sample header."""
-    skip = {"length", "_source", "_row"}
+    skip = {"length", "_source", "_row", "_trained"}
     items = [f"{k}={v}" for k, v in row.items() if k not in skip and not isinstance(v, list | dict)]
     return f" | {', '.join(items)}" if items else ""
 

@@ -28,15 +28,16 @@ _EXTENSIONS = {
 _COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".zstd"}
 
 
-def load_source(entry: DatasetEntry, cfg: Config, where: str):
-    """Load the entry's rows. `where` names the entry in error messages (e.g. "datasets[0]")."""
+def load_source(entry: DatasetEntry, cfg: Config, where: str, cache_dir: Path | None = None):
+    """Load the entry's rows. `where` names the entry in error messages (e.g. "datasets[0]"); local files are
+    converted to Arrow in `cache_dir` when given (a folder the caller deletes), else in datasets' cache."""
     import datasets
 
     datasets.disable_progress_bars()
     resolved = cfg.resolve_path(entry.path)
     local = Path(resolved).expanduser()
     if local.exists():
-        ds = _load_local(entry, local, where)
+        ds = _load_local(entry, local, where, cache_dir)
     elif _looks_local(entry.path):
         folders = dict.fromkeys(str(Path(d).resolve()) for d in (cfg.source_dir, Path.cwd()) if d)  # config's first
         looked = entry.path if Path(entry.path).expanduser().is_absolute() else " and ".join(folders)
@@ -98,7 +99,7 @@ def _folder_files(entry: DatasetEntry, path: Path, where: str) -> list[Path]:
     return files
 
 
-def _load_local(entry: DatasetEntry, path: Path, where: str):
+def _load_local(entry: DatasetEntry, path: Path, where: str, cache_dir: Path | None = None):
     import datasets
 
     split = entry.split or "train"
@@ -114,7 +115,8 @@ def _load_local(entry: DatasetEntry, path: Path, where: str):
             _check_utf8(f, where)
     try:
         with _quiet_datasets_errors():
-            return datasets.load_dataset(kind, data_files=[str(f) for f in files], split=split)
+            return datasets.load_dataset(kind, data_files=[str(f) for f in files], split=split,
+                                         cache_dir=str(cache_dir) if cache_dir else None)
     except Exception as exc:  # the datasets library raises many kinds; the user needs the file and the cause
         raise DataError(f"{where}: could not read {path} as {kind}: {_explain(files, kind, exc)}") from None
 

@@ -62,6 +62,7 @@ class PreparedData:
     cache_dir: Any = None  # pathlib.Path of the cache entry, None when skip_prepare_dataset
     reused_cache: bool = False
     by_dataset: dict[str, list[Stats]] = field(default_factory=dict)  # split -> one Stats per dataset entry
+    stream: Any = None  # streamed training data (data/streaming.py StreamSpec); `train` is then None
 
 
 def sum_stats(parts: list[Stats]) -> Stats:

@@ -35,8 +35,21 @@ def check_without_model(cfg: Config) -> None:
             where = f"{key}.{i}"
             issues += _template_issues(f"{where}.chat_template", entry.chat_template)
             issues += _entry_issues(cfg, entry, where)
+    for i, entry in enumerate(cfg.pretraining_dataset or []):
+        issues += _stream_issues(cfg, entry, f"pretraining_dataset.{i}")
     if issues:
         raise ConfigError([_with_line(cfg, issue) for issue in issues])
+
+
+def _stream_issues(cfg: Config, entry, where: str) -> list[ConfigIssue]:
+    """A streamed entry's files exist and have one known format (nothing is read; a hub id is not looked up)."""
+    from .stream_sources import EntryFiles
+
+    try:
+        EntryFiles(entry, cfg, where)
+    except TuneforgeError as exc:
+        return [ConfigIssue(f"{where}.path", str(exc))]
+    return []
 
 
 def _template_issues(path: str, name: str | None) -> list[ConfigIssue]:

@@ -51,6 +51,7 @@ from .profiling import StepProfiler
 from .rows import RowSource, device_batch
 from .schedule import build_scheduler
 from .signals import StopFlag, TrainingInterrupted
+from .stream_plan import StreamPlan, StreamRows
 from .trigger import CheckpointTrigger
 from .watchdog import LossWatchdog
 
@@ -105,9 +106,15 @@ class Trainer:
         acc = self.accelerator
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
-        self.train_rows = RowSource(data.train, objective.row_columns)
-        self.plan = StepPlan(cfg, self.train_rows.lengths, world_size=acc.num_processes, rank=acc.process_index,
-                             shape=objective.step_shape())
+        self.streamed = getattr(data, "stream", None) is not None  # read while training (engine/stream_plan.py)
+        if self.streamed:
+            self.train_rows = StreamRows()
+            self.plan = StreamPlan(cfg, data.stream.open(acc.process_index, acc.num_processes),
+                                   shape=objective.step_shape())
+        else:
+            self.train_rows = RowSource(data.train, objective.row_columns)
+            self.plan = StepPlan(cfg, self.train_rows.lengths, world_size=acc.num_processes, rank=acc.process_index,
+                                 shape=objective.step_shape())
         self.total_steps = self.plan.total_steps
         self.sharded = cfg.fsdp_enabled
         self.prepare_model()
@@ -336,6 +343,8 @@ class Trainer:
             "plan": self._plan_signature(),
             "grad_scaler": loss_scaling.state_dict(self.accelerator),
         }
+        if self.streamed:  # every process's stream position (each reads its own shard)
+            state["stream"] = collectives.gather_objects(self.plan.state_dict())
         only_model = self.cfg.save_only_model and not resumable
         with outputs_guard.save_errors(self.output_dir, self.state.global_step, self.last_checkpoint):  # disk full
             path = ckpt.save_checkpoint(
@@ -360,7 +369,10 @@ class Trainer:
         saved = ckpt.load_training_state(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                          process_index=self.accelerator.process_index, adapter=self.adapter,
                                          sharded=self.runner if self.sharded else None)
-        saved["index"] = resume.index_for_world(saved, self.accelerator.num_processes)
+        if self.streamed:
+            self.plan.load_state_dict(saved.get("stream"), path)
+        else:
+            saved["index"] = resume.index_for_world(saved, self.accelerator.num_processes)
         fields = TrainState.__dataclass_fields__
         self.state = TrainState(**{k: saved[k] for k in fields if k in saved})
         self.watchdog.load_state_dict(saved.get("watchdog", {}))
