@@ -48,55 +48,60 @@ def _hand_features(model, prompts, completions, layers_f, method):
     for p, c in zip(prompts, completions, strict=True):
         ids = torch.tensor([p + c])
         states = feats.hidden_features(model, ids, torch.ones_like(ids), layers)[0]  # [T, D]
-        out.append(states[len(p):].mean(0) if method == "completion_mean" else states[-1])
+        pooled = {"completion_mean": states[len(p):].mean(0), "mean_pooling": states.mean(0), "last_token": states[-1]}
+        out.append(pooled[method])
     return torch.stack(out)
 
 
-def _rollout_of(obj, batch):
-    """A fixed rollout: G completions per prompt of various lengths, one of them the ground truth itself."""
+def _rollout_of(obj, batch, with_truth=True):
+    """A fixed rollout: G completions per prompt of various lengths, the first the ground truth itself."""
     completions = []
     for i, gt in enumerate(batch["gt_ids"]):
-        completions += [list(gt), [5 + i, 9], [7, 8, 2 + i], [11]]
+        completions += [list(gt) if with_truth else [3, 4 + i], [5 + i, 9], [7, 8, 2 + i], [11]]
     n = len(completions)
     return Rollout(prompt_ids=batch["prompt_ids"], completion_ids=completions, logprobs=[[0.0] * len(c) for c in completions],
                    finished=[True] * n, n=G)
 
 
-def _scored(obj, policy, tokenizer):
+def _scored(obj, policy, tokenizer, with_truth=True):
     data = obj.prepare_data(tokenizer)
     batch = obj.collate([[data.train[i] for i in range(2)]], tokenizer.pad_token_id, training=True)
-    rollout = _rollout_of(obj, batch)
+    rollout = _rollout_of(obj, batch, with_truth)
     obj._model = policy
     _, per_func = obj._score(batch, rollout)
     return batch, rollout, per_func
 
 
-@pytest.mark.parametrize("method", ["completion_mean", "last_token"])
-def test_rewards_are_batch_rewards_of_the_frozen_copys_features(ebft, tiny_model_dir, tiny_tokenizer, method):
+@pytest.mark.parametrize(("method", "whitening"), [("completion_mean", False), ("last_token", True),
+                                                   ("mean_pooling", False)])
+def test_rewards_are_batch_rewards_of_the_frozen_copys_features(ebft, tiny_model_dir, tiny_tokenizer, method,
+                                                                 whitening):
     """Full fine-tuning: the feature network is a frozen copy of the starting weights, so a policy whose
     weights moved still gets the untouched model's rewards."""
     from transformers import AutoModelForCausalLM
 
-    obj = ebft(ebft={"embed_method": method, "diversity_coef": 0.5})
+    obj = ebft(ebft={"embed_method": method, "diversity_coef": 0.5, "use_whitening": whitening})
     start = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     policy = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 0.05)  # training moved the policy
-    batch, rollout, per_func = _scored(obj, policy, tiny_tokenizer)
+    # Whitened, a group containing the ground truth scores [2, 0, 0, 0] whatever the features: leave it out.
+    batch, rollout, per_func = _scored(obj, policy, tiny_tokenizer, with_truth=not whitening)
     prompts = [p for p in batch["prompt_ids"] for _ in range(G)]
     layers = obj.ebft.feature_layers
     gen = _hand_features(start, prompts, rollout.completion_ids, layers, method)
     truth = _hand_features(start, batch["prompt_ids"], batch["gt_ids"], layers, method)
-    expected = batch_rewards(gen, truth, G, alignment_coef=1.0, diversity_coef=0.5)
+    expected = batch_rewards(gen, truth, G, alignment_coef=1.0, diversity_coef=0.5, whitening=whitening)
     assert per_func.shape == (2 * G, 1)
     assert torch.allclose(per_func[:, 0].float(), expected.rewards, atol=1e-5)
     assert torch.allclose(obj._scores.alignment, expected.alignment, atol=1e-5)
-    assert obj._scores.alignment[0] == pytest.approx(1.0, abs=1e-6)  # the ground truth itself: alignment 1
+    if not whitening:
+        assert obj._scores.alignment[0] == pytest.approx(1.0, abs=1e-6)  # the ground truth itself: alignment 1
     # the moved policy's own features would score differently: the comparison above can fail
     moved = batch_rewards(_hand_features(policy, prompts, rollout.completion_ids, layers, method),
                           _hand_features(policy, batch["prompt_ids"], batch["gt_ids"], layers, method), G,
-                          diversity_coef=0.5)
+                          diversity_coef=0.5, whitening=whitening)
     assert not torch.allclose(moved.rewards, expected.rewards, atol=1e-3)
 
 

@@ -179,8 +179,9 @@ class FeatureRewards:
 
 
 def _right_padded(prompts: list[list[int]], completions: list[list[int]], pad_id: int):
-    """(ids, valid, completion) [N, T]: prompt+completion rows padded on the right (the positions of real
-    tokens are then 0..len-1, as in generation), and masks of real and completion tokens."""
+    """(ids, valid, completion) [N, T]: prompt+completion rows padded on the right, and masks of real and
+    completion tokens. Right padding keeps the real tokens at positions 0..len-1 (as in generation), and
+    under causal attention no real token can attend to a pad, whatever the kernel does with the mask."""
     width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     valid = torch.zeros((len(prompts), width), dtype=torch.bool)
