@@ -64,9 +64,11 @@ def test_missing_tracker_package_is_clear(tmp_path, tiny_model_dir):
         train(cfg)
 
 
-def test_unimplemented_method_fails_before_loading(tmp_path):
+def test_unimplemented_method_fails_before_loading(tmp_path, monkeypatch):
+    from tuneforge import methods
     from tuneforge.config import load
 
+    monkeypatch.delitem(methods._REGISTRY, "ebft")  # a method the config accepts without an objective
     cfg = load(data={"base_model": str(tmp_path / "does-not-exist"), "rl": "ebft"})
     with pytest.raises(NotSupportedYet, match="rl: ebft"):
         train(cfg)  # the base model folder does not exist: the method check comes first

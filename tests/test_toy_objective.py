@@ -4,8 +4,9 @@
 (docs/objectives.md walks through it); the test's `monkeypatch.setitem(_REGISTRY, ...)` is the one
 registry line in `methods/__init__.py`. It is kept test-only: a shipped method would also need its
 docs and user-facing keys, and this one exists to prove the contract, not to train models. It is
-registered as `rl: ebft`, the method the config accepts that has no objective yet (an objective for
-a brand-new `rl:` value also adds its row in config/methods.py).
+registered as `rl: reinforce`, a name no shipped method uses: the test adds its row to
+config/methods.py's METHODS as a new method would, and sets `rl` on a validated config directly
+(a shipped method adds its name to config/rl.py's RLMethod instead).
 
 Per prompt, `num_generations` completions y_i are sampled; with reward r_i and the constant baseline b
 (0.5 here) the loss of the step is
@@ -101,8 +102,10 @@ class ReinforceObjective(Objective):
 def toy(tmp_path, write_jsonl, write_config, monkeypatch):
     from tuneforge import methods
     from tuneforge.config import load
+    from tuneforge.config.methods import METHODS, MethodFacts
 
-    monkeypatch.setitem(methods._REGISTRY, "ebft", ReinforceObjective)  # the one registry line
+    monkeypatch.setitem(methods._REGISTRY, "reinforce", ReinforceObjective)  # the one registry line
+    monkeypatch.setitem(METHODS, "reinforce", MethodFacts(rows="prompts"))  # its row in config/methods.py
     (tmp_path / "toy_rewards.py").write_text(textwrap.dedent("""
         def hits(completions, **kwargs):
             return [1.0 if "7" in c else 0.0 for c in completions]
@@ -111,10 +114,11 @@ def toy(tmp_path, write_jsonl, write_config, monkeypatch):
     write_jsonl([{"prompt": f"hello {i}"} for i in range(32)], "prompts.jsonl")
 
     def config(**top):
-        return load(write_config({
-            "rl": "ebft", "datasets": [{"path": "prompts.jsonl", "type": "prompt"}],
+        cfg = load(write_config({
+            "rl": "grpo", "datasets": [{"path": "prompts.jsonl", "type": "prompt"}],
             "trl": {"num_generations": 4, "max_completion_length": 6, "reward_funcs": ["toy_rewards.hits"]},
             "micro_batch_size": 2, "seed": 0, "save_strategy": "no", "logging_steps": 1, **top}))
+        return cfg.model_copy(update={"rl": "reinforce"})  # RLMethod lists shipped methods only
 
     return config
 

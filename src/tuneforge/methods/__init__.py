@@ -9,12 +9,15 @@ checks (and an unimplemented method) fail immediately with a clear message.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tuneforge.config.methods import method_key, method_name
 from tuneforge.config.schema import Config
 from tuneforge.errors import NotSupportedYet
 
 from .base import Batch, Objective, StepShape
 from .dpo import DPOObjective
+from .ebft.mode import ebft_objective
 from .grpo import GDPOObjective, GRPOObjective
 from .kto import KTOObjective
 from .orpo import ORPOObjective
@@ -23,10 +26,12 @@ from .reward_model import RewardModelObjective
 from .sft import SFTObjective
 from .simpo import SimPOObjective
 
-_REGISTRY: dict[str, type[Objective]] = {}
+# An objective class, or a function of the config returning one (`rl: ebft` picks its class by ebft.mode).
+ObjectiveFactory = Callable[[Config], Objective]
+_REGISTRY: dict[str, ObjectiveFactory] = {}
 
 
-def register(name: str, cls: type[Objective]) -> type[Objective]:
+def register(name: str, cls: ObjectiveFactory) -> ObjectiveFactory:
     """Make `cls` the objective of method `name` (the value of `rl:`, or sft / reward_model / ...)."""
     _REGISTRY[name] = cls
     return cls
@@ -42,6 +47,7 @@ register("reward_model", RewardModelObjective)
 register("process_reward_model", ProcessRewardModelObjective)
 register("grpo", GRPOObjective)
 register("gdpo", GDPOObjective)
+register("ebft", ebft_objective)
 
 
 def get_objective(cfg: Config) -> Objective:

@@ -61,7 +61,7 @@ class GRPOObjective(Objective):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         self.settings = GRPOSettings.from_config(cfg)
-        self.rewards = RewardSet.from_config(cfg)  # import errors surface before any model loads
+        self.rewards = self._reward_set(cfg)  # import errors surface before any model loads
         self.completions_per_micro_batch = completions_per_micro_batch(cfg, self.settings.num_generations)
         log.info("GRPO: %d prompts x %d generations per optimizer step, in micro-batches of %d completions",
                  self.step_shape().rows_per_micro_batch, self.settings.num_generations,
@@ -77,6 +77,10 @@ class GRPOObjective(Objective):
         self._train_clock: float | None = None
         self._last_train_seconds = 0.0
         self._completions = None  # engine.samples_writer.SamplesWriter with trl.log_completions
+
+    def _reward_set(self, cfg: Config) -> RewardSet:
+        """The rewards the completions are scored with (EBFT replaces the reward functions)."""
+        return RewardSet.from_config(cfg)
 
     def step_shape(self) -> StepShape:
         # The step's prompts arrive as one planned micro-batch (checked to divide); rollout_step splits
