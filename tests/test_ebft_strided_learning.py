@@ -69,7 +69,7 @@ def test_the_shipped_example_validates_and_trains(monkeypatch, tmp_path):
     from tuneforge.methods.ebft.strided import StridedEBFTObjective
 
     monkeypatch.setitem(methods._REGISTRY, "ebft", StridedEBFTObjective)
-    example = Path(__file__).resolve().parents[1] / "examples" / "ebft-strided-tiny.yml"
+    example = Path(__file__).resolve().parents[1] / "examples" / "ebft-strided-tiny.yaml"
     result = CliRunner().invoke(app, ["validate", str(example)])
     assert result.exit_code == 0, result.output
     cfg = load(example, {"max_steps": 2, "eval_steps": 2, "output_dir": str(tmp_path / "out")})
