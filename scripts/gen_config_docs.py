@@ -42,6 +42,7 @@ AREAS = {
     "TrainingKeys": ("Training, evaluation and checkpoints", "Optimizer, schedule, evaluation and saving."),
     "LoggingKeys": ("Logging and trackers", "Metrics are always written to output_dir/metrics.jsonl."),
     "RLKeys": ("Preference and RL methods", "Keys of `rl:` methods, reward models and the `trl:` block."),
+    "DistributedKeys": ("Several GPUs and sharding", "Data parallelism, FSDP2 and DeepSpeed (docs/multi-gpu.md)."),
 }
 # Where each nested block appears in a config, for its heading.
 NESTED_TITLES = {
