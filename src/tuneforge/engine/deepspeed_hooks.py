@@ -1,0 +1,64 @@
+"""The trainer's DeepSpeed setup (`deepspeed:`), kept beside the loop rather than inside it: tuneforge's
+optimizer and schedule, handed to `deepspeed.initialize` with the filled JSON
+(tuneforge.distributed.deepspeed_engine says how the loop's step contract is kept)."""
+
+from __future__ import annotations
+
+from tuneforge.errors import NotSupportedYet
+
+from .optim import build_optimizer
+from .schedule import build_scheduler, warmup_steps
+
+
+def prepare(trainer):
+    """(runner, optimizer, scheduler, ZeroEngine) for `trainer`: the DeepSpeed engine is the runner."""
+    from tuneforge.distributed import deepspeed_engine as dse
+
+    from .trainer import ObjectiveRunner, _generates
+
+    cfg = trainer.cfg
+    if _generates(trainer.objective):
+        raise NotSupportedYet(f"rl: {cfg.rl} generates during training, which is not supported with deepspeed yet; "
+                              "use FSDP2 (fsdp_version: 2 with fsdp_config) or train without the deepspeed key")
+    acc = trainer.accelerator
+    optimizer = build_optimizer(cfg, trainer.model)
+    zero = dse.initialize(cfg, ObjectiveRunner(trainer.model), trainer.model, optimizer=optimizer,
+                          world_size=acc.num_processes, precision=trainer.precision,
+                          total_steps=trainer.total_steps, warmup=warmup_steps(cfg, trainer.total_steps))
+    if zero.scheduler is not None:  # the JSON's scheduler section: DeepSpeed steps it
+        scheduler = dse.DeepSpeedSchedule(zero.scheduler)
+    else:  # tuneforge's schedule on the torch optimizer whose param_groups DeepSpeed's wrapper updates with
+        scheduler = build_scheduler(cfg, dse.base_optimizer(zero), trainer.total_steps)
+    return zero.engine, zero.engine.optimizer, scheduler, zero
+
+
+def save_state(zero, tmp, model, tokenizer, *, only_model: bool, main: bool, safe: bool) -> None:
+    """A DeepSpeed run's checkpoint content: every process's DeepSpeed state (resumable), or with save_only_model
+    the weights as a loadable folder; the tokenizer and model config from the first process."""
+    if only_model:
+        zero.save_final(model, tokenizer, tmp, main=main, safe=safe)
+        return
+    zero.save(tmp)
+    if main:
+        config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
+        if config is not None:
+            config.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+
+def load_state(zero, path) -> bool:
+    """Restore a DeepSpeed checkpoint's model and optimizer when this is a DeepSpeed run (True), refusing a
+    checkpoint of the other kind either way."""
+    from tuneforge.distributed import deepspeed_engine as dse
+    from tuneforge.errors import TuneforgeError
+
+    if zero is None:
+        if dse.exists(path):
+            raise TuneforgeError(f"{path} is a DeepSpeed checkpoint: resume it with the same deepspeed: JSON")
+        return False
+    if not dse.exists(path):
+        raise TuneforgeError(f"{path} holds no DeepSpeed state, but this run uses deepspeed: resume it without the "
+                             "deepspeed key, or from a checkpoint of a DeepSpeed run")
+    zero.load(path, with_optimizer=True)
+    return True
