@@ -219,3 +219,26 @@ def test_resuming_a_checkpoint_of_the_other_kind_is_one_clear_error(tmp_path):
     with pytest.raises(TuneforgeError, match="holds no DeepSpeed state"):
         load_state(object(), tmp_path / "plain")
     assert load_state(None, tmp_path / "plain") is False
+
+
+def test_zero_bucket_sizes_come_from_the_hidden_size_and_unknown_autos_are_named():
+    zero = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                                  "stage3_param_persistence_threshold": "auto", "sub_group_size": 1e9}}
+    out = _fill(zero, hidden_size=100)["zero_optimization"]
+    assert (out["reduce_bucket_size"], out["stage3_prefetch_bucket_size"]) == (10_000, 9_000)
+    assert out["stage3_param_persistence_threshold"] == 1_000 and out["sub_group_size"] == 1e9
+    with pytest.raises(dsc.DeepSpeedConfigError, match=r"zero_optimization.reduce_bucket_size, .* are \"auto\""):
+        _fill(zero)  # no hidden size known
+    with pytest.raises(dsc.DeepSpeedConfigError, match=r"steps_per_print is \"auto\""):
+        _fill({"steps_per_print": "auto"})
+
+
+def test_every_shipped_config_fills_completely():
+    shipped = sorted(Path(__file__).parents[1].joinpath("deepspeed_configs").glob("*.json"))
+    assert len(shipped) >= 7
+    for path in shipped:
+        settings = json.loads(path.read_text())
+        precision = "bf16" if (settings.get("bf16") or {}).get("enabled") is True else "no"
+        out = _fill(settings, precision=precision, hidden_size=64)
+        assert "auto" not in json.dumps(out), path.name
+        assert out["train_batch_size"] == 24

@@ -11,6 +11,9 @@ loop itself uses, so DeepSpeed and the step plan agree:
     bf16.enabled / fp16.enabled     <- the run's mixed precision (bf16 / fp16 / none)
     optimizer.params (if present)   <- learning_rate, adam_beta1/2, adam_epsilon, weight_decay
     scheduler.params (if present)   <- learning_rate, the warmup steps, the run's total steps
+    zero_optimization bucket sizes  <- from the model's hidden size h, as Hugging Face's integration fills them:
+                                       reduce_bucket_size h*h, stage3_prefetch_bucket_size 0.9*h*h,
+                                       stage3_param_persistence_threshold 10*h
 
 A number the JSON sets that contradicts the config is an error naming both (the run would otherwise train
 another batch or precision than the config says).
@@ -50,7 +53,8 @@ def zero_stage(settings: dict) -> int:
 
 
 def fill(settings: dict, *, micro_batch_size: int, grad_accum: int, world_size: int, max_grad_norm: float | None,
-         precision: str, optimizer: dict | None = None, scheduler: dict | None = None) -> dict:
+         precision: str, optimizer: dict | None = None, scheduler: dict | None = None,
+         hidden_size: int | None = None) -> dict:
     """A copy of `settings` with every "auto" replaced (see the module docstring); `optimizer` / `scheduler`
     are the values for those sections' "auto" params. Raises DeepSpeedConfigError on a contradiction."""
     out = copy.deepcopy(settings)
@@ -65,6 +69,11 @@ def fill(settings: dict, *, micro_batch_size: int, grad_accum: int, world_size: 
             _set(section, "enabled", precision == kind, "bf16/fp16", where=f"{kind}.enabled")
         elif precision == kind:
             out[kind] = {**(section or {}), "enabled": True}
+    zero = out.get("zero_optimization")
+    if isinstance(zero, dict) and hidden_size:
+        for key, value in _buckets(hidden_size).items():
+            if zero.get(key) == AUTO:
+                zero[key] = value
     for name, values in (("optimizer", optimizer), ("scheduler", scheduler)):
         params = (out.get(name) or {}).get("params")
         if isinstance(params, dict) and values:
@@ -75,7 +84,24 @@ def fill(settings: dict, *, micro_batch_size: int, grad_accum: int, world_size: 
             if left:
                 raise DeepSpeedConfigError(f"deepspeed: {name}.params {', '.join(left)} are \"auto\", which tuneforge "
                                            f"cannot fill; give numbers (it fills {', '.join(sorted(values))})")
+    left = [k for k, v in _flat(out) if v == AUTO]
+    if left:
+        raise DeepSpeedConfigError(f"deepspeed: {', '.join(left)} {'is' if len(left) == 1 else 'are'} \"auto\", which "
+                                   "tuneforge does not fill; give a number")
     return out
+
+
+def _buckets(h: int) -> dict:
+    return {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+            "stage3_param_persistence_threshold": 10 * h}
+
+
+def _flat(settings: dict, prefix: str = ""):
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 _OURS = {"train_micro_batch_size_per_gpu": "micro_batch_size", "gradient_accumulation_steps":

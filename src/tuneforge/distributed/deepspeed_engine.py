@@ -160,7 +160,8 @@ def initialize(cfg, runner: nn.Module, model: nn.Module, *, optimizer, world_siz
     raw = deepspeed_settings(cfg)
     settings = dsc.fill(raw, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
                         world_size=world_size, max_grad_norm=cfg.max_grad_norm, precision=precision,
-                        optimizer=dsc.optimizer_values(cfg), scheduler=dsc.scheduler_values(cfg, warmup, total_steps))
+                        optimizer=dsc.optimizer_values(cfg), scheduler=dsc.scheduler_values(cfg, warmup, total_steps),
+                        hidden_size=_hidden_size(model))
     own = "optimizer" not in settings
     settings = dsc.run_settings(settings, own_optimizer=own)
     if not own:
@@ -177,6 +178,12 @@ def initialize(cfg, runner: nn.Module, model: nn.Module, *, optimizer, world_siz
                                        if ((settings["zero_optimization"].get(k) or {}).get("device") or "none")
                                        != "none") if _offloads(settings) else "")
     return ZeroEngine(engine, settings, scheduler if "scheduler" in settings else None)
+
+
+def _hidden_size(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "hidden_size", None)
 
 
 def _offloads(settings: dict) -> bool:
