@@ -11,9 +11,9 @@ micro-batches, e.g. the last of an epoch): the boundary is set before every micr
 `engine.step()` runs once per optimizer step; it clips (gradient_clipping), updates and zeroes gradients.
 
 Checkpoints: every process writes its part with `engine.save_checkpoint` into `<checkpoint>.tmp/deepspeed/`,
-which the engine's checkpoint writer then publishes atomically like any checkpoint. Final weights: ZeRO-1/2
-keep whole parameters on every process, written as they are; ZeRO-3 parameters are gathered one at a time
-(`GatheredParameters`) and written into safetensors shards by the first process.
+which the engine's checkpoint writer then publishes atomically like any checkpoint. Final weights: one tensor
+at a time, the trained ones from the optimizer's fp32 master copy (`safe_get_full_fp32_param`), frozen
+ZeRO-3 ones gathered (`GatheredParameters`), written into safetensors shards by the first process.
 """
 
 from __future__ import annotations
@@ -88,16 +88,24 @@ class ZeroEngine:
 
     # -------------------------------------------------------------- weights
     def full_tensors(self, *, trainable_only: bool):
-        """(name in the model, whole CPU tensor) one at a time, on every process (ZeRO-3 gathers are
-        collective). Tied parameters are yielded once, under their first name, as save_pretrained does."""
+        """(name in the model, whole CPU tensor) one at a time, on every process (the gathers are collective).
+        Trained parameters come from the optimizer's fp32 master copy (with bf16/fp16 the model itself holds a
+        rounded copy), as the plain and FSDP2 runs save them; frozen ones as they are. Tied parameters are
+        yielded once, under their first name, as save_pretrained does."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
         model = self.engine.module.model
         seen: set[int] = set()
         for name, param in model.named_parameters(remove_duplicate=False):
             if id(param) in seen or (trainable_only and not param.requires_grad):
                 continue
             seen.add(id(param))
-            with _gathered([param], self.stage):
-                tensor = param.detach().cpu().clone()
+            master = safe_get_full_fp32_param(param) if param.requires_grad else None
+            if master is not None:
+                tensor = master.detach().cpu().clone()
+            else:
+                with _gathered([param], self.stage):
+                    tensor = param.detach().cpu().clone()
             yield name, tensor
         if not trainable_only:
             stored = set(model.state_dict())
@@ -111,10 +119,7 @@ class ZeroEngine:
         from .sharded_checkpoint import _write_shards
 
         folder = Path(folder)
-        if self.stage < 3:  # whole parameters on every process
-            if main:
-                model.save_pretrained(str(folder), safe_serialization=safe)
-        elif hasattr(model, "peft_config"):
+        if hasattr(model, "peft_config"):
             adapter = dict(self.full_tensors(trainable_only=True))
             if main:
                 model.save_pretrained(str(folder), state_dict=adapter, safe_serialization=safe)
