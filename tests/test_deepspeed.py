@@ -185,6 +185,13 @@ def test_two_zero_processes_train_like_one_plain_process_and_resume(tmp_path, ti
                       "--resume-from-checkpoint", str(ckpt))
     assert again.returncode == 0, again.stderr[-3000:]
     _close({r["step"]: r["loss"] for r in _records(tmp_path / "r2")}, {s: v for s, v in whole.items() if s > 2})
+    # ZeRO state is partitioned per process: another process count is refused by name, before any step.
+    from tuneforge.config import load
+    from tuneforge.errors import TuneforgeError
+
+    with pytest.raises(TuneforgeError, match=r"ZeRO state of 2 processes; resume it on 2 processes \(this run has 1\)"):
+        train(load(str(config), ["--output-dir", str(tmp_path / "r1"), "--gradient-accumulation-steps", "2",
+                                 "--resume-from-checkpoint", str(ckpt)]))
 
 
 @needs_deepspeed
@@ -242,3 +249,30 @@ def test_every_shipped_config_fills_completely():
         out = _fill(settings, precision=precision, hidden_size=64)
         assert "auto" not in json.dumps(out), path.name
         assert out["train_batch_size"] == 24
+
+
+def test_the_process_count_of_a_checkpoint_is_read_from_its_files(tmp_path):
+    from tuneforge.distributed.deepspeed_engine import processes_that_wrote
+
+    state = tmp_path / "deepspeed" / "state"
+    state.mkdir(parents=True)
+    assert processes_that_wrote(tmp_path) == 0
+    for name in ("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                 "zero_pp_rank_1_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"):
+        (state / name).write_bytes(b"")
+    assert processes_that_wrote(tmp_path) == 2
+
+
+def test_methods_that_generate_while_training_are_refused_with_what_to_use(monkeypatch):
+    from types import SimpleNamespace
+
+    from tuneforge.engine.deepspeed_hooks import prepare
+    from tuneforge.errors import NotSupportedYet
+
+    class Generating:
+        def rollout_step(self, model, batches):
+            return batches
+
+    trainer = SimpleNamespace(cfg=SimpleNamespace(rl="grpo"), objective=Generating())
+    with pytest.raises(NotSupportedYet, match=r"rl: grpo generates .* use FSDP2"):
+        prepare(trainer)
