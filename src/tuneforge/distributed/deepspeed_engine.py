@@ -178,10 +178,9 @@ def initialize(cfg, runner: nn.Module, model: nn.Module, *, optimizer, world_siz
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it; launchers set it, one plain process is 0
     engine, _, _, scheduler = deepspeed.initialize(model=runner, optimizer=optimizer if own else None,
                                                    config=settings)
+    offloaded = _offloaded(settings)
     log.info("DeepSpeed ZeRO stage %d on %d process(es)%s", dsc.zero_stage(settings), world_size,
-             "; offload: " + ", ".join(k for k in ("offload_param", "offload_optimizer")
-                                       if ((settings["zero_optimization"].get(k) or {}).get("device") or "none")
-                                       != "none") if _offloads(settings) else "")
+             f"; offloaded to host memory: {', '.join(offloaded)}" if offloaded else "")
     return ZeroEngine(engine, settings, scheduler if "scheduler" in settings else None)
 
 
@@ -191,9 +190,9 @@ def _hidden_size(model: nn.Module) -> int | None:
     return getattr(config, "hidden_size", None)
 
 
-def _offloads(settings: dict) -> bool:
+def _offloaded(settings: dict) -> list[str]:
     zero = settings.get("zero_optimization") or {}
-    return any((zero.get(k) or {}).get("device") in ("cpu", "nvme") for k in ("offload_param", "offload_optimizer"))
+    return [k for k in ("offload_param", "offload_optimizer") if (zero.get(k) or {}).get("device") in ("cpu", "nvme")]
 
 
 def _register_head(runner: nn.Module, model: nn.Module) -> None:
