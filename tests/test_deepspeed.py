@@ -269,10 +269,6 @@ def test_methods_that_generate_while_training_are_refused_with_what_to_use(monke
     from tuneforge.engine.deepspeed_hooks import prepare
     from tuneforge.errors import NotSupportedYet
 
-    class Generating:
-        def rollout_step(self, model, batches):
-            return batches
-
-    trainer = SimpleNamespace(cfg=SimpleNamespace(rl="grpo"), objective=Generating())
+    trainer = SimpleNamespace(cfg=SimpleNamespace(rl="grpo"))
     with pytest.raises(NotSupportedYet, match=r"rl: grpo generates .* use FSDP2"):
-        prepare(trainer)
+        prepare(trainer, runner=None, generates=True)

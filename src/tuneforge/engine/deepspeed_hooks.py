@@ -10,19 +10,18 @@ from .optim import build_optimizer
 from .schedule import build_scheduler, warmup_steps
 
 
-def prepare(trainer):
-    """(runner, optimizer, scheduler, ZeroEngine) for `trainer`: the DeepSpeed engine is the runner."""
+def prepare(trainer, runner, generates: bool):
+    """(runner, optimizer, scheduler, ZeroEngine) for `trainer`: the DeepSpeed engine wraps `runner` (the
+    trainer's ObjectiveRunner); `generates`: the objective generates during a step."""
     from tuneforge.distributed import deepspeed_engine as dse
 
-    from .trainer import ObjectiveRunner, _generates
-
     cfg = trainer.cfg
-    if _generates(trainer.objective):
+    if generates:
         raise NotSupportedYet(f"rl: {cfg.rl} generates during training, which is not supported with deepspeed yet; "
                               "use FSDP2 (fsdp_version: 2 with fsdp_config) or train without the deepspeed key")
     acc = trainer.accelerator
     optimizer = build_optimizer(cfg, trainer.model)
-    zero = dse.initialize(cfg, ObjectiveRunner(trainer.model), trainer.model, optimizer=optimizer,
+    zero = dse.initialize(cfg, runner, trainer.model, optimizer=optimizer,
                           world_size=acc.num_processes, precision=trainer.precision,
                           total_steps=trainer.total_steps, warmup=warmup_steps(cfg, trainer.total_steps))
     if zero.scheduler is not None:  # the JSON's scheduler section: DeepSpeed steps it

@@ -155,7 +155,8 @@ class Trainer:
         if cfg.deepspeed:
             from .deepspeed_hooks import prepare
 
-            self.runner, self.optimizer, self.scheduler, self.zero = prepare(self)
+            self.runner, self.optimizer, self.scheduler, self.zero = prepare(self, ObjectiveRunner(self.model),
+                                                                             _generates(self.objective))
             self.trainable = [p for p in self.runner.parameters() if p.requires_grad]
             return
         if self.sharded:
