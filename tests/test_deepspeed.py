@@ -269,6 +269,6 @@ def test_methods_that_generate_while_training_are_refused_with_what_to_use(monke
     from tuneforge.engine.deepspeed_hooks import prepare
     from tuneforge.errors import NotSupportedYet
 
-    trainer = SimpleNamespace(cfg=SimpleNamespace(rl="grpo"))
-    with pytest.raises(NotSupportedYet, match=r"rl: grpo generates .* use FSDP2"):
+    trainer = SimpleNamespace(cfg=SimpleNamespace())
+    with pytest.raises(NotSupportedYet, match=r"rl: this method generates .*GRPO.* use FSDP2"):
         prepare(trainer, runner=None, generates=True)

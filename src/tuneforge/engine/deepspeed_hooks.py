@@ -17,8 +17,9 @@ def prepare(trainer, runner, generates: bool):
 
     cfg = trainer.cfg
     if generates:
-        raise NotSupportedYet(f"rl: {cfg.rl} generates during training, which is not supported with deepspeed yet; "
-                              "use FSDP2 (fsdp_version: 2 with fsdp_config) or train without the deepspeed key")
+        raise NotSupportedYet("rl: this method generates during training (online RL such as GRPO), which is not "
+                              "supported with deepspeed yet; use FSDP2 (fsdp_version: 2 with fsdp_config) or train "
+                              "without the deepspeed key")
     acc = trainer.accelerator
     optimizer = build_optimizer(cfg, trainer.model)
     zero = dse.initialize(cfg, runner, trainer.model, optimizer=optimizer,
