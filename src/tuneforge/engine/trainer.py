@@ -157,8 +157,7 @@ class Trainer:
 
             self.runner, self.optimizer, self.scheduler, self.zero = prepare(self, ObjectiveRunner(self.model),
                                                                              _generates(self.objective))
-            self.trainable = [p for p in self.runner.parameters() if p.requires_grad]
-            return
+            return  # DeepSpeed clips its own gradients: no `trainable` list
         if self.sharded:
             # Online methods generate outside the runner's forward, where sharded parameters cannot be used:
             # they get a whole copy of the model, refreshed from the shards before each generation.
