@@ -103,8 +103,8 @@ def test_backward_keeps_the_per_step_loss_and_undoes_the_process_average():
     zero = ZeroEngine(engine, {"zero_optimization": {"stage": 2}})
     for i in range(3):
         with zero.micro_batch(last=i == 2):
-            zero.backward(torch.tensor(0.25), world_size=4)
-    # DeepSpeed's own 1/gas is off; x4 cancels its mean over 4 processes: the gradient of the step's mean.
+            zero.backward(torch.tensor(0.25) * 4)  # the loop's loss times 4 processes, as for DDP
+    # DeepSpeed's own 1/gas is off (x4 cancels its mean over 4 processes): the gradient of the step's mean.
     assert engine.calls == [(1.0, False)] * 3
     assert engine.boundaries == [False, False, True]
 
@@ -271,4 +271,4 @@ def test_methods_that_generate_while_training_are_refused_with_what_to_use(monke
 
     trainer = SimpleNamespace(cfg=SimpleNamespace())
     with pytest.raises(NotSupportedYet, match=r"rl: this method generates .*GRPO.* use FSDP2"):
-        prepare(trainer, runner=None, generates=True)
+        prepare(trainer, None, generates=True)

@@ -53,13 +53,13 @@ class ZeroEngine:
         self.engine.set_gradient_accumulation_boundary(last)
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor, world_size: int) -> None:
-        """Our loss is per step already: no 1/gas; `* world_size` undoes DeepSpeed's average over processes."""
-        self.engine.backward(loss * world_size, scale_wrt_gas=False)
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss` is the loop's, per step already and times the process count (DeepSpeed averages over the
+        processes, as DDP does): no 1/gas."""
+        self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self) -> float:
-        """Clip, update, zero the gradients; the gradient norm before clipping (nan where DeepSpeed gives none)."""
-        self.engine.step()
+    def grad_norm(self) -> float:
+        """The gradient norm before clipping of the last engine.step() (nan where DeepSpeed gives none)."""
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
@@ -210,6 +210,19 @@ def base_optimizer(zero: ZeroEngine):
     """The torch optimizer inside DeepSpeed's wrapper (its param_groups carry the learning rate)."""
     engine = zero.engine
     return getattr(engine, "basic_optimizer", None) or engine.optimizer
+
+
+class EngineOptimizer:
+    """The loop's optimizer for a DeepSpeed run: `step` is engine.step() (clip, update, zero the gradients)."""
+
+    def __init__(self, zero: ZeroEngine):
+        self.zero = zero
+
+    def step(self) -> None:
+        self.zero.engine.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.zero.engine.optimizer.zero_grad()  # after engine.step() a no-op; dropping a failed step's otherwise
 
 
 class DeepSpeedSchedule:

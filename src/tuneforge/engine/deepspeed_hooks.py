@@ -10,9 +10,9 @@ from .optim import build_optimizer
 from .schedule import build_scheduler, warmup_steps
 
 
-def prepare(trainer, runner, generates: bool):
-    """(runner, optimizer, scheduler, ZeroEngine) for `trainer`: the DeepSpeed engine wraps `runner` (the
-    trainer's ObjectiveRunner); `generates`: the objective generates during a step."""
+def prepare(trainer, runner, generates: bool) -> None:
+    """Set `trainer`'s runner (the DeepSpeed engine around `runner`, the trainer's ObjectiveRunner), optimizer
+    (engine.step / zero_grad), scheduler, backward and ZeroEngine; `generates`: the objective generates."""
     from tuneforge.distributed import deepspeed_engine as dse
 
     cfg = trainer.cfg
@@ -29,7 +29,8 @@ def prepare(trainer, runner, generates: bool):
         scheduler = dse.DeepSpeedSchedule(zero.scheduler)
     else:  # tuneforge's schedule on the torch optimizer whose param_groups DeepSpeed's wrapper updates with
         scheduler = build_scheduler(cfg, dse.base_optimizer(zero), trainer.total_steps)
-    return zero.engine, zero.engine.optimizer, scheduler, zero
+    trainer.runner, trainer.optimizer, trainer.scheduler = zero.engine, dse.EngineOptimizer(zero), scheduler
+    trainer.zero, trainer.backward = zero, zero.backward
 
 
 def save_state(zero, tmp, model, tokenizer, *, only_model: bool, main: bool, safe: bool) -> None:

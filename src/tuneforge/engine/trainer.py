@@ -41,7 +41,7 @@ from tuneforge.models.load import mixed_precision
 from tuneforge.user_code import keep_last_step_on_failure
 
 from . import checkpoint as ckpt
-from . import loss_scaling, memory, resume, trackers
+from . import deepspeed_hooks, loss_scaling, memory, resume, trackers
 from .best import BestEvaluation
 from .evaluation import Evaluator
 from .metrics import FlopCounter, LogInterval, MetricsLogger, StepResult, peak_flops
@@ -117,7 +117,7 @@ class Trainer:
                                  shape=objective.step_shape())
         self.total_steps = self.plan.total_steps
         self.sharded = cfg.fsdp_enabled
-        self.zero = None  # deepspeed: the ZeroEngine (tuneforge.distributed.deepspeed_engine)
+        self.zero, self.backward = None, acc.backward  # deepspeed: its ZeroEngine and backward (deepspeed_hooks)
         self.flops = FlopCounter(model, self.adapter)  # before ZeRO-3 partitions the weights (shapes read here)
         self.prepare_model()
 
@@ -152,12 +152,8 @@ class Trainer:
         scheduler is stepped by hand: accelerate's wrapper would step it once per process."""
         cfg, acc = self.cfg, self.accelerator
         self.generation_model = None
-        if cfg.deepspeed:
-            from .deepspeed_hooks import prepare
-
-            self.runner, self.optimizer, self.scheduler, self.zero = prepare(self, ObjectiveRunner(self.model),
-                                                                             _generates(self.objective))
-            return  # DeepSpeed clips its own gradients: no `trainable` list
+        if cfg.deepspeed:  # the DeepSpeed engine becomes the runner; it clips its own gradients (no `trainable`)
+            return deepspeed_hooks.prepare(self, ObjectiveRunner(self.model), _generates(self.objective))
         if self.sharded:
             # Online methods generate outside the runner's forward, where sharded parameters cannot be used:
             # they get a whole copy of the model, refreshed from the shards before each generation.
@@ -186,11 +182,9 @@ class Trainer:
         stack = contextlib.ExitStack()
         if self.cfg.activation_offloading:
             stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()))
-        if self.zero is not None:  # DeepSpeed: the loop tells it where the step ends
-            stack.enter_context(self.zero.micro_batch(last))
-        elif not last:
-            stack.enter_context(fsdp.gradient_sync(self.runner, False) if self.sharded
-                                else self.accelerator.no_sync(self.runner))
+        if self.zero is not None or not last:  # DeepSpeed is told where the step ends on every micro-batch
+            stack.enter_context(self.zero.micro_batch(last) if self.zero is not None else fsdp.gradient_sync(
+                self.runner, False) if self.sharded else self.accelerator.no_sync(self.runner))
         return stack
 
     # ------------------------------------------------------------------------------------------ loop
@@ -278,27 +272,22 @@ class Trainer:
             last = i == len(batches) - 1
             with self._micro_batch_context(last):
                 loss, metrics = self.runner(objective.loss, batch, num_items)
-                if self.zero is not None:  # DeepSpeed's backward, same contract (deepspeed_engine docstring)
-                    self.zero.backward(loss, acc.num_processes)
-                else:
-                    acc.backward(loss * acc.num_processes)
+                self.backward(loss * acc.num_processes)  # DeepSpeed: without its 1/gas (deepspeed_engine)
             for k, v in metrics.items():
                 sums[k] += v
         keys = collectives.union_keys(sums)  # a rank may lack a key (e.g. it skipped a micro-batch)
         sums = dict(zip(keys, collectives.sum_floats([sums.get(k, 0.0) for k in keys]), strict=True))
-        grad_norm = self._clip_gradients()
+        grad_norm = None if self.zero is not None else self._clip_gradients()  # DeepSpeed clips in its step
         summary = objective.summarize(sums, num_items)
         lr = float(self.scheduler.get_last_lr()[0])  # torchao optimizers keep lr as a tensor
         # Before the update: a non-finite loss or gradient must never reach the weights.
         self.watchdog.check(summary.get("loss", 0.0), None if self.precision == "fp16" else grad_norm,
                             self.state.global_step + 1, lr, str(self.last_checkpoint) if self.last_checkpoint else None)
         oom.phase = memory.UPDATE
-        if self.zero is not None:  # DeepSpeed clips inside its step and reports the norm after
-            grad_norm = self.zero.step()
-        else:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
         self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.zero.grad_norm() if self.zero is not None else grad_norm  # DeepSpeed's, after its step
         return StepResult(
             sums=sums, num_items=num_items, grad_norm=grad_norm, lr=lr,
             tokens=sum(b["num_tokens"] for b in batches),
@@ -309,10 +298,8 @@ class Trainer:
         return device_batch(self.objective, self.train_rows, mb, pad_id=self.pad_id, device=self.accelerator.device,
                             training=True)
 
-    def _clip_gradients(self) -> float | None:
+    def _clip_gradients(self) -> float:
         max_norm = self.cfg.max_grad_norm or float("inf")
-        if self.zero is not None:
-            return None  # DeepSpeed clips inside engine.step() (gradient_clipping)
         if self.sharded:
             loss_scaling.unscale(self.accelerator)
             return fsdp.clip_grad_norm(self.trainable, max_norm)
