@@ -24,7 +24,8 @@ per engine and writes them to --out.
 
 Engines: `hf` (Trainer, + PEFT in lora mode) and `tuneforge` with any of these suffixes, joined by `-`:
 `kernels` (lora_mlp/qkv/o_kernel), `compile` (torch_compile), `kahan` (bf16_master_weights: kahan),
-`fsdp` (FSDP2 in one process). All engines of one command run in the same process, one after the other;
+`fsdp` (FSDP2 in one process), `deepspeed` (DeepSpeed ZeRO-3 in one process: bench/deepspeed_gpu.sh). All
+engines of one command run in the same process, one after the other;
 the last line gives every engine's tokens/s as a ratio of the first engine's and of `hf`'s.
 """
 
@@ -95,7 +96,7 @@ PRESETS = {
     "1b-full-bf16": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,
                          engines="tuneforge-compile,tuneforge-kahan-compile,tuneforge,tuneforge-kahan"),
 }
-VARIANTS = {"kernels", "compile", "kahan", "fsdp"}
+VARIANTS = {"kernels", "compile", "kahan", "fsdp", "deepspeed"}
 
 
 def variants(engine: str) -> set[str]:
@@ -153,6 +154,10 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engi
         cfg["torch_dtype"] = args.dtype
     if fsdp:  # FSDP2 in this one process (its cost over plain training), optionally offloading to host memory
         cfg.update(fsdp_version=2, fsdp_config={"reshard_after_forward": True, "offload_params": args.offload})
+    if "deepspeed" in parts:  # ZeRO-3 in this one process, FSDP2's sharding (its JSON's auto values filled)
+        offload = {"offload_param": {"device": "cpu"}, "offload_optimizer": {"device": "cpu"}} if args.offload else {}
+        cfg["deepspeed"] = {"zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                                                  **offload}, "bf16": {"enabled": "auto"}}
     import resource
 
     import torch
@@ -170,7 +175,7 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engi
     return {"engine": engine, "tokens_per_s": tps, "mfu": mfu, "first_losses": first,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if _cuda() else None,
             "peak_host_gib_so_far": host_gib,
-            "timed_steps": len(steps), "offload": bool(fsdp and args.offload)}
+            "timed_steps": len(steps), "offload": bool((fsdp or "deepspeed" in parts) and args.offload)}
 
 
 # ---------------------------------------------------------------- HF Trainer baseline
@@ -283,7 +288,8 @@ def main(argv=None) -> int:
     p.add_argument("--engines", default="tuneforge,hf")
     p.add_argument("--compile", action="store_true", help="torch_compile: true for tuneforge")
     p.add_argument("--dtype", default=None, help="torch_dtype for tuneforge's weights (e.g. bfloat16)")
-    p.add_argument("--offload", action="store_true", help="tuneforge-fsdp: fsdp_config.offload_params")
+    p.add_argument("--offload", action="store_true", help="tuneforge-fsdp: fsdp_config.offload_params; "
+                   "tuneforge-deepspeed: ZeRO-3 parameter and optimizer offload")
     p.add_argument("--out", default=None)
     p.add_argument("--profile", default=None, help="write a CUDA kernel-time table of the tuneforge run here")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),

@@ -247,16 +247,6 @@ def test_deepspeed_json_maps_to_the_fsdp_equivalent(tmp_path):
         load(data={"base_model": "x", "datasets": [{"path": "d"}], "deepspeed": str(tmp_path / "bad.json")})
 
 
-def test_training_with_deepspeed_says_what_runs_instead(tmp_path, tiny_model_dir):
-    from tuneforge.errors import NotSupportedYet
-
-    (tmp_path / "zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    cfg = make_config(tmp_path, tiny_model_dir, make_rows(n=8), max_steps=1, deepspeed=str(tmp_path / "zero2.json"))
-    with pytest.raises(NotSupportedYet, match=r"fsdp_version: 2.*reshard_after_forward: false"):
-        train(cfg)
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()
-
-
 # ---------------------------------------------------------------- launching
 def _free_port() -> int:
     import socket

@@ -70,8 +70,9 @@ class DistributedKeys(Section):
         "FSDP2 (fsdp_config holds its settings). FSDP1 configs (1, or the `fsdp:` list) are translated.")
     fsdp_config: FsdpConfig | None = Field(None, description="FSDP2 settings (see the fsdp_config.* keys).")
     deepspeed: str | dict | None = Field(
-        None, description="A DeepSpeed JSON (path, or the dict itself). Runs through DeepSpeed where it is installed "
-        "with CUDA; otherwise the message names the equivalent fsdp_config.")
+        None, description="A DeepSpeed JSON (path, or the dict itself; its \"auto\" values are filled from this "
+        "config). Runs through DeepSpeed ZeRO where it is installed (GPUs, or CPU processes); otherwise the message "
+        "names the equivalent fsdp_config.")
 
     @property
     def fsdp_enabled(self) -> bool:

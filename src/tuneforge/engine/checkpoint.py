@@ -127,10 +127,11 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
 
 def save_checkpoint(output_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict,
                     only_model: bool, accelerator, safe: bool = True, objective_state: dict | None = None,
-                    sharded=None, sharded_full_weights: bool = False) -> Path:
+                    sharded=None, sharded_full_weights: bool = False, zero=None) -> Path:
     """Write checkpoint-<step> atomically and return its path. `model` is the unwrapped model; `sharded` (the
     FSDP2 root, or None) makes every process write its shards of the model and optimizer instead, plus the
-    whole weights with `sharded_full_weights` (fsdp_config.state_dict_type FULL_STATE_DICT)."""
+    whole weights with `sharded_full_weights` (fsdp_config.state_dict_type FULL_STATE_DICT). `zero` (a DeepSpeed
+    run's ZeroEngine) makes every process write its DeepSpeed state (deepspeed_hooks.save_state)."""
     output_dir = Path(output_dir)
     final = checkpoint_dir(output_dir, step)
     tmp = output_dir / f"checkpoint-{step}.tmp"
@@ -143,7 +144,11 @@ def save_checkpoint(output_dir: Path, step: int, *, model, tokenizer, optimizer,
     torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     if objective_state:
         torch.save(objective_state, tmp / f"objective_state_{accelerator.process_index}.pt")
-    if sharded is not None:
+    if zero is not None:
+        from .deepspeed_hooks import save_state
+
+        save_state(zero, tmp, model, tokenizer, only_model=only_model, main=main, safe=safe)
+    elif sharded is not None:
         _save_sharded(tmp, sharded, model, tokenizer, optimizer, only_model=only_model, main=main, safe=safe,
                       full_weights=sharded_full_weights)
     elif main:
@@ -154,7 +159,7 @@ def save_checkpoint(output_dir: Path, step: int, *, model, tokenizer, optimizer,
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if main:
         state = {**state, "resumable": not only_model, "world_size": accelerator.num_processes,
-                 "sharded": sharded is not None}
+                 "sharded": sharded is not None, **({"deepspeed": True} if zero is not None else {})}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     accelerator.wait_for_everyone()
     if main:
@@ -201,14 +206,18 @@ def read_state(path: Path) -> dict:
 
 
 def load_training_state(path: Path, *, model, optimizer, scheduler, process_index: int, adapter: bool,
-                        sharded=None) -> dict:
+                        sharded=None, zero=None) -> dict:
     """Restore weights, optimizer, scheduler and RNG from checkpoint `path`; return its trainer state.
     `sharded` (the FSDP2 root) loads the DCP shards, whatever process count wrote them."""
     from tuneforge.distributed import sharded_checkpoint
 
     path = Path(path)
     state = read_state(path)
-    if sharded is not None:
+    from .deepspeed_hooks import load_state
+
+    if load_state(zero, path):  # a DeepSpeed run: its model and optimizer are restored
+        pass
+    elif sharded is not None:
         if not sharded_checkpoint.exists(path):
             raise TuneforgeError(f"{path} holds no sharded (FSDP) state, but this run uses FSDP2: resume it "
                                  "without fsdp_version/fsdp_config, or from a checkpoint of an FSDP2 run.")

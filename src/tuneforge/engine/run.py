@@ -80,13 +80,16 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
               f"checkpoint saved to {stop.checkpoint}.\nResume with:\n  {command}", file=sys.stderr, flush=True)
         _leave_process_group()
         raise SystemExit(128 + stop.signum) from None
-    if trainer.sharded:  # every process sends its shards; the first writes them one tensor at a time
+    if trainer.zero is not None:  # DeepSpeed: ZeRO-3 gathers one tensor at a time, as FSDP2 below
+        outputs.sync_generation_config(model, tokenizer)
+        trainer.zero.save_final(model, tokenizer, out, main=main, safe=cfg.save_safetensors)
+    elif trainer.sharded:  # every process sends its shards; the first writes them one tensor at a time
         from tuneforge.distributed.sharded_checkpoint import save_full_model
 
         outputs.sync_generation_config(model, tokenizer)
         save_full_model(trainer.runner, model, tokenizer, out, main=main, safe=cfg.save_safetensors)
     if trainer.accelerator.is_main_process:
-        outputs.save_final(cfg, model, tokenizer, out, result, weights=not trainer.sharded)
+        outputs.save_final(cfg, model, tokenizer, out, result, weights=not (trainer.sharded or trainer.zero))
         plot.plot_metrics(result.history, out)
         if cfg.merge_lora and cfg.adapter:
             from tuneforge.merge.for_config import merge_for_config
@@ -98,8 +101,13 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
 
 
 def _refuse_deepspeed(cfg: Config) -> None:
-    """DeepSpeed does not run here yet: name the FSDP2 settings that shard the same way."""
+    """Where DeepSpeed cannot run (not installed), say why and name the FSDP2 settings that shard the same way."""
     if not cfg.deepspeed:
+        return
+    from tuneforge.distributed.deepspeed_config import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is None:
         return
     import yaml
 
@@ -108,8 +116,8 @@ def _refuse_deepspeed(cfg: Config) -> None:
 
     block = yaml.safe_dump({"fsdp_version": 2, "fsdp_config": fsdp_equivalent(deepspeed_settings(cfg))},
                            default_flow_style=None, sort_keys=False).strip().replace("\n", "; ")
-    raise NotSupportedYet(f"deepspeed: training through DeepSpeed is not supported in this version. PyTorch's FSDP2 "
-                          f"shards the same way: replace the deepspeed key with  {block}  (docs/multi-gpu.md)")
+    raise NotSupportedYet(f"deepspeed: {reason}. Install it, or use PyTorch's FSDP2, which shards the same way: "
+                          f"replace the deepspeed key with  {block}  (docs/multi-gpu.md)")
 
 
 def _leave_process_group() -> None:

@@ -41,7 +41,7 @@ from tuneforge.models.load import mixed_precision
 from tuneforge.user_code import keep_last_step_on_failure
 
 from . import checkpoint as ckpt
-from . import loss_scaling, memory, resume, trackers
+from . import deepspeed_hooks, loss_scaling, memory, resume, trackers
 from .best import BestEvaluation
 from .evaluation import Evaluator
 from .metrics import FlopCounter, LogInterval, MetricsLogger, StepResult, peak_flops
@@ -117,6 +117,8 @@ class Trainer:
                                  shape=objective.step_shape())
         self.total_steps = self.plan.total_steps
         self.sharded = cfg.fsdp_enabled
+        self.zero, self.backward = None, acc.backward  # deepspeed: its ZeroEngine and backward (deepspeed_hooks)
+        self.flops = FlopCounter(model, self.adapter)  # before ZeRO-3 partitions the weights (shapes read here)
         self.prepare_model()
 
         self.evaluator = None
@@ -124,7 +126,7 @@ class Trainer:
             self.evaluator = Evaluator(cfg, objective, RowSource(data.eval, objective.row_columns), accelerator=acc,
                                        model=model, tokenizer=tokenizer, pad_id=self.pad_id,
                                        rows_per_micro_batch=objective.step_shape().rows_per_micro_batch,
-                                       output_dir=self.output_dir, sharded=self.sharded)
+                                       output_dir=self.output_dir, sharded=self.sharded or self.zero is not None)
         self.eval_cadence = eval_cadence(self.plan, cfg) if self.evaluator is not None else None
         self.save_cadence = save_cadence(self.plan, cfg)
         self.trigger = CheckpointTrigger(cfg.dynamic_checkpoint, self.output_dir, is_main_process=acc.is_main_process)
@@ -133,7 +135,6 @@ class Trainer:
         self.watchdog = LossWatchdog(cfg.loss_watchdog_threshold, cfg.loss_watchdog_patience, self.precision)
         self.best = BestEvaluation(cfg)
         self.profiler = StepProfiler(cfg.profiler_steps, cfg.profiler_steps_start, self.output_dir, acc.process_index)
-        self.flops = FlopCounter(model, self.adapter)
         self.peak = peak_flops(acc.device)
         self.logger = MetricsLogger(self.output_dir, self.total_steps, enabled=acc.is_main_process, accelerator=acc,
                                     trackers=bool(self.tracker_names), progress=show_progress)
@@ -151,6 +152,8 @@ class Trainer:
         scheduler is stepped by hand: accelerate's wrapper would step it once per process."""
         cfg, acc = self.cfg, self.accelerator
         self.generation_model = None
+        if cfg.deepspeed:  # the DeepSpeed engine becomes the runner; it clips its own gradients (no `trainable`)
+            return deepspeed_hooks.prepare(self, ObjectiveRunner(self.model), _generates(self.objective))
         if self.sharded:
             # Online methods generate outside the runner's forward, where sharded parameters cannot be used:
             # they get a whole copy of the model, refreshed from the shards before each generation.
@@ -179,9 +182,9 @@ class Trainer:
         stack = contextlib.ExitStack()
         if self.cfg.activation_offloading:
             stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()))
-        if not last:
-            stack.enter_context(fsdp.gradient_sync(self.runner, False) if self.sharded
-                                else self.accelerator.no_sync(self.runner))
+        if self.zero is not None or not last:  # DeepSpeed is told where the step ends on every micro-batch
+            stack.enter_context(self.zero.micro_batch(last) if self.zero is not None else fsdp.gradient_sync(
+                self.runner, False) if self.sharded else self.accelerator.no_sync(self.runner))
         return stack
 
     # ------------------------------------------------------------------------------------------ loop
@@ -269,12 +272,12 @@ class Trainer:
             last = i == len(batches) - 1
             with self._micro_batch_context(last):
                 loss, metrics = self.runner(objective.loss, batch, num_items)
-                acc.backward(loss * acc.num_processes)
+                self.backward(loss * acc.num_processes)  # DeepSpeed: without its 1/gas (deepspeed_engine)
             for k, v in metrics.items():
                 sums[k] += v
         keys = collectives.union_keys(sums)  # a rank may lack a key (e.g. it skipped a micro-batch)
         sums = dict(zip(keys, collectives.sum_floats([sums.get(k, 0.0) for k in keys]), strict=True))
-        grad_norm = self._clip_gradients()
+        grad_norm = None if self.zero is not None else self._clip_gradients()  # DeepSpeed clips in its step
         summary = objective.summarize(sums, num_items)
         lr = float(self.scheduler.get_last_lr()[0])  # torchao optimizers keep lr as a tensor
         # Before the update: a non-finite loss or gradient must never reach the weights.
@@ -284,6 +287,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.zero.grad_norm() if self.zero is not None else grad_norm  # DeepSpeed's, after its step
         return StepResult(
             sums=sums, num_items=num_items, grad_norm=grad_norm, lr=lr,
             tokens=sum(b["num_tokens"] for b in batches),
@@ -354,6 +358,7 @@ class Trainer:
                 objective_state=None if only_model else self.objective.state_dict(),
                 sharded=self.runner if self.sharded else None,
                 sharded_full_weights=self.sharded and self.cfg.fsdp_config.state_dict_type == "FULL_STATE_DICT",
+                zero=self.zero,
             )
         if self.accelerator.is_main_process:
             ckpt.rotate(self.output_dir, self.cfg.save_total_limit, keep=(path, self.best.checkpoint_path()))
@@ -368,7 +373,7 @@ class Trainer:
             return None
         saved = ckpt.load_training_state(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                          process_index=self.accelerator.process_index, adapter=self.adapter,
-                                         sharded=self.runner if self.sharded else None)
+                                         sharded=self.runner if self.sharded else None, zero=self.zero)
         if self.streamed:
             self.plan.load_state_dict(saved.get("stream"), path)
         else:
@@ -404,7 +409,9 @@ class Trainer:
             log.warning("load_best_model_at_end: the checkpoint of the best evaluation (step %d, %s) is gone; "
                         "the final model is the last step's", best.record["step"], best.checkpoint)
             return
-        if self.sharded:
+        if self.zero is not None:
+            self.zero.load(path, with_optimizer=False)
+        elif self.sharded:
             from tuneforge.distributed import sharded_checkpoint
 
             sharded_checkpoint.load(path, self.runner, None, with_optimizer=False)
