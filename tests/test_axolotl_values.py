@@ -3,32 +3,12 @@ setting, with one note, or is refused naming the key and what to do instead."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
+from config_support import issues_of as _issues
+from config_support import load_text as _load
+from config_support import notes_of as _notes
 from tuneforge import chat_templates
-from tuneforge.config import ConfigError, load
-
-BASE = "base_model: some/model\n"
-
-
-def _load(tmp_path, text: str):
-    path = tmp_path / "c.yaml"
-    path.write_text(BASE + text)
-    return load(path)
-
-
-def _issues(tmp_path, text: str):
-    with pytest.raises(ConfigError) as exc:
-        _load(tmp_path, text)
-    return exc.value.issues
-
-
-def _notes(tmp_path, caplog, text: str):
-    with caplog.at_level(logging.WARNING, logger="tuneforge"):
-        cfg = _load(tmp_path, text)
-    return cfg, [r.getMessage() for r in caplog.records]
 
 
 @pytest.mark.parametrize(("strategy", "reshard"), [("FULL_SHARD", True), ("SHARD_GRAD_OP", False)])

@@ -166,17 +166,6 @@ def _chunks(ds, job: tuple, num_proc: int):
 
 def trained_counts(labels) -> np.ndarray:
     """Per row of a list<int> Arrow column: tokens that are a target (labels[1:] != -100)."""
-    from .columns import flat
-    from .rows import IGNORE_INDEX
+    from .columns import trained_in_chunk
 
-    chunk = labels.combine_chunks() if hasattr(labels, "combine_chunks") else labels
-    if len(chunk) == 0:
-        return np.zeros(0, dtype=np.int64)
-    offsets, values = flat(chunk)
-    mask = values != IGNORE_INDEX
-    cum = np.concatenate(([0], np.cumsum(mask, dtype=np.int64)))
-    count = cum[offsets[1:]] - cum[offsets[:-1]]
-    nonempty = offsets[1:] > offsets[:-1]
-    first = np.zeros(len(count), dtype=np.int64)
-    first[nonempty] = mask[offsets[:-1][nonempty]]
-    return count - first
+    return trained_in_chunk(labels.combine_chunks() if hasattr(labels, "combine_chunks") else labels)

@@ -55,19 +55,22 @@ def label_columns(ds) -> list[str]:
     return sorted(c for c in ds.column_names if c == "labels" or c.endswith("_labels"))
 
 
+def trained_in_chunk(chunk) -> np.ndarray:
+    """Per row of one list<int> Arrow chunk of labels: tokens that are a target (labels[1:] != -100)."""
+    if len(chunk) == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets, values = flat(chunk)
+    mask = values != IGNORE_INDEX
+    cum = np.concatenate(([0], np.cumsum(mask, dtype=np.int64)))
+    count = cum[offsets[1:]] - cum[offsets[:-1]]
+    nonempty = offsets[1:] > offsets[:-1]
+    first = np.zeros(len(count), dtype=np.int64)
+    first[nonempty] = mask[offsets[:-1][nonempty]]
+    return count - first
+
+
 def trained_in(ds, name: str) -> np.ndarray:
-    parts = []
-    for chunk in slices(ds, name):
-        if len(chunk) == 0:
-            continue
-        offsets, values = flat(chunk)
-        mask = values != IGNORE_INDEX
-        cum = np.concatenate(([0], np.cumsum(mask, dtype=np.int64)))
-        count = cum[offsets[1:]] - cum[offsets[:-1]]
-        nonempty = offsets[1:] > offsets[:-1]
-        first = np.zeros(len(count), dtype=np.int64)
-        first[nonempty] = mask[offsets[:-1][nonempty]]
-        parts.append(count - first)
+    parts = [trained_in_chunk(chunk) for chunk in slices(ds, name) if len(chunk)]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
