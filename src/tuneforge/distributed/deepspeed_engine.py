@@ -115,23 +115,10 @@ class ZeroEngine:
 
     def save_final(self, model, tokenizer, folder: Path, *, main: bool, safe: bool = True) -> None:
         """The trained model as a Hugging Face folder: the PEFT adapter, or safetensors (shards)."""
-        from .collectives import barrier
-        from .sharded_checkpoint import _write_shards
+        from .sharded_checkpoint import write_hf_folder
 
-        folder = Path(folder)
-        if hasattr(model, "peft_config"):
-            adapter = dict(self.full_tensors(trainable_only=True))
-            if main:
-                model.save_pretrained(str(folder), state_dict=adapter, safe_serialization=safe)
-        else:
-            _write_shards(self.full_tensors(trainable_only=False), folder, main, 5 * 2**30)
-            if main:
-                model.config.save_pretrained(str(folder))
-                if getattr(model, "generation_config", None) is not None:
-                    model.generation_config.save_pretrained(str(folder))
-        if main and tokenizer is not None:
-            tokenizer.save_pretrained(str(folder))
-        barrier()
+        write_hf_folder(lambda trainable_only: self.full_tensors(trainable_only=trainable_only), model, tokenizer,
+                        folder, main=main, safe=safe)
 
 
 def _gathered(params: list, stage: int):

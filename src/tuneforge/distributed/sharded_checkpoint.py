@@ -99,15 +99,24 @@ def full_tensors(runner: nn.Module, *, trainable_only: bool):
 def save_full_model(runner: nn.Module, model, tokenizer, folder: Path, *, main: bool, safe: bool = True,
                     max_shard_bytes: int = 5 * 2**30) -> None:
     """The trained model as a Hugging Face folder: the PEFT adapter (adapter runs) or safetensors shards."""
+    write_hf_folder(lambda trainable_only: full_tensors(runner, trainable_only=trainable_only), model, tokenizer,
+                    folder, main=main, safe=safe, max_shard_bytes=max_shard_bytes)
+
+
+def write_hf_folder(tensors, model, tokenizer, folder: Path, *, main: bool, safe: bool = True,
+                    max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write a Hugging Face folder from `tensors(trainable_only)`, an iterator of (name, whole CPU tensor) that
+    every process runs (gathering is collective) while the first one writes: the PEFT adapter, or safetensors
+    shards with the model's config. Shared by FSDP2 and DeepSpeed ZeRO."""
     from .collectives import barrier
 
     folder = Path(folder)
     if hasattr(model, "peft_config"):
-        adapter = dict(full_tensors(runner, trainable_only=True))
+        adapter = dict(tensors(True))
         if main:
             model.save_pretrained(str(folder), state_dict=adapter, safe_serialization=safe)
     else:
-        _write_shards(full_tensors(runner, trainable_only=False), folder, main, max_shard_bytes)
+        _write_shards(tensors(False), folder, main, max_shard_bytes)
         if main:
             model.config.save_pretrained(str(folder))
             if getattr(model, "generation_config", None) is not None:
