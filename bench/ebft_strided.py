@@ -28,13 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SHAPES = {
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
-                         max_position_embeddings=32768),
-    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grpo_step import SHAPES  # noqa: E402  (the same Qwen2.5-0.5B and tiny shapes as the GRPO step bench)
 
 
 def build(root: Path, shape: str, impl: str, device: str, dtype: str):
