@@ -23,6 +23,7 @@ per engine and writes them to --out.
     python bench/train_throughput.py --preset 8b-lora          # HF+PEFT vs eager vs fused LoRA kernels (+compile)
     python bench/train_throughput.py --preset 1b-full-bf16     # fp32 master weights vs bf16_master_weights: kahan
     python bench/train_throughput.py --preset 8b-lora --shape tiny --seq-len 256 --steps 4 --warmup 1   # CPU smoke
+    python bench/train_throughput.py --preset 8b-qlora         # HF+PEFT+bitsandbytes vs tuneforge QLoRA (GPU)
 
 Engines: `hf` (Trainer, + PEFT in lora mode) and `tuneforge` with any of these suffixes, joined by `-`:
 `kernels` (lora_mlp/qkv/o_kernel), `compile` (torch_compile), `kahan` (bf16_master_weights: kahan),
@@ -75,6 +76,18 @@ def make_model_dir(root: Path, shape: str) -> Path:
     return path
 
 
+def save_random_weights(model_dir: Path) -> None:
+    """Random bf16 weights written next to the config (QLoRA quantizes while loading from disk)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda" if _cuda() else "cpu"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16)
+    model.save_pretrained(model_dir, max_shard_size="5GB")
+    del model
+
+
 def make_rows(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed + 1)
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
@@ -95,6 +108,9 @@ def flops_per_token_factor(cfg, lengths: list[int], lora_params: int | None) -> 
 PRESETS = {
     "8b-lora": dict(shape="llama-8b", mode="lora", gc=True, micro_batch=2, seq_len=4096, hf_batch=2, hf_packed=True,
                     engines="hf,tuneforge,tuneforge-kernels,tuneforge-compile,tuneforge-kernels-compile"),
+    # QLoRA needs real weights on disk (both engines quantize while loading): the random model is saved first.
+    "8b-qlora": dict(shape="llama-8b", mode="qlora", gc=True, micro_batch=2, seq_len=4096, hf_batch=2, hf_packed=True,
+                     engines="hf,tuneforge,tuneforge-compile"),
     "1b-full-bf16": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,
                          engines="tuneforge-compile,tuneforge-kahan-compile,tuneforge,tuneforge-kahan"),
 }
@@ -129,7 +145,7 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engi
         for r in rows:
             f.write(json.dumps({"input_ids": r}) + "\n")
     cfg = {
-        "base_model": str(model_dir), "reinit_weights": True, "bf16": True if _cuda() else "auto",
+        "base_model": str(model_dir), "reinit_weights": args.mode != "qlora", "bf16": True if _cuda() else "auto",
         "datasets": [{"path": str(data)}], "dataset_prepared_path": str(work / "prepared"),
         "sequence_len": args.seq_len, "sample_packing": True, "micro_batch_size": args.micro_batch,
         "gradient_accumulation_steps": 1, "max_steps": args.steps, "learning_rate": 1e-5,
@@ -138,13 +154,15 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engi
     }
     if args.attn:
         cfg["attn_implementation"] = args.attn
-    if args.mode == "lora":
-        cfg.update(adapter="lora", lora_r=16, lora_alpha=32, lora_target_linear=True)
+    if args.mode != "full":
+        cfg.update(adapter=args.mode, lora_r=16, lora_alpha=32, lora_target_linear=True)
+    if args.mode == "qlora":
+        cfg["load_in_4bit"] = True
     if args.gc:
         cfg["gradient_checkpointing"] = True
     if "kernels" in parts:
-        if args.mode != "lora":
-            raise SystemExit(f"{engine}: the fused LoRA kernels need --mode lora")
+        if args.mode == "full":
+            raise SystemExit(f"{engine}: the fused LoRA kernels need --mode lora or qlora")
         cfg.update(lora_mlp_kernel=True, lora_qkv_kernel=True, lora_o_kernel=True)
     if "kahan" in parts:
         if args.mode != "full":
@@ -189,11 +207,21 @@ def run_hf(args, model_dir: Path, rows: list[list[int]], lengths: list[int], wor
     torch.manual_seed(0)
     # Built on the GPU directly (an 8B model takes minutes to initialise on the CPU); LoRA on a bf16 base,
     # as PEFT users train, full fine-tuning on fp32 weights under bf16 autocast.
-    dtype = torch.bfloat16 if args.mode == "lora" and _cuda() else torch.float32
-    with torch.device("cuda" if _cuda() else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    dtype = torch.bfloat16 if args.mode != "full" and _cuda() else torch.float32
+    if args.mode == "qlora":  # as PEFT's QLoRA guide does it: NF4 + double quantization, bf16 compute
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa", device_map={"": 0})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gc)
+    else:
+        with torch.device("cuda" if _cuda() else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     lora_params = None
-    if args.mode == "lora":
+    if args.mode != "full":
         from peft import LoraConfig, get_peft_model
 
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -282,7 +310,7 @@ def ratios(results: list[dict]) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
-    p.add_argument("--mode", default="full", choices=["full", "lora"])
+    p.add_argument("--mode", default="full", choices=["full", "lora", "qlora"])
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=4, help="packed rows per step (tuneforge)")
     p.add_argument("--hf-batch", type=int, default=8, help="padded rows per step (baseline)")
@@ -315,6 +343,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = make_model_dir(work, args.shape)
+        if args.mode == "qlora":
+            save_random_weights(model_dir)
         rows = make_rows(lengths, 1000)
         for engine in args.engines.split(","):
             if engine == "hf":
