@@ -163,9 +163,6 @@ PREFIX_ADVICE = (
                "`tuneforge merge-lora` and train a new adapter on the merged model"),
     ("jagged_restart", "ReLoRA restarts are not implemented; remove it"),
     ("lisa_", "LISA is not implemented; use adapter: lora, or unfrozen_parameters to train chosen layers"),
-    ("swanlab_", "SwanLab logging is not implemented; use wandb, mlflow or tensorboard (metrics are also in "
-                 "output_dir/metrics.jsonl)"),
-    ("use_swanlab", "SwanLab logging is not implemented; use wandb, mlflow or tensorboard"),
     ("use_eaft", "the EAFT loss is not implemented; remove use_eaft and its eaft_* keys"),
     ("eaft_", "the EAFT loss is not implemented; remove use_eaft and its eaft_* keys"),
     ("expert_parallel", "expert parallelism is not implemented; remove it (several GPUs train data-parallel "

@@ -34,8 +34,8 @@ PLUGINS: dict[str, tuple[bool, str]] = {
                              "reward functions (trl.reward_funcs)"),
     "DenseMixerPlugin": (False, "DenseMixer routing is not implemented; remove the plugin"),
     "HatcheryPlugin": (False, "remote training backends are not supported; remove the plugin and train locally"),
-    "SwanLabPlugin": (False, "SwanLab logging is not implemented; remove the plugin and its swanlab_* keys, and use "
-                             "wandb, mlflow or tensorboard"),
+    "SwanLabPlugin": (True, "SwanLab logging is built in: it turns use_swanlab on (unless the config sets it), and "
+                            "the swanlab_* keys apply (pip install swanlab)"),
     "DiffusionPlugin": (False, "diffusion language-model training is not implemented; remove it"),
     "DionPlugin": (False, "the Dion optimizer is not available; remove it and use optimizer: adamw_torch_fused"),
     "EBFTPlugin": (False, "EBFT is not implemented; remove it"),

@@ -438,9 +438,9 @@ def _accelerator(cfg: Config, precision: str, trackers_: list[str], output_dir: 
         AcceleratorState._reset_state(reset_partial_state=False)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters,
                                         **({"bucket_cap_mb": cfg.ddp_bucket_cap_mb} if cfg.ddp_bucket_cap_mb else {}))
-    return Accelerator(mixed_precision=precision, log_with=trackers_ or None, project_dir=str(output_dir / "runs"),
-                       cpu=not torch.cuda.is_available(),  # several CPU processes: gloo data parallelism
-                       kwargs_handlers=[ddp])
+    return Accelerator(mixed_precision=precision, log_with=trackers.log_with(cfg, trackers_, output_dir) or None,
+                       project_dir=str(output_dir / "runs"), kwargs_handlers=[ddp],
+                       cpu=not torch.cuda.is_available())  # several CPU processes: gloo data parallelism
 
 
 def _public_config(cfg: Config) -> dict:
