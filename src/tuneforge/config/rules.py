@@ -223,4 +223,8 @@ def _eval_schedule(cfg: Config) -> list[ConfigIssue]:
         if getattr(cfg, key) and (not has_eval or cfg.eval_strategy == "no"):
             fix = "remove eval_strategy: no" if has_eval else "set val_set_size or test_datasets"
             issues.append(ConfigIssue(key, f"needs evaluations to compare: {fix}."))
+    if cfg.save_strategy == "best" and (not has_eval or cfg.eval_strategy == "no"):
+        fix = "remove eval_strategy: no" if has_eval else "set val_set_size or test_datasets"
+        issues.append(ConfigIssue("save_strategy", f"best saves a checkpoint when metric_for_best_model improves at "
+                                  f"an evaluation, and this run has none: {fix}, or choose save_strategy: steps."))
     return issues

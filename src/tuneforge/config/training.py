@@ -173,7 +173,9 @@ class TrainingKeys(Section):
         None, description="Save a checkpoint every N steps (or a fraction of total steps)."
     )
     saves_per_epoch: int | None = Field(None, ge=1, description="Checkpoints per epoch (exclusive with save_steps).")
-    save_strategy: Literal["no", "steps", "epoch"] | None = Field(None, description="When to save checkpoints.")
+    save_strategy: Literal["no", "steps", "epoch", "best"] | None = Field(
+        None, description="When to save checkpoints: steps (save_steps / saves_per_epoch), epoch, no, or best: only "
+        "at an evaluation that improves metric_for_best_model (greater_is_better; needs evaluation data).")
     save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints.")
     dynamic_checkpoint: DynamicCheckpoint | None = Field(
         None, description="Checkpoint on request: `touch <output_dir>/axolotl_checkpoint.save` (training goes on)."
