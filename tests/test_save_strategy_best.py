@@ -41,3 +41,15 @@ def test_best_needs_evaluations_and_excludes_a_step_cadence():
         load(data={"base_model": "x", "val_set_size": 0.1, "save_strategy": "best", "save_steps": 10})
     cfg = load(data={"base_model": "x", "val_set_size": 0.1, "save_strategy": "best"})
     assert cfg.save_strategy == "best" and cfg.metric_for_best_model == "eval_loss"
+
+
+def test_best_on_the_command_line_supersedes_the_files_step_cadence(tmp_path, caplog):
+    import logging
+
+    path = tmp_path / "c.yaml"
+    path.write_text("base_model: x\nval_set_size: 0.1\nsave_steps: 10\n")
+    with caplog.at_level(logging.WARNING, logger="tuneforge"):
+        cfg = load(path, ["--save-strategy", "best"])
+    assert (cfg.save_strategy, cfg.save_steps) == ("best", None)
+    assert "save_steps: 10 from the file is not used: --save-strategy best on the command line takes precedence" in [
+        r.getMessage() for r in caplog.records]
