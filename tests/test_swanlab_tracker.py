@@ -101,6 +101,19 @@ def test_login_with_an_api_key_and_host(tmp_path, tiny_model_dir, fake_swanlab):
     assert fake_swanlab == [("login", {"api_key": "k", "host": "https://h"}), ("init", {"project": "out"})]
 
 
+def test_a_failed_start_is_one_message_with_the_fixes(tmp_path, tiny_model_dir, fake_swanlab):
+    from tuneforge.engine.swanlab_tracker import SwanLabTracker
+
+    def refuse(**kw):
+        raise RuntimeError("no API key was provided")
+
+    sys.modules["swanlab"].init = refuse
+    tracker = SwanLabTracker(make_config(tmp_path, tiny_model_dir, use_swanlab=True), tmp_path)
+    with pytest.raises(TuneforgeError, match=r"SwanLab did not start \(RuntimeError: no API key was provided\); "
+                                             r"set swanlab_api_key or SWANLAB_API_KEY, run `swanlab login` once"):
+        tracker.start()
+
+
 def test_swanlab_is_requested_unless_disabled_and_a_missing_package_is_one_message(tmp_path, tiny_model_dir):
     cfg = make_config(tmp_path, tiny_model_dir, use_swanlab=True)
     assert trackers.requested(cfg) == ["swanlab"]

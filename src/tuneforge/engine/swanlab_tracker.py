@@ -21,6 +21,7 @@ from pathlib import Path
 from accelerate.tracking import GeneralTracker, on_main_process
 
 from tuneforge.config.schema import Config
+from tuneforge.errors import TuneforgeError
 
 # file in output_dir -> SwanLab table name
 TABLES = {"samples.jsonl": "samples", "completions.jsonl": "completions"}
@@ -57,9 +58,14 @@ class SwanLabTracker(GeneralTracker):
     def start(self):
         import swanlab
 
-        if self.api_key:
-            swanlab.login(api_key=self.api_key, **({"host": self.api_host} if self.api_host else {}))
-        self.run = swanlab.init(**self.init_kwargs)
+        try:
+            if self.api_key:
+                swanlab.login(api_key=self.api_key, **({"host": self.api_host} if self.api_host else {}))
+            self.run = swanlab.init(**self.init_kwargs)
+        except Exception as exc:  # e.g. online mode without a login and no terminal to ask in
+            raise TuneforgeError(f"SwanLab did not start ({type(exc).__name__}: {exc}); set swanlab_api_key or "
+                                 "SWANLAB_API_KEY, run `swanlab login` once, or use swanlab_mode: local (or remove "
+                                 "use_swanlab).") from exc
 
     @on_main_process
     def store_init_configuration(self, values: dict):
