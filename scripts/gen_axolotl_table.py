@@ -47,10 +47,12 @@ def _cell(text: str) -> str:
 
 
 def _top_level_row(key: str, allowed: set[str]) -> tuple[str, str]:
-    from tuneforge.config import axolotl_keys, axolotl_values, compat, plugins
+    from tuneforge.config import axolotl_keys, axolotl_rewrites, axolotl_values, compat, plugins
 
     if key in axolotl_values.ACCEPTED:
         return "accepted with a note", axolotl_values.ACCEPTED[key]
+    if key in axolotl_rewrites.SWANLAB_UNUSED:
+        return "accepted with a note", f"not used: {axolotl_rewrites.SWANLAB_UNUSED[key]}"
     if key == "plugins":
         names = ", ".join(f"`{n}`" for n, (ok, _) in sorted(plugins.PLUGINS.items()) if ok)
         return "accepted with a note", f"{names} (built in); any other plugin is refused by name"

@@ -149,15 +149,13 @@ def test_one_sample_forces_reinforce_without_diversity_and_pooling_falls_back(ob
     assert objective(embed_method="mean_pooling").pooling == "mean_pooling"
 
 
-def test_torch_compile_maskless_attention_and_activation_offloading_are_refused(write_config, write_jsonl):
+def test_maskless_attention_and_activation_offloading_are_refused(write_config, write_jsonl):
     from tuneforge.config import load
     from tuneforge.config.errors import ConfigError
     from tuneforge.methods.ebft.strided import StridedEBFTObjective
 
     write_jsonl([{"text": "a b c"}], "docs.jsonl")
     base = {"rl": "ebft", "datasets": [{"path": "docs.jsonl", "type": "completion"}], "ebft": {"mode": "strided"}}
-    with pytest.raises(ConfigError, match="torch_compile"):
-        StridedEBFTObjective(load(write_config({**base, "torch_compile": True})))
     with pytest.raises(ConfigError, match="attn_implementation"):
         StridedEBFTObjective(load(write_config({**base, "attn_implementation": "flash_attention_2"})))
     with pytest.raises(ConfigError, match="activation_offloading"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import axolotl_values, compat, distributed, plugins
+from . import axolotl_rewrites, axolotl_values, compat, distributed, plugins
 from .errors import ConfigIssue
 
 Where = Callable[[tuple], tuple]
@@ -21,6 +21,7 @@ def apply(raw: dict[str, Any], issues: list[ConfigIssue], where: Where) -> list[
     _renamed(raw, issues, where, notes)
     problem = axolotl_values.refuse(issues, where)
     axolotl_values.apply(raw, problem, notes)
+    axolotl_rewrites.apply(raw, problem, notes)  # before _plugins: SwanLab's plugin turns use_swanlab on
     distributed.normalize(raw, notes, problem)
     _legacy_values(raw, notes)
     _plugins(raw, issues, where, notes)

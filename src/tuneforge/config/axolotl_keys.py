@@ -119,6 +119,15 @@ TOP_LEVEL = SCHEMA_KEYS | PLUGIN_ARG_KEYS
 DATASET_KEYS = frozenset(_DATASET.split())
 
 _GENERIC = "remove it; tuneforge has no equivalent yet"
+_NVFP4 = ("merge-aware LoRA training on an NVFP4-quantized base is not supported (NVFP4 checkpoints do not load "
+          "here); start from the bf16 model with adapter: lora, merge with `tuneforge merge-lora`, then quantize the "
+          "merged model to NVFP4")
+_RAY = ("Ray is not supported; remove it: `tuneforge train` starts one process per visible GPU itself "
+        "(--num-processes N; several machines: --nnodes, --node-rank, --rdzv-endpoint)")
+_OTEL = ("OpenTelemetry metrics are not implemented; remove it: the metrics are in output_dir/metrics.jsonl, and "
+         "use_tensorboard, wandb_project, use_mlflow or use_swanlab send them to a tracker")
+_LLMC = ("LLM Compressor's sparse fine-tuning is not implemented; remove it: fine-tune the model densely here, then "
+         "sparsify or quantize the result with LLM Compressor")
 _KERNELS = ("an option of Axolotl's mixture-of-experts kernels; remove it (experts run through transformers' "
             "experts_implementation)")
 
@@ -145,14 +154,15 @@ ADVICE = {
                                         "adapter: qlora",
     "expert_parallel_size": "expert parallelism is not implemented; remove it (several GPUs train data-parallel "
                             "with torchrun)",
-    "nvfp4_merge_aware": "NVFP4 checkpoints are not supported; start from the bf16 model",
+    "nvfp4_merge_aware": _NVFP4,
     "quantize_moe_experts": "quantized expert weights are not supported; remove it (load_in_4bit / load_in_8bit "
                             "quantize the linear layers; the experts then stay in 16 bits: plan their memory, or "
                             "train on more GPUs with fsdp_version: 2)",
     "llama4_linearized_experts": "Llama 4's experts stay fused as transformers loads them; remove it (LoRA then "
                                  "targets the attention and shared-expert layers, lora_target_parameters the "
                                  "experts)",
-    "diffusion": "diffusion language-model training is not implemented; remove it",
+    "diffusion": "diffusion language-model training is not implemented; remove it and the DiffusionPlugin to train "
+                 "the model as a causal LM (next-token loss) on the same data",
     "flex_attn_compile_kwargs": "remove it; transformers compiles flex attention with its own settings",
     "torch_compile_options": "remove it; torch_compile_backend and torch_compile_mode are the settings here",
 }
@@ -163,9 +173,6 @@ PREFIX_ADVICE = (
                "`tuneforge merge-lora` and train a new adapter on the merged model"),
     ("jagged_restart", "ReLoRA restarts are not implemented; remove it"),
     ("lisa_", "LISA is not implemented; use adapter: lora, or unfrozen_parameters to train chosen layers"),
-    ("swanlab_", "SwanLab logging is not implemented; use wandb, mlflow or tensorboard (metrics are also in "
-                 "output_dir/metrics.jsonl)"),
-    ("use_swanlab", "SwanLab logging is not implemented; use wandb, mlflow or tensorboard"),
     ("use_eaft", "the EAFT loss is not implemented; remove use_eaft and its eaft_* keys"),
     ("eaft_", "the EAFT loss is not implemented; remove use_eaft and its eaft_* keys"),
     ("expert_parallel", "expert parallelism is not implemented; remove it (several GPUs train data-parallel "
@@ -178,7 +185,7 @@ PREFIX_ADVICE = (
     ("nonexpert_quantization", _KERNELS),
     ("gemma4_fp8_nonexpert", _KERNELS),
     ("gemma4_nf4_nonexpert", _KERNELS),
-    ("nvfp4_", "NVFP4 checkpoints are not supported; start from the bf16 model"),
+    ("nvfp4_", _NVFP4),
     ("use_mora", "MoRA adapters are not implemented; use adapter: lora"),
     ("mora", "MoRA adapters are not implemented; use adapter: lora"),
     ("nemo_gym", "NeMo Gym environments are not supported; use rl: grpo with reward functions (trl.reward_funcs)"),
@@ -186,10 +193,10 @@ PREFIX_ADVICE = (
     ("hatchery", "remote training backends are not supported; train locally with tuneforge train"),
     ("comet_", "Comet logging is not implemented; use wandb, mlflow or tensorboard"),
     ("trackio_", "Trackio logging is not implemented; use wandb, mlflow or tensorboard"),
-    ("otel_", "OpenTelemetry metrics are not implemented; read output_dir/metrics.jsonl"),
+    ("otel_", _OTEL),
     ("gradio_", "use `tuneforge inference --chat` for a chat with the trained model"),
-    ("ray_", "Ray is not supported; launch several processes with torchrun"),
-    ("resources_per_worker", "Ray is not supported; launch several processes with torchrun"),
+    ("ray_", _RAY),
+    ("resources_per_worker", _RAY),
     ("kd_", "knowledge distillation is not implemented; remove it"),
     ("grokfast_", "Grokfast is not implemented; remove it"),
     ("lm_eval_", "lm-eval integration is not implemented; run lm-eval on the saved model afterwards"),
@@ -197,8 +204,8 @@ PREFIX_ADVICE = (
     ("pose_", "PoSE is not implemented; remove it"),
     ("fp8", "FP8 training is not implemented; use bf16: true"),
     ("tiled_mlp", "tiled MLP is not implemented; use gradient_checkpointing: true"),
-    ("llmcompressor", "LLM Compressor sparse fine-tuning is not implemented; remove it"),
-    ("llm_compressor", "LLM Compressor sparse fine-tuning is not implemented; remove it"),
+    ("llmcompressor", _LLMC),
+    ("llm_compressor", _LLMC),
     ("is_", "remove it; tuneforge reads the model family from the model's config"),
 )
 

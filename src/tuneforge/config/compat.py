@@ -75,6 +75,8 @@ BUILT_IN = {
     "tokenizer_use_mistral_common": "the model's Hugging Face tokenizer (tokenizer.json) is used, which Mistral "
                                     "models ship as well; a model that ships only tekken.json fails at load: convert "
                                     "it with transformers first",
+    "test_value": "it is not an Axolotl key either (a stray key in one of Axolotl's examples; Axolotl drops keys "
+                  "it does not know)",
     "eta_min": "it is not an Axolotl key either (Axolotl ignores it); a floor for the cosine schedule is "
                "cosine_min_lr_ratio",
     "hub_model_id": "nothing is pushed to the hub (no hub access is assumed); upload output_dir afterwards "
@@ -101,7 +103,8 @@ NOT_SUPPORTED_YET = {
     "quantization": "post-training quantization is not implemented",
     "use_comet": "Comet logging is not implemented; use wandb, mlflow or tensorboard",
     "use_trackio": "Trackio logging is not implemented; use wandb, mlflow or tensorboard",
-    "use_otel_metrics": "OpenTelemetry metrics are not implemented",
+    "use_otel_metrics": "OpenTelemetry metrics are not implemented (the metrics are in output_dir/metrics.jsonl; "
+                        "use_tensorboard, wandb_project, use_mlflow or use_swanlab send them to a tracker)",
     "lm_eval_tasks": "lm-eval integration is not implemented",
     "do_bench_eval": "benchmark evaluation is not implemented",
     "tiled_mlp": "tiled MLP is not implemented",
@@ -110,9 +113,11 @@ NOT_SUPPORTED_YET = {
     "added_tokens_overrides": "renaming reserved tokens is not implemented; use `tokens`",
     "gpu_memory_limit": "memory caps are not implemented",
     "max_memory": "memory caps are not implemented",
-    "use_ray": "Ray is not supported",
+    "use_ray": "Ray is not supported (`tuneforge train` starts one process per visible GPU itself: --num-processes "
+               "N; several machines: --nnodes, --node-rank, --rdzv-endpoint)",
     "multipack_real_batches": "packing always builds full micro-batches",
-    "flash_optimum": "BetterTransformer is not supported",
+    "flash_optimum": "optimum's BetterTransformer is not used (its fused attention is PyTorch's scaled_dot_product_"
+                     "attention, which attn_implementation: sdpa, the default, uses)",
     "special_tokens_overrides": "not implemented",
 }
 

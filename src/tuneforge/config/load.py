@@ -180,6 +180,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any], prefix: Path_, touched: s
 # (`train cfg.yml --save-strategy no` on a file with save_steps: the user asked for no checkpoints).
 _SUPERSEDES: dict[tuple[str, Any], tuple[str, ...]] = {
     ("save_strategy", "no"): ("save_steps", "saves_per_epoch"),
+    ("save_strategy", "best"): ("save_steps", "saves_per_epoch"),  # best saves at better evaluations only
     ("eval_strategy", "no"): ("eval_steps", "evals_per_epoch"),
 }
 

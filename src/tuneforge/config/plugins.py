@@ -25,7 +25,9 @@ PLUGINS: dict[str, tuple[bool, str]] = {
     "KDPlugin": (False, "knowledge distillation is not implemented; remove the plugin and its kd_* keys"),
     "GrokfastPlugin": (False, "Grokfast is not implemented; remove the plugin and its grokfast_* keys"),
     "LMEvalPlugin": (False, "run lm-eval on the saved model after training; remove the plugin and lm_eval_* keys"),
-    "LLMCompressorPlugin": (False, "sparse fine-tuning with LLM Compressor is not implemented; remove it"),
+    "LLMCompressorPlugin": (False, "LLM Compressor's sparse fine-tuning is not implemented; remove the plugin and "
+                                   "its llmcompressor block: fine-tune densely here, then sparsify or quantize the "
+                                   "result with LLM Compressor"),
     "KernelsPlugin": (True, "its mixture-of-experts kernels are replaced by transformers' grouped GEMM over all "
                             "experts (experts_implementation: grouped_mm) and its fused layers by torch_compile, "
                             "which use_kernels turns on"),
@@ -34,9 +36,10 @@ PLUGINS: dict[str, tuple[bool, str]] = {
                              "reward functions (trl.reward_funcs)"),
     "DenseMixerPlugin": (False, "DenseMixer routing is not implemented; remove the plugin"),
     "HatcheryPlugin": (False, "remote training backends are not supported; remove the plugin and train locally"),
-    "SwanLabPlugin": (False, "SwanLab logging is not implemented; remove the plugin and its swanlab_* keys, and use "
-                             "wandb, mlflow or tensorboard"),
-    "DiffusionPlugin": (False, "diffusion language-model training is not implemented; remove it"),
+    "SwanLabPlugin": (True, "SwanLab logging is built in: it turns use_swanlab on (unless the config sets it), and "
+                            "the swanlab_* keys apply (pip install swanlab)"),
+    "DiffusionPlugin": (False, "diffusion language-model training is not implemented; remove the plugin and the "
+                               "diffusion block to train the model as a causal LM (next-token loss) on the same data"),
     "DionPlugin": (False, "the Dion optimizer is not available; remove it and use optimizer: adamw_torch_fused"),
     "EBFTPlugin": (False, "EBFT is not implemented; remove it"),
     "ExpertParallelPlugin": (False, "expert parallelism is not implemented; remove it and expert_parallel_size "

@@ -25,9 +25,11 @@ def _contradictions(cfg: Config) -> list[ConfigIssue]:
     if cfg.warmup_steps and cfg.max_steps and cfg.warmup_steps > cfg.max_steps:
         issues.append(ConfigIssue("warmup_steps", f"({cfg.warmup_steps}) is more than max_steps ({cfg.max_steps}): "
                                   "the learning rate would never reach its peak; lower warmup_steps."))
-    if cfg.save_strategy == "no" and (cfg.save_steps or cfg.saves_per_epoch):
+    if cfg.save_strategy in ("no", "best") and (cfg.save_steps or cfg.saves_per_epoch):
         key = "save_steps" if cfg.save_steps else "saves_per_epoch"
-        issues.append(ConfigIssue(key, "is set while save_strategy is \"no\" (no checkpoints); remove one of them."))
+        what = "no checkpoints" if cfg.save_strategy == "no" else "checkpoints at better evaluations only"
+        issues.append(ConfigIssue(key, f"is set while save_strategy is \"{cfg.save_strategy}\" ({what}); remove "
+                                  "one of them."))
     memory = _memory_bytes()
     if cfg.sample_packing and memory:
         need = cfg.sequence_len * cfg.micro_batch_size * _BYTES_PER_PACKED_TOKEN

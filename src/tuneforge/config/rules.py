@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from . import distributed
@@ -91,16 +92,27 @@ def _kahan(cfg: Config) -> list[ConfigIssue]:
     return [ConfigIssue(key, f"bf16_master_weights: kahan {fix}.")] if fix else []
 
 
+def _unfrozen_with_adapter(patterns: list[str]) -> str:
+    """Axolotl applies unfrozen_parameters to the adapter-wrapped model (names `base_model.model.<name>`,
+    LoRA weights included) and freezes every parameter that does not match: patterns anchored at a plain
+    name freeze everything, LoRA too, and base weights that do match train but are not saved in the adapter."""
+    plain = [p for p in patterns if (m := re.match(r"\^(\w+)", p)) and not "base_model".startswith(m.group(1))]
+    why = (f"{', '.join(f'`{p}`' for p in plain)} start at the plain model's names, which the wrapped names never "
+           "do, so Axolotl would freeze every parameter, LoRA's included, and train nothing" if plain else
+           "Axolotl would freeze every other parameter, LoRA's included, and base weights that match would train "
+           "without being saved in the adapter")
+    return ("with an adapter, these patterns are matched against the adapter-wrapped parameter names "
+            f"(`base_model.model.<name>`): {why}. tuneforge refuses the combination: remove unfrozen_parameters "
+            "(LoRA trains its own weights only); to keep LoRA off part of the model, give lora_target_modules a "
+            "regex (e.g. `model.language_model.*(q|k|v|o)_proj`); to train whole modules with the adapter, list "
+            "them in lora_modules_to_save; or remove the adapter for a full fine-tune of the matching parameters.")
+
+
 @rule
 def _adapter_keys(cfg: Config) -> list[ConfigIssue]:
     issues = []
     if cfg.adapter and cfg.unfrozen_parameters:
-        issues.append(
-            ConfigIssue("unfrozen_parameters", "applies to full fine-tuning; with an adapter, LoRA trains its own "
-                        "weights only: to put LoRA on part of the model, give lora_target_modules a regex (e.g. "
-                        "`model.language_model.*(q|k|v|o)_proj`); to train whole modules too, list them in "
-                        "lora_modules_to_save; or remove the adapter for a full fine-tune of the matching parameters.")
-        )
+        issues.append(ConfigIssue("unfrozen_parameters", _unfrozen_with_adapter(cfg.unfrozen_parameters)))
     if cfg.lora_model_dir and not cfg.adapter:
         issues.append(ConfigIssue("lora_model_dir", "needs `adapter: lora` or `adapter: qlora`."))
     if (cfg.adapter and cfg.lora_target_modules is None and not cfg.lora_target_linear and not cfg.lora_model_dir
@@ -223,4 +235,8 @@ def _eval_schedule(cfg: Config) -> list[ConfigIssue]:
         if getattr(cfg, key) and (not has_eval or cfg.eval_strategy == "no"):
             fix = "remove eval_strategy: no" if has_eval else "set val_set_size or test_datasets"
             issues.append(ConfigIssue(key, f"needs evaluations to compare: {fix}."))
+    if cfg.save_strategy == "best" and (not has_eval or cfg.eval_strategy == "no"):
+        fix = "remove eval_strategy: no" if has_eval else "set val_set_size or test_datasets"
+        issues.append(ConfigIssue("save_strategy", f"best saves a checkpoint when metric_for_best_model improves at "
+                                  f"an evaluation, and this run has none: {fix}, or choose save_strategy: steps."))
     return issues

@@ -173,7 +173,9 @@ class TrainingKeys(Section):
         None, description="Save a checkpoint every N steps (or a fraction of total steps)."
     )
     saves_per_epoch: int | None = Field(None, ge=1, description="Checkpoints per epoch (exclusive with save_steps).")
-    save_strategy: Literal["no", "steps", "epoch"] | None = Field(None, description="When to save checkpoints.")
+    save_strategy: Literal["no", "steps", "epoch", "best"] | None = Field(
+        None, description="When to save checkpoints: steps (save_steps / saves_per_epoch), epoch, no, or best: only "
+        "at an evaluation that improves metric_for_best_model (greater_is_better; needs evaluation data).")
     save_total_limit: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints.")
     dynamic_checkpoint: DynamicCheckpoint | None = Field(
         None, description="Checkpoint on request: `touch <output_dir>/axolotl_checkpoint.save` (training goes on)."
@@ -250,3 +252,31 @@ class LoggingKeys(Section):
     mlflow_run_name: str | None = Field(None, description="MLflow run name.")
     include_tkps: bool = Field(True, description="Accepted for Axolotl compatibility; no effect (`tokens_per_second` "
                                "is always logged).")
+    # SwanLab (engine/swanlab_tracker.py); Axolotl's plugin arguments, at the top level as in Axolotl
+    use_swanlab: bool = Field(False, description="Log to SwanLab (`pip install swanlab`); listing Axolotl's "
+                              "SwanLabPlugin in `plugins:` turns it on too.")
+    swanlab_project: str | None = Field(None, description="SwanLab project (default: output_dir's folder name).")
+    swanlab_experiment_name: str | None = Field(None, description="SwanLab experiment name.")
+    swanlab_description: str | None = Field(None, description="SwanLab experiment description.")
+    swanlab_mode: Literal["cloud", "online", "local", "offline", "disabled"] | None = Field(
+        None, description="cloud (= online): sync to SwanLab's server; local / offline: write to ./swanlog only; "
+        "disabled: no SwanLab (default: SwanLab's own, online).")
+    swanlab_workspace: str | None = Field(None, description="SwanLab workspace (organisation or user).")
+    swanlab_api_key: str | None = Field(None, description="SwanLab API key for `swanlab.login` (default: the "
+                                        "SWANLAB_API_KEY environment variable or an earlier `swanlab login`).")
+    swanlab_api_host: str | None = Field(None, description="SwanLab API address of a private deployment (the host "
+                                         "`swanlab.login` uses with swanlab_api_key).")
+    swanlab_web_host: str | None = Field(None, description="Accepted for Axolotl compatibility; not used (the "
+                                         "login goes to swanlab_api_host).")
+    swanlab_log_model: bool | None = Field(None, description="Accepted for Axolotl compatibility; not used "
+                                           "(checkpoints are not uploaded).")
+    swanlab_log_completions: bool = Field(
+        True, description="Also log the text the run generates as SwanLab tables: `samples` (generate_samples, "
+        "output_dir/samples.jsonl) and `completions` (GRPO's trl.log_completions, completions.jsonl).")
+    swanlab_completion_log_interval: int = Field(
+        100, ge=1, description="Steps between two uploads of the completion tables (and one at the end).")
+    swanlab_completion_max_buffer: int = Field(
+        128, ge=1, description="Rows each completion table holds: the newest ones.")
+    swanlab_lark_webhook_url: str | None = Field(None, description="Accepted for Axolotl compatibility; not used "
+                                                 "(no Lark notifications are sent).")
+    swanlab_lark_secret: str | None = Field(None, description="Accepted for Axolotl compatibility; not used.")

@@ -1,4 +1,5 @@
-"""The best evaluation so far (`metric_for_best_model`), for early stopping and `load_best_model_at_end`."""
+"""The best evaluation so far (`metric_for_best_model`), for early stopping, `load_best_model_at_end` and
+`save_strategy: best`."""
 
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ class BestEvaluation:
         self.record: dict | None = None  # the best evaluation's record
         self.checkpoint: str | None = None  # a checkpoint saved at that evaluation, if any
         self.since = 0  # evaluations since the best
-        # only a run that asks for early stopping or the best model must have the metric
-        self.required = self.patience is not None or cfg.load_best_model_at_end
+        # a checkpoint at every new best: for load_best_model_at_end, or as the only checkpoints
+        # (`save_strategy: best`, as in transformers' Trainer)
+        self.saves = cfg.load_best_model_at_end or cfg.save_strategy == "best"
+        # only a run that asks for early stopping or a checkpoint at the best must have the metric
+        self.required = self.patience is not None or self.saves
 
     def update(self, record: dict) -> bool:
         """Take an evaluation record; True when it is the new best."""

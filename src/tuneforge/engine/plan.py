@@ -132,8 +132,8 @@ def eval_cadence(plan: StepPlan, cfg: Config) -> Cadence:
 
 def save_cadence(plan: StepPlan, cfg: Config) -> Cadence | None:
     """When to save: save_steps / saves_per_epoch, else every epoch with `save_strategy: epoch`, else every
-    DEFAULT_EVERY steps; None with `save_strategy: no`."""
-    if cfg.save_strategy == "no":
+    DEFAULT_EVERY steps; None with `save_strategy: no` or `best` (best: engine/best.py saves at evaluations)."""
+    if cfg.save_strategy in ("no", "best"):
         return None
     chosen = plan.cadence(cfg.save_steps, cfg.saves_per_epoch)
     if chosen is None and cfg.save_strategy == "epoch":

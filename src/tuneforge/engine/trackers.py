@@ -1,4 +1,4 @@
-"""Experiment trackers through accelerate: TensorBoard, Weights & Biases, MLflow.
+"""Experiment trackers through accelerate: TensorBoard, Weights & Biases, MLflow, SwanLab.
 
 A tracker is imported only when the config asks for it; a missing package is one clear message.
 """
@@ -13,7 +13,7 @@ from tuneforge.config.schema import Config
 from tuneforge.errors import TuneforgeError
 
 _PACKAGES = {"tensorboard": ("tensorboard", "use_tensorboard"), "wandb": ("wandb", "wandb_project"),
-             "mlflow": ("mlflow", "use_mlflow")}
+             "mlflow": ("mlflow", "use_mlflow"), "swanlab": ("swanlab", "use_swanlab")}
 
 
 def requested(cfg: Config) -> list[str]:
@@ -24,6 +24,8 @@ def requested(cfg: Config) -> list[str]:
         names.append("wandb")
     if cfg.use_mlflow:
         names.append("mlflow")
+    if cfg.use_swanlab and cfg.swanlab_mode != "disabled":
+        names.append("swanlab")
     return names
 
 
@@ -33,6 +35,15 @@ def check_installed(names: list[str]) -> None:
         if importlib.util.find_spec(package) is None:
             raise TuneforgeError(f"`{key}` is set but the {package} package is not installed: "
                                  f"pip install {package} (or remove `{key}`).")
+
+
+def log_with(cfg: Config, names: list[str], output_dir: Path) -> list:
+    """accelerate's `log_with`: tracker names, and our own tracker objects (engine/swanlab_tracker.py)."""
+    if "swanlab" not in names:
+        return names
+    from .swanlab_tracker import SwanLabTracker
+
+    return [n for n in names if n != "swanlab"] + [SwanLabTracker(cfg, output_dir)]
 
 
 def start(cfg: Config, accelerator, names: list[str], run_config: dict) -> None:

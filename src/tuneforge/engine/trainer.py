@@ -246,13 +246,13 @@ class Trainer:
                            self.model)
 
     def _evaluate_and_save(self, step: int, epoch_step: int, in_epoch: int) -> bool:
-        """The evaluation and checkpoint due after `step` (load_best_model_at_end: a checkpoint at every new
-        best evaluation too); True when it evaluated."""
+        """The evaluation and checkpoint due after `step` (load_best_model_at_end, save_strategy: best: a
+        checkpoint at every new best evaluation too); True when it evaluated."""
         requested = self.trigger.requested(step)  # looked at even when a save is due: one request, one file
         save = requested or (self.save_cadence and self.save_cadence.due(step, epoch_step, in_epoch)) or (
             self.cfg.save_first_step and step == 1)
         evaluate = bool(self.eval_cadence and self.eval_cadence.due(step, epoch_step, in_epoch))
-        if evaluate and self.best.update(self.evaluate()) and self.cfg.load_best_model_at_end:
+        if evaluate and self.best.update(self.evaluate()) and self.best.saves:
             self.best.checkpoint, save = str(ckpt.checkpoint_dir(self.output_dir, step)), True  # saved with the state
         if save:
             self.save_checkpoint()
@@ -438,9 +438,9 @@ def _accelerator(cfg: Config, precision: str, trackers_: list[str], output_dir: 
         AcceleratorState._reset_state(reset_partial_state=False)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters,
                                         **({"bucket_cap_mb": cfg.ddp_bucket_cap_mb} if cfg.ddp_bucket_cap_mb else {}))
-    return Accelerator(mixed_precision=precision, log_with=trackers_ or None, project_dir=str(output_dir / "runs"),
-                       cpu=not torch.cuda.is_available(),  # several CPU processes: gloo data parallelism
-                       kwargs_handlers=[ddp])
+    return Accelerator(mixed_precision=precision, log_with=trackers.log_with(cfg, trackers_, output_dir) or None,
+                       project_dir=str(output_dir / "runs"), kwargs_handlers=[ddp],
+                       cpu=not torch.cuda.is_available())  # several CPU processes: gloo data parallelism
 
 
 def _public_config(cfg: Config) -> dict:

@@ -205,10 +205,14 @@ def _add_scores(sums: dict[str, float], scores) -> None:
 
 
 def _check_config(cfg: Config) -> None:
-    """What strided mode cannot run with, refused before any model loads."""
+    """What strided mode cannot run with, refused before any model loads (torch_compile: turned off, noted)."""
     if cfg.torch_compile:
-        raise config_error("torch_compile", "EBFT strided mode runs blocks of varying layout through one "
-                           "masked forward, which torch.compile would recompile per document; set torch_compile: false.")
+        # Every document's blocks give the masked forward another layout: compiled blocks would recompile per
+        # document. The model runs eagerly instead; said once, where the objective is built (validate, train).
+        log.warning("torch_compile: %s is not applied in EBFT strided mode: its blocks of varying layout run "
+                    "through one block-masked forward, which torch.compile would recompile for every document; "
+                    "the model runs eagerly (set torch_compile: false to drop this note)", cfg.torch_compile)
+        cfg.torch_compile = False
     if cfg.activation_offloading:
         raise config_error("activation_offloading", "EBFT strided mode does not support activation offloading "
                            "(untested with its per-document masked forwards; Axolotl refuses it too); set "
