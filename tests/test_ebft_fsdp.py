@@ -56,3 +56,15 @@ def test_structured_ebft_under_fsdp2_matches_data_parallelism(tmp_path, tiny_mod
             assert abs(sharded[step][key] - plain[step][key]) <= TOL, (step, key, plain, sharded)
     # The run trained: step 3's generation comes from updated weights, so its features moved.
     assert plain[3]["ebft/alignment"] != plain[1]["ebft/alignment"]
+
+
+def test_fsdp2_refuses_the_asynchronous_samplers_as_for_grpo(tiny_model_dir):
+    from tuneforge.config import load
+    from tuneforge.config.errors import ConfigError
+
+    base = {"base_model": str(tiny_model_dir), "rl": "ebft", "datasets": [{"path": "gt.jsonl", "type": "prompt"}],
+            "trl": {"num_generations": 4}, "micro_batch_size": 4, **FSDP}
+    load(data=base)  # synchronous sampling is fine
+    for trl in ({"async_prefetch": True}, {"use_vllm": True}):
+        with pytest.raises(ConfigError, match=r"fsdp_config.*rl: ebft with FSDP2.*trl.use_vllm / trl.async_prefetch"):
+            load(data={**base, "trl": {**base["trl"], **trl}})
