@@ -1,4 +1,5 @@
-"""EBFT's structured mode under FSDP2, run for real on two CPU processes (torchrun, gloo).
+"""EBFT under FSDP2 (structured mode with full fine-tuning and LoRA, strided mode), run for real on two CPU
+processes (torchrun, gloo).
 
 Under FSDP2 the policy is sharded for the loss, and an online method generates from a whole copy of it
 refreshed from the shards before each generation (engine/trainer.py). EBFT's feature network sits on
@@ -6,7 +7,8 @@ that side: with LoRA it is the generation copy with its adapter disabled, with f
 frozen copy of the starting weights (one whole copy per process, not sharded: docs/ebft.md). Either way
 two sharded processes must give the same generations, feature-matching rewards and losses as data
 parallelism on the same data (which replicates the model; sampling is seeded per process, so both runs
-draw the same completions). Step 3 generates anew after two updates (num_iterations 2): a feature network
+draw the same completions). Step 3 generates after two updates (structured mode reuses step 1's
+generation for step 2, num_iterations 2; strided mode generates every step): a feature network
 that moved with the policy (an adapter left enabled, a copy refreshed from the shards) would score
 differently there, and a generation copy that was not refreshed would sample differently.
 """
@@ -17,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -24,7 +27,8 @@ import yaml
 FSDP = {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}}
 TOL = 1e-4  # fp32; the GRPO test of tests/test_fsdp.py uses the same tolerance
 LORA = {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True}
-COMPARED = ("loss", "reward", "ebft/alignment", "ebft/diversity", "ebft/cfm_loss", "completions/mean_length")
+COMPARED = ("loss", "reward", "ebft/alignment", "ebft/diversity", "ebft/cfm_loss", "ebft/reward",
+            "completions/mean_length")
 
 
 def _run(tmp_path, name: str, keys: dict) -> dict[int, dict]:
@@ -38,9 +42,17 @@ def _run(tmp_path, name: str, keys: dict) -> dict[int, dict]:
     return {r["step"]: r for r in records if r["type"] == "train"}
 
 
+ROOT = Path(__file__).resolve().parents[1]
+STRIDED = {"ebft": {"mode": "strided", "stride": 4, "context_length": 4, "generate_max_len": 4,
+                    "n_samples_per_prompt": 4, "temperature": 1.0, "embed_method": "mean_pooling",
+                    "feature_layers": [0.0, 0.5]},
+           "datasets": [{"path": str(ROOT / "examples" / "ebft-strided-tiny.jsonl"), "type": "completion"}],
+           "sequence_len": 48, "micro_batch_size": 2}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("adapter", [{}, LORA], ids=["full", "lora"])
-def test_structured_ebft_under_fsdp2_matches_data_parallelism(tmp_path, tiny_model_dir, adapter):
+@pytest.mark.parametrize("keys", [{}, LORA, STRIDED], ids=["structured-full", "structured-lora", "strided-full"])
+def test_ebft_under_fsdp2_matches_data_parallelism(tmp_path, tiny_model_dir, keys):
     rows = [{"prompt": f"copy: {w} ->", "ground_truth": f" {w}"} for w in ("the cat", "a dog", "one", "big house",
                                                                           "red", "two birds", "sun", "a b c")]
     (tmp_path / "gt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -48,11 +60,13 @@ def test_structured_ebft_under_fsdp2_matches_data_parallelism(tmp_path, tiny_mod
             "ebft": {"embed_method": "completion_mean", "feature_layers": [0.5, 1.0]},
             "trl": {"num_generations": 4, "max_completion_length": 6, "num_iterations": 2},
             "micro_batch_size": 4, "max_steps": 3, "learning_rate": 1e-2, "logging_steps": 1,
-            "save_strategy": "no", "seed": 3, **adapter}
+            "save_strategy": "no", "seed": 3, **keys}
     plain, sharded = _run(tmp_path, "plain", base), _run(tmp_path, "fsdp", {**base, **FSDP})
     assert sorted(sharded) == sorted(plain) == [1, 2, 3]
+    compared = [k for k in COMPARED if k in plain[1]]
+    assert len(compared) >= 5, plain[1]
     for step in (1, 2, 3):
-        for key in COMPARED:
+        for key in compared:
             assert abs(sharded[step][key] - plain[step][key]) <= TOL, (step, key, plain, sharded)
     # The run trained: step 3's generation comes from updated weights, so its features moved.
     assert plain[3]["ebft/alignment"] != plain[1]["ebft/alignment"]
