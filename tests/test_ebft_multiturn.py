@@ -159,7 +159,9 @@ def test_bad_turns_name_the_row(objective, chatml, write_jsonl):
         obj.prepare_data(chatml)
 
 
-def test_a_tiny_multi_turn_run_trains(objective, write_config, monkeypatch):
+def test_a_tiny_multi_turn_run_trains(write_config, write_jsonl, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
     from tuneforge.config import load
     from tuneforge.engine.run import train
     from tuneforge.methods.ebft.structured import StructuredEBFTObjective
@@ -172,13 +174,13 @@ def test_a_tiny_multi_turn_run_trains(objective, write_config, monkeypatch):
         return original(self, prompt_ids)
 
     monkeypatch.setattr(StructuredEBFTObjective, "_reply", counted)
-    objective()  # writes the data
+    write_jsonl([{"messages": m} for m in CONVERSATIONS], "chat.jsonl")
     cfg = load(write_config({"rl": "ebft", "chat_template": "chatml",
                              "datasets": [{"path": "chat.jsonl", "type": "ebft_chat_multiturn.transform"}],
                              "trl": {"num_generations": G, "max_completion_length": 4},
                              "micro_batch_size": 8, "max_steps": 2, "learning_rate": 1e-2, "logging_steps": 1,
                              "save_strategy": "no", "seed": 0}, name="run.yaml"))
-    start = {k: v.clone() for k, v in _policy(cfg).state_dict().items()}
+    start = AutoModelForCausalLM.from_pretrained(cfg.base_model).state_dict()
     result = train(cfg, show_progress=False)
     records = [r for r in result.history if r["type"] == "train"]
     assert [r["step"] for r in records] == [1, 2]
@@ -189,8 +191,3 @@ def test_a_tiny_multi_turn_run_trains(objective, write_config, monkeypatch):
     moved = max((v - start[k]).abs().max().item() for k, v in result.model.state_dict().items())
     assert moved > 0
 
-
-def _policy(cfg):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(cfg.base_model)
