@@ -155,8 +155,17 @@ def test_bad_turns_name_the_row(objective, chatml, write_jsonl):
     obj = objective()
     write_jsonl([{"messages": CONVERSATIONS[0]}, {"messages": [_user("q"), _assistant("a"), {"role": "user"}]}],
                 "chat.jsonl")
-    with pytest.raises(DataError, match=r"datasets\[0\] row 1"):
-        obj.prepare_data(chatml)
+    with pytest.raises(DataError, match=r"datasets\[0\] row 1: `messages` must be"):
+        obj.prepare_data(chatml)  # the transform's own check
+    with pytest.raises(DataError, match=r"row 7: `remaining_turns` must be a list of \{role, content\}"):
+        multiturn.check_turns([_user("q")], [{"role": "user"}], "row 7")  # a transform of your own
+    strict = copy.deepcopy(chatml)  # a template that refuses a role: the row is named before training starts
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}"
+                            "{% endif %}{{ m['content'] }}{% endfor %}")
+    write_jsonl([{"messages": CONVERSATIONS[0]}, {"messages": [_user("q"), _assistant("a"), _user("t"),
+                                                               {"role": "tool", "content": "x"}]}], "chat.jsonl")
+    with pytest.raises(DataError, match=r"datasets\[0\] row 1: the chat template cannot render.*no tools"):
+        obj.prepare_data(strict)
 
 
 def test_a_tiny_multi_turn_run_trains(write_config, write_jsonl, monkeypatch):

@@ -19,7 +19,7 @@ from tuneforge.config.schema import Config
 from tuneforge.errors import DataError
 
 from .multiturn import COLUMN as TURNS
-from .multiturn import check_turns
+from .multiturn import check_renders, check_turns
 
 COLUMN = "ground_truth"
 IDS_COLUMN = "gt_ids"  # the ground truth's tokens, added to the prepared prompt rows
@@ -64,6 +64,7 @@ def add_ground_truth(ds, tokenizer, cfg: Config, stop_ids: tuple[int, ...], key:
         prompt = json.loads(prompt_json)
         if columns.get(TURNS):  # checked here, rolled out at scoring time (multiturn.py)
             check_turns(prompt, columns[TURNS], where)
+            check_renders(prompt, text, columns[TURNS], tokenizer, cfg, where)
         ids.append(ground_truth_ids(prompt, text, tokenizer, cfg, stop_ids))
     if IDS_COLUMN in ds.column_names:
         ds = ds.remove_columns(IDS_COLUMN)

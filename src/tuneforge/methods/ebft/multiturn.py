@@ -38,6 +38,18 @@ def check_turns(prompt, turns, where: str) -> None:
                         f"are rendered with the chat template) {fix}; got a plain-text prompt.")
 
 
+def check_renders(prompt: Messages, ground_truth: str, turns: Messages, tokenizer, cfg: Config, where: str) -> None:
+    """The chat template renders the reference conversation (a template that insists on alternating roles,
+    say, fails here naming the row rather than in the middle of a training step)."""
+    from jinja2 import TemplateError
+
+    try:
+        conversation_ids(prompt, reference_turns(ground_truth, turns), tokenizer, cfg, ())
+    except TemplateError as exc:
+        raise DataError(f"{where}: the chat template cannot render the conversation (prompt, ground_truth, then "
+                        f"`{COLUMN}`): {exc}. Fix the turns, or use a template that accepts them.") from None
+
+
 def conversation_ids(prompt: Messages, turns: Messages, tokenizer, cfg: Config, stop_ids: Sequence[int]) -> list[int]:
     """The tokens of `turns` as the chat template renders them after `prompt` and its generation prompt, up
     to and including the last end-of-turn token (EOS appended when there is none)."""
