@@ -192,8 +192,10 @@ def test_generation_limit_is_the_steps_largest_cap_then_each_prompts_own(ebft, t
 def test_config_checks(ebft, write_jsonl, caplog):
     from tuneforge.config.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="trl.reward_funcs"):
+    with pytest.raises(ConfigError, match=r"trl.reward_funcs.*only reward is feature matching.*rl: grpo"):
         ebft(trl={"reward_funcs": ["toy.fn"]})
+    with pytest.raises(ConfigError, match="trl.reward_weights"):
+        ebft(trl={"reward_weights": [1.0]})
     with pytest.raises(ConfigError, match="micro_batch_size"):
         ebft(micro_batch_size=6)  # 6 completions per step is not a multiple of 4 generations
     with caplog.at_level(logging.WARNING, logger="tuneforge"):
@@ -202,7 +204,7 @@ def test_config_checks(ebft, write_jsonl, caplog):
 
 
 def test_data_without_ground_truth_names_the_row(ebft, write_jsonl, tiny_tokenizer):
-    from tuneforge.errors import DataError, NotSupportedYet
+    from tuneforge.errors import DataError
 
     obj = ebft()
     write_jsonl([{"prompt": "a", "ground_truth": "b"}, {"prompt": "c", "answer": "d"}], "gt.jsonl")
@@ -210,7 +212,7 @@ def test_data_without_ground_truth_names_the_row(ebft, write_jsonl, tiny_tokeniz
         obj.prepare_data(tiny_tokenizer)
     write_jsonl([{"prompt": "a", "ground_truth": "b", "remaining_turns": [{"role": "user", "content": "x"}]}],
                 "gt.jsonl")
-    with pytest.raises(NotSupportedYet, match=r"datasets\[0\] row 0: multi-turn"):
+    with pytest.raises(DataError, match=r"datasets\[0\] row 0: a row with `remaining_turns` needs its prompt as a list"):
         obj.prepare_data(tiny_tokenizer)
 
 

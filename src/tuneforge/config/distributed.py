@@ -173,7 +173,9 @@ def _fsdp_not_yet(cfg) -> list:
 
     issues = []
     trl = cfg.trl
-    if cfg.rl in ("grpo", "gdpo") and trl is not None and (trl.use_vllm or trl.async_prefetch or trl.use_data_producer):
+    # (EBFT's structured mode samples through GRPO's machinery: the same limits)
+    if cfg.rl in ("grpo", "gdpo", "ebft") and trl is not None and (trl.use_vllm or trl.async_prefetch
+                                                                   or trl.use_data_producer):
         issues.append(ConfigIssue("fsdp_config", f"rl: {cfg.rl} with FSDP2 generates with the embedded engine, "
                                   "synchronously, for now: turn off trl.use_vllm / trl.async_prefetch, or train "
                                   "without the fsdp keys"))

@@ -16,7 +16,10 @@ import math
 from dataclasses import replace
 
 from tuneforge.config.schema import Config
-from tuneforge.errors import DataError, NotSupportedYet
+from tuneforge.errors import DataError
+
+from .multiturn import COLUMN as TURNS
+from .multiturn import check_renders, check_turns
 
 COLUMN = "ground_truth"
 IDS_COLUMN = "gt_ids"  # the ground truth's tokens, added to the prepared prompt rows
@@ -42,8 +45,9 @@ def ground_truth_ids(prompt, text: str, tokenizer, cfg: Config, stop_ids: tuple[
 
 
 def add_ground_truth(ds, tokenizer, cfg: Config, stop_ids: tuple[int, ...], key: str):
-    """`ds` (prepared prompt rows from the entries of `key`) with the `gt_ids` column; a row without a
-    usable ground truth, or with turns still to roll out, stops the run naming it."""
+    """`ds` (prepared prompt rows from the entries of `key`) with the `gt_ids` column (the first reply's
+    tokens for a multi-turn row); a row without a usable ground truth or with malformed turns stops the
+    run naming it."""
     if ds is None:
         return None
     ids = []
@@ -57,11 +61,11 @@ def add_ground_truth(ds, tokenizer, cfg: Config, stop_ids: tuple[int, ...], key:
             raise DataError(f"{where}: rl: ebft (structured mode) needs a non-empty string `{COLUMN}` column, the "
                             f"reference completion of the prompt (the row has: {have}). Add it to the data, or map "
                             f"your answer column to `{COLUMN}` in the dataset's transform.")
-        if columns.get("remaining_turns"):
-            raise NotSupportedYet(f"{where}: multi-turn rollouts (`remaining_turns`) are not implemented in EBFT's "
-                                  "structured mode yet; give one prompt and its ground truth per row (e.g. one row per "
-                                  "assistant turn, earlier turns in the prompt).")
-        ids.append(ground_truth_ids(json.loads(prompt_json), text, tokenizer, cfg, stop_ids))
+        prompt = json.loads(prompt_json)
+        if columns.get(TURNS):  # checked here, rolled out at scoring time (multiturn.py)
+            check_turns(prompt, columns[TURNS], where)
+            check_renders(prompt, text, columns[TURNS], tokenizer, cfg, where)
+        ids.append(ground_truth_ids(prompt, text, tokenizer, cfg, stop_ids))
     if IDS_COLUMN in ds.column_names:
         ds = ds.remove_columns(IDS_COLUMN)
     return ds.add_column(IDS_COLUMN, ids)

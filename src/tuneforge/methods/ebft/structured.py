@@ -8,9 +8,10 @@ prompt+completion and prompt+ground_truth (features.py), and reward.py turns the
 rewards of the paper's eq. 7. GRPO's advantages, clipped surrogate, loss types, buffer and
 checkpointing then apply unchanged: only `_score` (and the per-prompt generation cap) differ.
 
-`trl.reward_funcs` is refused: the feature-matching reward is the whole signal here (a verifiable
-reward belongs to `rl: grpo`), and mixing it with other rewards would change what eq. 7's
-coefficients mean (docs/ebft.md).
+Multi-turn rows (`remaining_turns`) have their later turns rolled out before scoring (multiturn.py).
+`trl.reward_funcs` and `trl.reward_weights` are refused: the feature-matching reward is the whole signal
+(as in Axolotl, whose EBFT trainer passes only that reward to GRPO), and a verifiable reward belongs to
+`rl: grpo` (docs/ebft.md).
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ import torch
 
 from tuneforge.config.ebft import EBFTBlock
 from tuneforge.config.schema import Config
+from tuneforge.data.formats.grpo import tokenize_prompt
 
 from ..base import Batch, config_error
 from ..grpo import GRPOObjective
 from ..grpo.metrics import mean_std
 from ..reference import Reference
 from . import features as feats
-from .ground_truth import IDS_COLUMN, add_ground_truth, cap_rollout, length_cap
+from . import multiturn
+from .ground_truth import COLUMN, IDS_COLUMN, add_ground_truth, cap_rollout, length_cap
 from .reward import GroupRewards, group_rewards
 
 log = logging.getLogger("tuneforge")
@@ -48,10 +51,11 @@ class StructuredEBFTObjective(GRPOObjective):
     row_columns = (*GRPOObjective.row_columns, IDS_COLUMN)
 
     def __init__(self, cfg: Config):
-        if cfg.trl is not None and cfg.trl.reward_funcs:
-            raise config_error("trl.reward_funcs", "rl: ebft rewards completions by feature matching with the "
-                               "ground truth and takes no reward functions; remove trl.reward_funcs (and "
-                               "trl.reward_weights), or use rl: grpo for a verifiable reward.")
+        for key in ("reward_funcs", "reward_weights"):
+            if cfg.trl is not None and getattr(cfg.trl, key):
+                raise config_error(f"trl.{key}", "rl: ebft's only reward is feature matching with the ground truth "
+                                   "(Axolotl's EBFT trainer does not read trl.reward_funcs or trl.reward_weights "
+                                   "either); remove them, or use rl: grpo for a verifiable reward.")
         self.ebft = cfg.ebft or EBFTBlock()
         _warn_strided_keys(self.ebft)
         super().__init__(cfg)
@@ -108,11 +112,37 @@ class StructuredEBFTObjective(GRPOObjective):
         G = self.settings.num_generations
         texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         prompts = [p for p in rollout.prompt_ids for _ in range(G)]
+        completions, truths = rollout.completion_ids, source["gt_ids"]
+        if any(c.get(multiturn.COLUMN) for c in source["columns"]):
+            completions, truths = self._conversations(source, texts, completions, truths)
         with self.feature_net.network(self._model) as net:
-            generated = self.features(net, prompts, rollout.completion_ids, source["pad_id"])
-            truth = self.features(net, rollout.prompt_ids, source["gt_ids"], source["pad_id"])
+            generated = self.features(net, prompts, completions, source["pad_id"])
+            truth = self.features(net, rollout.prompt_ids, truths, source["pad_id"])
         self._scores = self.rewards_of(generated, truth)
         return texts, self._scores.rewards.double().unsqueeze(1)
+
+    def _conversations(self, source: Batch, texts: list[str], completions, truths):
+        """(completions, ground truths) with each multi-turn row's replaced by its whole conversation after
+        the prompt: the samples' rolled out with the policy, the reference's as written (multiturn.py)."""
+        G, stops = self.settings.num_generations, self.params.stop_token_ids
+        rows = [i for i, c in enumerate(source["columns"]) if c.get(multiturn.COLUMN)]
+        samples = [j for i in rows for j in range(i * G, (i + 1) * G)]
+        prompts = [source["prompts"][j // G] for j in samples]
+        rolled = multiturn.roll_out(self._reply, lambda m: tokenize_prompt(m, self.tokenizer, self.cfg), prompts,
+                                    [texts[j] for j in samples],
+                                    [source["columns"][j // G][multiturn.COLUMN] for j in samples])
+        completions, truths = list(completions), list(truths)
+        for j, prompt, turns in zip(samples, prompts, rolled, strict=True):
+            completions[j] = multiturn.conversation_ids(prompt, turns, self.tokenizer, self.cfg, stops)
+        for i in rows:
+            reference = multiturn.reference_turns(source["columns"][i][COLUMN], source["columns"][i][multiturn.COLUMN])
+            truths[i] = multiturn.conversation_ids(source["prompts"][i], reference, self.tokenizer, self.cfg, stops)
+        return completions, truths
+
+    def _reply(self, prompt_ids: list[list[int]]) -> list[str]:
+        """One sampled reply per conversation, with the current weights (the later turns of multi-turn rows)."""
+        rollout = self.sampler.generate(prompt_ids, 1, self.params)
+        return self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
 
     def features(self, net, prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> torch.Tensor:
         """[N, D] pooled features of prompt+completion rows, `micro_batch_size` rows per forward."""
