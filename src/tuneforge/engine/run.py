@@ -80,6 +80,10 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
               f"checkpoint saved to {stop.checkpoint}.\nResume with:\n  {command}", file=sys.stderr, flush=True)
         _leave_process_group()
         raise SystemExit(128 + stop.signum) from None
+    if cfg.relora_every():  # the base weights carry every restart's update: the output is the merged model
+        from .relora import merged_model
+
+        model = result.model = merged_model(model)
     if trainer.zero is not None:  # DeepSpeed: ZeRO-3 gathers one tensor at a time, as FSDP2 below
         outputs.sync_generation_config(model, tokenizer)
         trainer.zero.save_final(model, tokenizer, out, main=main, safe=cfg.save_safetensors)
