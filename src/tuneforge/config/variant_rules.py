@@ -67,3 +67,17 @@ def _eaft(cfg: Config) -> list[ConfigIssue]:
     if cfg.use_eaft and not method_facts(cfg).supervised:
         return [ConfigIssue("use_eaft", "EAFT weights the supervised fine-tuning loss; remove it for this method.")]
     return []
+
+
+@rule
+def _llama4_experts(cfg: Config) -> list[ConfigIssue]:
+    if not cfg.llama4_linearized_experts or not _sharded(cfg):
+        return []
+    if not cfg.adapter:
+        return [ConfigIssue("llama4_linearized_experts", f"full fine-tuning of linearized experts under "
+                            f"{_sharded(cfg)} would save the per-expert layout; train an adapter (adapter: lora) "
+                            "or remove the key (full fine-tuning trains the fused experts directly).")]
+    if cfg.merge_lora:
+        return [ConfigIssue("merge_lora", "with linearized experts the merge runs on the whole model in one process; "
+                            f"under {_sharded(cfg)} remove merge_lora and merge afterwards on one machine.")]
+    return []

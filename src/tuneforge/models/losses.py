@@ -54,7 +54,10 @@ def decoder_forward(model, batch: dict, router_logits: bool = False) -> tuple[to
     extra = {"output_router_logits": True} if router_logits else {}
     if getattr(base.config, "_attn_implementation", None) == attention.NAME and "cu_seqlens" in batch:
         extra |= attention.varlen_kwargs(batch)  # the packed documents' boundaries, for the varlen kernel
-    outputs = base.get_decoder()(
+    decoder = base.get_decoder()
+    if decoder is base and isinstance(getattr(base, "model", None), torch.nn.Module):
+        decoder = base.model  # Llama4ForCausalLM's get_decoder() returns the model itself (transformers 5)
+    outputs = decoder(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
         use_cache=False,
