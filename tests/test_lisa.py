@@ -16,10 +16,18 @@ RUN = {"lisa_n_layers": 1, "lisa_step_interval": 2, "max_steps": 6, "micro_batch
 
 
 @pytest.fixture(scope="module")
-def four_layer_dir(tmp_path_factory):
-    from tuneforge.tiny import build_tiny_model
+def four_layer_dir(tmp_path_factory, tiny_model_dir, tiny_tokenizer):
+    """The tiny model's tokenizer with a 4-layer model."""
+    from transformers import AutoModelForCausalLM
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-4-layers"), layers=LAYERS, hidden=32)
+    from tuneforge.tiny import tiny_llama_config
+
+    path = tmp_path_factory.mktemp("tiny-4-layers")
+    tiny_tokenizer.save_pretrained(str(path))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_llama_config(len(tiny_tokenizer), layers=LAYERS, hidden=32)).save_pretrained(
+        str(path))
+    return path
 
 
 def test_draw_is_seeded_and_changes_between_intervals():

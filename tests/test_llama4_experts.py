@@ -23,16 +23,14 @@ def _config(vocab: int = 128):
 
 
 @pytest.fixture(scope="module")
-def llama4_dir(tmp_path_factory):
+def llama4_dir(tmp_path_factory, tiny_tokenizer):
     """A tiny Llama 4 text model saved with the tiny tokenizer (loads with from_pretrained)."""
     from transformers import Llama4ForCausalLM
 
-    from tuneforge.tiny import build_tiny_tokenizer
-
     path = tmp_path_factory.mktemp("tiny-llama4")
-    tokenizer = build_tiny_tokenizer(path)
+    tiny_tokenizer.save_pretrained(str(path))
     torch.manual_seed(0)
-    Llama4ForCausalLM(_config(len(tokenizer))).save_pretrained(str(path))
+    Llama4ForCausalLM(_config(len(tiny_tokenizer))).save_pretrained(str(path))
     return path
 
 
