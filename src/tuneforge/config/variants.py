@@ -37,7 +37,8 @@ class VariantKeys(Section):
         "magnitude", description="ReLoRA: which values are zeroed: the smallest in magnitude, a random subset, or "
         "reset (random, 0.999 unless relora_prune_ratio is set).")
     relora_cpu_offload: bool = Field(
-        False, description="ReLoRA: compute each merged weight on the CPU (saves GPU memory during restarts).")
+        False, description="ReLoRA: accepted for Axolotl compatibility, no effect: restarts merge one layer at a time "
+        "in place, so the extra memory is one layer's update.")
     jagged_restart_steps: int | None = Field(
         None, ge=1, description="Jagged learning rate: restart every this many optimizer steps (the ReLoRA "
         "interval); after each restart the rate warms up again from 0.1% of the schedule's value.")
