@@ -46,6 +46,7 @@ def test_gradients_follow_the_draw_and_frozen_layers_stay_bit_identical(tmp_path
 
     cfg = make_config(tmp_path, four_layer_dir, lisa_n_layers=2, lisa_step_interval=3, weight_decay=0.5,
                       learning_rate=1e-2)
+    assert cfg.ddp_find_unused_parameters  # frozen layers send no gradient: DDP must not wait for them
     model = AutoModelForCausalLM.from_pretrained(str(four_layer_dir))
     optimizer = build_optimizer(cfg, model)
     sampler = LayerSampler(model, n_layers=2, every=3, attribute="model.layers", seed=cfg.seed)

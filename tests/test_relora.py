@@ -123,3 +123,9 @@ def test_config_refusals_name_the_key(tmp_path, tiny_model_dir):
                     optimizer="adamw_bnb_8bit")
     old = make_config(tmp_path, tiny_model_dir, name="old.yaml", **LORA, relora_steps=7, relora_warmup_steps=2)
     assert old.relora_every() == 7 and old.jagged_restart_warmup_steps == 2
+
+
+def test_axolotl_false_for_a_jagged_length_means_the_default(tmp_path, tiny_model_dir):
+    cfg = make_config(tmp_path, tiny_model_dir, **LORA, relora=True, jagged_restart_steps=150,
+                      jagged_restart_warmup_steps=10, jagged_restart_anneal_steps=False)
+    assert cfg.jagged_restart_anneal_steps is None and cfg.relora_every() == 150

@@ -40,13 +40,14 @@ def _relora(cfg: Config) -> list[ConfigIssue]:
         return []
     if not cfg.relora_every():
         return [ConfigIssue("relora", "ReLoRA needs jagged_restart_steps (steps between restarts); set it.")]
-    if cfg.adapter == "qlora" or cfg.load_in_4bit or cfg.load_in_8bit:
-        return [ConfigIssue("adapter", "ReLoRA merges the adapter into the base weights at every restart; into 4- or "
-                            "8-bit weights that means requantising them each time, which rounds small merged updates "
-                            "away. Use adapter: lora on 16-bit weights (bf16: true), or a plain QLoRA run.")]
-    if cfg.adapter != "lora":
-        return [ConfigIssue("relora", "ReLoRA restarts a LoRA adapter; set adapter: lora.")]
     issues = []
+    if cfg.adapter == "qlora" or cfg.load_in_4bit or cfg.load_in_8bit:
+        issues.append(ConfigIssue("adapter", "ReLoRA merges the adapter into the base weights at every restart; into "
+                                  "4- or 8-bit weights that means requantising them each time, which rounds small "
+                                  "merged updates away. Use adapter: lora on 16-bit weights (bf16: true), or a plain "
+                                  "QLoRA run."))
+    elif cfg.adapter != "lora":
+        return [ConfigIssue("relora", "ReLoRA restarts a LoRA adapter; set adapter: lora.")]
     if cfg.peft_use_dora:
         issues.append(ConfigIssue("peft_use_dora", "ReLoRA merges plain LoRA updates; DoRA's magnitude vector would "
                                   "have to restart too. Remove peft_use_dora."))

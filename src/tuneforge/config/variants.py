@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .base import Section
 
@@ -57,6 +57,12 @@ class VariantKeys(Section):
     llama4_linearized_experts: bool = Field(
         False, description="Llama 4: replace each layer's fused expert tensors with one nn.Linear per expert, so "
         "LoRA can target experts by name (`feed_forward.experts.3.down_proj`); saved fused again.")
+
+    @field_validator("jagged_restart_warmup_steps", "jagged_restart_anneal_steps", mode="before")
+    @classmethod
+    def _false_is_unset(cls, value):
+        # Axolotl's ReLoRA example writes `jagged_restart_anneal_steps: false` for "the default".
+        return None if value is False else value
 
     @model_validator(mode="after")
     def _lisa_leaves_layers_without_gradients(self):
