@@ -75,7 +75,8 @@ def merge_and_reinit(model, generator: torch.Generator) -> int:
                 continue
             weight = layer.get_base_layer().weight
             weight.add_(layer.get_delta_weight(name).to(weight.dtype))
-            with torch.random.fork_rng(devices=[]):  # PEFT draws A from the global generator: seed it, restore it
+            # PEFT draws A from the global generator (the CUDA one for a CUDA weight): seed it, restore it after
+            with torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
                 torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
                 layer.reset_lora_parameters(name, init_lora_weights=True)
     return len(layers)
