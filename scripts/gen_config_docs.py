@@ -43,6 +43,8 @@ AREAS = {
     "LoggingKeys": ("Logging and trackers", "Metrics are always written to output_dir/metrics.jsonl."),
     "RLKeys": ("Preference and RL methods", "Keys of `rl:` methods, reward models and the `trl:` block."),
     "DistributedKeys": ("Several GPUs and sharding", "Data parallelism, FSDP2 and DeepSpeed (docs/multi-gpu.md)."),
+    "VariantKeys": ("Training variants", "LISA, ReLoRA, the EAFT loss and Llama 4's per-expert linears "
+                    "(docs/training-variants.md)."),
 }
 # Where each nested block appears in a config, for its heading.
 NESTED_TITLES = {

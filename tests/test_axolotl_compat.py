@@ -75,8 +75,7 @@ def test_empty_axolotl_keys_are_accepted(tmp_path):
 
 @pytest.mark.parametrize("text, words", [
     ("gptq: true\n", "unquantized model with adapter: qlora"),
-    ("relora_steps: 150\n", "merge-lora"),
-    ("lisa_n_layers: 4\n", "unfrozen_parameters"),
+    ("use_mora: true\n", "use adapter: lora"),
 ])
 def test_older_methods_are_refused_with_the_migration(tmp_path, text, words):
     (issue,) = _issues(tmp_path, text)

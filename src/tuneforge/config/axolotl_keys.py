@@ -158,9 +158,6 @@ ADVICE = {
     "quantize_moe_experts": "quantized expert weights are not supported; remove it (load_in_4bit / load_in_8bit "
                             "quantize the linear layers; the experts then stay in 16 bits: plan their memory, or "
                             "train on more GPUs with fsdp_version: 2)",
-    "llama4_linearized_experts": "Llama 4's experts stay fused as transformers loads them; remove it (LoRA then "
-                                 "targets the attention and shared-expert layers, lora_target_parameters the "
-                                 "experts)",
     "diffusion": "diffusion language-model training is not implemented; remove it and the DiffusionPlugin to train "
                  "the model as a causal LM (next-token loss) on the same data",
     "flex_attn_compile_kwargs": "remove it; transformers compiles flex attention with its own settings",
@@ -169,12 +166,6 @@ ADVICE = {
 PREFIX_ADVICE = (
     ("gptq", "GPTQ-quantized bases cannot be trained here; start from the unquantized model with "
              "adapter: qlora and load_in_4bit: true"),
-    ("relora", "ReLoRA is not implemented; train a plain LoRA (adapter: lora), merge it with "
-               "`tuneforge merge-lora` and train a new adapter on the merged model"),
-    ("jagged_restart", "ReLoRA restarts are not implemented; remove it"),
-    ("lisa_", "LISA is not implemented; use adapter: lora, or unfrozen_parameters to train chosen layers"),
-    ("use_eaft", "the EAFT loss is not implemented; remove use_eaft and its eaft_* keys"),
-    ("eaft_", "the EAFT loss is not implemented; remove use_eaft and its eaft_* keys"),
     ("expert_parallel", "expert parallelism is not implemented; remove it (several GPUs train data-parallel "
                         "with torchrun)"),
     ("dsv4_", _KERNELS),

@@ -28,6 +28,8 @@ RENAMED = {
     "evaluation_strategy": "eval_strategy",
     "eval_table_max_new_tokens": "generation_max_new_tokens",
     "revision_of_model": "model_revision",
+    "relora_warmup_steps": "jagged_restart_warmup_steps",  # Axolotl's older ReLoRA names
+    "relora_anneal_steps": "jagged_restart_anneal_steps",
 }
 
 # Axolotl dataset type names that are another name of a tuneforge format (rows of the same shape).

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from . import apply_compat, axolotl_keys, compat, ranges, rules  # noqa: F401 - ranges registers its rules
+from . import apply_compat, axolotl_keys, compat, ranges, rules, variant_rules  # noqa: F401 - they register rules
 from .errors import ConfigError, ConfigIssue
 from .schema import Config
 

@@ -12,9 +12,11 @@ from .distributed import DistributedKeys
 from .model import ModelKeys
 from .rl import RLKeys
 from .training import LoggingKeys, TrainingKeys
+from .variants import VariantKeys
 
 
-class Config(ModelKeys, AdapterKeys, DataKeys, TrainingKeys, LoggingKeys, RLKeys, DistributedKeys):
+class Config(ModelKeys, AdapterKeys, DataKeys, TrainingKeys, LoggingKeys, RLKeys, DistributedKeys,
+             VariantKeys):
     """A validated run configuration. Build it with `tuneforge.config.load`."""
 
     _source_dir: Path = PrivateAttr(default_factory=Path.cwd)

@@ -127,11 +127,12 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
 
 def save_checkpoint(output_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, state: dict,
                     only_model: bool, accelerator, safe: bool = True, objective_state: dict | None = None,
-                    sharded=None, sharded_full_weights: bool = False, zero=None) -> Path:
+                    sharded=None, sharded_full_weights: bool = False, zero=None, extra_files=None) -> Path:
     """Write checkpoint-<step> atomically and return its path. `model` is the unwrapped model; `sharded` (the
     FSDP2 root, or None) makes every process write its shards of the model and optimizer instead, plus the
     whole weights with `sharded_full_weights` (fsdp_config.state_dict_type FULL_STATE_DICT). `zero` (a DeepSpeed
-    run's ZeroEngine) makes every process write its DeepSpeed state (deepspeed_hooks.save_state)."""
+    run's ZeroEngine) makes every process write its DeepSpeed state (deepspeed_hooks.save_state). `extra_files(folder)`
+    writes a training variant's own files (the first process, engine/variants.py)."""
     output_dir = Path(output_dir)
     final = checkpoint_dir(output_dir, step)
     tmp = output_dir / f"checkpoint-{step}.tmp"
@@ -157,6 +158,8 @@ def save_checkpoint(output_dir: Path, step: int, *, model, tokenizer, optimizer,
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if main and not only_model:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if main and extra_files is not None:
+        extra_files(tmp)
     if main:
         state = {**state, "resumable": not only_model, "world_size": accelerator.num_processes,
                  "sharded": sharded is not None, **({"deepspeed": True} if zero is not None else {})}

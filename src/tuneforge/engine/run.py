@@ -30,7 +30,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     from accelerate.utils import set_seed
 
     from tuneforge.methods import get_objective
-    from tuneforge.models import neftune
+    from tuneforge.models import llama4_experts, neftune
     from tuneforge.models.adapters import apply_adapter
     from tuneforge.models.load import compile_blocks, count_parameters, load_model
     from tuneforge.models.tokenizer import load_tokenizer
@@ -62,6 +62,8 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
         outputs.write_run_files(cfg, tokenizer, out)
         if cfg.adapter and cfg.reinit_weights and not (out / "base_model").exists():
             outputs.save_random_base(model, tokenizer, out)
+    if cfg.llama4_linearized_experts:  # one nn.Linear per expert, so that LoRA can target them
+        llama4_experts.linearize(model)
     model = apply_adapter(cfg, model)
     if cfg.neftune_noise_alpha:
         neftune.attach(model, cfg.neftune_noise_alpha)
@@ -80,6 +82,12 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
               f"checkpoint saved to {stop.checkpoint}.\nResume with:\n  {command}", file=sys.stderr, flush=True)
         _leave_process_group()
         raise SystemExit(128 + stop.signum) from None
+    if cfg.relora_every():  # the base weights carry every restart's update: the output is the merged model
+        from .relora import merged_model
+
+        model = result.model = merged_model(model)
+    if cfg.llama4_linearized_experts and (not cfg.adapter or cfg.relora_every()):  # transformers' fused layout
+        llama4_experts.fuse(model)
     if trainer.zero is not None:  # DeepSpeed: ZeRO-3 gathers one tensor at a time, as FSDP2 below
         outputs.sync_generation_config(model, tokenizer)
         trainer.zero.save_final(model, tokenizer, out, main=main, safe=cfg.save_safetensors)
@@ -91,7 +99,10 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     if trainer.accelerator.is_main_process:
         outputs.save_final(cfg, model, tokenizer, out, result, weights=not (trainer.sharded or trainer.zero))
         plot.plot_metrics(result.history, out)
-        if cfg.merge_lora and cfg.adapter:
+        if cfg.merge_lora and cfg.adapter and cfg.llama4_linearized_experts:
+            llama4_experts.save_merged(model, tokenizer, out / "merged", cfg.save_safetensors)
+            log.info("merge_lora: merged model written to %s", out / "merged")
+        elif cfg.merge_lora and cfg.adapter:
             from tuneforge.merge.for_config import merge_for_config
 
             log.info("merge_lora: merged model written to %s", merge_for_config(cfg))

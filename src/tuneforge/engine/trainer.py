@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from tuneforge import outputs_guard
+from tuneforge.config import dump
 from tuneforge.config.schema import Config
 from tuneforge.distributed import collectives, fsdp
 from tuneforge.methods.base import Batch, Objective
@@ -53,6 +54,7 @@ from .schedule import build_scheduler
 from .signals import StopFlag, TrainingInterrupted
 from .stream_plan import StreamPlan, StreamRows
 from .trigger import CheckpointTrigger
+from .variants import StepVariants, with_jagged_schedule
 from .watchdog import LossWatchdog
 
 log = logging.getLogger("tuneforge")
@@ -120,6 +122,7 @@ class Trainer:
         self.zero, self.backward = None, acc.backward  # deepspeed: its ZeroEngine and backward (deepspeed_hooks)
         self.flops = FlopCounter(model, self.adapter)  # before ZeRO-3 partitions the weights (shapes read here)
         self.prepare_model()
+        self.variants = StepVariants(cfg, model, self.optimizer)  # LISA, ReLoRA (engine/variants.py)
 
         self.evaluator = None
         if data.eval is not None and cfg.eval_strategy != "no":
@@ -166,7 +169,7 @@ class Trainer:
             self.optimizer = acc.prepare(build_optimizer(cfg, self.model))
         else:
             self.runner, self.optimizer = acc.prepare(ObjectiveRunner(self.model), build_optimizer(cfg, self.model))
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
+        self.scheduler = with_jagged_schedule(cfg, build_scheduler(cfg, self.optimizer, self.total_steps))
         self.trainable = [p for p in self.runner.parameters() if p.requires_grad]
 
     def _generation_model(self):
@@ -193,7 +196,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         if self.accelerator.is_main_process:
             ckpt.clean_partial(self.output_dir)
-        trackers.start(cfg, self.accelerator, self.tracker_names, _public_config(cfg))
+        trackers.start(cfg, self.accelerator, self.tracker_names, dump(cfg))
         self.logger.start(state.global_step, keep_until=resumed_at)
         log.info("training for %d optimizer steps (%d micro-batches of %d rows per step, %d process(es))",
                  self.total_steps, cfg.grad_accum, cfg.micro_batch_size, self.accelerator.num_processes)
@@ -262,6 +265,7 @@ class Trainer:
         """One optimizer step over `micro_batches`; `out_of_memory.phase` follows it, for the diagnosis."""
         acc, objective, oom = self.accelerator, self.objective, self.out_of_memory
         batches = [self._device_batch(mb) for mb in micro_batches]
+        self.variants.before_step(self.state.global_step)
         self.runner.train()
         oom.phase = memory.GENERATION
         batches = objective.rollout_step(self._generation_model(), batches)
@@ -287,6 +291,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.variants.after_step(self.state.global_step + 1)
         grad_norm = self.zero.grad_norm() if self.zero is not None else grad_norm  # DeepSpeed's, after its step
         return StepResult(
             sums=sums, num_items=num_items, grad_norm=grad_norm, lr=lr,
@@ -358,7 +363,7 @@ class Trainer:
                 objective_state=None if only_model else self.objective.state_dict(),
                 sharded=self.runner if self.sharded else None,
                 sharded_full_weights=self.sharded and self.cfg.fsdp_config.state_dict_type == "FULL_STATE_DICT",
-                zero=self.zero,
+                zero=self.zero, extra_files=lambda folder: self.variants.save(folder, self.state.global_step),
             )
         if self.accelerator.is_main_process:
             ckpt.rotate(self.output_dir, self.cfg.save_total_limit, keep=(path, self.best.checkpoint_path()))
@@ -374,6 +379,7 @@ class Trainer:
         saved = ckpt.load_training_state(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                          process_index=self.accelerator.process_index, adapter=self.adapter,
                                          sharded=self.runner if self.sharded else None, zero=self.zero)
+        self.variants.load(path)
         if self.streamed:
             self.plan.load_state_dict(saved.get("stream"), path)
         else:
@@ -417,6 +423,7 @@ class Trainer:
             sharded_checkpoint.load(path, self.runner, None, with_optimizer=False)
         else:
             ckpt.load_weights(path, self.model, self.adapter)
+            self.variants.load(path)
         self.last_eval = best.record
         log.info("load_best_model_at_end: the final model is %s's (%s %.4g)", path.name, best.metric, best.value)
 
@@ -441,9 +448,3 @@ def _accelerator(cfg: Config, precision: str, trackers_: list[str], output_dir: 
     return Accelerator(mixed_precision=precision, log_with=trackers.log_with(cfg, trackers_, output_dir) or None,
                        project_dir=str(output_dir / "runs"), kwargs_handlers=[ddp],
                        cpu=not torch.cuda.is_available())  # several CPU processes: gloo data parallelism
-
-
-def _public_config(cfg: Config) -> dict:
-    from tuneforge.config import dump
-
-    return dump(cfg)

@@ -18,6 +18,7 @@ from dataclasses import replace
 
 import torch
 
+from tuneforge.models import eaft
 from tuneforge.models.losses import causal_lm_token_loss, chunked_predictions
 from tuneforge.rollout.base import SamplingParams
 
@@ -39,7 +40,7 @@ class SFTObjective(Objective):
     name = "sft"
 
     def loss(self, model, batch: Batch, num_items: int) -> tuple[torch.Tensor, dict[str, float]]:
-        token_loss = causal_lm_token_loss(model, batch)
+        token_loss = causal_lm_token_loss(model, batch, loss_fn=eaft.token_loss_fn(self.cfg))  # EAFT: weighted
         loss = token_loss.loss_sum / max(num_items, 1)
         metrics = {"loss_sum": float(token_loss.loss_sum.detach()), "num_tokens": float(token_loss.num_tokens)}
         if token_loss.router is not None:

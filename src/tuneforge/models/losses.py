@@ -54,7 +54,10 @@ def decoder_forward(model, batch: dict, router_logits: bool = False) -> tuple[to
     extra = {"output_router_logits": True} if router_logits else {}
     if getattr(base.config, "_attn_implementation", None) == attention.NAME and "cu_seqlens" in batch:
         extra |= attention.varlen_kwargs(batch)  # the packed documents' boundaries, for the varlen kernel
-    outputs = base.get_decoder()(
+    decoder = base.get_decoder()
+    if decoder is base and isinstance(getattr(base, "model", None), torch.nn.Module):
+        decoder = base.model  # Llama4ForCausalLM's get_decoder() returns the model itself (transformers 5)
+    outputs = decoder(
         input_ids=batch["input_ids"],
         position_ids=batch["position_ids"],
         use_cache=False,
@@ -208,16 +211,17 @@ class TokenLoss:
     router_coef: float = 0.0  # its weight in the loss (router_aux_loss_coef)
 
 
-def causal_lm_token_loss(model, batch: dict, chunk: int | None = None) -> TokenLoss:
+def causal_lm_token_loss(model, batch: dict, chunk: int | None = None, loss_fn=None) -> TokenLoss:
     """Cross-entropy summed over `batch['target_ids'] != -100` (next-token targets, shifted per document),
-    and the router's load-balancing loss where the model's config asks for it."""
+    and the router's load-balancing loss where the model's config asks for it. `loss_fn` replaces
+    `chunked_cross_entropy` (same arguments), e.g. EAFT's weighted cross-entropy (models/eaft.py)."""
     balance = RouterBalance(model) if RouterBalance.wanted(model) else None
     hidden, routers = decoder_forward(model, batch, router_logits=balance is not None)
     targets = batch["target_ids"]
     mask = targets != IGNORE_INDEX
     selected = hidden[mask]
     head = LogitHead(model)
-    loss_sum = chunked_cross_entropy(head, selected, targets[mask], chunk)
+    loss_sum = (loss_fn or chunked_cross_entropy)(head, selected, targets[mask], chunk)
     if balance is None:
         return TokenLoss(loss_sum, int(mask.sum()), mask, selected, head)
     router = balance(routers, batch.get("real_tokens"))
