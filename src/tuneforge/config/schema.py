@@ -10,11 +10,13 @@ from .adapter import AdapterKeys
 from .data import DataKeys
 from .distributed import DistributedKeys
 from .model import ModelKeys
+from .quantization import QuantizationKeys
 from .rl import RLKeys
 from .training import LoggingKeys, TrainingKeys
 
 
-class Config(ModelKeys, AdapterKeys, DataKeys, TrainingKeys, LoggingKeys, RLKeys, DistributedKeys):
+class Config(ModelKeys, AdapterKeys, DataKeys, TrainingKeys, LoggingKeys, RLKeys, DistributedKeys,
+             QuantizationKeys):
     """A validated run configuration. Build it with `tuneforge.config.load`."""
 
     _source_dir: Path = PrivateAttr(default_factory=Path.cwd)
