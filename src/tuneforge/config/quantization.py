@@ -92,6 +92,10 @@ def check(cfg) -> list[ConfigIssue]:
         if qat.fake_quant_after_n_steps is not None and qat.weight_dtype in FIXED_GROUP:
             issues.append(ConfigIssue("qat.fake_quant_after_n_steps", f"torchao's {qat.weight_dtype} training "
                                       "layers cannot be switched off; remove it (fake quantization from step 1)."))
+    for key, block in (("qat", qat), ("quantization", cfg.quantization)):
+        if block is not None and block.quantize_embedding and block.weight_dtype not in ("int4", "int8"):
+            issues.append(ConfigIssue(f"{key}.quantize_embedding", "embeddings are quantized per group in int4 or "
+                                      f"int8 only; remove it or use weight_dtype int4/int8, not {block.weight_dtype}."))
     if cfg.fp8 and cfg.adapter:
         issues.append(ConfigIssue("fp8", "fp8 training converts the trained linear layers (full fine-tuning); "
                                   "with an adapter use bf16: true."))

@@ -63,6 +63,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
         if cfg.adapter and cfg.reinit_weights and not (out / "base_model").exists():
             outputs.save_random_base(model, tokenizer, out)
     model = apply_adapter(cfg, model)
+    _low_precision(cfg, model)
     if cfg.neftune_noise_alpha:
         neftune.attach(model, cfg.neftune_noise_alpha)
         log.info("NEFTune: noise alpha %g on the input embeddings while training", cfg.neftune_noise_alpha)
@@ -72,6 +73,10 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     log.info("model: %s parameters, %s trainable", f"{total:,}", f"{trainable:,}")
 
     trainer = Trainer(cfg, model, tokenizer, objective, data, output_dir=out, show_progress=show_progress)
+    if cfg.qat and cfg.qat.fake_quant_after_n_steps:  # the step count survives a resume, so does the switch
+        from tuneforge.models import qat
+
+        qat.switch_on_at(model, cfg.qat.fake_quant_after_n_steps, lambda: trainer.state.global_step)
     try:
         result = trainer.train()
     except TrainingInterrupted as stop:
@@ -80,6 +85,10 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
               f"checkpoint saved to {stop.checkpoint}.\nResume with:\n  {command}", file=sys.stderr, flush=True)
         _leave_process_group()
         raise SystemExit(128 + stop.signum) from None
+    if cfg.qat:  # the saved model is the trained 16-bit one, without the fake-quantizing layers
+        from tuneforge.models import qat
+
+        log.info("qat: %d fake-quantized layers swapped back to plain ones for saving", qat.remove(model))
     if trainer.zero is not None:  # DeepSpeed: ZeRO-3 gathers one tensor at a time, as FSDP2 below
         outputs.sync_generation_config(model, tokenizer)
         trainer.zero.save_final(model, tokenizer, out, main=main, safe=cfg.save_safetensors)
@@ -98,6 +107,22 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
         _log_summary(result, out)
     _leave_process_group()
     return result
+
+
+def _low_precision(cfg: Config, model) -> None:
+    """qat: fake-quantizing layers; fp8: float8 linear layers (both before sharding and compilation)."""
+    if cfg.qat:
+        from tuneforge.models import qat
+
+        qat.prepare(cfg.qat, model)
+    if cfg.fp8:
+        from tuneforge.models import fp8
+
+        fp8.prepare(model, fsdp_float8_all_gather=cfg.fp8_enable_fsdp_float8_all_gather,
+                    compiled=bool(cfg.torch_compile))
+    if cfg.quantization:
+        log.warning("quantization: no quantized copy is written by `train`; quantize output_dir with torchao "
+                    "afterwards with these settings (docs/quantization.md)")
 
 
 def _refuse_deepspeed(cfg: Config) -> None:

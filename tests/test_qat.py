@@ -1,0 +1,148 @@
+"""Quantization-aware training (qat:) and FP8 training (fp8:): the fake quantization is the textbook formula, it
+switches on at exactly fake_quant_after_n_steps (resume included), and the saved model is a plain one."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from test_engine_support import losses, make_config, make_rows, one_thread, train  # noqa: F401
+from tuneforge.config import load
+from tuneforge.config.errors import ConfigError
+from tuneforge.config.quantization import QATBlock
+from tuneforge.errors import NotSupportedYet
+from tuneforge.models import fp8, qat
+
+RUN = {"max_steps": 4, "logging_steps": 1, "save_strategy": "no", "learning_rate": 3e-3, "seed": 3}
+
+
+def _int4_per_group(w: torch.Tensor, group: int) -> torch.Tensor:
+    """Symmetric int4 per group of `group` input weights: scale = max|w| / 7.5 (half of the 16 levels), q = round(w /
+    scale) clamped to [-8, 7], w' = q * scale."""
+    g = w.reshape(w.shape[0], -1, group)
+    scale = g.abs().amax(dim=-1, keepdim=True) / 7.5
+    return (torch.clamp(torch.round(g / scale), -8, 7) * scale).reshape(w.shape)
+
+
+def test_prepared_linear_is_int4_per_group_fake_quantization():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    x = torch.randn(3, 64)
+    plain = model(x).detach()
+    qat.prepare(QATBlock(weight_dtype="int4", group_size=32), model)
+    layer = model[0]
+    expected = x @ _int4_per_group(layer.weight.detach(), 32).T + layer.bias.detach()
+    got = model(x).detach()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (got - plain).abs().max() > 1e-3  # the rounding is visible: the test can tell it from no quantization
+    assert qat.remove(model) == 1 and type(model[0]) is torch.nn.Linear
+    torch.testing.assert_close(model(x), plain, rtol=0, atol=0)  # the same weights, no rounding
+
+
+def test_layers_whose_input_is_not_a_multiple_of_the_group_stay_plain():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 8))
+    skipped = qat.prepare(QATBlock(weight_dtype="int4", activation_dtype="int8", group_size=32), model)
+    assert skipped == ["1"] and type(model[1]) is torch.nn.Linear
+    assert len(qat.quantizers(model)) == 2  # weight and activation quantizers of layer 0
+
+
+def test_qat_run_learns_and_saves_a_plain_model(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    rows = make_rows(n=4, seed=4, vocab=60)  # few rows over a small vocabulary: learnable in a few steps
+    keys = {**RUN, "max_steps": 8, "learning_rate": 1e-2}
+    cfg = make_config(tmp_path / "q", tiny_model_dir, rows, qat={"weight_dtype": "int4", "activation_dtype": "int8",
+                                                                 "group_size": 32, "quantize_embedding": True}, **keys)
+    run = losses(train(cfg))
+    plain = losses(train(make_config(tmp_path / "p", tiny_model_dir, rows, **keys)))
+    assert run[1] != pytest.approx(plain[1], abs=1e-5)  # fake quantization from the first step
+    assert run[8] < run[1] - 1.0, run
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q" / "out"))
+    names = {type(m).__name__ for m in saved.modules()}
+    assert not any("FakeQuantized" in n for n in names) and "Linear" in names and "Embedding" in names
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    assert set(saved.state_dict()) == set(base.state_dict())
+    assert (saved.model.embed_tokens.weight - base.model.embed_tokens.weight).abs().max() > 0  # trained
+
+
+def test_fake_quant_switches_on_at_the_step_and_resume_across_it_is_exact(tmp_path, tiny_model_dir):
+    """Switched on after 2 steps: steps 1-2 repeat a run whose switch never comes (the same layers, quantizers off),
+    step 3 differs; a run resumed from checkpoint-1 switches at the same step and repeats the losses exactly."""
+    rows = make_rows(n=16, seed=4)
+    block = {"weight_dtype": "int4", "group_size": 32}
+    keys = {**RUN, "save_strategy": "steps", "save_steps": 1}
+    never = losses(train(make_config(tmp_path / "n", tiny_model_dir, rows, **RUN,
+                                     qat={**block, "fake_quant_after_n_steps": 100})))
+    block["fake_quant_after_n_steps"] = 2
+    late = losses(train(make_config(tmp_path / "late", tiny_model_dir, rows, qat=block, **keys)))
+    assert [late[1], late[2]] == [never[1], never[2]]
+    assert abs(late[3] - never[3]) > 1e-4
+    ckpt = tmp_path / "late" / "out" / "checkpoint-1"
+    resumed = losses(train(make_config(tmp_path / "r", tiny_model_dir, rows, qat=block, **keys,
+                                       resume_from_checkpoint=str(ckpt))))
+    assert sorted(resumed) == [2, 3, 4]
+    for step in (2, 3, 4):
+        assert abs(resumed[step] - late[step]) <= 1e-6, (step, resumed[step], late[step])
+
+
+def test_qat_config_rules():
+    base = {"base_model": "x"}
+    cfg = load(data={**base, "qat": {"weight_dtype": "fp8", "activation_dtype": "float8_e4m3fn"}})
+    assert (cfg.qat.weight_dtype, cfg.qat.activation_dtype, cfg.qat.group_size) == ("float8", "float8", 32)
+    with pytest.raises(ConfigError, match="qat: quantization-aware training .* cannot be combined with an adapter"):
+        load(data={**base, "adapter": "lora", "qat": {"weight_dtype": "int4"}})
+    with pytest.raises(ConfigError, match="weight_dtype int8 with activation_dtype int4 is not a scheme"):
+        load(data={**base, "qat": {"weight_dtype": "int8", "activation_dtype": "int4"}})
+    with pytest.raises(ConfigError, match="nvfp4 quantizes blocks of 16 weights; set group_size: 16"):
+        load(data={**base, "qat": {"weight_dtype": "nvfp4", "activation_dtype": "nvfp4", "group_size": 32}})
+    with pytest.raises(ConfigError, match="fake_quant_after_n_steps: torchao's nvfp4 training layers"):
+        load(data={**base, "qat": {"weight_dtype": "nvfp4", "activation_dtype": "nvfp4", "group_size": 16,
+                                   "fake_quant_after_n_steps": 10}})
+    with pytest.raises(ConfigError, match="qat.quantize_embedding: embeddings are quantized per group in int4 or int8"):
+        load(data={**base, "qat": {"weight_dtype": "float8", "activation_dtype": "float8", "quantize_embedding": True}})
+
+
+def test_nvfp4_refuses_a_machine_without_blackwell(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(NotSupportedYet, match="nvfp4 training .* Blackwell .* this machine has no CUDA GPU"):
+        qat.prepare(QATBlock(weight_dtype="nvfp4", activation_dtype="nvfp4", group_size=16),
+                    torch.nn.Sequential(torch.nn.Linear(32, 16)))
+
+
+def test_missing_torchao_is_one_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao.quantization.qat", None)  # `import` then raises ImportError
+    with pytest.raises(NotSupportedYet, match=r"qat: needs torchao.*pip install 'tuneforge\[torchao\]'"):
+        qat.prepare(QATBlock(weight_dtype="int4"), torch.nn.Sequential(torch.nn.Linear(32, 16)))
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    with pytest.raises(NotSupportedYet, match=r"fp8: needs torchao.*pip install 'tuneforge\[torchao\]'"):
+        fp8.convert(torch.nn.Sequential(torch.nn.Linear(32, 16)))
+
+
+# ------------------------------------------------------------------------------------------------ FP8
+def test_fp8_converts_the_linear_layers_float8_can_run():
+    """Not the output head, not layers with a dimension that is not a multiple of 16 (the MLP here: 88)."""
+    from torchao.float8.float8_linear import Float8Linear
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.tiny import tiny_llama_config
+
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(96, intermediate=88, layers=1))
+    converted = fp8.convert(model, fsdp_float8_all_gather=True)
+    attention = [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
+    assert converted == attention
+    assert all(isinstance(model.get_submodule(n), Float8Linear) for n in attention)
+    assert model.get_submodule(attention[0]).config.enable_fsdp_float8_all_gather is True
+    assert type(model.lm_head) is torch.nn.Linear and type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9),
+                    reason="this GPU runs fp8")
+def test_fp8_is_accepted_by_validate_and_refused_at_train_time(tmp_path, tiny_model_dir):
+    cfg = make_config(tmp_path, tiny_model_dir, make_rows(n=4), fp8=True, max_steps=1)
+    assert cfg.fp8 is True  # a capability of the machine, not of the config
+    with pytest.raises(NotSupportedYet, match="fp8: FP8 training needs an NVIDIA GPU of compute capability 8.9"):
+        train(cfg)
+    with pytest.raises(ConfigError, match="fp8_enable_fsdp_float8_all_gather: applies to fp8: true with FSDP2"):
+        load(data={"base_model": "x", "fp8": True, "fp8_enable_fsdp_float8_all_gather": True})
