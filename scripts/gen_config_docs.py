@@ -43,6 +43,8 @@ AREAS = {
     "LoggingKeys": ("Logging and trackers", "Metrics are always written to output_dir/metrics.jsonl."),
     "RLKeys": ("Preference and RL methods", "Keys of `rl:` methods, reward models and the `trl:` block."),
     "DistributedKeys": ("Several GPUs and sharding", "Data parallelism, FSDP2 and DeepSpeed (docs/multi-gpu.md)."),
+    "QuantizationKeys": ("Quantization-aware and FP8 training", "qat, fp8 and the quantization block "
+                         "(docs/quantization.md)."),
 }
 # Where each nested block appears in a config, for its heading.
 NESTED_TITLES = {
@@ -51,6 +53,8 @@ NESTED_TITLES = {
     "SpecialTokens": "`special_tokens:`",
     "TRLBlock": "`trl:`",
     "VLLMBlock": "`vllm:`",
+    "QATBlock": "`qat:`",
+    "PTQBlock": "`quantization:`",
 }
 
 
