@@ -48,23 +48,37 @@ def test_layers_whose_input_is_not_a_multiple_of_the_group_stay_plain():
     assert len(qat.quantizers(model)) == 2  # weight and activation quantizers of layer 0
 
 
-def test_qat_run_learns_and_saves_a_plain_model(tmp_path, tiny_model_dir):
+def test_qat_run_learns_saves_a_plain_model_and_a_quantized_one_computing_the_same(tmp_path, tiny_model_dir):
+    """The saved folder is a plain transformers model; `quantization:` with the qat settings writes
+    output_dir/quantized, whose int4 weights / int8 activations give the logits the fake-quantized model gave."""
     from transformers import AutoModelForCausalLM
 
     rows = make_rows(n=4, seed=4, vocab=60)  # few rows over a small vocabulary: learnable in a few steps
     keys = {**RUN, "max_steps": 8, "learning_rate": 1e-2}
-    cfg = make_config(tmp_path / "q", tiny_model_dir, rows, qat={"weight_dtype": "int4", "activation_dtype": "int8",
-                                                                 "group_size": 32, "quantize_embedding": True}, **keys)
+    scheme = {"weight_dtype": "int4", "activation_dtype": "int8", "group_size": 32, "quantize_embedding": True}
+    cfg = make_config(tmp_path / "q", tiny_model_dir, rows, qat=scheme, quantization=scheme, **keys)
     run = losses(train(cfg))
     plain = losses(train(make_config(tmp_path / "p", tiny_model_dir, rows, **keys)))
     assert run[1] != pytest.approx(plain[1], abs=1e-5)  # fake quantization from the first step
     assert run[8] < run[1] - 1.0, run
-    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q" / "out"))
+    out = tmp_path / "q" / "out"
+    saved = AutoModelForCausalLM.from_pretrained(str(out))
     names = {type(m).__name__ for m in saved.modules()}
     assert not any("FakeQuantized" in n for n in names) and "Linear" in names and "Embedding" in names
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     assert set(saved.state_dict()) == set(base.state_dict())
     assert (saved.model.embed_tokens.weight - base.model.embed_tokens.weight).abs().max() > 0  # trained
+
+    ids = torch.tensor([rows[0]["input_ids"][:20]])
+    quantized = AutoModelForCausalLM.from_pretrained(str(out / "quantized"))
+    assert "Int" in type(quantized.lm_head.weight).__name__  # torchao's int tensor, not a float Parameter
+    with torch.no_grad():
+        sixteen_bit = saved(ids).logits
+        qat.prepare(QATBlock(**scheme), saved)
+        fake = saved(ids).logits
+        real = quantized(ids).logits
+    torch.testing.assert_close(real, fake, rtol=0, atol=1e-5)
+    assert (real - sixteen_bit).abs().max() > 1e-2
 
 
 def test_fake_quant_switches_on_at_the_step_and_resume_across_it_is_exact(tmp_path, tiny_model_dir):
@@ -102,6 +116,10 @@ def test_qat_config_rules():
                                    "fake_quant_after_n_steps": 10}})
     with pytest.raises(ConfigError, match="qat.quantize_embedding: embeddings are quantized per group in int4 or int8"):
         load(data={**base, "qat": {"weight_dtype": "float8", "activation_dtype": "float8", "quantize_embedding": True}})
+    with pytest.raises(ConfigError, match="quantization: the quantized export writes int4/int8 weights .* not float8"):
+        load(data={**base, "quantization": {"weight_dtype": "float8", "activation_dtype": "float8"}})
+    with pytest.raises(ConfigError, match="quantization: the export quantizes a whole model, not an adapter"):
+        load(data={**base, "adapter": "lora", "quantization": {"weight_dtype": "int4"}})
 
 
 def test_nvfp4_refuses_a_machine_without_blackwell(monkeypatch):

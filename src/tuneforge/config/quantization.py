@@ -69,8 +69,8 @@ class QuantizationKeys(Section):
         "with quantize_embedding) while training; the saved model is the trained 16-bit model "
         "(docs/quantization.md).")
     quantization: PTQBlock | None = Field(
-        None, description="Post-training quantization settings (Axolotl's `quantize` command); a quantized export "
-        "is not written yet: docs/quantization.md shows the torchao call.")
+        None, description="Quantized export: after training, output_dir/quantized holds the model with torchao "
+        "int4/int8 weights (and int8 activations), loadable with from_pretrained (docs/quantization.md).")
     fp8: bool = Field(
         False, description="FP8 training (torchao float8 linear layers; CUDA compute capability 8.9 or newer).")
     fp8_enable_fsdp_float8_all_gather: bool = Field(
@@ -96,6 +96,14 @@ def check(cfg) -> list[ConfigIssue]:
         if block is not None and block.quantize_embedding and block.weight_dtype not in ("int4", "int8"):
             issues.append(ConfigIssue(f"{key}.quantize_embedding", "embeddings are quantized per group in int4 or "
                                       f"int8 only; remove it or use weight_dtype int4/int8, not {block.weight_dtype}."))
+    ptq = cfg.quantization
+    if ptq is not None and (ptq.weight_dtype not in ("int4", "int8") or ptq.activation_dtype not in (None, "int8")):
+        issues.append(ConfigIssue("quantization", f"the quantized export writes int4/int8 weights with int8 or no "
+                                  f"activation quantization, not {ptq.weight_dtype}/{ptq.activation_dtype or 'none'}; "
+                                  "other formats: quantize output_dir with torchao yourself (docs/quantization.md)."))
+    if ptq is not None and cfg.adapter:
+        issues.append(ConfigIssue("quantization", "the export quantizes a whole model, not an adapter: remove it, "
+                                  "run `tuneforge merge-lora` and quantize output_dir/merged (docs/quantization.md)."))
     if cfg.fp8 and cfg.adapter:
         issues.append(ConfigIssue("fp8", "fp8 training converts the trained linear layers (full fine-tuning); "
                                   "with an adapter use bf16: true."))

@@ -100,6 +100,10 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     if trainer.accelerator.is_main_process:
         outputs.save_final(cfg, model, tokenizer, out, result, weights=not (trainer.sharded or trainer.zero))
         plot.plot_metrics(result.history, out)
+        if cfg.quantization:
+            from tuneforge.models import ptq
+
+            ptq.export(cfg.quantization, type(model), out, tokenizer)
         if cfg.merge_lora and cfg.adapter:
             from tuneforge.merge.for_config import merge_for_config
 
@@ -120,9 +124,8 @@ def _low_precision(cfg: Config, model) -> None:
 
         fp8.prepare(model, fsdp_float8_all_gather=cfg.fp8_enable_fsdp_float8_all_gather,
                     compiled=bool(cfg.torch_compile))
-    if cfg.quantization:
-        log.warning("quantization: no quantized copy is written by `train`; quantize output_dir with torchao "
-                    "afterwards with these settings (docs/quantization.md)")
+    if cfg.qat and not cfg.quantization:
+        log.info("qat: add a `quantization:` block with the same settings to also write output_dir/quantized")
 
 
 def _refuse_deepspeed(cfg: Config) -> None:

@@ -1,10 +1,11 @@
 """Quantization-aware training (`qat:`) through torchao's QAT API.
 
-`prepare` swaps the linear layers (and the input embedding with quantize_embedding) for torchao's fake-quantized
-ones: the forward rounds the weights (and activations) to the target format and back, so the training loss sees
+`prepare` swaps the linear layers for torchao's fake-quantized ones (the output head and the input embedding only
+with quantize_embedding, as transformers' torchao quantization keeps them 16-bit otherwise): the forward rounds the weights (and activations) to the target format and back, so the training loss sees
 the quantization error, while the weights themselves stay 16-bit and train as usual (the rounding passes the
 gradient straight through). `remove` swaps the plain layers back with the trained weights, so the saved model is a
-normal transformers model, ready for post-training quantization with the same settings.
+normal transformers model, ready for post-training quantization with the same settings (`tuneforge.models.ptq`,
+whose int formats give exactly the fake-quantized forward).
 
 Int formats follow torchao's int8-dynamic-activation / int4-weight scheme: weights symmetric per group of
 `group_size` (scale = max|w| / qmax of the group, zero point 0), activations asymmetric per token.
@@ -68,8 +69,9 @@ def fake_quantize_configs(block: QATBlock) -> tuple[object, object | None]:
 
 
 def prepare(block: QATBlock, model) -> list[str]:
-    """Swap `model`'s linear layers (and input embedding with quantize_embedding) for fake-quantized ones, in
-    place; returns the names of the layers left as they are (their input size is not a multiple of the group)."""
+    """Swap `model`'s linear layers (with quantize_embedding the output head and input embedding too) for
+    fake-quantized ones, in place; returns the names of the linear layers left as they are because their input
+    size is not a multiple of the group."""
     api = _qat_api()
     from torchao.quantization import quantize_
 
@@ -77,9 +79,11 @@ def prepare(block: QATBlock, model) -> list[str]:
     weight, act = fake_quantize_configs(block)
     group = FIXED_GROUP.get(block.weight_dtype, block.group_size if block.weight_dtype in _INT else None)
     skipped: list[str] = []
+    head = None if block.quantize_embedding or not hasattr(model, "get_output_embeddings") else (
+        model.get_output_embeddings())
 
     def linear(module, name: str) -> bool:
-        if not isinstance(module, torch.nn.Linear):
+        if not isinstance(module, torch.nn.Linear) or module is head:
             return False
         if group and module.in_features % group:
             skipped.append(name)
