@@ -118,6 +118,8 @@ def test_qat_config_rules():
         load(data={**base, "qat": {"weight_dtype": "float8", "activation_dtype": "float8", "quantize_embedding": True}})
     with pytest.raises(ConfigError, match="quantization: the quantized export writes int4/int8 weights .* not float8"):
         load(data={**base, "quantization": {"weight_dtype": "float8", "activation_dtype": "float8"}})
+    with pytest.raises(ConfigError, match="qat: is not available with DeepSpeed.* shard with FSDP2 instead"):
+        load(data={**base, "deepspeed": {"zero_optimization": {"stage": 3}}, "qat": {"weight_dtype": "int4"}})
     with pytest.raises(ConfigError, match="quantization: the export quantizes a whole model, not an adapter"):
         load(data={**base, "adapter": "lora", "quantization": {"weight_dtype": "int4"}})
 

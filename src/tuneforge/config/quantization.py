@@ -104,6 +104,10 @@ def check(cfg) -> list[ConfigIssue]:
     if ptq is not None and cfg.adapter:
         issues.append(ConfigIssue("quantization", "the export quantizes a whole model, not an adapter: remove it, "
                                   "run `tuneforge merge-lora` and quantize output_dir/merged (docs/quantization.md)."))
+    for key in ("qat", "fp8"):
+        if getattr(cfg, key) and cfg.deepspeed:
+            issues.append(ConfigIssue(key, "is not available with DeepSpeed, whose ZeRO-3 partitions the layers "
+                                      "torchao replaces; shard with FSDP2 instead (fsdp_version: 2, docs/multi-gpu.md)."))
     if cfg.fp8 and cfg.adapter:
         issues.append(ConfigIssue("fp8", "fp8 training converts the trained linear layers (full fine-tuning); "
                                   "with an adapter use bf16: true."))
