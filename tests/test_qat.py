@@ -48,6 +48,20 @@ def test_layers_whose_input_is_not_a_multiple_of_the_group_stay_plain():
     assert len(qat.quantizers(model)) == 2  # weight and activation quantizers of layer 0
 
 
+def test_output_head_and_embedding_are_quantized_only_with_quantize_embedding():
+    from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.tiny import tiny_llama_config
+
+    for with_embedding in (False, True):
+        model = AutoModelForCausalLM.from_config(tiny_llama_config(96, layers=1))
+        qat.prepare(QATBlock(weight_dtype="int4", group_size=32, quantize_embedding=with_embedding), model)
+        assert isinstance(model.model.layers[0].mlp.down_proj, FakeQuantizedLinear)
+        assert isinstance(model.lm_head, FakeQuantizedLinear) is with_embedding
+        assert isinstance(model.model.embed_tokens, FakeQuantizedEmbedding) is with_embedding
+
+
 def test_qat_run_learns_saves_a_plain_model_and_a_quantized_one_computing_the_same(tmp_path, tiny_model_dir):
     """The saved folder is a plain transformers model; `quantization:` with the qat settings writes
     output_dir/quantized, whose int4 weights / int8 activations give the logits the fake-quantized model gave."""
