@@ -95,6 +95,33 @@ def test_qat_run_learns_saves_a_plain_model_and_a_quantized_one_computing_the_sa
     assert (real - sixteen_bit).abs().max() > 1e-2
 
 
+def test_quantize_command_uses_the_qat_scheme(tmp_path, tiny_model_dir):
+    """`tuneforge quantize` on a model folder: the qat block's scheme (weights only here), and clear refusals."""
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from tuneforge.cli import app
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"base_model: {tiny_model_dir}\noutput_dir: {tmp_path / 'out'}\n"
+                      "qat:\n  weight_dtype: int8\n  group_size: 32\n  fake_quant_after_n_steps: 5\n")
+    result = CliRunner().invoke(app, ["quantize", str(config), "--model", str(tiny_model_dir)])
+    assert result.exit_code == 0, result.output or repr(result.exception)
+    ids = torch.tensor([[5, 17, 99, 3, 250, 7]])
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    qat.prepare(QATBlock(weight_dtype="int8", group_size=32), model)
+    quantized = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "quantized"))
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    assert (tmp_path / "out" / "quantized" / "tokenizer_config.json").exists()  # servable as it is
+    config.write_text(f"base_model: {tiny_model_dir}\noutput_dir: {tmp_path / 'none'}\n")
+    result = CliRunner().invoke(app, ["quantize", str(config), "--model", str(tiny_model_dir)])
+    assert "quantize: the config has no `quantization:` block (nor `qat:`)" in str(result.exception)
+    config.write_text(f"base_model: {tiny_model_dir}\noutput_dir: {tmp_path / 'none'}\nqat:\n  weight_dtype: int4\n")
+    result = CliRunner().invoke(app, ["quantize", str(config)])
+    assert f"quantize: no model in {tmp_path / 'none'} (no config.json); train first" in str(result.exception)
+
+
 def test_fake_quant_switches_on_at_the_step_and_resume_across_it_is_exact(tmp_path, tiny_model_dir):
     """Switched on after 2 steps: steps 1-2 repeat a run whose switch never comes (the same layers, quantizers off),
     step 3 differs; a run resumed from checkpoint-1 switches at the same step and repeats the losses exactly."""
