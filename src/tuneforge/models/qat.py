@@ -1,14 +1,15 @@
 """Quantization-aware training (`qat:`) through torchao's QAT API.
 
 `prepare` swaps the linear layers for torchao's fake-quantized ones (the output head and the input embedding only
-with quantize_embedding, as transformers' torchao quantization keeps them 16-bit otherwise): the forward rounds the weights (and activations) to the target format and back, so the training loss sees
-the quantization error, while the weights themselves stay 16-bit and train as usual (the rounding passes the
-gradient straight through). `remove` swaps the plain layers back with the trained weights, so the saved model is a
+with quantize_embedding, as transformers' torchao quantization keeps them 16-bit otherwise): the forward rounds
+the weights (and activations) to the target format and back, so the training loss sees the quantization error,
+while the weights themselves stay 16-bit and train as usual (the rounding passes the gradient straight through). `remove` swaps the plain layers back with the trained weights, so the saved model is a
 normal transformers model, ready for post-training quantization with the same settings (`tuneforge.models.ptq`,
 whose int formats give exactly the fake-quantized forward).
 
 Int formats follow torchao's int8-dynamic-activation / int4-weight scheme: weights symmetric per group of
-`group_size` (scale = max|w| / qmax of the group, zero point 0), activations asymmetric per token.
+`group_size` (scale = max|w| of the group / 7.5 for int4, / 127.5 for int8; zero point 0), activations asymmetric
+per token.
 """
 
 from __future__ import annotations
@@ -41,28 +42,36 @@ def _qat_api():
     return qat_api
 
 
+def _newer_api(module: str, name: str):
+    """A class of a recent torchao, or the message to upgrade."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        import torchao
+
+        raise NotSupportedYet(f"qat: torchao {getattr(torchao, '__version__', '?')} has no {name} (this scheme needs "
+                              "a newer torchao): pip install -U 'tuneforge[torchao]'") from None
+
+
 def fake_quantize_configs(block: QATBlock) -> tuple[object, object | None]:
     """(weight config, activation config) of torchao's fake quantizers for the `qat:` block."""
     api = _qat_api()
     w, a = block.weight_dtype, block.activation_dtype
-    if w in FIXED_GROUP:
-        if w == "nvfp4":
-            from torchao.prototype.qat import NVFP4FakeQuantizeConfig
-
-            config = NVFP4FakeQuantizeConfig()
-        else:
-            from torchao.prototype.qat import MXFakeQuantizeConfig
-
-            config = MXFakeQuantizeConfig(dtype=torch.float4_e2m1fn_x2, block_size=32)
+    if w == "nvfp4":
+        config = _newer_api("torchao.prototype.qat", "NVFP4FakeQuantizeConfig")()
+        return config, config
+    if w == "mxfp4":
+        config = _newer_api("torchao.prototype.qat", "MXFakeQuantizeConfig")(dtype=torch.float4_e2m1fn_x2,
+                                                                             block_size=32)
         return config, config
     if a == "float8":
         act = api.Float8FakeQuantizeConfig()  # e4m3, one scale per row
         if w == "float8":
             return api.Float8FakeQuantizeConfig(), act
-        from torchao.quantization.qat.fake_quantize_config import Int4WeightFakeQuantizeConfig
-
-        return Int4WeightFakeQuantizeConfig(group_size=block.group_size or 128,
-                                            activation_dtype=torch.float8_e4m3fn), act
+        int4 = _newer_api("torchao.quantization.qat.fake_quantize_config", "Int4WeightFakeQuantizeConfig")
+        return int4(group_size=block.group_size or 128, activation_dtype=torch.float8_e4m3fn), act
     weight = api.IntxFakeQuantizeConfig(_INT[w], group_size=block.group_size, is_symmetric=True)
     act = api.IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False) if a == "int8" else None
     return weight, act
