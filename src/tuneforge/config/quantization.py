@@ -1,6 +1,6 @@
 """Low-precision training keys: quantization-aware training (`qat:`), FP8 training (`fp8`), and the `quantization:`
-block (post-training quantization settings). The model transforms that read them are `tuneforge.models.qat` and
-`tuneforge.models.fp8` (docs/quantization.md)."""
+block (the quantized export). The model transforms that read them are `tuneforge.models.qat`, `tuneforge.models.fp8`
+and `tuneforge.models.ptq` (docs/quantization.md)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ class _QuantBlock(Section):
     group_size: int | None = Field(
         32, ge=1, description="Weights per quantization group (int4/int8); nvfp4 needs 16 and mxfp4 32.")
     quantize_embedding: bool | None = Field(
-        False, description="Also quantize the input embedding's weights (weights only, per group).")
+        False, description="Also quantize the output head (like the other linear layers) and the input embedding "
+        "(its weights per group; int4/int8 only).")
 
     @field_validator("weight_dtype", "activation_dtype", mode="before")
     @classmethod
@@ -65,9 +66,9 @@ class PTQBlock(_QuantBlock):
 
 class QuantizationKeys(Section):
     qat: QATBlock | None = Field(
-        None, description="Quantization-aware training: torchao fake-quantizes the linear layers (and the embedding "
-        "with quantize_embedding) while training; the saved model is the trained 16-bit model "
-        "(docs/quantization.md).")
+        None, description="Quantization-aware training: torchao fake-quantizes the linear layers but the output head "
+        "(all of them and the embedding with quantize_embedding) while training; the saved model is the trained "
+        "16-bit model (docs/quantization.md).")
     quantization: PTQBlock | None = Field(
         None, description="Quantized export: after training, output_dir/quantized holds the model with torchao "
         "int4/int8 weights (and int8 activations), loadable with from_pretrained (docs/quantization.md).")
