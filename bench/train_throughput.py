@@ -22,11 +22,13 @@ per engine and writes them to --out.
     python bench/train_throughput.py --shape llama-8b --engines tuneforge-fsdp --offload --dtype bfloat16
     python bench/train_throughput.py --preset 8b-lora          # HF+PEFT vs eager vs fused LoRA kernels (+compile)
     python bench/train_throughput.py --preset 1b-full-bf16     # fp32 master weights vs bf16_master_weights: kahan
+    python bench/train_throughput.py --preset 1b-fp8 --steps 20  # bf16 vs fp8: true (and qat), compiled and eager
     python bench/train_throughput.py --preset 8b-lora --shape tiny --seq-len 256 --steps 4 --warmup 1   # CPU smoke
     python bench/train_throughput.py --preset 8b-qlora         # HF+PEFT+bitsandbytes vs tuneforge QLoRA (GPU)
 
 Engines: `hf` (Trainer, + PEFT in lora mode) and `tuneforge` with any of these suffixes, joined by `-`:
-`kernels` (lora_mlp/qkv/o_kernel), `compile` (torch_compile), `kahan` (bf16_master_weights: kahan),
+`kernels` (lora_mlp/qkv/o_kernel), `compile` (torch_compile), `kahan` (bf16_master_weights: kahan), `fp8` (fp8:
+true), `qat` (qat: int4 weights per group of 32, int8 activations),
 `fsdp` (FSDP2 in one process), `deepspeed` (DeepSpeed ZeRO-3 in one process: bench/deepspeed_gpu.sh). All
 engines of one command run in the same process, one after the other;
 the last line gives every engine's tokens/s as a ratio of the first engine's and of `hf`'s.
@@ -113,8 +115,11 @@ PRESETS = {
                      engines="hf,tuneforge,tuneforge-compile"),
     "1b-full-bf16": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,
                          engines="tuneforge-compile,tuneforge-kahan-compile,tuneforge,tuneforge-kahan"),
+    # fp8: true (torchao float8 linear layers, compute capability 8.9+) against bf16, compiled and eager; qat's cost.
+    "1b-fp8": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,
+                   engines="tuneforge-compile,tuneforge-fp8-compile,tuneforge,tuneforge-fp8,tuneforge-qat-compile"),
 }
-VARIANTS = {"kernels", "compile", "kahan", "fsdp", "deepspeed"}
+VARIANTS = {"kernels", "compile", "kahan", "fsdp", "deepspeed", "fp8", "qat"}
 
 
 def variants(engine: str) -> set[str]:
@@ -168,6 +173,10 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engi
         if args.mode != "full":
             raise SystemExit(f"{engine}: bf16_master_weights applies to --mode full")
         cfg["bf16_master_weights"] = "kahan"
+    if "fp8" in parts:
+        cfg["fp8"] = True
+    if "qat" in parts:  # int8 dynamic activations, int4 weights per group of 32 (Axolotl's 3b-qat example)
+        cfg["qat"] = {"weight_dtype": "int4", "activation_dtype": "int8", "group_size": 32}
     if args.compile or "compile" in parts:
         cfg["torch_compile"] = True
     if args.dtype:
@@ -192,7 +201,8 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engi
     mfu = statistics.median(r["mfu"] for r in steps if r.get("mfu") is not None) if any(
         r.get("mfu") is not None for r in steps) else None
     first = [round(r["loss"], 4) for r in records if r.get("type") == "train"][:5]
-    return {"engine": engine, "tokens_per_s": tps, "mfu": mfu, "first_losses": first,
+    last = [round(r["loss"], 4) for r in records if r.get("type") == "train"][-1]
+    return {"engine": engine, "tokens_per_s": tps, "mfu": mfu, "first_losses": first, "last_loss": last,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if _cuda() else None,
             "peak_host_gib_so_far": host_gib,
             "timed_steps": len(steps), "offload": bool((fsdp or "deepspeed" in parts) and args.offload)}

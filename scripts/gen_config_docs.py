@@ -45,6 +45,8 @@ AREAS = {
     "DistributedKeys": ("Several GPUs and sharding", "Data parallelism, FSDP2 and DeepSpeed (docs/multi-gpu.md)."),
     "VariantKeys": ("Training variants", "LISA, ReLoRA, the EAFT loss and Llama 4's per-expert linears "
                     "(docs/training-variants.md)."),
+    "QuantizationKeys": ("Quantization-aware and FP8 training", "qat, fp8 and the quantization block "
+                         "(docs/quantization.md)."),
 }
 # Where each nested block appears in a config, for its heading.
 NESTED_TITLES = {
@@ -53,6 +55,8 @@ NESTED_TITLES = {
     "SpecialTokens": "`special_tokens:`",
     "TRLBlock": "`trl:`",
     "VLLMBlock": "`vllm:`",
+    "QATBlock": "`qat:`",
+    "PTQBlock": "`quantization:`",
 }
 
 

@@ -31,7 +31,8 @@ def test_the_table_follows_the_code():
     rows = {line.split("`")[1]: line.split(" | ")[1] for line in gen.render().splitlines() if line.startswith("| `")}
     assert rows["liger_rms_norm"] == "accepted with a note"  # compiled blocks
     assert rows["fsdp"] == "accepted with a note" and rows["fsdp_config"] == "supported"
-    assert rows["activation_offloading"] == "supported" and rows["qat"] == "refused"
+    assert rows["activation_offloading"] == "supported" and rows["qat"] == "supported"
+    assert rows["use_ray"] == "refused"
     assert rows["experts_implementation"] == "accepted with a note"
     assert rows["learning_rate"] == "supported"
     assert rows["strict"] == "ignored"

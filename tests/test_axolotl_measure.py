@@ -12,7 +12,7 @@ CONFIGS = {
     "examples/a/local_data.yml": "base_model: acme/m\ndatasets:\n  - path: ./data/train.jsonl\n    type: alpaca\n",
     "examples/b/vision.yaml": "base_model: acme/v\nprocessor_type: AutoProcessor\n",
     "examples/b/cp.yaml": "base_model: acme/m\ncontext_parallel_size: 2\n",
-    "examples/c/bad.yaml": "base_model: acme/m\nqat:\n  weight_dtype: int4\n",
+    "examples/c/bad.yaml": "base_model: acme/m\nuse_ray: true\n",
     "examples/c/no_model.yaml": "datasets: []\n",  # not a training config: skipped
     "examples/c/notes.txt": "not a config\n",
 }
@@ -46,4 +46,4 @@ def test_buckets_and_counts(tmp_path, capsys, monkeypatch):
     assert "failed: examples/c/bad.yaml" in out and "no_model" not in out
     assert ": 5 example configs with a base_model" in out
     assert "passing: 2 of 3 (66.7%)" in out
-    assert "   1  qat: Axolotl key" in out  # the reasons of the failed ones, by frequency
+    assert "   1  use_ray: Axolotl key" in out  # the reasons of the failed ones, by frequency

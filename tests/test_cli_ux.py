@@ -26,7 +26,8 @@ def test_version():
     assert result.exit_code == 0 and __version__ in result.output
 
 
-@pytest.mark.parametrize("command", ["validate", "preprocess", "train", "inference", "merge-lora", "vllm-serve"])
+@pytest.mark.parametrize("command", ["validate", "preprocess", "train", "inference", "merge-lora", "quantize",
+                                     "vllm-serve"])
 def test_every_command_documents_overrides_and_its_config(command):
     result = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
     assert result.exit_code == 0

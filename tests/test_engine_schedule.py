@@ -137,3 +137,34 @@ def test_options_of_another_schedule_are_named(tmp_path):
     with pytest.raises(TuneforgeError, match=r"unknown option\(s\) \['num_decay_steps'\] for `rex` "
                                              r"\(known: min_lr, min_lr_rate\)"):
         multiplier_fn(_cfg(tmp_path, lr_scheduler="rex", lr_scheduler_kwargs={"num_decay_steps": 3}), 10)
+
+
+def test_cosine_constant_lr_ratio_closed_form(tmp_path):
+    """Warmup 4, 20 steps, ratio 0.5: cosine from 1 at step 4 to the 0.1 floor at step int(0.5 * 20) = 10, then flat."""
+    cfg = _cfg(tmp_path, lr_scheduler="cosine", warmup_steps=4, cosine_min_lr_ratio=0.1, cosine_constant_lr_ratio=0.5)
+    f = multiplier_fn(cfg, 20)
+    assert [f(0), f(1), f(3)] == [0.0, 0.25, 0.75]  # linear warmup
+    assert f(4) == 1.0
+    assert f(7) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 6)))  # 0.55: half-way
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    assert [f(s) for s in (10, 15, 19)] == pytest.approx([0.1, 0.1, 0.1])
+    lrs = _lrs(cfg, 20)  # the optimizer sees exactly these rates, step by step
+    assert lrs == pytest.approx([0.1 * f(s) for s in range(20)])
+    assert lrs[12] == pytest.approx(0.01)
+
+
+def test_cosine_constant_lr_ratio_edges(tmp_path):
+    """0 means no constant phase (plain cosine to the floor at the end); a floor step inside the warmup means
+    the floor right after warmup; without cosine_min_lr_ratio the floor is 0; other schedules refuse it."""
+    keys = {"lr_scheduler": "cosine", "warmup_steps": 2, "cosine_min_lr_ratio": 0.2}
+    plain = multiplier_fn(_cfg(tmp_path, **keys), 10)
+    zero = multiplier_fn(_cfg(tmp_path, **keys, cosine_constant_lr_ratio=0), 10)
+    assert [zero(s) for s in range(11)] == [plain(s) for s in range(11)]
+    early = multiplier_fn(_cfg(tmp_path, **keys, cosine_constant_lr_ratio=0.1), 10)  # floor at step 1 < warmup
+    assert [early(1), early(2), early(9)] == [0.5, 0.2, 0.2]
+    no_floor = multiplier_fn(_cfg(tmp_path, lr_scheduler="cosine", cosine_constant_lr_ratio=0.5), 10)
+    assert [no_floor(0), no_floor(5), no_floor(8)] == pytest.approx([1.0, 0.0, 0.0])
+    assert no_floor(2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 5)))
+    from tuneforge.config.errors import ConfigError
+    with pytest.raises(ConfigError, match="cosine_constant_lr_ratio: shapes the cosine schedule; lr_scheduler is linear"):
+        _cfg(tmp_path, lr_scheduler="linear", cosine_constant_lr_ratio=0.5)

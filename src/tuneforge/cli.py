@@ -248,6 +248,18 @@ def merge_lora(
     run(_load(config, ctx.args), lora_model_dir=lora_model_dir, output=output, dequant=dequant, overwrite=overwrite)
 
 
+@app.command(context_settings=EXTRA, help="Write output_dir/quantized: the trained model with torchao int4/int8 "
+             "weights, as the config's `quantization:` block (or `qat:`) says." + OVERRIDES)
+def quantize(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="The YAML config."),
+    model: str | None = typer.Option(None, "--model", help="Model folder to quantize (default: output_dir)."),
+) -> None:
+    from tuneforge.models.ptq import for_config
+
+    typer.echo(f"quantized model written to {for_config(_load(config, ctx.args), model)}")
+
+
 @app.command("vllm-serve", context_settings=EXTRA, help="Serve generation for `trl.use_vllm` training over "
              "TRL's vllm-serve protocol (experimental)." + OVERRIDES)
 def vllm_serve(

@@ -193,7 +193,6 @@ PREFIX_ADVICE = (
     ("lm_eval_", "lm-eval integration is not implemented; run lm-eval on the saved model afterwards"),
     ("dion_", "the Dion optimizer is not available; use optimizer: adamw_torch_fused"),
     ("pose_", "PoSE is not implemented; remove it"),
-    ("fp8", "FP8 training is not implemented; use bf16: true"),
     ("tiled_mlp", "tiled MLP is not implemented; use gradient_checkpointing: true"),
     ("llmcompressor", _LLMC),
     ("llm_compressor", _LLMC),

@@ -100,9 +100,6 @@ NOT_SUPPORTED_YET = {
     "tensor_parallel_size": "tensor parallelism is not implemented",
     "dp_shard_size": "N-D parallelism is not implemented",
     "dp_replicate_size": "N-D parallelism is not implemented",
-    "fp8": "FP8 training is not implemented",
-    "qat": "quantization-aware training is not implemented",
-    "quantization": "post-training quantization is not implemented",
     "use_comet": "Comet logging is not implemented; use wandb, mlflow or tensorboard",
     "use_trackio": "Trackio logging is not implemented; use wandb, mlflow or tensorboard",
     "use_otel_metrics": "OpenTelemetry metrics are not implemented (the metrics are in output_dir/metrics.jsonl; "

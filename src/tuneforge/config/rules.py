@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from . import distributed
+from . import distributed, quantization
 from .errors import ConfigIssue
 from .methods import method_facts, method_key
 from .rl import KV_CACHE_DTYPES
@@ -70,6 +70,19 @@ def _quantization(cfg: Config) -> list[ConfigIssue]:
             )
         )
     return issues
+
+
+@rule
+def _low_precision_training(cfg: Config) -> list[ConfigIssue]:
+    return quantization.check(cfg)
+
+
+@rule
+def _cosine_constant(cfg: Config) -> list[ConfigIssue]:
+    if cfg.cosine_constant_lr_ratio and cfg.lr_scheduler not in ("cosine", "cosine_with_min_lr"):
+        return [ConfigIssue("cosine_constant_lr_ratio", f"shapes the cosine schedule; lr_scheduler is "
+                            f"{cfg.lr_scheduler}: remove it or use lr_scheduler: cosine.")]
+    return []
 
 
 @rule

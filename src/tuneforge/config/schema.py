@@ -10,13 +10,14 @@ from .adapter import AdapterKeys
 from .data import DataKeys
 from .distributed import DistributedKeys
 from .model import ModelKeys
+from .quantization import QuantizationKeys
 from .rl import RLKeys
 from .training import LoggingKeys, TrainingKeys
 from .variants import VariantKeys
 
 
 class Config(ModelKeys, AdapterKeys, DataKeys, TrainingKeys, LoggingKeys, RLKeys, DistributedKeys,
-             VariantKeys):
+             VariantKeys, QuantizationKeys):
     """A validated run configuration. Build it with `tuneforge.config.load`."""
 
     _source_dir: Path = PrivateAttr(default_factory=Path.cwd)

@@ -99,6 +99,9 @@ class TrainingKeys(Section):
     cosine_min_lr_ratio: float | None = Field(
         None, ge=0.0, le=1.0, description="Cosine schedule floor, as a fraction of learning_rate."
     )
+    cosine_constant_lr_ratio: float | None = Field(
+        None, ge=0.0, le=1.0, description="With cosine and cosine_min_lr_ratio: the cosine reaches the floor at "
+        "this fraction of the total steps and the rate stays there (0 or null: decay over the whole run).")
     warmup_steps: int | None = Field(None, ge=0, description="Linear warmup steps (exclusive with warmup_ratio).")
     warmup_ratio: float | None = Field(
         None, ge=0.0, le=1.0, description="Warmup as a fraction of total steps (exclusive with warmup_steps)."

@@ -65,6 +65,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     if cfg.llama4_linearized_experts:  # one nn.Linear per expert, so that LoRA can target them
         llama4_experts.linearize(model)
     model = apply_adapter(cfg, model)
+    _low_precision(cfg, model)
     if cfg.neftune_noise_alpha:
         neftune.attach(model, cfg.neftune_noise_alpha)
         log.info("NEFTune: noise alpha %g on the input embeddings while training", cfg.neftune_noise_alpha)
@@ -74,6 +75,10 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     log.info("model: %s parameters, %s trainable", f"{total:,}", f"{trainable:,}")
 
     trainer = Trainer(cfg, model, tokenizer, objective, data, output_dir=out, show_progress=show_progress)
+    if cfg.qat and cfg.qat.fake_quant_after_n_steps:  # the step count survives a resume, so does the switch
+        from tuneforge.models import qat
+
+        qat.switch_on_at(model, cfg.qat.fake_quant_after_n_steps, lambda: trainer.state.global_step)
     try:
         result = trainer.train()
     except TrainingInterrupted as stop:
@@ -88,6 +93,10 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
         model = result.model = merged_model(model)
     if cfg.llama4_linearized_experts and (not cfg.adapter or cfg.relora_every()):  # transformers' fused layout
         llama4_experts.fuse(model)
+    if cfg.qat:  # the saved model is the trained 16-bit one, without the fake-quantizing layers
+        from tuneforge.models import qat
+
+        log.info("qat: %d fake-quantized layers swapped back to plain ones for saving", qat.remove(model))
     if trainer.zero is not None:  # DeepSpeed: ZeRO-3 gathers one tensor at a time, as FSDP2 below
         outputs.sync_generation_config(model, tokenizer)
         trainer.zero.save_final(model, tokenizer, out, main=main, safe=cfg.save_safetensors)
@@ -99,6 +108,10 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     if trainer.accelerator.is_main_process:
         outputs.save_final(cfg, model, tokenizer, out, result, weights=not (trainer.sharded or trainer.zero))
         plot.plot_metrics(result.history, out)
+        if cfg.quantization:
+            from tuneforge.models import ptq
+
+            ptq.export(cfg.quantization, type(model), out, tokenizer)
         if cfg.merge_lora and cfg.adapter and cfg.llama4_linearized_experts:
             llama4_experts.save_merged(model, tokenizer, out / "merged", cfg.save_safetensors)
             log.info("merge_lora: merged model written to %s", out / "merged")
@@ -109,6 +122,21 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
         _log_summary(result, out)
     _leave_process_group()
     return result
+
+
+def _low_precision(cfg: Config, model) -> None:
+    """qat: fake-quantizing layers; fp8: float8 linear layers (both before sharding and compilation)."""
+    if cfg.qat:
+        from tuneforge.models import qat
+
+        qat.prepare(cfg.qat, model)
+    if cfg.fp8:
+        from tuneforge.models import fp8
+
+        fp8.prepare(model, fsdp_float8_all_gather=cfg.fp8_enable_fsdp_float8_all_gather,
+                    compiled=bool(cfg.torch_compile))
+    if cfg.qat and not cfg.quantization:
+        log.info("qat: add a `quantization:` block with the same settings to also write output_dir/quantized")
 
 
 def _refuse_deepspeed(cfg: Config) -> None:

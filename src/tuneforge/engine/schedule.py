@@ -50,6 +50,18 @@ def cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0, num_cycle
     return factor * (1.0 - min_ratio) + min_ratio
 
 
+def cosine_constant(step: int, warmup: int, total: int, min_ratio: float, constant_ratio: float,
+                    num_cycles: float = 0.5) -> float:
+    """Cosine from 1 after warmup down to `min_ratio`, reached at step C = int(constant_ratio * total) (a share of
+    all steps, warmup included, as Axolotl counts it), then constant. C <= warmup: the floor right after warmup."""
+    if step < warmup:
+        return _warm(step, warmup)
+    floor_at = int(constant_ratio * total)
+    if floor_at <= warmup or step >= floor_at:
+        return min_ratio
+    return cosine(step, warmup, floor_at, min_ratio, num_cycles)
+
+
 def cosine_with_restarts(step: int, warmup: int, total: int, num_cycles: float = 1.0) -> float:
     if step < warmup:
         return _warm(step, warmup)
@@ -157,7 +169,10 @@ def multiplier_fn(cfg: Config, total_steps: int) -> Callable[[int], float]:
         min_ratio = _min_ratio(cfg, kwargs)
         if name == "cosine_with_min_lr" and min_ratio is None:
             raise TuneforgeError("lr_scheduler: cosine_with_min_lr needs `cosine_min_lr_ratio` (e.g. 0.1).")
-        fn = partial(cosine, min_ratio=min_ratio or 0.0, num_cycles=kwargs.pop("num_cycles", 0.5))
+        shape = {"min_ratio": min_ratio or 0.0, "num_cycles": kwargs.pop("num_cycles", 0.5)}
+        fn = partial(cosine, **shape)
+        if cfg.cosine_constant_lr_ratio:  # 0 means no constant phase, as in Axolotl
+            fn = partial(cosine_constant, constant_ratio=cfg.cosine_constant_lr_ratio, **shape)
     elif name == "linear":
         fn = linear
     elif name in ("constant", "constant_with_warmup"):

@@ -1,0 +1,68 @@
+"""FP8 training (`fp8: true`) through torchao's float8 training (`convert_to_float8_training`).
+
+The chosen linear layers become torchao `Float8Linear`s: their matmuls (forward and both backward ones) run in
+float8 with dynamic per-tensor scales, on GPUs with float8 tensor cores (compute capability 8.9: Ada, Hopper,
+Blackwell). The weights stay in their 16/32-bit dtype, so checkpoints and the saved model are the usual ones.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tuneforge.errors import NotSupportedYet
+
+log = logging.getLogger("tuneforge")
+
+MIN_CAPABILITY = (8, 9)
+# float8 matmuls (torch._scaled_mm) need both dimensions of the weight to be multiples of 16.
+MULTIPLE = 16
+
+
+def check_device() -> None:
+    """FP8 matmuls need a CUDA GPU of compute capability 8.9 or newer: a property of the machine, not of the
+    config, so `validate` accepts the config and training refuses here."""
+    cap = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    if cap is None or cap < MIN_CAPABILITY:
+        where = f"a GPU of compute capability {cap[0]}.{cap[1]}" if cap else "no CUDA GPU"
+        raise NotSupportedYet(f"fp8: FP8 training needs an NVIDIA GPU of compute capability 8.9 or newer (Ada, "
+                              f"Hopper, Blackwell); this machine has {where}. Train here with bf16: true instead of "
+                              "fp8: true.")
+
+
+def convertible(module: torch.nn.Module, head: torch.nn.Module | None) -> bool:
+    """A linear layer float8 can run: not the output head (its logits are sensitive to the rounding, and it is
+    the layer torchao's recipes keep in high precision), both weight dimensions multiples of 16."""
+    return (isinstance(module, torch.nn.Linear) and module is not head
+            and module.in_features % MULTIPLE == 0 and module.out_features % MULTIPLE == 0)
+
+
+def convert(model, *, fsdp_float8_all_gather: bool = False) -> list[str]:
+    """Swap `model`'s convertible linear layers for torchao's Float8Linear in place; returns their names. Does not
+    look at the device (see `check_device`), so the swap itself can be checked anywhere."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise NotSupportedYet("fp8: needs torchao, which is not installed: pip install 'tuneforge[torchao]'") from None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    converted: list[str] = []
+
+    def keep(module: torch.nn.Module, name: str) -> bool:
+        if convertible(module, head):
+            converted.append(name)
+            return True
+        return False
+
+    config = Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp_float8_all_gather)
+    convert_to_float8_training(model, config=config, module_filter_fn=keep)
+    return converted
+
+
+def prepare(model, *, fsdp_float8_all_gather: bool = False, compiled: bool = False) -> list[str]:
+    """`fp8: true` at train time: the device check, then the conversion."""
+    check_device()
+    converted = convert(model, fsdp_float8_all_gather=fsdp_float8_all_gather)
+    log.info("fp8: %d linear layers train with float8 matmuls%s", len(converted),
+             "" if compiled else " (set torch_compile: true: without it the casts cost more than float8 saves)")
+    return converted
