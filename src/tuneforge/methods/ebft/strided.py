@@ -206,7 +206,7 @@ def _add_scores(sums: dict[str, float], scores) -> None:
 
 def _check_config(cfg: Config) -> None:
     """What strided mode cannot run with, refused before any model loads."""
-    if cfg.torch_compile:
+    if cfg.torch_compile is True:  # auto runs eagerly here (models/compile_setup.py)
         raise config_error("torch_compile", "EBFT strided mode runs blocks of varying layout through one "
                            "masked forward, which torch.compile would recompile per document; set torch_compile: false.")
     if cfg.activation_offloading:
