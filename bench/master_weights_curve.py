@@ -296,7 +296,11 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result) + "\n")
     if args.plot:
-        plot(result, Path(args.plot))
+        try:
+            plot(result, Path(args.plot))
+        except ImportError:  # a GPU image without matplotlib: the JSON is written, draw it elsewhere
+            print(f"no matplotlib here: draw it with --plot-only {args.out or 'RESULT.json'} --plot {args.plot}",
+                  file=sys.stderr)
     return 0
 
 
