@@ -6,8 +6,9 @@ compilation itself.
   `torch._functorch.config.enable_autograd_cache` default to True), so they are left alone; a user's
   `TORCHINDUCTOR_FX_GRAPH_CACHE=0` / `TORCHINDUCTOR_AUTOGRAD_CACHE=0` still turns them off. What torch does
   not give is a lasting place: its default folder is `<tmp>/torchinductor_<user>`, which a reboot or a fresh
-  container empties, so every run compiled from scratch. `compile_cache_dir` points
-  `TORCHINDUCTOR_CACHE_DIR` at `$XDG_CACHE_HOME/tuneforge/inductor` (`~/.cache/...`) unless it is set already.
+  container empties, so every run compiled from scratch. With `torch_compile` true or auto on CUDA,
+  `compile_cache_dir` points `TORCHINDUCTOR_CACHE_DIR` at `$XDG_CACHE_HOME/tuneforge/inductor`
+  (`~/.cache/...`) unless it is set already (Triton's kernels go there too).
 - **`torch_compile: auto`.** Compile only where it pays: a CUDA device, a model of at least `MIN_PARAMETERS`
   and, when `max_steps` is set, at least `MIN_STEPS` steps; never in a mode that cannot run compiled
   (EBFT strided). `choose` is that rule as a pure function; `compile_blocks` logs its answer in one line.
@@ -94,6 +95,8 @@ def compile_blocks(cfg: Config, model) -> int:
     number of trained positions changes every batch); its matmuls stay eager.
     """
     choice = config_choice(cfg, model)
+    # before any compilation of this process: the rollout engine compiles its decode step under `auto` too
+    cache = compile_cache_dir() if cfg.torch_compile is not False and torch.cuda.is_available() else None
     if not choice.compile:
         if cfg.torch_compile == "auto":
             log.info("torch_compile: auto -> eager: %s", choice.reason)
@@ -108,7 +111,6 @@ def compile_blocks(cfg: Config, model) -> int:
     if layers is None:
         log.warning("torch_compile: no `layers` list found on %s; running eagerly", type(decoder).__name__)
         return 0
-    cache = compile_cache_dir()
     log.info("torch_compile: %s -> compiling %d blocks (%s); compile cache: %s", cfg.torch_compile, len(layers),
              choice.reason, cache or "torch's default")
     kwargs = {"backend": cfg.torch_compile_backend} if cfg.torch_compile_backend else {}
