@@ -32,12 +32,3 @@ def test_throughput_preset_smoke(tmp_path, capsys):
     assert [r["engine"] for r in rows] == ["tuneforge", "tuneforge-kernels"]
     assert rows[0]["first_losses"] == pytest.approx(rows[1]["first_losses"], abs=1e-3)  # same training
     assert "tokens_per_s_over_tuneforge" in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_first_step_smoke(tmp_path):
-    bench = load_script("bench/first_step.py")
-    out = tmp_path / "r.json"
-    bench.main(["--shape", "tiny", "--seq-len", "128", "--steps", "2", "--rows", "40", "--out", str(out)])
-    result = json.loads(out.read_text())
-    assert 0 < result["model_start"] < result["model_built"] < result["step_1"] < result["step_2"]

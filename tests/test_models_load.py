@@ -165,11 +165,12 @@ def test_embedding_rows_to_32x_shrunk_and_mean_resized(tmp_path, tiny_model_dir,
 
 def test_torch_compile_mode_reaches_the_blocks(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch):
     from tuneforge.config.errors import ConfigError
-    from tuneforge.models.load import compile_blocks
+    from tuneforge.models.compile_setup import compile_blocks
 
     model = load_model(_cfg(tmp_path, base_model=str(tiny_model_dir)), tiny_tokenizer)
     modes = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # compile_blocks compiles on CUDA only
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw.get("mode")))
     monkeypatch.setattr("tuneforge.models.losses.compile_loss", lambda **kw: None)
     for mode, expected in (("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"), ("default", None)):

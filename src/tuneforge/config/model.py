@@ -112,7 +112,9 @@ class ModelKeys(Section):
     torch_compile: bool | Literal["auto"] = Field(
         False,
         description="Compile each transformer block with torch.compile (fuses norms, activations, RoPE; "
-        "CUDA only, the first steps pay the compile time). auto: on when CUDA is used.",
+        "CUDA only, the first steps pay the compile time; compiled code is cached in $TORCHINDUCTOR_CACHE_DIR, "
+        "default ~/.cache/tuneforge/inductor). auto: compile where it pays (CUDA, at least 0.4B parameters, "
+        "max_steps unset or at least 100, not EBFT strided mode), else eager; the log says which and why.",
     )
     torch_compile_backend: str | None = Field(None, description="torch.compile backend (default: inductor).")
     torch_compile_mode: str | None = Field(

@@ -3,7 +3,7 @@
 A plugin whose effect tuneforge has built in is accepted with one note saying what replaces it; a plugin
 tuneforge cannot stand in for is refused with the plugin named and what to do instead. Kernel switches
 (Liger's, Unsloth's, flash-attn's fused norms and MLP) promise fused blocks: tuneforge gets those by
-compiling each transformer block, so a switch that is on turns `torch_compile` on (auto: on CUDA) with a
+compiling each transformer block, so a switch that is on turns `torch_compile` on (auto: on CUDA where it pays) with a
 note, and an explicit `torch_compile: false` is kept and said to leave them unfused. Nothing that
 promises speed or memory is dropped silently.
 """
@@ -92,5 +92,5 @@ def apply_fusion_switches(raw: dict[str, Any]) -> list[str]:
     if raw.get("torch_compile") in (None, "auto"):
         raw["torch_compile"] = "auto"
         return [f"{names}: fused by compiling each transformer block instead; torch_compile: auto is on "
-                "(compiles on CUDA; the first steps pay the compile time)"]
+                "(compiles on CUDA when the model and the run are large enough to repay the compile time)"]
     return [f"{names}: fused by torch_compile (on), which compiles each transformer block"]

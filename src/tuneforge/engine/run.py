@@ -32,7 +32,8 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     from tuneforge.methods import get_objective
     from tuneforge.models import llama4_experts, neftune
     from tuneforge.models.adapters import apply_adapter
-    from tuneforge.models.load import compile_blocks, count_parameters, load_model
+    from tuneforge.models.compile_setup import compile_blocks
+    from tuneforge.models.load import count_parameters, load_model
     from tuneforge.models.tokenizer import load_tokenizer
     from tuneforge.planner.hook import log_plan
 
@@ -69,8 +70,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     if cfg.neftune_noise_alpha:
         neftune.attach(model, cfg.neftune_noise_alpha)
         log.info("NEFTune: noise alpha %g on the input embeddings while training", cfg.neftune_noise_alpha)
-    if compile_blocks(cfg, model):
-        log.info("torch.compile: transformer blocks compile during the first steps")
+    compile_blocks(cfg, model)  # logs whether it compiles and why (torch_compile: auto decides here)
     trainable, total = count_parameters(model)
     log.info("model: %s parameters, %s trainable", f"{total:,}", f"{trainable:,}")
 

@@ -328,34 +328,3 @@ def count_parameters(model) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
-
-
-# ---------------------------------------------------------------- compilation
-def compile_blocks(cfg: Config, model) -> int:
-    """torch.compile every transformer block in place (CUDA); returns how many were compiled.
-
-    Blocks rather than the whole model: the blocks share one code object, so one compilation serves
-    all of them. The loss's per-chunk softmax-and-gradient step is compiled with dynamic shapes (the
-    number of trained positions changes every batch); its matmuls stay eager.
-    """
-    want = cfg.torch_compile
-    if want is False or not torch.cuda.is_available():
-        if want is True:
-            log.warning("torch_compile needs CUDA; running eagerly")
-        return 0
-    from tuneforge.models.losses import unwrap_peft
-
-    base = unwrap_peft(model)
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        log.warning("torch_compile: no `layers` list found on %s; running eagerly", type(decoder).__name__)
-        return 0
-    kwargs = {"backend": cfg.torch_compile_backend} if cfg.torch_compile_backend else {}
-    mode = {"mode": cfg.torch_compile_mode} if cfg.torch_compile_mode not in (None, "default") else {}
-    for layer in layers:
-        layer.compile(**kwargs, **mode)
-    from tuneforge.models.losses import compile_loss
-
-    compile_loss(**kwargs)
-    return len(layers)

@@ -206,7 +206,7 @@ def _add_scores(sums: dict[str, float], scores) -> None:
 
 def _check_config(cfg: Config) -> None:
     """What strided mode cannot run with, refused before any model loads (torch_compile: turned off, noted)."""
-    if cfg.torch_compile:
+    if cfg.torch_compile is True:  # auto already chooses eager here (models/compile_setup.py)
         # Every document's blocks give the masked forward another layout: compiled blocks would recompile per
         # document. The model runs eagerly instead; said once, where the objective is built (validate, train).
         log.warning("torch_compile: %s is not applied in EBFT strided mode: its blocks of varying layout run "

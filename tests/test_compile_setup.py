@@ -1,0 +1,109 @@
+"""`torch_compile`: the `auto` rule, the one log line that states it, and the lasting compile cache."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tuneforge.models import compile_setup
+from tuneforge.models.compile_setup import MIN_PARAMETERS, MIN_STEPS, choose
+
+BIG = 1_240_000_000  # Llama-3.2-1B
+
+
+@pytest.mark.parametrize("want,cuda,params,steps,strided,compiled,reason", [
+    (False, True, BIG, None, False, False, "torch_compile: false"),
+    (True, False, BIG, None, False, False, "no CUDA device"),
+    ("auto", False, BIG, None, False, False, "no CUDA device"),
+    (True, True, 1000, 5, False, True, "torch_compile: true"),  # asked for: no size or length rule
+    ("auto", True, BIG, None, False, True, "CUDA and 1.24B parameters"),
+    ("auto", True, BIG, MIN_STEPS, False, True, "CUDA and 1.24B parameters"),
+    ("auto", True, MIN_PARAMETERS - 1, None, False, False, "400M parameters, under the 400M"),
+    ("auto", True, 135_000_000, None, False, False, "135M parameters"),
+    ("auto", True, BIG, MIN_STEPS - 1, False, False, "max_steps 99 is under the 100 steps"),
+    ("auto", True, BIG, None, True, False, "EBFT strided mode"),
+])
+def test_auto_compiles_only_where_it_pays(want, cuda, params, steps, strided, compiled, reason):
+    choice = choose(want, cuda=cuda, parameters=params, max_steps=steps, strided_ebft=strided)
+    assert choice.compile is compiled
+    assert reason in choice.reason
+
+
+def test_cache_dir_is_a_lasting_per_user_folder_unless_one_is_given(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    assert compile_setup.compile_cache_dir(env) == tmp_path / "xdg" / "tuneforge" / "inductor"
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "tuneforge" / "inductor")
+    assert (tmp_path / "xdg" / "tuneforge" / "inductor").is_dir()
+    given = {"TORCHINDUCTOR_CACHE_DIR": "/somewhere/else", "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    assert compile_setup.compile_cache_dir(given) == compile_setup.Path("/somewhere/else")
+    assert given["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
+    (tmp_path / "file").write_text("")  # a cache home that cannot hold a folder: torch's default stays
+    blocked = {"XDG_CACHE_HOME": str(tmp_path / "file")}
+    assert compile_setup.compile_cache_dir(blocked) is None and "TORCHINDUCTOR_CACHE_DIR" not in blocked
+
+
+def test_torch_caches_compiled_graphs_by_default():
+    """Why tuneforge sets only the folder: the FX-graph and AOTAutograd caches are on in this torch."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    assert torch._inductor.config.fx_graph_cache is True
+    assert torch._functorch.config.enable_autograd_cache is True
+
+
+def _blocks(tmp_path, tiny_model_dir, monkeypatch, **keys):
+    from tuneforge.config import load
+    from tuneforge.models.compile_setup import compile_blocks
+    from tuneforge.models.load import load_model
+    from tuneforge.models.tokenizer import load_tokenizer
+
+    cfg = load(data={"base_model": str(tiny_model_dir), "output_dir": str(tmp_path / "out"), **keys})
+    model = load_model(cfg, load_tokenizer(cfg))
+    compiled = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the decision as on a GPU, nothing compiled
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(self))
+    monkeypatch.setattr("tuneforge.models.losses.compile_loss", lambda **kw: None)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return compile_blocks(cfg, model), compiled
+
+
+def test_auto_on_a_small_model_runs_eagerly_and_says_why(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    with caplog.at_level(logging.INFO, logger="tuneforge"):
+        count, compiled = _blocks(tmp_path, tiny_model_dir, monkeypatch, torch_compile="auto")
+    assert count == 0 and compiled == []
+    lines = [r.getMessage() for r in caplog.records if "torch_compile" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("torch_compile: auto -> eager: 0M parameters, under the 400M")
+    # the rollout engine may still compile its decode step: the lasting cache is set all the same
+    assert compile_setup.os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "tuneforge" / "inductor")
+
+
+def test_auto_compiles_every_block_into_the_lasting_cache(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    monkeypatch.setattr(compile_setup, "MIN_PARAMETERS", 0)
+    with caplog.at_level(logging.INFO, logger="tuneforge"):
+        count, compiled = _blocks(tmp_path, tiny_model_dir, monkeypatch, torch_compile="auto")
+    assert count == len(compiled) == 2  # the tiny model's two decoder layers
+    assert all(type(m).__name__.endswith("DecoderLayer") for m in compiled)
+    cache = tmp_path / "xdg" / "tuneforge" / "inductor"
+    assert compile_setup.os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
+    lines = [r.getMessage() for r in caplog.records if "torch_compile" in r.getMessage()]
+    assert lines == [f"torch_compile: auto -> compiling 2 blocks (CUDA and 0.00B parameters); compile cache: {cache}"]
+
+
+def test_ebft_strided_turns_true_off_and_runs_auto_eagerly(write_config, write_jsonl, monkeypatch):
+    from tuneforge.config import load
+    from tuneforge.methods.ebft.strided import StridedEBFTObjective
+
+    write_jsonl([{"text": "a b c"}], "docs.jsonl")
+    base = {"rl": "ebft", "datasets": [{"path": "docs.jsonl", "type": "completion"}], "ebft": {"mode": "strided"}}
+    forced = load(write_config({**base, "torch_compile": True}))
+    StridedEBFTObjective(forced)  # accepted with a note, and compile switched off
+    assert forced.torch_compile is False
+    cfg = load(write_config({**base, "torch_compile": "auto"}))
+    StridedEBFTObjective(cfg)  # no note: auto decides eager for this mode
+    assert cfg.torch_compile == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    choice = compile_setup.config_choice(cfg, torch.nn.Linear(2, 2))
+    assert not choice.compile and choice.reason.startswith("EBFT strided mode")
