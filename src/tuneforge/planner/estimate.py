@@ -51,9 +51,9 @@ class Estimate:
 
 # ---------------------------------------------------------------- activations
 def residual_bytes(s: Settings) -> int:
-    """Bytes of the residual stream: the embeddings' dtype (fp32 under full fine-tuning and QLoRA, whose
-    preparation upcasts every unquantized weight)."""
-    if s.quantized:
+    """Bytes of the residual stream: the embeddings' dtype (fp32 under full fine-tuning and single-GPU QLoRA,
+    whose bitsandbytes preparation upcasts every unquantized weight; FSDP2's NF4 base keeps them 16-bit)."""
+    if s.quantized and not s.fsdp:
         return 4
     return k.DTYPE_BYTES[s.weights_dtype]
 
