@@ -21,10 +21,13 @@ per engine and writes them to --out.
     python bench/train_throughput.py --preset 8b-lora          # HF+PEFT vs eager vs fused LoRA kernels (+compile)
     python bench/train_throughput.py --preset 1b-full-bf16     # fp32 master weights vs bf16_master_weights: kahan
     python bench/train_throughput.py --preset 8b-lora --shape tiny --seq-len 256 --steps 4 --warmup 1   # CPU smoke
+    python bench/train_throughput.py --preset 1b-qlora          # QLoRA: bitsandbytes on one GPU vs FSDP2's NF4
 
 Engines: `hf` (Trainer, + PEFT in lora mode) and `tuneforge` with any of these suffixes, joined by `-`:
 `kernels` (lora_mlp/qkv/o_kernel), `compile` (torch_compile), `kahan` (bf16_master_weights: kahan),
-`fsdp` (FSDP2 in one process), `deepspeed` (DeepSpeed ZeRO-3 in one process: bench/deepspeed_gpu.sh). All
+`fsdp` (FSDP2 in one process), `deepspeed` (DeepSpeed ZeRO-3 in one process: bench/deepspeed_gpu.sh),
+`qlora` (a 4-bit base: bitsandbytes, or with `fsdp` torchao NF4 shards; the random weights are saved and
+loaded, since quantized models are not initialised from a config). All
 engines of one command run in the same process, one after the other;
 the last line gives every engine's tokens/s as a ratio of the first engine's and of `hf`'s.
 """
@@ -62,14 +65,21 @@ def alpaca_lengths(n: int, seed: int = 0) -> list[int]:
     return [min(2048, max(16, int(round(math.exp(rng.gauss(math.log(150), 0.7)))))) for _ in range(n)]
 
 
-def make_model_dir(root: Path, shape: str) -> Path:
-    from transformers import LlamaConfig
+def make_model_dir(root: Path, shape: str, weights: bool = False) -> Path:
+    """The shape's config and a tiny tokenizer; with `weights`, random bf16 weights too (built on the GPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from tuneforge.tiny import build_tiny_tokenizer
 
     path = root / f"model-{shape}"
     build_tiny_tokenizer(path)
-    LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(path)
+    config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config.save_pretrained(path)
+    if weights:
+        torch.manual_seed(0)
+        with torch.device("cuda" if _cuda() else "cpu"):
+            AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
     return path
 
 
@@ -93,10 +103,12 @@ def flops_per_token_factor(cfg, lengths: list[int], lora_params: int | None) -> 
 PRESETS = {
     "8b-lora": dict(shape="llama-8b", mode="lora", gc=True, micro_batch=2, seq_len=4096, hf_batch=4,
                     engines="hf,tuneforge,tuneforge-kernels,tuneforge-compile,tuneforge-kernels-compile"),
+    "1b-qlora": dict(shape="llama-1b", mode="lora", gc=True, micro_batch=2, seq_len=4096,
+                     engines="tuneforge-qlora,tuneforge-qlora-fsdp,tuneforge-fsdp"),
     "1b-full-bf16": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,
                          engines="tuneforge-compile,tuneforge-kahan-compile,tuneforge,tuneforge-kahan"),
 }
-VARIANTS = {"kernels", "compile", "kahan", "fsdp", "deepspeed"}
+VARIANTS = {"kernels", "compile", "kahan", "fsdp", "deepspeed", "qlora"}
 
 
 def variants(engine: str) -> set[str]:
@@ -127,7 +139,7 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engi
         for r in rows:
             f.write(json.dumps({"input_ids": r}) + "\n")
     cfg = {
-        "base_model": str(model_dir), "reinit_weights": True, "bf16": True if _cuda() else "auto",
+        "base_model": str(model_dir), "reinit_weights": "qlora" not in parts, "bf16": True if _cuda() else "auto",
         "datasets": [{"path": str(data)}], "dataset_prepared_path": str(work / "prepared"),
         "sequence_len": args.seq_len, "sample_packing": True, "micro_batch_size": args.micro_batch,
         "gradient_accumulation_steps": 1, "max_steps": args.steps, "learning_rate": 1e-5,
@@ -144,6 +156,10 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engi
         if args.mode != "lora":
             raise SystemExit(f"{engine}: the fused LoRA kernels need --mode lora")
         cfg.update(lora_mlp_kernel=True, lora_qkv_kernel=True, lora_o_kernel=True)
+    if "qlora" in parts:
+        if args.mode != "lora":
+            raise SystemExit(f"{engine}: QLoRA trains an adapter: use --mode lora")
+        cfg.update(adapter="qlora", load_in_4bit=True)
     if "kahan" in parts:
         if args.mode != "full":
             raise SystemExit(f"{engine}: bf16_master_weights applies to --mode full")
@@ -307,7 +323,7 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model_dir = make_model_dir(work, args.shape)
+        model_dir = make_model_dir(work, args.shape, weights="qlora" in args.engines)
         rows = make_rows(lengths, 1000)
         for engine in args.engines.split(","):
             if engine == "hf":
