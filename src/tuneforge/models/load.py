@@ -239,6 +239,9 @@ def _quantize_nf4(cfg: Config, model) -> None:
 
     from tuneforge.models import nf4
 
+    if cfg.bnb_config_kwargs:
+        log.warning("bnb_config_kwargs: ignored under FSDP2, where the 4-bit base is torchao's NF4 with double "
+                    "quantization (blocks of 64, scales by 256), not bitsandbytes'")
     shards = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     nf4.quantize_decoder_linears(model, cfg.fsdp_config.transformer_layer_cls_to_wrap, shards)
 
