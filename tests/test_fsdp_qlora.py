@@ -173,8 +173,14 @@ def test_nf4_model_is_the_16bit_one_within_nf4_rounding(nf4_model_dir):
     # PEFT's LoRA wraps the NF4 layers: with B = 0 it adds nothing; the fused kernels leave them to PEFT.
     peft_model = get_peft_model(quant, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
     assert torch.equal(_logits(peft_model, ids), q)
-    reason = why_not(peft_model.base_model.model.model.layers[0].self_attn.q_proj)
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    reason = why_not(layer)
     assert reason is not None and "NF4" in reason
+    # GRPO's fused decoding would fold the weights into a 16-bit copy: it decodes through transformers instead.
+    from tuneforge.rollout.fused_decode import Unsupported, _effective_linear
+
+    with pytest.raises(Unsupported, match="NF4"):
+        _effective_linear(layer, None)
 
 
 def test_weights_that_do_not_split_into_whole_blocks_stay_16bit(tiny_model_dir, caplog):
