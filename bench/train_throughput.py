@@ -25,11 +25,14 @@ per engine and writes them to --out.
     python bench/train_throughput.py --preset 1b-fp8 --steps 20  # bf16 vs fp8: true (and qat), compiled and eager
     python bench/train_throughput.py --preset 8b-lora --shape tiny --seq-len 256 --steps 4 --warmup 1   # CPU smoke
     python bench/train_throughput.py --preset 8b-qlora         # HF+PEFT+bitsandbytes vs tuneforge QLoRA (GPU)
+    python bench/train_throughput.py --preset 1b-qlora          # QLoRA: bitsandbytes on one GPU vs FSDP2's NF4
 
 Engines: `hf` (Trainer, + PEFT in lora mode) and `tuneforge` with any of these suffixes, joined by `-`:
 `kernels` (lora_mlp/qkv/o_kernel), `compile` (torch_compile), `kahan` (bf16_master_weights: kahan), `fp8` (fp8:
 true), `qat` (qat: int4 weights per group of 32, int8 activations),
-`fsdp` (FSDP2 in one process), `deepspeed` (DeepSpeed ZeRO-3 in one process: bench/deepspeed_gpu.sh). All
+`fsdp` (FSDP2 in one process), `deepspeed` (DeepSpeed ZeRO-3 in one process: bench/deepspeed_gpu.sh),
+`qlora` (a 4-bit base: bitsandbytes, or with `fsdp` torchao NF4 shards; the random weights are saved and
+loaded, since quantized models are not initialised from a config). All
 engines of one command run in the same process, one after the other;
 the last line gives every engine's tokens/s as a ratio of the first engine's and of `hf`'s.
 """
@@ -67,27 +70,22 @@ def alpaca_lengths(n: int, seed: int = 0) -> list[int]:
     return [min(2048, max(16, int(round(math.exp(rng.gauss(math.log(150), 0.7)))))) for _ in range(n)]
 
 
-def make_model_dir(root: Path, shape: str) -> Path:
-    from transformers import LlamaConfig
+def make_model_dir(root: Path, shape: str, weights: bool = False) -> Path:
+    """The shape's config and a tiny tokenizer; with `weights`, random bf16 weights too (built on the GPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from tuneforge.tiny import build_tiny_tokenizer
 
     path = root / f"model-{shape}"
     build_tiny_tokenizer(path)
-    LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(path)
+    config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config.save_pretrained(path)
+    if weights:
+        torch.manual_seed(0)
+        with torch.device("cuda" if _cuda() else "cpu"):
+            AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
     return path
-
-
-def save_random_weights(model_dir: Path) -> None:
-    """Random bf16 weights written next to the config (QLoRA quantizes while loading from disk)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device("cuda" if _cuda() else "cpu"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.bfloat16)
-    model.save_pretrained(model_dir, max_shard_size="5GB")
-    del model
 
 
 def make_rows(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
@@ -113,13 +111,15 @@ PRESETS = {
     # QLoRA needs real weights on disk (both engines quantize while loading): the random model is saved first.
     "8b-qlora": dict(shape="llama-8b", mode="qlora", gc=True, micro_batch=2, seq_len=4096, hf_batch=2, hf_packed=True,
                      engines="hf,tuneforge,tuneforge-compile"),
+    "1b-qlora": dict(shape="llama-1b", mode="lora", gc=True, micro_batch=2, seq_len=4096,
+                     engines="tuneforge-qlora,tuneforge-qlora-fsdp,tuneforge-fsdp"),
     "1b-full-bf16": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,
                          engines="tuneforge-compile,tuneforge-kahan-compile,tuneforge,tuneforge-kahan"),
     # fp8: true (torchao float8 linear layers, compute capability 8.9+) against bf16, compiled and eager; qat's cost.
     "1b-fp8": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,
                    engines="tuneforge-compile,tuneforge-fp8-compile,tuneforge,tuneforge-fp8,tuneforge-qat-compile"),
 }
-VARIANTS = {"kernels", "compile", "kahan", "fsdp", "deepspeed", "fp8", "qat"}
+VARIANTS = {"kernels", "compile", "kahan", "fsdp", "deepspeed", "fp8", "qat", "qlora"}
 
 
 def variants(engine: str) -> set[str]:
@@ -150,7 +150,8 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engi
         for r in rows:
             f.write(json.dumps({"input_ids": r}) + "\n")
     cfg = {
-        "base_model": str(model_dir), "reinit_weights": args.mode != "qlora", "bf16": True if _cuda() else "auto",
+        "base_model": str(model_dir), "reinit_weights": args.mode != "qlora" and "qlora" not in parts,
+        "bf16": True if _cuda() else "auto",
         "datasets": [{"path": str(data)}], "dataset_prepared_path": str(work / "prepared"),
         "sequence_len": args.seq_len, "sample_packing": True, "micro_batch_size": args.micro_batch,
         "gradient_accumulation_steps": 1, "max_steps": args.steps, "learning_rate": 1e-5,
@@ -169,6 +170,10 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engi
         if args.mode == "full":
             raise SystemExit(f"{engine}: the fused LoRA kernels need --mode lora or qlora")
         cfg.update(lora_mlp_kernel=True, lora_qkv_kernel=True, lora_o_kernel=True)
+    if "qlora" in parts:
+        if args.mode != "lora":
+            raise SystemExit(f"{engine}: the qlora suffix takes --mode lora (--mode qlora quantizes every engine)")
+        cfg.update(adapter="qlora", load_in_4bit=True)
     if "kahan" in parts:
         if args.mode != "full":
             raise SystemExit(f"{engine}: bf16_master_weights applies to --mode full")
@@ -352,9 +357,7 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model_dir = make_model_dir(work, args.shape)
-        if args.mode == "qlora":
-            save_random_weights(model_dir)
+        model_dir = make_model_dir(work, args.shape, weights=args.mode == "qlora" or "qlora" in args.engines)
         rows = make_rows(lengths, 1000)
         for engine in args.engines.split(","):
             if engine == "hf":

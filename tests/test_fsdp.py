@@ -214,7 +214,7 @@ def test_axolotl_fsdp1_spellings_map_to_fsdp2(caplog):
     ({"fsdp_version": 2, "deepspeed": "zero3.json"}, "deepspeed", "keep one"),
     ({"deepspeed": "missing.json"}, "deepspeed", "not found"),
     ({"fsdp_version": 2, "rl": "grpo", "trl": {"async_prefetch": True}}, "fsdp_config", "async_prefetch"),
-    ({"fsdp_version": 2, "adapter": "qlora", "load_in_4bit": True}, "fsdp_config", "quantized"),
+    ({"fsdp_version": 2, "adapter": "lora", "load_in_8bit": True}, "load_in_8bit", "8-bit base"),
 ])
 def test_bad_sharding_configs_name_the_key(keys, where, words):
     with pytest.raises(ConfigError) as err:

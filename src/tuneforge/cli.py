@@ -70,6 +70,24 @@ def _setup_logging(verbose: bool = False) -> None:
     if not verbose:
         # Deprecation notices of the libraries underneath are for tuneforge's developers, not its users.
         warnings.filterwarnings("ignore", category=FutureWarning)
+        _drop_torchao_import_notices()
+
+
+class _DropNotices(logging.Filter):
+    def __init__(self, *needles: str):
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.needles)
+
+
+def _drop_torchao_import_notices() -> None:
+    """torchao (imported by transformers whenever it is installed) logs one warning per compiled extension it
+    cannot load ("Failed to load .../_C...so": CUDA kernels, on CPU or another torch build), and torch's pytree
+    one per enum torchao registers the deprecated way; none concerns the run. Only those lines are dropped."""
+    logging.getLogger("torchao").addFilter(_DropNotices("Failed to load"))
+    logging.getLogger("torch.utils._pytree").addFilter(_DropNotices("is an Enum subclass"))
 
 
 def choose_cpu_threads(cores: int, load: float) -> int | None:

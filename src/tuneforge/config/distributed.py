@@ -161,9 +161,11 @@ def check(cfg) -> list:
             issues.append(ConfigIssue("deepspeed", str(exc)))
     if cfg.fsdp_enabled:
         issues += _fsdp_not_yet(cfg)
-    if cfg.fsdp_enabled and (cfg.load_in_8bit or cfg.load_in_4bit or cfg.adapter == "qlora"):
-        issues.append(ConfigIssue("fsdp_config", "FSDP2 with a quantized (QLoRA / 8-bit) base is not supported yet; "
-                                  "use adapter: lora on the 16-bit base with FSDP2, or QLoRA on one GPU"))
+    if cfg.fsdp_enabled and cfg.load_in_8bit:
+        # QLoRA (load_in_4bit) shards as torchao NF4 tensors; bitsandbytes' 8-bit weights do not survive sharding.
+        issues.append(ConfigIssue("load_in_8bit", "an 8-bit base cannot be sharded by FSDP2; use adapter: qlora with "
+                                  "load_in_4bit: true under FSDP2 (4-bit NF4 shards), or load_in_8bit on one GPU "
+                                  "without the fsdp keys"))
     return issues
 
 

@@ -79,7 +79,8 @@ class ModelKeys(Section):
         "auto", description="Allow TF32 matmuls on Ampere+ GPUs (auto: on when CUDA is used)."
     )
     load_in_8bit: bool = Field(False, description="Load the base model in 8 bits through bitsandbytes (CUDA).")
-    load_in_4bit: bool = Field(False, description="Load the base model in 4-bit NF4 through bitsandbytes (QLoRA, CUDA).")
+    load_in_4bit: bool = Field(False, description="Load the base model in 4-bit NF4 (QLoRA): through bitsandbytes on "
+                               "one GPU (CUDA), as torchao NF4 shards under FSDP2 (fsdp_version: 2; needs torchao).")
     bnb_config_kwargs: dict[str, Any] | None = Field(
         None, description="Overrides for the bitsandbytes quantization config."
     )

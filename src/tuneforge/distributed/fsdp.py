@@ -98,6 +98,9 @@ def shard(runner: nn.Module, model: nn.Module, settings, compute_dtype: torch.dt
 
     _ensure_process_group()
     kwargs = _policy_kwargs(settings, compute_dtype)
+    kept_whole = _nf4_on_one_process(runner)
+    if kept_whole:
+        kwargs["ignored_params"] = kept_whole
     groups = _groups(model, settings)
     for module in groups:
         fully_shard(module, **kwargs)
@@ -106,6 +109,33 @@ def shard(runner: nn.Module, model: nn.Module, settings, compute_dtype: torch.dt
              ", ".join(sorted({type(m).__name__ for m in groups})) or "none", settings.reshard_after_forward,
              settings.offload_params)
     return len(groups) + 1
+
+
+def _is_nf4(p: torch.Tensor) -> bool:
+    return type(getattr(p, "_local_tensor", p)).__name__ == "NF4Tensor"  # by name: torchao is not imported here
+
+
+def holds_nf4(module: nn.Module) -> bool:
+    """Whether the model's frozen base is QLoRA's 4-bit NF4 (torchao; models/nf4.py)."""
+    return any(_is_nf4(p) for p in module.parameters() if not p.requires_grad)
+
+
+@torch.no_grad()
+def _nf4_on_one_process(model: nn.Module) -> set[nn.Parameter]:
+    """On a single process FSDP2 skips the all-gather and copies each parameter's one all-gather input, which
+    breaks tensors that gather several (NF4: values, scales, second-level scales). There is nothing to shard
+    on one process anyway: the NF4 weights stay whole (FSDP2's `ignored_params`), moved to the GPU here as
+    `fully_shard` would move them."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() > 1:
+        return set()
+    frozen = {p for p in model.parameters() if not p.requires_grad and _is_nf4(p)}
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        for p in frozen:
+            torch.utils.swap_tensors(p, nn.Parameter(p.to(device), requires_grad=False))
+    return frozen
 
 
 def _ensure_process_group() -> None:

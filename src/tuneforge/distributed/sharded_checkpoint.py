@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .fsdp import local
+from .fsdp import holds_nf4, local
 
 FOLDER = "sharded"
 PREFIX = "model."  # the runner holds the model as `.model`
@@ -28,12 +28,22 @@ def _inner(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> the torch optimizer
 
 
+def _options(runner: nn.Module):
+    """A 4-bit base (QLoRA's NF4 weights, frozen) is left out of checkpoints: it never changes, and the resumed
+    run quantizes it again from the base model, exactly as the first time. Loading is then not strict (the
+    frozen keys are absent by design); every trainable key is still required, by `dcp.load`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    frozen_nf4 = holds_nf4(runner)
+    return StateDictOptions(ignore_frozen_params=frozen_nf4, strict=not frozen_nf4)
+
+
 def save(folder: Path, runner: nn.Module, optimizer, *, with_optimizer: bool) -> None:
     """Every process writes its shards of the model (and optimizer) states under folder/sharded."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    state = {"model": get_model_state_dict(runner)}
+    state = {"model": get_model_state_dict(runner, options=_options(runner))}
     if with_optimizer:
         state["optimizer"] = get_optimizer_state_dict(runner, _inner(optimizer))
     dcp.save(state, checkpoint_id=str(Path(folder) / FOLDER))
@@ -53,7 +63,8 @@ def load(folder: Path, runner: nn.Module, optimizer, *, with_optimizer: bool) ->
         set_optimizer_state_dict,
     )
 
-    state = {"model": get_model_state_dict(runner)}
+    options = _options(runner)
+    state = {"model": get_model_state_dict(runner, options=options)}
     if with_optimizer:
         state["optimizer"] = get_optimizer_state_dict(runner, _inner(optimizer))
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
@@ -68,7 +79,7 @@ def load(folder: Path, runner: nn.Module, optimizer, *, with_optimizer: bool) ->
             f"{folder}: its sharded state does not fit this run's model{' and optimizer' if with_optimizer else ''} "
             f"({detail}). Resume with the config that wrote it (same base model, adapter and trainable "
             "parameters); the process count may differ.") from None
-    set_model_state_dict(runner, state["model"])
+    set_model_state_dict(runner, state["model"], options=options)
     if with_optimizer:
         set_optimizer_state_dict(runner, _inner(optimizer), state["optimizer"])
 

@@ -79,7 +79,9 @@ def apply_adapter(cfg: Config, model):
         return model
     import peft
 
-    if cfg.load_in_4bit or cfg.load_in_8bit:
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and not cfg.fsdp_enabled:
+        # bitsandbytes models only: it casts every 16-bit parameter to fp32, which would dequantize FSDP2's NF4
+        # weights (models/nf4.py); FSDP2's mixed-precision policy keeps the trained shards in fp32 there.
         model = peft.prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=bool(cfg.gradient_checkpointing),

@@ -141,8 +141,19 @@ def _load_hint(src: str, exc: Exception, key: str) -> str:
 
 
 # ---------------------------------------------------------------- quantization
+def nf4_under_fsdp(cfg: Config) -> bool:
+    """QLoRA under FSDP2: the 16-bit model loads as for LoRA, then its decoder layers' linear weights become
+    torchao NF4 tensors (models/nf4.py; bitsandbytes' 4-bit parameters do not survive FSDP2's sharding)."""
+    return bool(cfg.fsdp_enabled and cfg.load_in_4bit)
+
+
 def quantization_config(cfg: Config):
     if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return None
+    if nf4_under_fsdp(cfg):
+        from tuneforge.models import nf4
+
+        nf4.torchao_nf4()  # torchao missing: say so before the model loads
         return None
     key = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
     if not torch.cuda.is_available():
@@ -213,12 +224,26 @@ def load_model(cfg: Config, tokenizer):
             "true), which tuneforge adds in supervised fine-tuning only. Set `model_config: {output_router_logits: "
             "false}` to train without it (transformers' default for these models).")
     resize_embeddings(cfg, model, tokenizer)
+    if nf4_under_fsdp(cfg):
+        _quantize_nf4(cfg, model)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False  # training never reuses keys/values; a cache would also disable packing masks
     enable_gradient_checkpointing(cfg, model)
     if cfg.unfrozen_parameters:
         freeze_except(model, cfg.unfrozen_parameters)
     return model
+
+
+def _quantize_nf4(cfg: Config, model) -> None:
+    import torch.distributed as dist
+
+    from tuneforge.models import nf4
+
+    if cfg.bnb_config_kwargs:
+        log.warning("bnb_config_kwargs: ignored under FSDP2, where the 4-bit base is torchao's NF4 with double "
+                    "quantization (blocks of 64, scales by 256), not bitsandbytes'")
+    shards = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    nf4.quantize_decoder_linears(model, cfg.fsdp_config.transformer_layer_cls_to_wrap, shards)
 
 
 def _from_pretrained(cfg: Config, cls, config, attn: str, dtype, quant, device=None):

@@ -18,6 +18,7 @@ import types
 import torch
 
 from . import lora_kernels
+from .nf4 import is_nf4
 
 log = logging.getLogger("tuneforge")
 
@@ -35,6 +36,8 @@ def why_not(layer) -> str | None:
     base = layer.get_base_layer()
     if type(base) is not torch.nn.Linear:
         return f"its base layer is {type(base).__name__} (quantized); fused kernels need an unquantized base"
+    if is_nf4(base.weight):
+        return "its base weight is 4-bit NF4 (QLoRA under FSDP2); fused kernels need an unquantized base"
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return "its base weight is trained"
     if len(layer.active_adapters) != 1:

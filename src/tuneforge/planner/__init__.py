@@ -47,7 +47,7 @@ class Plan:
 
 
 class _Facts:
-    """Counts per (adapter, quantization, weights dtype): the meta model is built once per variant."""
+    """Counts per (adapter, quantization, weights dtype, upcast): the meta model is built once per variant."""
 
     def __init__(self, cfg: Config, config):
         self.cfg, self.config, self.cache = cfg, config, {}
@@ -55,7 +55,8 @@ class _Facts:
     def __call__(self, s: Settings) -> ModelFacts:
         import torch
 
-        key = (s.adapter, s.quantized, s.weights_dtype)
+        upcast = not s.fsdp  # bitsandbytes' preparation; FSDP2's NF4 base (torchao) keeps the 16-bit weights
+        key = (s.adapter, s.quantized, s.weights_dtype, upcast)
         if key not in self.cache:
             cfg = self.cfg
             if s.adapter and not cfg.adapter:  # a suggested adapter: LoRA on every linear layer, defaults
@@ -63,7 +64,7 @@ class _Facts:
             if not s.adapter and cfg.adapter:
                 cfg = cfg.model_copy(update={"adapter": None})
             dtype = getattr(torch, s.weights_dtype)
-            self.cache[key] = count(cfg, self.config, dtype, s.quantized)
+            self.cache[key] = count(cfg, self.config, dtype, s.quantized, upcast)
         return self.cache[key]
 
 

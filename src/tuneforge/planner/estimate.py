@@ -51,9 +51,9 @@ class Estimate:
 
 # ---------------------------------------------------------------- activations
 def residual_bytes(s: Settings) -> int:
-    """Bytes of the residual stream: the embeddings' dtype (fp32 under full fine-tuning and QLoRA, whose
-    preparation upcasts every unquantized weight)."""
-    if s.quantized:
+    """Bytes of the residual stream: the embeddings' dtype (fp32 under full fine-tuning and single-GPU QLoRA,
+    whose bitsandbytes preparation upcasts every unquantized weight; FSDP2's NF4 base keeps them 16-bit)."""
+    if s.quantized and not s.fsdp:
         return 4
     return k.DTYPE_BYTES[s.weights_dtype]
 
@@ -244,7 +244,9 @@ def estimate(f: ModelFacts, s: Settings, gpu_memory: int) -> Estimate:
               "activations": acts, "activations (checkpointing)": acts_gc, "activations (no checkpointing)": acts_full,
               "generation KV cache": kv, "FSDP gathered layers": gathered, "CUDA context + allocator": overhead}
     process = int(k.HOST_PROCESS_GIB * k.GiB)
-    host_load = min(s.gpus, 8) * (process + f.weight_bytes)  # each process of a machine reads the weights
+    # Each process of a machine reads the weights; under FSDP2 a 4-bit base is quantized after a 16-bit load.
+    loaded = f.total * k.DTYPE_BYTES[s.weights_dtype] if s.fsdp and s.quantized else f.weight_bytes
+    host_load = min(s.gpus, 8) * (process + loaded)
     return Estimate(s, _parts(f, s, values), phases, peak_phase, allocated, allocated + overhead,
                     process + host_states, host_load, gpu_memory,
                     {"trainable": f.trainable.count, "frozen": f.frozen.count, "host_states": host_states})

@@ -161,9 +161,10 @@ def _decoder_layers(model):
     return base, layers
 
 
-def count(cfg: Config, config, weights_dtype, quantized: str | None) -> ModelFacts:
+def count(cfg: Config, config, weights_dtype, quantized: str | None, upcast: bool = True) -> ModelFacts:
     """Exact counts and bytes of the model the trainer would build (quantization applied analytically:
-    bitsandbytes cannot run on the meta device)."""
+    bitsandbytes cannot run on the meta device). `upcast`: bitsandbytes' preparation casts every other weight to
+    fp32; FSDP2's NF4 base (torchao) leaves them in the weights' dtype."""
     import torch
 
     try:
@@ -188,7 +189,7 @@ def count(cfg: Config, config, weights_dtype, quantized: str | None) -> ModelFac
         if id(p) in seen:
             continue
         seen.add(id(p))
-        size = _element_bytes(p, id(p) in quant_ids, quantized)
+        size = _element_bytes(p, id(p) in quant_ids, quantized, upcast)
         (trainable if p.requires_grad else frozen).add(p.numel(), size)
         if id(p) in layer_ids:
             layer_bytes += int(p.numel() * size)
@@ -197,7 +198,7 @@ def count(cfg: Config, config, weights_dtype, quantized: str | None) -> ModelFac
     per_layer = layer_bytes // max(len(layers), 1)
     train_sizes = [p.element_size() for p in model.parameters() if p.requires_grad]
     head_bytes = head_weight.element_size() if head_weight is not None else 2
-    if quantized and head_weight is not None:
+    if quantized and upcast and head_weight is not None:
         head_bytes = 4  # prepare_model_for_kbit_training upcasts every non-quantized parameter to fp32
     return ModelFacts(
         arch=architecture(config), trainable=trainable, frozen=frozen, layer_bytes=per_layer, root_bytes=root_bytes,
@@ -219,7 +220,7 @@ def _quantizable(layers) -> set[int]:
     return ids
 
 
-def _element_bytes(p, quantize: bool, quantized: str | None) -> float:
+def _element_bytes(p, quantize: bool, quantized: str | None, upcast: bool = True) -> float:
     from . import coefficients as k
 
     if quantize and quantized == "nf4":
@@ -227,7 +228,7 @@ def _element_bytes(p, quantize: bool, quantized: str | None) -> float:
         return k.NF4_BITS / 8 + absmax
     if quantize and quantized == "int8":
         return 1 + k.INT8_ROW_SCALE_BYTES / p.shape[1]
-    if quantized and not p.requires_grad:
+    if quantized and upcast and not p.requires_grad:
         return 4  # prepare_model_for_kbit_training: norms, embeddings and the head in fp32
     return p.element_size()
 

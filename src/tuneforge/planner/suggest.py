@@ -39,11 +39,13 @@ def suggestions(s: Settings, run: Callable[[Settings], Estimate]) -> list[Sugges
     if s.adapter is None:
         lora = base.but(adapter="lora")
         out.append(Suggestion("LoRA", "adapter: lora, lora_target_linear: true", run(lora)))
-    if s.quantized != "nf4" and not s.fsdp:
+    if s.quantized != "nf4":
         qlora = base.but(adapter="qlora", quantized="nf4")
         out.append(Suggestion("QLoRA", "adapter: qlora, load_in_4bit: true, lora_target_linear: true", run(qlora)))
-    # FSDP2 does not shard a quantized base: QLoRA becomes LoRA on the 16-bit base there.
-    fsdp_base = base.but(fsdp=True, offload=False, quantized=None, adapter="lora" if s.adapter else None)
+    # FSDP2 shards a 4-bit base (torchao NF4), not an 8-bit one: 8-bit LoRA becomes LoRA on the 16-bit base there.
+    nf4 = s.quantized == "nf4"
+    fsdp_base = base.but(fsdp=True, offload=False, quantized="nf4" if nf4 else None,
+                         adapter=s.adapter if nf4 else "lora" if s.adapter else None)
     for n in GPU_COUNTS:
         if n <= s.gpus and s.fsdp:
             continue

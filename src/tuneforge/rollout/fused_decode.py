@@ -100,6 +100,11 @@ def windowed(P: int, window: int, device) -> torch.Tensor:
 
 def _effective_linear(linear, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of a plain Linear or a PEFT LoRA Linear with its active adapters folded in."""
+    from tuneforge.models.nf4 import is_nf4
+
+    if is_nf4(getattr(getattr(linear, "base_layer", linear), "weight", None)):
+        # QLoRA under FSDP2: folding would dequantize every weight into a 16-bit copy of the model.
+        raise Unsupported("4-bit NF4 weights")
     if type(linear) is torch.nn.Linear:
         weight, bias = linear.weight, linear.bias
     else:
