@@ -146,9 +146,6 @@ ADVICE = {
     "expert_parallel_size": "expert parallelism is not implemented; remove it (several GPUs train data-parallel "
                             "with torchrun)",
     "nvfp4_merge_aware": "NVFP4 checkpoints are not supported; start from the bf16 model",
-    "quantize_moe_experts": "quantized expert weights are not supported; remove it (load_in_4bit / load_in_8bit "
-                            "quantize the linear layers; the experts then stay in 16 bits: plan their memory, or "
-                            "train on more GPUs with fsdp_version: 2)",
     "llama4_linearized_experts": "Llama 4's experts stay fused as transformers loads them; remove it (LoRA then "
                                  "targets the attention and shared-expert layers, lora_target_parameters the "
                                  "experts)",
