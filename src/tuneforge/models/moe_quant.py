@@ -192,9 +192,12 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 # ---------------------------------------------------------------- the model
 def expert_parameters(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(module, name) of every 3-D floating-point parameter held directly by a module: the fused expert stacks."""
+    """(module, name) of every 3-D floating-point parameter of an experts module (transformers names each fused
+    experts class `...Experts`; other 3-D weights, such as a Mamba layer's convolution, are left alone)."""
     found = []
     for module in model.modules():
+        if "Expert" not in type(module).__name__:
+            continue
         for name, param in module.named_parameters(recurse=False):
             if param.dim() == 3 and param.is_floating_point():
                 found.append((module, name))
