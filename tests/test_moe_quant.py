@@ -134,6 +134,12 @@ def test_lora_on_a_model_with_quantized_experts_learns_and_merges_into_the_nf4_e
     torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
     assert (merged - plain).abs().max() > 1e-4  # the 16-bit experts would give other logits
 
+    from tuneforge.inference.load import load_for_generation
+
+    model, _ = load_for_generation(cfg)  # `tuneforge inference`: the same quantized experts + adapter
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+
 
 def test_config_accepts_the_axolotl_shapes_and_refuses_what_cannot_work():
     base = {"base_model": "x", "quantize_moe_experts": True, "lora_target_modules": ["q_proj", "v_proj"]}
