@@ -3,7 +3,7 @@ QLoRA (load_in_4bit, when bitsandbytes is installed; else LoRA on the 16-bit bas
 a few steps on synthetic rows. Prints the losses, the stored dtype of the experts, the GPU peak memory, and
 checks that the loss fell.
 
-    python bench/moe_quant_train_smoke.py [--steps 30] [--no-4bit] [--gradient-checkpointing]
+    python bench/moe_quant_train_smoke.py [--steps 30] [--no-4bit] [--gradient-checkpointing] [--compile]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--no-4bit", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch_compile: true")
     args = parser.parse_args()
     import torch
 
@@ -54,7 +55,7 @@ def main() -> None:
             "max_steps": args.steps, "learning_rate": 2e-3, "logging_steps": 1, "save_strategy": "no", "bf16": True,
             "adapter": "qlora" if four_bit else "lora", "load_in_4bit": four_bit, "lora_r": 16, "lora_alpha": 32,
             "lora_target_linear": True, "quantize_moe_experts": True,
-            "gradient_checkpointing": args.gradient_checkpointing}
+            "gradient_checkpointing": args.gradient_checkpointing, "torch_compile": args.compile}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     result = train(load(data=keys), None, show_progress=False)
