@@ -160,9 +160,9 @@ class _ExpertsContext:
     """Entered before an experts module's forward, left after it (also on an exception): caches the dequantized
     stacks for the forward and, when asked, saves views of them for the backward as recipes."""
 
-    def __init__(self, module: nn.Module, recompute: bool):
-        self.module, self.recompute = module, recompute
-        self.stack: list[list] = []
+    def __init__(self, recompute: bool):
+        self.recompute = recompute
+        self.stack: list[list] = []  # one list of entered contexts per running forward (a module may nest)
 
     def enter(self, module, args):
         dtype = _compute_dtype(args[0]) if args and torch.is_tensor(args[0]) else None
@@ -225,7 +225,7 @@ def quantize_moe_experts(model: nn.Module, bits: int = 4, recompute_in_backward:
         done += 1
         modules[id(module)] = module
     for module in modules.values():
-        context = _ExpertsContext(module, recompute_in_backward)
+        context = _ExpertsContext(recompute_in_backward)
         module.register_forward_pre_hook(context.enter)
         module.register_forward_hook(context.leave, always_call=True)
     log.info("quantize_moe_experts: %d expert weight stacks stored in %s", done, "NF4" if bits == 4 else "int8")
