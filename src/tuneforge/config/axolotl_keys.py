@@ -155,9 +155,6 @@ ADVICE = {
     "expert_parallel_size": "expert parallelism is not implemented; remove it (several GPUs train data-parallel "
                             "with torchrun)",
     "nvfp4_merge_aware": _NVFP4,
-    "quantize_moe_experts": "quantized expert weights are not supported; remove it (load_in_4bit / load_in_8bit "
-                            "quantize the linear layers; the experts then stay in 16 bits: plan their memory, or "
-                            "train on more GPUs with fsdp_version: 2)",
     "diffusion": "diffusion language-model training is not implemented; remove it and the DiffusionPlugin to train "
                  "the model as a causal LM (next-token loss) on the same data",
     "flex_attn_compile_kwargs": "remove it; transformers compiles flex attention with its own settings",

@@ -84,6 +84,11 @@ class ModelKeys(Section):
     bnb_config_kwargs: dict[str, Any] | None = Field(
         None, description="Overrides for the bitsandbytes quantization config."
     )
+    quantize_moe_experts: bool = Field(
+        False, description="Store a mixture-of-experts model's fused expert weights (3-D, which load_in_4bit leaves "
+        "in 16 bits) in NF4 (int8 with load_in_8bit), dequantized layer by layer when used; needs an adapter. "
+        "Also works without load_in_4bit (the other layers then stay 16-bit)."
+    )
     attn_implementation: AttnImpl | None = Field(
         None,
         description="Attention kernel: eager, sdpa (default), flash_attention_2 (needs flash-attn), "

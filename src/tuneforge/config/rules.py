@@ -69,7 +69,22 @@ def _quantization(cfg: Config) -> list[ConfigIssue]:
                 "quantized weights cannot be fully fine-tuned; add `adapter: qlora` (4-bit) or `adapter: lora`.",
             )
         )
-    return issues
+    return issues + _quantized_experts(cfg)
+
+
+def _quantized_experts(cfg: Config) -> list[ConfigIssue]:
+    if not cfg.quantize_moe_experts:
+        return []
+    if cfg.adapter is None:
+        return [ConfigIssue("quantize_moe_experts", "quantized expert weights stay frozen; add `adapter: qlora` "
+                            "(with load_in_4bit) or `adapter: lora`, or remove quantize_moe_experts to fine-tune all "
+                            "weights.")]
+    if cfg.lora_target_parameters:
+        return [ConfigIssue("lora_target_parameters", "LoRA on the expert weights (lora_target_parameters) cannot "
+                            "be combined with quantize_moe_experts yet: PEFT's parameter LoRA does not compose with "
+                            "quantized experts. Remove lora_target_parameters (LoRA then trains the attention and "
+                            "shared layers), or remove quantize_moe_experts to train LoRA on 16-bit experts.")]
+    return []
 
 
 @rule

@@ -111,6 +111,10 @@ def load_for_generation(cfg, lora_model_dir: str | None = None, base_model: str 
         model = AutoModelForCausalLM.from_pretrained(sources.model, **kwargs)
     except Exception as exc:
         raise ModelError(f"could not load the model from {sources.model}: {type(exc).__name__}: {exc}") from None
+    if cfg.quantize_moe_experts and sources.adapter is not None:  # the experts as training saw them
+        from tuneforge.models.moe_quant import quantize_for_config
+
+        quantize_for_config(cfg, model)
     if sources.adapter is not None:
         from peft import PeftModel
 

@@ -7,6 +7,7 @@ randomly initialised base); the destination is `--output`, else output_dir/merge
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def merge_for_config(cfg, lora_model_dir: str | None = None, output: str | None 
     gen_dir = adapter_dir if (adapter_dir / "generation_config.json").exists() else base_dir
     log.info("merging %s into %s -> %s", adapter_dir, base_dir, dest)
     report = merge_adapter(base_dir, adapter_dir, dest, tokenizer_dir=tokenizer_dir, generation_config_dir=gen_dir,
-                           overwrite=overwrite)
+                           overwrite=overwrite, prepare_base=_quantized_experts(cfg))
     _set_stop_tokens(cfg, dest)
     log.info(
         "merged %d LoRA modules and %d saved tensors over %d shard(s) (%.1f MB) into %s%s",
@@ -97,6 +98,16 @@ def merge_for_config(cfg, lora_model_dir: str | None = None, output: str | None 
         f"; vocab_size -> {report.vocab_size}" if report.vocab_size else "",
     )
     return dest
+
+
+def _quantized_experts(cfg):
+    """quantize_moe_experts: the adapter learned against the NF4 (int8) experts, so the merged model gets those
+    values (in the base's dtype), and reproduces the training model's experts exactly."""
+    if not cfg.quantize_moe_experts:
+        return None
+    from tuneforge.models.moe_quant import round_trip_experts
+
+    return functools.partial(round_trip_experts, bits=8 if cfg.load_in_8bit else 4)
 
 
 def _set_stop_tokens(cfg, dest: Path) -> None:

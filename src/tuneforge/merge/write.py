@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,17 +62,21 @@ def merge_adapter(
     tokenizer_dir: str | Path | None = None,
     generation_config_dir: str | Path | None = None,
     overwrite: bool = False,
+    prepare_base: Callable | None = None,
 ) -> MergeReport:
     """Merge the adapter in `adapter_dir` into the safetensors model in `base_dir`, writing `dest`.
 
     Tokenizer files come from `tokenizer_dir` when it has any (the training run's tokenizer, with its chat
     template), else from the base. Everything is validated before the first byte is written; an existing
-    destination is handled by `tuneforge.publish` (never a folder tuneforge did not write).
+    destination is handled by `tuneforge.publish` (never a folder tuneforge did not write). `prepare_base(model)`,
+    when given, changes the loaded base model in place before the merge (quantized experts: the values the
+    adapter was trained against); the base is then merged in memory.
     """
     base_dir, adapter_dir, dest = Path(base_dir), Path(adapter_dir), Path(dest)
     check_destination(dest, overwrite=overwrite)
-    if adapter_config(adapter_dir).get("target_parameters"):
-        return merge_in_memory(base_dir, adapter_dir, dest, tokenizer_dir, generation_config_dir, overwrite)
+    if adapter_config(adapter_dir).get("target_parameters") or prepare_base is not None:
+        return merge_in_memory(base_dir, adapter_dir, dest, tokenizer_dir, generation_config_dir, overwrite,
+                               prepare_base)
     plan = read_adapter(adapter_dir)
     base = open_base(base_dir)
     embed_key = tied_embedding(base)
@@ -115,7 +120,7 @@ def _building(dest: Path, overwrite: bool):
 
 
 def merge_in_memory(base_dir: Path, adapter_dir: Path, dest: Path, tokenizer_dir, generation_config_dir,
-                    overwrite: bool = False) -> MergeReport:
+                    overwrite: bool = False, prepare_base: Callable | None = None) -> MergeReport:
     """An adapter with `target_parameters` (LoRA on parameters such as MoE expert weights), merged by PEFT.
 
     Why not shard by shard: the layout of a parameter's delta (experts x in x out, or experts x out x in)
@@ -130,6 +135,8 @@ def merge_in_memory(base_dir: Path, adapter_dir: Path, dest: Path, tokenizer_dir
         raise NotSupportedYet(f"{adapter_dir}: a {config['task_type']} adapter with target_parameters cannot be "
                               "merged here; only causal language models.")
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+    if prepare_base is not None:
+        prepare_base(model)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     with _building(dest, overwrite) as tmp:
         merged.save_pretrained(tmp)

@@ -223,6 +223,10 @@ def load_model(cfg: Config, tokenizer):
             "this mixture-of-experts model's config asks for the router load-balancing loss (output_router_logits: "
             "true), which tuneforge adds in supervised fine-tuning only. Set `model_config: {output_router_logits: "
             "false}` to train without it (transformers' default for these models).")
+    if cfg.quantize_moe_experts:
+        from tuneforge.models.moe_quant import quantize_for_config
+
+        quantize_for_config(cfg, model)
     resize_embeddings(cfg, model, tokenizer)
     if nf4_under_fsdp(cfg):
         _quantize_nf4(cfg, model)
