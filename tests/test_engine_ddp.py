@@ -48,7 +48,10 @@ def test_two_processes_equal_one_process_accumulating(tmp_path, tiny_model_dir):
     for r in steps:
         assert abs(r["loss"] - losses(single)[r["step"]]) <= 1e-5, (r, losses(single))
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "single" / "out" / "model.safetensors"))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    # Summing two micro-batch gradients in another order differs in the last bits; AdamW divides by sqrt(v), so
+    # where a gradient is near zero that noise can move a weight by a fraction of one step (lr = 1e-3). 5e-5 is
+    # 5% of a step: a missing or doubled micro-batch moves weights by whole steps.
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 5e-5
     ckpt = out / "checkpoint-2"
     assert (ckpt / "rng_state_0.pt").exists() and (ckpt / "rng_state_1.pt").exists()  # every rank's RNG
     assert not torch.equal(a["model.embed_tokens.weight"], load_file(str(Path(tiny_model_dir) / "model.safetensors"))[
