@@ -9,6 +9,10 @@ order, so the output is the same for any number of processes.
 
 Each output row also gets `_trained`, its count of trained tokens, so the statistics of the final (shuffled,
 split) data are read from small integer columns instead of the token lists.
+
+`write_rows` writes a final split (shuffled, selected or plain) into the cache entry the same way: its rows are
+gathered `CHUNK_ROWS` at a time through memory maps that are closed after each chunk, so the pages read do not
+stay resident in the process (a memory map held for the whole write keeps every page it read).
 """
 
 from __future__ import annotations
@@ -162,6 +166,60 @@ def _chunks(ds, job: tuple, num_proc: int):
                 yield _from_ipc(buf), stats, n
     finally:
         _JOB = None
+
+
+def write_rows(ds, path: Path) -> int:
+    """Write the rows of `ds`, in its order, to the Arrow file `path` (read back by `Dataset.from_file`).
+    Returns the number of rows written."""
+    import pyarrow as pa
+
+    schema = ds.features.arrow_schema  # with the features as metadata, so from_file restores them
+    order = _row_order(ds)
+    indices_file = getattr(getattr(ds, "_indices", None), "path", None)  # a shuffle's order, in a file of its own
+    files = [f["filename"] for f in ds.cache_files if f["filename"] != indices_file]
+    # The table is these files' rows, in order, unless part of it is in memory (then it is small).
+    mapped = bool(files) and _rows_in(files) == ds.data.num_rows
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for start in range(0, len(order), CHUNK_ROWS):
+            ids = order[start : start + CHUNK_ROWS]
+            part = (_gather(files, ids) if mapped else ds.data.table.take(ids)).select(schema.names)
+            writer.write(part.cast(schema) if part.schema != schema else part)
+    return len(order)
+
+
+def _row_order(ds) -> np.ndarray:
+    """The rows of the underlying table that `ds` shows, in order (a shuffle or select is an indices table)."""
+    indices = getattr(ds, "_indices", None)
+    if indices is None:
+        return np.arange(len(ds), dtype=np.int64)
+    return indices.column(0).to_numpy().astype(np.int64, copy=False)
+
+
+def _rows_in(files: list[str]) -> int:
+    import pyarrow as pa
+
+    total = 0
+    for name in files:
+        with pa.memory_map(name) as f:
+            total += sum(b.num_rows for b in pa.ipc.open_stream(f))
+    return total
+
+
+def _gather(files: list[str], ids: np.ndarray):
+    """Rows `ids` of the files' rows (concatenated in order), copied out of maps that are closed on return."""
+    import pyarrow as pa
+
+    maps = [pa.memory_map(name) for name in files]
+    try:
+        batches = [b for m in maps for b in pa.ipc.open_stream(m)]
+        starts = np.cumsum([0] + [b.num_rows for b in batches])
+        which = np.searchsorted(starts, ids, side="right") - 1
+        rows = [batches[w].slice(i - starts[w], 1) for i, w in zip(ids.tolist(), which.tolist(), strict=True)]
+        # Concatenating copies the rows out of the maps, which can then be closed (their pages released).
+        return pa.concat_batches(rows) if rows else batches[0].slice(0, 0)
+    finally:
+        for m in maps:
+            m.close()
 
 
 def trained_counts(labels) -> np.ndarray:
