@@ -28,6 +28,7 @@ RENAMED = {
     "evaluation_strategy": "eval_strategy",
     "eval_table_max_new_tokens": "generation_max_new_tokens",
     "revision_of_model": "model_revision",
+    "pretrain_multipack_buffer_size": "streaming_multipack_buffer_size",
 }
 
 # Axolotl dataset type names that are another name of a tuneforge format (rows of the same shape).
