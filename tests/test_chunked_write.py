@@ -1,5 +1,5 @@
-"""The final write of a prepared split (data/chunked.write_rows): rows in the split's order, and the pages
-read to gather them are not left resident in the process."""
+"""The final write of a prepared split (data/chunked.write_rows): rows in the split's order, and no page of the
+source is left resident in the process."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_written_rows_follow_the_shuffled_selected_order(tmp_path, monkeypatch):
     from tuneforge.data import chunked
     from tuneforge.data.chunked import write_rows
 
-    monkeypatch.setattr(chunked, "CHUNK_ROWS", 300)  # several gathers, the last one partial
+    monkeypatch.setattr(chunked, "BUCKET_BYTES", 300_000)  # several buckets, the last one partial
 
     ds = _file_backed(2500, tmp_path).shuffle(seed=4).select(range(0, 2500, 2)).remove_columns(["length"])
     assert write_rows(ds, tmp_path / "out.arrow") == len(ds)
@@ -48,7 +48,7 @@ def _resident_kib(path: Path) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_the_gathered_pages_do_not_stay_mapped(tmp_path):
-    """`save_to_disk` of the same shuffled split leaves the whole file resident through the dataset's map
+    """`save_to_disk` of the same shuffled split leaves the file resident through the dataset's memory map
     (checked here too, so the test shows the difference it is about)."""
     from tuneforge.data.chunked import write_rows
 
