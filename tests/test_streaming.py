@@ -426,7 +426,8 @@ def test_preprocess_shows_the_first_streamed_rows(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_two_processes_read_their_own_shards_and_resume_exactly(tmp_path, tiny_model_dir):
     """Under torchrun (2 CPU processes) each process keeps its own stream position in the checkpoint, the
-    positions are disjoint shards, and a resumed 2-process run repeats the uninterrupted run's losses."""
+    positions are disjoint shards, and a resumed 2-process run repeats the uninterrupted run's losses; one
+    process resumes the same checkpoint too."""
     import os
     import subprocess
     import sys
@@ -456,3 +457,7 @@ def test_two_processes_read_their_own_shards_and_resume_exactly(tmp_path, tiny_m
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert abs(resumed[step] - full[step]) <= 1e-5, (step, resumed, full)
+    # the same checkpoint on one process: its stream restarts where the slower process was
+    one = train(_config(tmp_path, tiny_model_dir, name="one.yaml", output_dir=str(tmp_path / "one"), **keys,
+                        resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2")))
+    assert sorted(losses(one)) == [3, 4]

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 CHUNK_ROWS = 2_000  # source rows formatted together: bounds memory, keeps Arrow writes large
-BUCKET_BYTES = 64 << 20  # a final split is put in order this much at a time (write_rows)
+BUCKET_BYTES = 16 << 20  # a final split is put in order this much at a time (write_rows)
 _MAX_BUCKETS = 256  # files open at once while write_rows routes rows (larger splits get larger buckets)
 _IN_FLIGHT_PER_WORKER = 2
 
@@ -239,6 +239,7 @@ def _permute(files: list[str], order: np.ndarray, schema, writer, folder: Path) 
             writer.write_table(table, max_chunksize=CHUNK_ROWS)
             del table
             name.unlink()
+            pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed memory otherwise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
