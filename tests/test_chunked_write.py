@@ -33,6 +33,11 @@ def test_written_rows_follow_the_shuffled_selected_order(tmp_path, monkeypatch):
     back = datasets.Dataset.from_file(str(tmp_path / "out.arrow"))
     assert back.features == ds.features
     assert back[:] == ds[:]
+    small = chunked.columns_in_order(ds, ["_source"])  # what the statistics read, in the same order
+    assert small["_source"].tolist() == ds["_source"]
+    repeated = ds.select([5, 5, 0])  # a row twice: no permutation, rows taken one chunk at a time
+    assert write_rows(repeated, tmp_path / "rep.arrow") == 3
+    assert datasets.Dataset.from_file(str(tmp_path / "rep.arrow"))[:] == repeated[:]
 
 
 def _resident_kib(path: Path) -> int:

@@ -180,12 +180,23 @@ def write_rows(ds, path: Path) -> int:
     order = _row_order(ds)
     files = _data_files(ds)
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        if files is None or len(np.unique(order)) != len(order):  # partly in memory (small), or rows repeated
-            for start in range(0, len(order), CHUNK_ROWS):
+        if files is None or not _permute(files, order, schema, writer, path.parent / f"{path.name}.buckets"):
+            for start in range(0, len(order), CHUNK_ROWS):  # partly in memory (small), or rows repeated
                 writer.write(_conform(ds.data.table.take(order[start : start + CHUNK_ROWS]), schema))
-        else:
-            _permute(files, order, schema, writer, path.parent / f"{path.name}.buckets")
     return len(order)
+
+
+def columns_in_order(ds, names: list[str]) -> dict[str, np.ndarray] | None:
+    """Small columns of `ds` in its order, read with plain reads; None when part of its table is in memory."""
+    files = _data_files(ds)
+    if files is None:
+        return None
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for batch in _plain_batches(files):
+        for name in names:
+            parts[name].append(batch.column(name).to_numpy(zero_copy_only=False))
+    order = _row_order(ds)
+    return {name: np.concatenate(arrays)[order] if arrays else np.zeros(0, np.int64) for name, arrays in parts.items()}
 
 
 def _row_order(ds) -> np.ndarray:
@@ -208,14 +219,17 @@ def _conform(part, schema):
     return part.cast(schema) if part.schema != schema else part
 
 
-def _permute(files: list[str], order: np.ndarray, schema, writer, folder: Path) -> None:
+def _permute(files: list[str], order: np.ndarray, schema, writer, folder: Path) -> bool:
     """An external permutation: each row goes to the bucket file of its destination (sequential reads and
-    writes), then each bucket (~BUCKET_BYTES) is read back, put in order in memory and appended to `writer`."""
+    writes), then each bucket (~BUCKET_BYTES) is read back, put in order in memory and appended to `writer`.
+    False (nothing written) when `order` repeats a row."""
     import pyarrow as pa
 
     total = sum(os.path.getsize(f) for f in files)
     dest = np.full(sum(_rows_of(files)), -1, dtype=np.int64)  # the output position of every source row
     dest[order] = np.arange(len(order))
+    if np.count_nonzero(dest >= 0) != len(order):
+        return False
     per_bucket = max(1, int(len(dest) * BUCKET_BYTES / max(total, 1)), -(-len(order) // _MAX_BUCKETS))
     names = [folder / f"{b}.arrow" for b in range(-(-len(order) // per_bucket))]
     folder.mkdir()
@@ -242,6 +256,7 @@ def _permute(files: list[str], order: np.ndarray, schema, writer, folder: Path) 
             pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed memory otherwise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    return True
 
 
 def _rows_of(files: list[str]) -> list[int]:
