@@ -193,8 +193,8 @@ def columns_in_order(ds, names: list[str]) -> dict[str, np.ndarray] | None:
         return None
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for batch in _plain_batches(files):
-        for name in names:
-            parts[name].append(batch.column(name).to_numpy(zero_copy_only=False))
+        for name in names:  # copied: a view would keep the whole batch (token lists too) in memory
+            parts[name].append(batch.column(name).to_numpy(zero_copy_only=False).copy())
     order = _row_order(ds)
     return {name: np.concatenate(arrays)[order] if arrays else np.zeros(0, np.int64) for name, arrays in parts.items()}
 
