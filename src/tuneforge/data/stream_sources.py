@@ -103,7 +103,11 @@ def window_rows(src: EntryFiles, *, rank: int, world: int, cursor: dict | None, 
     """This process's rows of the entry in training order, from a position (cursor of a window's start, rows of
     that window taken): (row, cursor before it, position after taking it). `seed` None: in order (use window 1)."""
     reader = rows(src, rank=rank, world=world, cursor=cursor)
-    while chunk := list(islice(reader, window)):
+    while True:
+        chunk = None  # the window taken is let go before the next one is read: memory holds one
+        chunk = list(islice(reader, window))
+        if not chunk:
+            return
         order = np.arange(len(chunk))
         if seed is not None:
             start = cursor["row"] if cursor else 0
