@@ -4,7 +4,9 @@ For each corpus size it writes N generated text documents (JSON lines, lognormal
 bench/preprocess_throughput.py), then reads the whole corpus once through one process's stream, exactly
 as training does (`pretraining_dataset:` -> tokenize -> pack into sequence_len rows), sampling this process's
 resident memory (VmRSS) every 1,000 rows. It reports the peak and the tokens per second the stream delivers
-(one process; with --world W it is process 0 of W, which reads every W-th document).
+(one process; with --world W it is process 0 of W, which reads every W-th document). The stream is shuffled in
+windows of --buffer rows (streaming_multipack_buffer_size, default 10,000, as a config that does not set it;
+0: shuffle_merged_datasets false, read in order).
 
     python bench/stream_memory.py --docs 20000 200000 --json results.json
 """
@@ -62,6 +64,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, nargs="+", default=[20_000, 200_000])
     ap.add_argument("--sequence-len", type=int, default=2048)
     ap.add_argument("--world", type=int, default=1, help="Read as process 0 of this many.")
+    ap.add_argument("--buffer", type=int, default=10_000, help="Shuffle window in rows (0: no shuffling).")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -86,9 +89,10 @@ def main() -> None:
         cfg_path.write_text(yaml.safe_dump({
             "base_model": str(work / "tok"), "sequence_len": args.sequence_len, "max_steps": 1,
             "pretraining_dataset": [{"path": str(corpus), "type": "pretrain"}],
+            "shuffle_merged_datasets": args.buffer > 0, "streaming_multipack_buffer_size": max(args.buffer, 1),
         }))
         cfg = load(cfg_path, [])
-        result = {"docs": n, "corpus_mb": round(corpus.stat().st_size / 1e6, 1),
+        result = {"docs": n, "buffer": args.buffer, "corpus_mb": round(corpus.stat().st_size / 1e6, 1),
                   **read_once(cfg, load_tokenizer(cfg), 0, args.world)}
         results.append(result)
         print(json.dumps(result), flush=True)

@@ -550,8 +550,8 @@ def _continual_pretraining() -> list[str]:
         "## Continual pretraining (`pretraining_dataset:`, streamed)",
         "",
         "A corpus too large to prepare beforehand is streamed: `pretraining_dataset:` lists text sources that are "
-        "read, tokenized and packed while training, so memory holds one partial row whatever the corpus size "
-        "and nothing is cached. Each document is the text of `text_column` (default `text`) as BOS (when the "
+        "read, tokenized and packed while training, so memory holds one shuffle window and one partial row "
+        "whatever the corpus size, and nothing is cached. Each document is the text of `text_column` (default `text`) as BOS (when the "
         "tokenizer adds one) + tokens + EOS, every token trained, as in `completion`. Entry fields: `path` (a "
         "local `.jsonl`/`.json`/`.txt`/`.parquet`/`.csv` file or folder, `json`/`text`/`parquet`/`csv` with "
         "`data_files`, or a hub id, streamed), `data_files`, `name`, `split` (default `train`), `text_column`, "
@@ -569,6 +569,7 @@ def _continual_pretraining() -> list[str]:
         "sequence_len: 2048",
         "max_steps: 10000                # required: a stream has no length known in advance",
         "pretrain_multipack_attn: true   # default: packed documents do not attend to each other",
+        "streaming_multipack_buffer_size: 10000  # default: documents shuffled in windows of this many",
         "```",
         "",
         "- Rows of `sequence_len` tokens are filled in stream order: a document that does not fit starts the next "
@@ -578,10 +579,24 @@ def _continual_pretraining() -> list[str]:
         "documents attend to each other.",
         "- The entries are read one after the other; after the last the stream starts again, and `epoch` in the "
         "logs counts these passes. Each data-parallel process reads every N-th document of N (its own shard).",
-        "- Checkpoints hold the stream position (the file offset of the last document read, and the part of a "
-        "document waiting for the next row): `--resume-from-checkpoint` continues with exactly the rows the "
-        "uninterrupted run would have trained on, seeking in local JSON-lines and text files instead of reading "
-        "the consumed part again. Resume on the same number of processes.",
+        "- Shuffling (`shuffle_merged_datasets`, default `true`): each process reads its documents "
+        "`streaming_multipack_buffer_size` at a time (default 10,000; Axolotl's older name "
+        "`pretrain_multipack_buffer_size` is accepted) and trains each such window in a random order seeded by "
+        "`seed` and the pass, so a document moves less than one window from its place in the files, and every "
+        "pass is ordered anew. Memory holds one window of source rows (their text, not yet tokenized). "
+        "`shuffle_merged_datasets: false` reads the files in order. A corpus sorted by topic or source stays "
+        "sorted at scales above the window: mix it beforehand, or raise the window.",
+        "- Checkpoints hold the stream position (the file offset where the current window starts, the documents "
+        "of it already taken, and the part of a document waiting for the next row): `--resume-from-checkpoint` "
+        "continues with exactly the rows the uninterrupted run would have trained on, seeking in local "
+        "JSON-lines and text files instead of reading the consumed part again (the current window is read again "
+        "and its order rebuilt from the seed). Resume with the same `shuffle_merged_datasets`, "
+        "`streaming_multipack_buffer_size` and `seed`.",
+        "- Resuming on another number of processes works too: the stream restarts, in the new shards, at the "
+        "earliest document that one of the saved processes had not yet put into a trained row. No document is "
+        "skipped; the documents after that point that other processes had already trained are trained again: "
+        "about one window per process at most, plus how far the processes had drifted apart (shards of unequal "
+        "documents are read at unequal speeds). The log says where the stream restarted.",
         "- `streaming: true` streams `datasets:` the same way: each row goes through its `type:` format and the "
         "length rules of prepared data, and rows are packed with `sample_packing` (else one per row).",
         "- `tuneforge preprocess config.yaml --debug` shows the first packed rows of the stream. An example that "

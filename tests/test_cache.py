@@ -267,38 +267,39 @@ def test_skip_prepare_dataset_writes_nothing(setup):
 
 # ---------------------------------------------------------------- crashes and damage
 def test_failure_mid_write_leaves_no_entry(setup, monkeypatch):
-    import datasets
+    from tuneforge.data import chunked
 
-    real = datasets.Dataset.save_to_disk
+    real = chunked.write_rows
     calls = []
 
-    def failing(self, path, *a, **k):
+    def failing(ds, path):
         calls.append(path)
-        real(self, path, *a, **k)
+        real(ds, path)
         if len(calls) == 2:  # train written, eval written, then the disk fills up
             raise OSError("No space left on device")
 
-    monkeypatch.setattr(datasets.Dataset, "save_to_disk", failing)
+    monkeypatch.setattr(chunked, "write_rows", failing)
     cfg, tok = setup({"val_set_size": 5})
     with pytest.raises(OSError, match="No space"):
         prepare(cfg, tok)
     key = cache_key(cfg, tok)[0]
     assert not (setup.root / key).exists()
     assert not list(setup.root.glob(".partial*"))
-    monkeypatch.setattr(datasets.Dataset, "save_to_disk", real)
+    monkeypatch.setattr(chunked, "write_rows", real)
     assert not prepare(cfg, tok).reused_cache
 
 
 KILLER = """
-import os, sys, datasets
+import os, sys
 from transformers import AutoTokenizer
 from tuneforge.config import load
+from tuneforge.data import chunked
 from tuneforge.data.pipeline import prepare
-real = datasets.Dataset.save_to_disk
-def killed(self, path, *a, **k):
-    real(self, path, *a, **k)
+real = chunked.write_rows
+def killed(ds, path):
+    real(ds, path)
     os._exit(9)  # like SIGKILL: no cleanup code runs
-datasets.Dataset.save_to_disk = killed
+chunked.write_rows = killed
 prepare(load(sys.argv[1], []), AutoTokenizer.from_pretrained(sys.argv[2]))
 """
 

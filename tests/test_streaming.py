@@ -25,7 +25,8 @@ def _corpus(path, n: int, words: int = 12, start: int = 0):
 def _config(tmp_path, model_dir, name="cfg.yaml", **keys):
     base = {"base_model": str(model_dir), "output_dir": str(tmp_path / "out"), "sequence_len": 32,
             "micro_batch_size": 2, "learning_rate": 3e-3, "optimizer": "adamw_torch", "seed": 3, "max_steps": 6,
-            "pretraining_dataset": [{"path": "corpus.jsonl", "type": "pretrain"}]}
+            "pretraining_dataset": [{"path": "corpus.jsonl", "type": "pretrain"}],
+            "shuffle_merged_datasets": False}  # in corpus order unless a test shuffles
     base.update(keys)
     (tmp_path / name).write_text(yaml.safe_dump(base, sort_keys=False))
     return load(tmp_path / name)
@@ -204,6 +205,91 @@ def test_reading_the_stream_holds_bounded_memory(tmp_path, tiny_model_dir, tiny_
     assert peak < 1.5e6 < held / 2, (peak, held)
 
 
+def _names(rows, tokenizer) -> list[int]:
+    return [int(text.split()[0][3:]) for row in rows for text in _docs_of(row, tokenizer)]
+
+
+def test_shuffle_takes_each_window_in_a_seeded_random_order(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch):
+    from tuneforge.data import stream_sources
+
+    _corpus(tmp_path / "corpus.jsonl", 300)
+    keys = {"shuffle_merged_datasets": True, "streaming_multipack_buffer_size": 100}
+
+    def one_pass(seed):
+        stream = _stream(_config(tmp_path, tiny_model_dir, name=f"s{seed}.yaml", seed=seed, **keys), tiny_tokenizer)
+        rows = []
+        while stream.passes == 0:
+            rows.append(stream.next_row())
+        return _names(rows, tiny_tokenizer)[:300]
+
+    first = one_pass(3)
+    for w in range(3):  # window w is source rows 100w .. 100w+99, each taken once, not in order
+        assert sorted(first[100 * w:100 * w + 100]) == list(range(100 * w, 100 * w + 100))
+        assert first[100 * w:100 * w + 100] != sorted(first[100 * w:100 * w + 100])
+    assert one_pass(3) == first and one_pass(4) != first  # seeded
+    parsed = []
+    real = stream_sources._parse
+    monkeypatch.setattr(stream_sources, "_parse", lambda raw, *a: parsed.append(raw) or real(raw, *a))
+    _stream(_config(tmp_path, tiny_model_dir, name="m.yaml", **keys), tiny_tokenizer).next_row()
+    assert len(parsed) == 100  # memory holds one window of source rows, nothing more
+
+
+def test_shuffled_state_continues_exactly(tmp_path, tiny_model_dir, tiny_tokenizer):
+    _corpus(tmp_path / "corpus.jsonl", 30)
+    cfg = _config(tmp_path, tiny_model_dir, pretraining_sample_concatenation=True, shuffle_merged_datasets=True,
+                  streaming_multipack_buffer_size=7)
+    full = _stream(cfg, tiny_tokenizer)
+    ref = [full.next_row() for _ in range(25)]  # a second pass, shuffled anew
+    assert full.passes == 1
+    taken = []
+    for k in (1, 7, 19):
+        first = _stream(cfg, tiny_tokenizer)
+        for _ in range(k):
+            first.next_row()
+        state = json.loads(json.dumps(first.state_dict()))
+        taken.append(state["taken"])
+        again = _stream(cfg, tiny_tokenizer)
+        again.load_state_dict(state)
+        assert [again.next_row() for _ in range(25 - k)] == ref[k:]
+    assert any(0 < t < 7 for t in taken)  # mid-window: the window is read again, its taken rows skipped
+    other = _config(tmp_path, tiny_model_dir, name="o.yaml", streaming_multipack_buffer_size=8,
+                    shuffle_merged_datasets=True)
+    with pytest.raises(DataError, match="windows of 7 rows, this run's is shuffled in windows of 8 rows"):
+        _stream(other, tiny_tokenizer).load_state_dict(state)
+
+
+def test_two_processes_resume_on_one_without_skipping_rows(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """2 processes -> 1: the stream restarts at the earliest row either had not finished; every row is trained,
+    and the rows trained twice are exactly those after that point that a process had trained."""
+    from tuneforge.engine.plan import Position  # noqa: F401 - the plan below is the trainer's
+    from tuneforge.engine.stream_plan import StreamPlan
+
+    _corpus(tmp_path / "corpus.jsonl", 60)
+    cfg = _config(tmp_path, tiny_model_dir, shuffle_merged_datasets=True, streaming_multipack_buffer_size=6)
+    before, states = [], []
+    for rank, rows in ((0, 4), (1, 9)):  # the processes are apart, as shards of unequal documents make them
+        stream = _stream(cfg, tiny_tokenizer, rank, 2)
+        before += _names([stream.next_row() for _ in range(rows)], tiny_tokenizer)
+        states.append(json.loads(json.dumps(stream.state_dict())))
+    assert len(before) == len(set(before))
+    untrained = min(set(range(60)) - set(before))
+    plan = StreamPlan(cfg, _stream(cfg, tiny_tokenizer))
+    plan.load_state_dict(states, tmp_path / "checkpoint-9")
+    restart = plan.stream.cursor["row"]
+    assert untrained - 2 < restart <= untrained  # at most the other process's row next to it is read again
+    after = []
+    while len(after) < 60 - restart:
+        after += _names([plan.stream.next_row()], tiny_tokenizer)
+    after = after[:60 - restart]
+    assert sorted(after) == list(range(restart, 60))  # each row from the restart point on, once
+    assert set(before) | set(after) == set(range(60))  # none skipped
+    assert sorted(set(before) & set(after)) == sorted(i for i in before if i >= restart)
+    for s in states:
+        del s["restart"]  # a checkpoint of an earlier version
+    with pytest.raises(TuneforgeError, match="resume it on 2 process"):
+        StreamPlan(cfg, _stream(cfg, tiny_tokenizer)).load_state_dict(states, tmp_path / "checkpoint-9")
+
+
 def test_parquet_streams_through_datasets_and_resumes_by_row(tmp_path, tiny_model_dir, tiny_tokenizer):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -272,7 +358,8 @@ def test_streamed_datasets_apply_the_format_and_length_rules(tmp_path, tiny_mode
 def test_resumed_streamed_run_has_the_same_losses(tmp_path, tiny_model_dir):
     _corpus(tmp_path / "corpus.jsonl", 24)
     keys = {"max_steps": 8, "save_steps": 1, "gradient_accumulation_steps": 2, "warmup_steps": 2,
-            "model_config": {"attention_dropout": 0.2}}
+            "model_config": {"attention_dropout": 0.2}, "shuffle_merged_datasets": True,
+            "streaming_multipack_buffer_size": 10}
     full = train(_config(tmp_path, tiny_model_dir, **keys))
     ref = losses(full)
     assert sorted(ref) == list(range(1, 9))
@@ -280,6 +367,7 @@ def test_resumed_streamed_run_has_the_same_losses(tmp_path, tiny_model_dir):
     ckpt = tmp_path / "out" / "checkpoint-5"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["stream"][0]["passes"] == 1  # the checkpoint falls in the second pass over the corpus
+    assert state["stream"][0]["taken"] > 0  # and inside a shuffle window
     resumed = train(_config(tmp_path, tiny_model_dir, name="r.yaml", output_dir=str(tmp_path / "r"), **keys,
                             resume_from_checkpoint=str(ckpt)))
     got = losses(resumed)
@@ -338,7 +426,8 @@ def test_preprocess_shows_the_first_streamed_rows(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_two_processes_read_their_own_shards_and_resume_exactly(tmp_path, tiny_model_dir):
     """Under torchrun (2 CPU processes) each process keeps its own stream position in the checkpoint, the
-    positions are disjoint shards, and a resumed 2-process run repeats the uninterrupted run's losses."""
+    positions are disjoint shards, and a resumed 2-process run repeats the uninterrupted run's losses; one
+    process resumes the same checkpoint too."""
     import os
     import subprocess
     import sys
@@ -368,3 +457,7 @@ def test_two_processes_read_their_own_shards_and_resume_exactly(tmp_path, tiny_m
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert abs(resumed[step] - full[step]) <= 1e-5, (step, resumed, full)
+    # the same checkpoint on one process: its stream restarts where the slower process was
+    one = train(_config(tmp_path, tiny_model_dir, name="one.yaml", output_dir=str(tmp_path / "one"), **keys,
+                        resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2")))
+    assert sorted(losses(one)) == [3, 4]

@@ -30,6 +30,7 @@ RENAMED = {
     "revision_of_model": "model_revision",
     "relora_warmup_steps": "jagged_restart_warmup_steps",  # Axolotl's older ReLoRA names
     "relora_anneal_steps": "jagged_restart_anneal_steps",
+    "pretrain_multipack_buffer_size": "streaming_multipack_buffer_size",
 }
 
 # Axolotl dataset type names that are another name of a tuneforge format (rows of the same shape).

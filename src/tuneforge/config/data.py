@@ -120,7 +120,8 @@ class DataKeys(Section):
         None, ge=1, description="Worker processes for tokenisation (default: the usable CPU cores, fewer on a busy "
         "machine).")
     skip_prepare_dataset: bool = Field(False, description="Do not cache the prepared dataset.")
-    shuffle_merged_datasets: bool = Field(True, description="Shuffle rows after mixing the datasets.")
+    shuffle_merged_datasets: bool = Field(True, description="Shuffle rows after mixing the datasets (streamed data: "
+                                          "within windows of streaming_multipack_buffer_size rows).")
     shuffle_before_merging_datasets: bool = Field(
         False, description="Shuffle each dataset's rows before they are put together (with "
         "shuffle_merged_datasets: false, the datasets then follow each other, each in random order)."
@@ -159,8 +160,9 @@ class DataKeys(Section):
     )
     remove_unused_columns: bool | None = Field(None, description="Accepted for Axolotl compatibility; no effect.")
     pretraining_dataset: list[PretrainingDataset] | None = Field(
-        None, description="Continual pretraining: text corpora streamed in order (entry after entry, then again), "
-        "tokenized and packed into sequence_len rows while training; needs max_steps."
+        None, description="Continual pretraining: text corpora streamed entry after entry, then again (shuffled "
+        "within windows: shuffle_merged_datasets), tokenized and packed into sequence_len rows while training; "
+        "needs max_steps."
     )
     streaming: bool = Field(
         False, description="Stream `datasets:` instead of preparing them beforehand: rows are read, formatted and "
@@ -175,8 +177,9 @@ class DataKeys(Section):
         "fit in the next row (default: a document that does not fit starts the next row; the rest is padding)."
     )
     streaming_multipack_buffer_size: int = Field(
-        10_000, ge=1, description="Accepted for Axolotl compatibility: tuneforge packs the stream in order "
-        "(next-fit), so only one partial row is ever held."
+        10_000, ge=1, description="Streamed data with shuffle_merged_datasets: source rows are read this many at a "
+        "time and each window is trained in a seeded random order (memory holds one window; checkpoints resume "
+        "exactly)."
     )
     max_prompt_len: int | None = Field(None, ge=1, description="RL: maximum prompt tokens.")
     extra: dict[str, Any] | None = Field(None, description="Free-form values for user-defined formats and rewards.")

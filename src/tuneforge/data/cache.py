@@ -42,9 +42,10 @@ from tuneforge.config.schema import Config
 
 log = logging.getLogger("tuneforge")
 
-CACHE_FORMAT = "2"  # bump when the layout or the meaning of the stored rows changes
+CACHE_FORMAT = "3"  # bump when the layout or the meaning of the stored rows changes
 DEFAULT_DIR = "last_run_prepared"
 MARKER = "COMPLETE.json"
+ROWS_FILE = "rows.arrow"  # each split's rows: <entry>/<split>/rows.arrow, an Arrow stream
 PARTIAL_PREFIX = ".partial."  # .partial.<key>.<pid>.<random>.<host> while written
 _STALE_PARTIAL_S = 24 * 3600
 
@@ -254,7 +255,7 @@ def load(root: Path, key: str) -> Entry | None:
                 raise ValueError(f"{rel} does not hold the bytes that were written (changed in place)")
         splits = {}
         for name, rows in info["rows"].items():
-            ds = datasets.load_from_disk(str(path / name))
+            ds = datasets.Dataset.from_file(str(path / name / ROWS_FILE))
             if len(ds) != rows:
                 raise ValueError(f"split {name} has {len(ds)} rows, {rows} were written")
             splits[name] = ds
@@ -267,6 +268,8 @@ def load(root: Path, key: str) -> Entry | None:
 
 def save(root: Path, key: str, material: dict, splits: dict[str, Any], stats: dict) -> Entry:
     """Write an entry atomically and return it, loaded back from disk (memory-mapped)."""
+    from .chunked import write_rows
+
     root.mkdir(parents=True, exist_ok=True)
     sweep_partials(root)
     tmp = root / f"{PARTIAL_PREFIX}{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{socket.gethostname()}"
@@ -274,8 +277,8 @@ def save(root: Path, key: str, material: dict, splits: dict[str, Any], stats: di
         tmp.mkdir()
         rows = {}
         for name, ds in splits.items():
-            ds.save_to_disk(str(tmp / name))
-            rows[name] = len(ds)
+            (tmp / name).mkdir()
+            rows[name] = write_rows(ds, tmp / name / ROWS_FILE)  # no memory map kept: data/chunked.py
         (tmp / "key.json").write_text(json.dumps(material, indent=1, sort_keys=True, default=str))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
         written = [f for f in sorted(tmp.rglob("*")) if f.is_file()]

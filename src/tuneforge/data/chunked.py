@@ -9,6 +9,11 @@ order, so the output is the same for any number of processes.
 
 Each output row also gets `_trained`, its count of trained tokens, so the statistics of the final (shuffled,
 split) data are read from small integer columns instead of the token lists.
+
+`write_rows` writes a final split (shuffled, selected or plain) into the cache entry without a memory map either:
+gathering shuffled rows through one keeps every page it touched resident (and the kernel maps whole
+neighbourhoods of each page touched), so VmRSS grew with the data. It permutes externally instead: rows are
+routed to bucket files by their destination, then each bucket is ordered in memory (~BUCKET_BYTES).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Any
 import numpy as np
 
 CHUNK_ROWS = 2_000  # source rows formatted together: bounds memory, keeps Arrow writes large
+BUCKET_BYTES = 16 << 20  # a final split is put in order this much at a time (write_rows)
+_MAX_BUCKETS = 256  # files open at once while write_rows routes rows (larger splits get larger buckets)
 _IN_FLIGHT_PER_WORKER = 2
 
 
@@ -162,6 +169,112 @@ def _chunks(ds, job: tuple, num_proc: int):
                 yield _from_ipc(buf), stats, n
     finally:
         _JOB = None
+
+
+def write_rows(ds, path: Path) -> int:
+    """Write the rows of `ds`, in its order (a shuffle or selection too), to the Arrow file `path` (read back by
+    `Dataset.from_file`), reading its files with plain reads, never through a memory map. Returns the rows."""
+    import pyarrow as pa
+
+    schema = ds.features.arrow_schema  # with the features as metadata, so from_file restores them
+    order = _row_order(ds)
+    files = _data_files(ds)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        if files is None or not _permute(files, order, schema, writer, path.parent / f"{path.name}.buckets"):
+            for start in range(0, len(order), CHUNK_ROWS):  # partly in memory (small), or rows repeated
+                writer.write(_conform(ds.data.table.take(order[start : start + CHUNK_ROWS]), schema))
+    return len(order)
+
+
+def columns_in_order(ds, names: list[str]) -> dict[str, np.ndarray] | None:
+    """Small columns of `ds` in its order, read with plain reads; None when part of its table is in memory."""
+    files = _data_files(ds)
+    if files is None:
+        return None
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for batch in _plain_batches(files):
+        for name in names:  # copied: a view would keep the whole batch (token lists too) in memory
+            parts[name].append(batch.column(name).to_numpy(zero_copy_only=False).copy())
+    order = _row_order(ds)
+    return {name: np.concatenate(arrays)[order] if arrays else np.zeros(0, np.int64) for name, arrays in parts.items()}
+
+
+def _row_order(ds) -> np.ndarray:
+    """The rows of the underlying table that `ds` shows, in order (a shuffle or select is an indices table)."""
+    indices = getattr(ds, "_indices", None)
+    if indices is None:
+        return np.arange(len(ds), dtype=np.int64)
+    return indices.column(0).to_numpy().astype(np.int64, copy=False)
+
+
+def _data_files(ds) -> list[str] | None:
+    """The Arrow files whose rows, in order, are the table under `ds`; None when part of it is in memory."""
+    indices_file = getattr(getattr(ds, "_indices", None), "path", None)  # a shuffle's order, in a file of its own
+    files = [f["filename"] for f in ds.cache_files if f["filename"] != indices_file]
+    return files if files and sum(_rows_of(files)) == ds.data.num_rows else None
+
+
+def _conform(part, schema):
+    part = part.select(schema.names)
+    return part.cast(schema) if part.schema != schema else part
+
+
+def _permute(files: list[str], order: np.ndarray, schema, writer, folder: Path) -> bool:
+    """An external permutation: each row goes to the bucket file of its destination (sequential reads and
+    writes), then each bucket (~BUCKET_BYTES) is read back, put in order in memory and appended to `writer`.
+    False (nothing written) when `order` repeats a row."""
+    import pyarrow as pa
+
+    total = sum(os.path.getsize(f) for f in files)
+    dest = np.full(sum(_rows_of(files)), -1, dtype=np.int64)  # the output position of every source row
+    dest[order] = np.arange(len(order))
+    if np.count_nonzero(dest >= 0) != len(order):
+        return False
+    per_bucket = max(1, int(len(dest) * BUCKET_BYTES / max(total, 1)), -(-len(order) // _MAX_BUCKETS))
+    names = [folder / f"{b}.arrow" for b in range(-(-len(order) // per_bucket))]
+    folder.mkdir()
+    try:
+        with contextlib.ExitStack() as stack:
+            bucket_schema = schema.append(pa.field("_dest", pa.int64()))
+            writers = [stack.enter_context(pa.ipc.new_stream(stack.enter_context(pa.OSFile(str(n), "wb")),
+                                                              bucket_schema)) for n in names]
+            start = 0
+            for batch in _plain_batches(files):
+                pos = dest[start : start + batch.num_rows]
+                start += batch.num_rows
+                part = _conform(batch, schema).append_column("_dest", pa.array(pos))
+                bucket = np.where(pos >= 0, pos // per_bucket, -1)
+                for b in np.unique(bucket[bucket >= 0]).tolist():
+                    writers[b].write(part.filter(pa.array(bucket == b)))
+        for name in names:
+            with pa.OSFile(str(name)) as f:
+                table = pa.ipc.open_stream(f).read_all()
+            table = table.take(np.argsort(table.column("_dest").to_numpy())).drop_columns(["_dest"])
+            writer.write_table(table, max_chunksize=CHUNK_ROWS)
+            del table
+            name.unlink()
+            pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed memory otherwise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return True
+
+
+def _rows_of(files: list[str]) -> list[int]:
+    import pyarrow as pa
+
+    out = []
+    for name in files:  # the batch headers only, through a map closed right away
+        with pa.memory_map(name) as f:
+            out.append(sum(b.num_rows for b in pa.ipc.open_stream(f)))
+    return out
+
+
+def _plain_batches(files: list[str]):
+    import pyarrow as pa
+
+    for name in files:
+        with pa.OSFile(name) as f:
+            yield from pa.ipc.open_stream(f)
 
 
 def trained_counts(labels) -> np.ndarray:

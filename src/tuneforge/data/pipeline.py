@@ -249,11 +249,14 @@ def split_stats(ds, names: list[str]) -> list[Stats]:
     n = len(names)
     if len(ds) == 0:
         return [Stats(name=x) for x in names]
-    source = column_numpy(ds, "_source")
+    # `_trained` (data/chunked.py) spares reading the token lists of a shuffled split again; those small
+    # columns are read without a memory map when the split is in files (no page of them stays resident).
+    small = chunked.columns_in_order(ds, ["_source", "length", "_trained"]) if "_trained" in ds.column_names else None
+    source = small["_source"] if small else column_numpy(ds, "_source")
     rows = np.bincount(source, minlength=n)
-    tokens = np.bincount(source, weights=column_numpy(ds, "length"), minlength=n)
-    # `_trained` (data/chunked.py) spares reading the token lists of a shuffled split again.
-    per_row = column_numpy(ds, "_trained") if "_trained" in ds.column_names else trained_per_row(ds)
+    tokens = np.bincount(source, weights=small["length"] if small else column_numpy(ds, "length"), minlength=n)
+    per_row = small["_trained"] if small else (
+        column_numpy(ds, "_trained") if "_trained" in ds.column_names else trained_per_row(ds))
     trained = np.bincount(source, weights=per_row, minlength=n)
     return [
         Stats(name=names[i], rows_out=int(rows[i]), tokens=int(tokens[i]), trained_tokens=int(trained[i]))

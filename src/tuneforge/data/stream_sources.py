@@ -8,15 +8,25 @@ skips the rows already consumed (read again, never trained on).
 Data parallelism: source row r (counted after the entry's `skip`) belongs to process r % world, so the
 processes read disjoint shards whose union is the whole entry. Other processes' lines are not even parsed.
 
-`rows(...)` yields (row, cursor after the row); the cursor is a small dict the stream stores in checkpoints.
+`rows(...)` yields (row, cursor before the row, cursor after it); a cursor is a small dict the stream stores in
+checkpoints. `window_rows(...)` gives them in the order training takes them: in order, or shuffled in windows.
+
+Shuffling (`shuffle_merged_datasets`, default on, as for prepared data): the process's rows are read
+`streaming_multipack_buffer_size` at a time (a window), and each window is taken in a random order seeded by
+`seed`, the pass, the entry, the window's first row and the process. The position is then (cursor at the window's
+start, rows of the window taken): a resumed run reads the window again, orders it the same way and skips the
+rows already taken, so it continues exactly; memory holds one window of source rows.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from tuneforge.config.schema import Config
 from tuneforge.errors import DataError
@@ -88,8 +98,29 @@ def _first_char(path: Path) -> str:
     return head[:1].decode("ascii", "replace")
 
 
-def rows(src: EntryFiles, *, rank: int, world: int, cursor: dict | None) -> Iterator[tuple[dict[str, Any], dict]]:
-    """This process's rows of the entry from `cursor` (None: the start), each with the cursor after it."""
+def window_rows(src: EntryFiles, *, rank: int, world: int, cursor: dict | None, taken: int, window: int,
+                seed: list[int] | None) -> Iterator[tuple[dict[str, Any], dict, tuple[dict | None, int]]]:
+    """This process's rows of the entry in training order, from a position (cursor of a window's start, rows of
+    that window taken): (row, cursor before it, position after taking it). `seed` None: in order (use window 1)."""
+    reader = rows(src, rank=rank, world=world, cursor=cursor)
+    while True:
+        chunk = None  # the window taken is let go before the next one is read: memory holds one
+        chunk = list(islice(reader, window))
+        if not chunk:
+            return
+        order = np.arange(len(chunk))
+        if seed is not None:
+            start = cursor["row"] if cursor else 0
+            order = np.random.default_rng([*seed, start, rank, world]).permutation(len(chunk))
+        end = chunk[-1][2]
+        for k in range(taken, len(chunk)):
+            row, before, _ = chunk[order[k]]
+            yield row, before, ((cursor, k + 1) if k + 1 < len(chunk) else (end, 0))
+        cursor, taken = end, 0
+
+
+def rows(src: EntryFiles, *, rank: int, world: int, cursor: dict | None) -> Iterator[tuple[dict[str, Any], dict, dict]]:
+    """This process's rows of the entry from `cursor` (None: the start), each with the cursors before and after."""
     if src.seekable:
         return _line_rows(src, rank, world, cursor or {"file": 0, "offset": 0, "line": 0, "row": 0})
     return _library_rows(src, rank, world, cursor or {"row": 0})
@@ -113,8 +144,9 @@ def _line_rows(src: EntryFiles, rank: int, world: int, cursor: dict):
                 row += 1
                 if not _mine(row - 1, skip, rank, world):
                     continue
+                before = {"file": i, "offset": offset - len(raw), "line": line - 1, "row": row - 1}
                 after = {"file": i, "offset": offset, "line": line, "row": row}
-                yield _parse(raw, src, path, line - 1), after
+                yield _parse(raw, src, path, line - 1), before, after
 
 
 def _parse(raw: bytes, src: EntryFiles, path: Path, line: int) -> dict[str, Any]:
@@ -148,4 +180,4 @@ def _library_rows(src: EntryFiles, rank: int, world: int, cursor: dict):
         ds = ds.skip(start)
     for row, value in enumerate(ds, start):
         if _mine(row, getattr(entry, "skip", 0), rank, world):
-            yield dict(value), {"row": row + 1}
+            yield dict(value), {"row": row}, {"row": row + 1}

@@ -3,12 +3,14 @@
 A stream has no length known in advance, so the run is `max_steps` optimizer steps of
 `gradient_accumulation_steps` micro-batches read from this process's stream, and the whole run counts as one
 "epoch" for the `*_per_epoch` cadences. The data position is the stream's `state_dict()`, which the trainer
-stores in every checkpoint (one per process) and gives back on resume; `Position.index` counts the
-micro-batches trained and `Position.epoch` the passes over the data completed (for the logs).
+stores in every checkpoint (one per process) and gives back on resume (on another number of processes, the
+stream restarts where the slowest process was: data/streaming.py); `Position.index` counts the micro-batches
+trained and `Position.epoch` the passes over the data completed (for the logs).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from tuneforge.config.schema import Config
@@ -18,6 +20,8 @@ from .plan import Cadence, MicroBatch, Position, StepPlan
 
 if TYPE_CHECKING:
     from tuneforge.methods.base import StepShape
+
+log = logging.getLogger("tuneforge")
 
 
 class StreamPlan:
@@ -53,10 +57,18 @@ class StreamPlan:
         if not saved:
             raise TuneforgeError(f"{path} holds no stream position (it was not saved by a streamed run): resume it "
                                  "with the data settings it was trained with.")
-        if len(saved) != self.stream.world:
-            raise TuneforgeError(f"{path} was saved by {len(saved)} process(es) reading their own shards of the "
-                                 f"stream; resume it on {len(saved)} process(es), not {self.stream.world}.")
-        self.stream.load_state_dict(saved[self.stream.rank])
+        if len(saved) == self.stream.world:
+            self.stream.load_state_dict(saved[self.stream.rank])
+            return
+        if any("restart" not in s for s in saved):
+            raise TuneforgeError(f"{path} was saved by {len(saved)} process(es) by a tuneforge version that did not "
+                                 f"record where to restart the stream: resume it on {len(saved)} process(es), not "
+                                 f"{self.stream.world}.")
+        passes, entry, row = self.stream.restart(saved)
+        log.warning("%s was saved by %d process(es), this run has %d: the stream restarts at source row %d of "
+                    "entry %d (pass %d), the earliest row one of them had not finished; rows after it that the "
+                    "others had trained are trained again (docs/dataset-formats.md).", path, len(saved),
+                    self.stream.world, row, entry, passes)
 
 
 class StreamRows:
