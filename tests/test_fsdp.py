@@ -59,7 +59,9 @@ def test_full_finetune_matches_one_process_and_resumes_on_2_and_1(tmp_path, tiny
     # The final folder is a plain transformers model equal to the single process's.
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "single" / "out" / "model.safetensors"))
     assert sorted(a) == sorted(b)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    # Within 5e-5, 5% of one AdamW step (lr 1e-3): the reduction order moves near-zero-gradient weights by about
+    # 1e-5 (AdamW divides by sqrt(v)); a lost or doubled micro-batch moves weights by whole steps.
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 5e-5
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(out))  # loads as is

@@ -80,3 +80,9 @@ def method_key(cfg) -> str:
     """How the config spells the selected method, for messages (`rl: dpo`, `reward_model: true`)."""
     name = method_name(cfg)
     return f"rl: {name}" if cfg.rl else f"{name}: true"
+
+
+def varying_block_layout(cfg) -> bool:
+    """EBFT's strided mode: every document's generated blocks give the one masked forward another layout, so
+    compiled transformer blocks would recompile per document (models/compile_setup.py keeps it eager)."""
+    return method_name(cfg) == "ebft" and getattr(cfg, "ebft", None) is not None and cfg.ebft.mode == "strided"

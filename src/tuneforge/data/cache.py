@@ -40,13 +40,14 @@ from typing import Any, BinaryIO
 from tuneforge.config.data import DatasetEntry
 from tuneforge.config.schema import Config
 
+from .chunked import PARTIAL_PREFIX  # .partial.<key>.<pid>.<random>.<host> while written
+
 log = logging.getLogger("tuneforge")
 
 CACHE_FORMAT = "3"  # bump when the layout or the meaning of the stored rows changes
 DEFAULT_DIR = "last_run_prepared"
 MARKER = "COMPLETE.json"
 ROWS_FILE = "rows.arrow"  # each split's rows: <entry>/<split>/rows.arrow, an Arrow stream
-PARTIAL_PREFIX = ".partial."  # .partial.<key>.<pid>.<random>.<host> while written
 _STALE_PARTIAL_S = 24 * 3600
 
 # Top-level keys that change the prepared rows. Dataset entries (datasets, test_datasets) are hashed

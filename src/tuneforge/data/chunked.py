@@ -38,13 +38,15 @@ BUCKET_BYTES = 16 << 20  # a final split is put in order this much at a time (wr
 _MAX_BUCKETS = 256  # files open at once while write_rows routes rows (larger splits get larger buckets)
 _IN_FLIGHT_PER_WORKER = 2
 
+# Folders still being written: `.partial.<key>.<pid>.<random>.<host>`; cache.sweep_partials removes those of
+# dead runs. Defined here, below the cache, which imports this module.
+PARTIAL_PREFIX = ".partial."
+
 
 @contextlib.contextmanager
 def work_dir(root: Path, key: str) -> Iterator[Path]:
     """A fresh folder for intermediate Arrow files under the cache root, removed at the end (named like the
     cache's partial folders, so a killed run's folder is swept by the next one: cache.sweep_partials)."""
-    from .cache import PARTIAL_PREFIX
-
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"{PARTIAL_PREFIX}build-{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{socket.gethostname()}"
     path.mkdir()

@@ -63,10 +63,11 @@ def choose(want: bool | str, *, cuda: bool, parameters: int, max_steps: int | No
 
 def config_choice(cfg: Config, model) -> CompileChoice:
     """`choose` for this config and loaded model (parameters counted on the model, adapters included)."""
-    strided = cfg.rl == "ebft" and cfg.ebft is not None and cfg.ebft.mode == "strided"
+    from tuneforge.config.methods import varying_block_layout
+
     return choose(cfg.torch_compile, cuda=torch.cuda.is_available(),
                   parameters=sum(p.numel() for p in model.parameters()), max_steps=cfg.max_steps,
-                  strided_ebft=strided)
+                  strided_ebft=varying_block_layout(cfg))
 
 
 def compile_cache_dir(environ=os.environ) -> Path | None:
