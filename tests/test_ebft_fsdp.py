@@ -51,7 +51,10 @@ STRIDED = {"ebft": {"mode": "strided", "stride": 4, "context_length": 4, "genera
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("keys", [{}, LORA, STRIDED], ids=["structured-full", "structured-lora", "strided-full"])
+# Structured mode with LoRA (the feature network is the adapter-disabled generation copy) and strided mode with full
+# fine-tuning (the unsharded frozen copy); structured full fine-tuning uses that same frozen copy, and CI time is
+# kept for the two paths that differ.
+@pytest.mark.parametrize("keys", [LORA, STRIDED], ids=["structured-lora", "strided-full"])
 def test_ebft_under_fsdp2_matches_data_parallelism(tmp_path, tiny_model_dir, keys):
     rows = [{"prompt": f"copy: {w} ->", "ground_truth": f" {w}"} for w in ("the cat", "a dog", "one", "big house",
                                                                           "red", "two birds", "sun", "a b c")]

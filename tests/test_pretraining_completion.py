@@ -25,7 +25,9 @@ def test_the_stream_reads_the_field_column(tmp_path, tiny_model_dir, tiny_tokeni
     rows = [{"body": f"doc{i} words here", "text": "not this column"} for i in range(3)]
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = tmp_path / "c.yaml"
-    path.write_text(f"base_model: {tiny_model_dir}\nsequence_len: 64\nmicro_batch_size: 1\n" + ENTRY)
+    # In file order (streams are shuffled window by window unless told not to): the rows can be compared one by one.
+    path.write_text(f"base_model: {tiny_model_dir}\nsequence_len: 64\nmicro_batch_size: 1\n"
+                    "shuffle_merged_datasets: false\n" + ENTRY)
     stream = StreamSpec(load(path), tiny_tokenizer).open(0, 1)
     docs = stream.next_row()[:3]  # the corpus starts again after its last document
     expected = [tiny_tokenizer(r["body"], add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
