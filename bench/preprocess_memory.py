@@ -19,13 +19,12 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from preprocess_throughput import WORDS, cpu_name  # noqa: E402  (the same words as the throughput bench)
+from preprocess_throughput import WORDS, bench_workdir  # noqa: E402  (the same words as the throughput bench)
 
 
 def write_conversations(path: Path, n: int, turns: int, seed: int = 0) -> None:
@@ -124,13 +123,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     args = ap.parse_args()
 
-    from tuneforge.tiny import build_tiny_tokenizer
-
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="tf-prep-mem-"))
-    work.mkdir(parents=True, exist_ok=True)
-    if not (work / "tok").exists():
-        build_tiny_tokenizer(work / "tok")
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; work dir {work}")
+    work = bench_workdir(args.workdir, "tf-prep-mem-")
     results = []
     for rows in args.rows:
         r = measure(work, rows, args.turns, args.num_proc)

@@ -75,6 +75,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def bench_workdir(workdir: Path | None, prefix: str) -> Path:
+    """The memory benches' work folder (a fresh temp folder unless given) with the tiny tokenizer built once in
+    it; prints the machine line every result starts with."""
+    from tuneforge.tiny import build_tiny_tokenizer
+
+    work = workdir or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "tok").exists():
+        build_tiny_tokenizer(work / "tok")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; work dir {work}")
+    return work
+
+
 def baseline(data: Path, tokenizer, num_proc: int | None, fingerprint: str | None = None):
     import datasets
 

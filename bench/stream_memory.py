@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from preprocess_throughput import WORDS, cpu_name  # noqa: E402  (the same words as the throughput bench)
+from preprocess_throughput import WORDS, bench_workdir  # noqa: E402  (the same words as the throughput bench)
 
 
 def write_corpus(path: Path, n: int, seed: int = 0) -> None:
@@ -73,13 +71,8 @@ def main() -> None:
 
     from tuneforge.config import load
     from tuneforge.models.tokenizer import load_tokenizer
-    from tuneforge.tiny import build_tiny_tokenizer
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="tf-stream-mem-"))
-    work.mkdir(parents=True, exist_ok=True)
-    if not (work / "tok").exists():
-        build_tiny_tokenizer(work / "tok")
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs; work dir {work}")
+    work = bench_workdir(args.workdir, "tf-stream-mem-")
     results = []
     for n in args.docs:
         corpus = work / f"corpus-{n}.jsonl"
