@@ -3,6 +3,8 @@ prompt transforms (prompt + ground_truth), how the strided objective reads them,
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tuneforge.data.formats.ebft_structured import PROMPT_TRANSFORMS
@@ -56,8 +58,8 @@ def test_structured_prompt_transforms():
     assert first == {"prompt": chat[:2], "ground_truth": "a1", "remaining_turns": chat[3:]}
     last = PROMPT_TRANSFORMS["ebft_chat_multiturn.transform_last_turn"](None, None)({"messages": chat})
     assert last == {"prompt": chat[:4], "ground_truth": "a2"}
-    with pytest.raises(DataError, match="transform_last_turn"):
-        PROMPT_TRANSFORMS["ebft_chat_multiturn.transform_all_turns"](None, None)
+    every = PROMPT_TRANSFORMS["ebft_chat_multiturn.transform_all_turns"](None, None)({"messages": chat})
+    assert every == [{"prompt": chat[:2], "ground_truth": "a1"}, {"prompt": chat[:4], "ground_truth": "a2"}]
     with pytest.raises(DataError, match="assistant turn"):
         PROMPT_TRANSFORMS["ebft_chat_multiturn.transform"](None, None)({"messages": chat[:2]})
 
@@ -75,6 +77,34 @@ def test_prompt_pipeline_and_validate_know_the_names(write_config, write_jsonl):
     for name in ("ebft_strided_structured.transform", "ebft_strided_chat.transform"):
         check_without_model(load(write_config({"rl": "ebft", "ebft": {"mode": "strided"},
                                                "datasets": [{"path": "d.jsonl", "type": name}]})))
+
+
+def test_one_row_becomes_a_prompt_per_turn_builtin_or_batched_user_transform(write_config, write_jsonl, tmp_path):
+    from tuneforge.config import load
+    from tuneforge.data.formats.grpo import prepare_prompts
+    from tuneforge.models.tokenizer import load_tokenizer
+
+    chat = [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}]
+    write_jsonl([{"messages": chat}, {"messages": chat[:2]}], "d.jsonl")
+    # Written for datasets.map(batched=True), as Axolotl users write them: columns in, columns out.
+    (tmp_path / "explode.py").write_text(
+        "def every_turn(cfg):\n"
+        "    def fn(examples):\n"
+        "        prompts, truths = [], []\n"
+        "        for messages in examples['messages']:\n"
+        "            for i, m in enumerate(messages):\n"
+        "                if m['role'] == 'assistant':\n"
+        "                    prompts.append(messages[:i]); truths.append(m['content'])\n"
+        "        return {'prompt': prompts, 'ground_truth': truths}\n"
+        "    return fn, {'remove_columns': '__all__', 'batched': True}\n")
+    for name in ("ebft_chat_multiturn.transform_all_turns", "explode.every_turn"):
+        cfg = load(write_config({"rl": "ebft", "chat_template": "chatml", "shuffle_merged_datasets": False,
+                                 "datasets": [{"path": "d.jsonl", "type": name}]}))
+        train = prepare_prompts(cfg, load_tokenizer(cfg)).train
+        assert train["_row"] == [0, 0, 1], name
+        assert [json.loads(c)["ground_truth"] for c in train["columns_json"]] == ["a1", "a2", "a1"], name
+        assert [json.loads(p) for p in train["prompt_json"]] == [chat[:1], chat[:3], chat[:1]], name
 
 
 def test_objective_reads_prompt_length_and_drops_documents_without_a_block(write_config, write_jsonl, tiny_tokenizer):

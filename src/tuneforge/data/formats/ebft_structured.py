@@ -12,8 +12,8 @@ text whose features the samples are matched against), plus `remaining_turns` for
   prompt, that assistant turn as the ground truth, every later message as `remaining_turns`.
 - `ebft_chat_multiturn.transform_last_turn`: the turns before the last assistant turn as the prompt,
   the last assistant turn as the ground truth (no remaining turns).
-- `ebft_chat_multiturn.transform_all_turns`: one row per assistant turn would be needed, which a
-  prompt transform (one row in, one row out) cannot give; it is refused with the two choices above.
+- `ebft_chat_multiturn.transform_all_turns`: one prompt per assistant turn, each with the conversation
+  before that turn as the prompt and the turn as the ground truth (a list of rows from one row).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 from tuneforge.errors import DataError
 
-Mapper = Callable[[dict[str, Any]], dict[str, Any]]
+Mapper = Callable[[dict[str, Any]], dict[str, Any] | list[dict[str, Any]]]
 
 
 def _pick(row: dict[str, Any], keys: tuple[str, ...], what: str) -> Any:
@@ -94,10 +94,12 @@ def multiturn_last(cfg, style: str | None) -> Mapper:
 
 
 def multiturn_all(cfg, style: str | None) -> Mapper:
-    raise DataError("`ebft_chat_multiturn.transform_all_turns` would make one prompt per assistant turn, which "
-                    "tuneforge's prompt transforms (one row in, one row out) cannot; use "
-                    "`ebft_chat_multiturn.transform` (first reply + remaining_turns) or "
-                    "`ebft_chat_multiturn.transform_last_turn` (the last reply).")
+    def mapper(row: dict[str, Any]) -> list[dict[str, Any]]:
+        messages = _messages(row)
+        return [{"prompt": messages[:turn], "ground_truth": str(messages[turn]["content"])}
+                for turn in _assistant_turns(messages)]
+
+    return mapper
 
 
 # `type:` name -> factory(cfg, style) -> row mapper; GRPO's prompt pipeline looks them up by name.

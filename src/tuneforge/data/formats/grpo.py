@@ -2,8 +2,10 @@
 
 `type:` of a GRPO dataset entry is a *transform* (Axolotl's convention, not an SFT format):
 - `module.function`: `function(cfg)` returns `row_mapper` or `(row_mapper, {"remove_columns": [...] |
-  "__all__"})`; `row_mapper(example, tokenizer=None)` returns a dict with `prompt` (a string, or chat
-  messages `[{"role", "content"}]`) and any extra columns the reward functions read (e.g. `answer`).
+  "__all__", "batched": bool})`; `row_mapper(example, tokenizer=None)` returns a dict with `prompt` (a
+  string, or chat messages `[{"role", "content"}]`) and any extra columns the reward functions read (e.g.
+  `answer`), or a list of such dicts (one source row, several prompts). With `"batched": True` the mapper
+  takes and returns columns (dicts of lists), as `datasets.map(batched=True)` would call it.
 - built-ins: `prompt` (the row already has `prompt`; also the default when `type` is empty),
   `question_answer` (`question`/`problem`/`prompt` column -> one user message; `answer`/`solution`
   kept as `answer`), `gsm8k` (like question_answer; the answer is the number after `####`).
@@ -138,7 +140,27 @@ def resolve_transform(type_spec: Any, cfg: Config, where: str) -> tuple[RowMappe
     if not callable(mapper):
         raise DataError(f"{where}: `{type_spec}`(cfg) must return a row mapper function (or (mapper, options)), "
                         f"not {type(mapper).__name__}.")
+    if (options or {}).get("batched"):
+        mapper = _unbatched(mapper)
     return mapper, (options or {}).get("remove_columns")
+
+
+def _unbatched(batch_mapper: RowMapper) -> RowMapper:
+    """A per-row mapper from one written for `datasets.map(batched=True)` (Axolotl's `{"batched": True}`
+    option): the row goes in as a batch of one, and the columns that come back become a list of rows."""
+    def mapper(row: dict[str, Any], tokenizer=None) -> list[dict[str, Any]]:
+        batch = {k: [v] for k, v in row.items()}
+        made = (batch_mapper(batch, tokenizer=tokenizer) if "tokenizer" in inspect.signature(batch_mapper).parameters
+                else batch_mapper(batch))
+        if not isinstance(made, dict) or not all(isinstance(v, list) for v in made.values()):
+            raise DataError("a transform with `batched: True` must return a dict of equal-length lists")
+        lengths = {len(v) for v in made.values()}
+        if len(lengths) > 1:
+            raise DataError(f"a transform with `batched: True` returned columns of different lengths {sorted(lengths)}")
+        n = lengths.pop() if lengths else 0
+        return [{k: v[i] for k, v in made.items()} for i in range(n)]
+
+    return mapper
 
 
 def _call_mapper(mapper: RowMapper, row: dict[str, Any], tokenizer) -> dict[str, Any]:
@@ -176,27 +198,38 @@ def prompt_rows(ds, mapper: RowMapper, remove: Any, cfg: Config, tokenizer, sour
         row = ds[idx]
         try:
             mapped = _call_mapper(mapper, dict(row), tokenizer)
-            if not isinstance(mapped, dict) or "prompt" not in mapped:
-                raise DataError(f"the transform must return a dict with `prompt`, got {type(mapped).__name__}")
-            ids = tokenize_prompt(mapped["prompt"], tokenizer, cfg)
-            if not ids:
-                raise DataError("the prompt is empty after tokenization")
         except DataError as exc:
             raise DataError(f"{where} row {idx}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - the user's transform may raise anything
             raise DataError(f"{where} row {idx}: the transform failed with {type(exc).__name__}: {exc}") from exc
-        extra = {k: v for k, v in mapped.items() if k != "prompt"}
-        if remove == "__all__":
-            extra = {k: v for k, v in extra.items() if k not in row}
-        elif remove:
-            extra = {k: v for k, v in extra.items() if k not in set(remove)}
-        try:
-            columns = json.dumps(extra)
-        except TypeError as exc:
-            raise DataError(f"{where} row {idx}: extra columns must be JSON values (str, number, list, dict): {exc}") from None
-        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "length": len(ids), "_source": source,
-                    "_row": idx, "prompt_json": json.dumps(mapped["prompt"]), "columns_json": columns})
+        # A transform may return a list: one source row becomes several prompts (one per assistant turn, say).
+        for one in mapped if isinstance(mapped, list) else [mapped]:
+            out.append(_prompt_row(one, row, remove, cfg, tokenizer, source, idx, f"{where} row {idx}"))
     return out
+
+
+def _prompt_row(mapped: Any, row: dict, remove: Any, cfg: Config, tokenizer, source: int, idx: int,
+                where: str) -> dict:
+    try:
+        if not isinstance(mapped, dict) or "prompt" not in mapped:
+            raise DataError(f"the transform must return a dict with `prompt` (or a list of them), got "
+                            f"{type(mapped).__name__}")
+        ids = tokenize_prompt(mapped["prompt"], tokenizer, cfg)
+        if not ids:
+            raise DataError("the prompt is empty after tokenization")
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    extra = {k: v for k, v in mapped.items() if k != "prompt"}
+    if remove == "__all__":
+        extra = {k: v for k, v in extra.items() if k not in row}
+    elif remove:
+        extra = {k: v for k, v in extra.items() if k not in set(remove)}
+    try:
+        columns = json.dumps(extra)
+    except TypeError as exc:
+        raise DataError(f"{where}: extra columns must be JSON values (str, number, list, dict): {exc}") from None
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids), "length": len(ids), "_source": source,
+            "_row": idx, "prompt_json": json.dumps(mapped["prompt"]), "columns_json": columns}
 
 
 def prepare_prompts(cfg: Config, tokenizer):
