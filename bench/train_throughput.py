@@ -154,7 +154,7 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engi
         "bf16": True if _cuda() else "auto",
         "datasets": [{"path": str(data)}], "dataset_prepared_path": str(work / "prepared"),
         "sequence_len": args.seq_len, "sample_packing": True, "micro_batch_size": args.micro_batch,
-        "gradient_accumulation_steps": 1, "max_steps": args.steps, "learning_rate": 1e-5,
+        "gradient_accumulation_steps": args.grad_accum, "max_steps": args.steps, "learning_rate": 1e-5,
         "optimizer": "adamw_torch_fused", "lr_scheduler": "constant", "logging_steps": 1,
         "save_strategy": "no", "output_dir": str(work / f"out-{engine}"), "shuffle_merged_datasets": True,
     }
@@ -328,6 +328,8 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="full", choices=["full", "lora", "qlora"])
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--micro-batch", type=int, default=4, help="packed rows per step (tuneforge)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="tuneforge: micro-batches per optimizer step (the same tokens per step in less memory)")
     p.add_argument("--hf-batch", type=int, default=8, help="padded rows per step (baseline)")
     p.add_argument("--hf-packed", action="store_true", help="baseline rows of exactly --seq-len tokens")
     p.add_argument("--steps", type=int, default=30)
