@@ -110,7 +110,7 @@ PRESETS = {
                     engines="hf,tuneforge,tuneforge-kernels,tuneforge-compile,tuneforge-kernels-compile"),
     # QLoRA needs real weights on disk (both engines quantize while loading): the random model is saved first.
     "8b-qlora": dict(shape="llama-8b", mode="qlora", gc=True, micro_batch=2, seq_len=4096, hf_batch=2, hf_packed=True,
-                     engines="hf,tuneforge,tuneforge-compile"),
+                     engines="hf,tuneforge,tuneforge-compile,tuneforge-kernels-compile"),
     "1b-qlora": dict(shape="llama-1b", mode="lora", gc=True, micro_batch=2, seq_len=4096,
                      engines="tuneforge-qlora,tuneforge-qlora-fsdp,tuneforge-fsdp"),
     "1b-full-bf16": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,

@@ -216,6 +216,87 @@ def test_bf16_autocast_error_is_no_larger_than_peft(device):
     assert errors["fused"][1] <= 1.5 * errors["peft"][1] + 1e-3, errors
 
 
+def _qlora_model(tmp_path, dtype: torch.dtype):
+    """The llama test shape saved, loaded back with bitsandbytes NF4 (double quantization) base layers in
+    `dtype` (compute and storage), LoRA on every projection with random B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_config("llama", False)).save_pretrained(tmp_path / "base")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, dtype=dtype,
+                                                 device_map={"": "cpu"}, attn_implementation="eager")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    assert type(model.get_base_model().model.layers[0].mlp.up_proj.get_base_layer()).__name__ == "Linear4bit"
+    return model
+
+
+def test_fused_blocks_on_a_4bit_base_match_peft_qlora(tmp_path):
+    """QLoRA: the blocks dequantize the NF4 weight where bitsandbytes' matmul would, so in fp32 they give
+    PEFT's outputs and gradients over the same 4-bit base (bitsandbytes' CPU backend)."""
+    pytest.importorskip("bitsandbytes")
+    peft_model = _qlora_model(tmp_path, torch.float32)
+    fused = copy.deepcopy(peft_model)
+    assert lora_fuse.fuse_lora(fused, mlp=True, qkv=True, o=True) == {"mlp": 2, "qkv": 2, "o": 2}
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    embeds = peft_model.get_input_embeddings()(ids).detach()
+    logits_ref, grads_ref, dx_ref = _grads(peft_model, embeds, ids)
+    logits, grads, dx = _grads(fused, embeds, ids)
+    torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
+    assert len(grads_ref) == 2 * 7 * 2
+    for name, ref in grads_ref.items():
+        assert ref.abs().max() > 0, name
+        torch.testing.assert_close(grads[name], ref, atol=1e-5, rtol=1e-4, msg=name)
+    torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_blocks_on_a_bf16_4bit_base_under_autocast_follow_peft(tmp_path):
+    """tuneforge's QLoRA setting (bf16 compute and storage, fp32 adapter, bf16 autocast): within bf16 rounding
+    of PEFT (relative gradient error under 2%), and no dequantized base weight is saved for backward."""
+    pytest.importorskip("bitsandbytes")
+    peft_model = _qlora_model(tmp_path, torch.bfloat16)
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    fused = copy.deepcopy(peft_model)
+    assert lora_fuse.fuse_lora(fused, mlp=True, qkv=True, o=True) == {"mlp": 2, "qkv": 2, "o": 2}
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(2))
+    embeds = peft_model.get_input_embeddings()(ids).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, grads_ref, _ = _grads(peft_model, embeds, ids)
+        _, grads, _ = _grads(fused, embeds, ids)
+    for name, ref in grads_ref.items():
+        assert ((grads[name].float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2, name
+    shapes = {tuple(m.weight.quant_state.shape) for m in fused.modules()
+              if lora_fuse._is_4bit(m) and not hasattr(m, "get_base_layer")}  # bitsandbytes' own layers
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fused(inputs_embeds=embeds, labels=ids)
+    assert len(shapes) == 4 and saved and not shapes & set(saved), (shapes, saved)
+
+
+def test_8bit_base_stays_on_peft_path_with_the_reason():
+    class Linear8bitLt(torch.nn.Linear):
+        pass
+
+    model = _peft_model("llama")
+    layer = model.get_base_model().model.layers[0].mlp.up_proj
+    layer.base_layer.__class__ = Linear8bitLt
+    assert "Linear8bitLt" in lora_fuse.why_not(layer)
+
+
 def test_train_with_the_kernel_keys_follows_the_peft_run(tmp_path, tiny_model_dir, caplog):
     """`train` with lora_*_kernel: true fuses every block and gives PEFT's losses step for step."""
     keys = dict(adapter="lora", lora_target_linear=True, lora_r=4, lora_alpha=8, max_steps=6, sample_packing=True,

@@ -39,8 +39,9 @@ class AdapterKeys(Section):
     )
     lora_mlp_kernel: bool = Field(
         False, description="Fused LoRA SwiGLU MLP (gate, up, down and their LoRA in one autograd function that "
-        "recomputes the activation instead of saving it); Llama/Mistral/Qwen2/Qwen3 layers with plain LoRA "
-        "(no dropout, DoRA or quantized base; those stay on PEFT's path with a warning).")
+        "recomputes the activation instead of saving it); Llama/Mistral/Qwen2/Qwen3 layers with plain LoRA on "
+        "a 16-bit or bitsandbytes 4-bit (QLoRA) base (dropout, DoRA and 8-bit bases stay on PEFT's path with "
+        "a warning).")
     lora_qkv_kernel: bool = Field(
         False, description="Fused LoRA q/k/v projections (one function; the three LoRA A products in one matmul); "
         "same conditions as lora_mlp_kernel.")

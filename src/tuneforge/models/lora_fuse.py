@@ -4,8 +4,8 @@
 The modules stay PEFT's (saving, merging and the adapter's state dict are unchanged); only the forward of
 the MLP, the attention or the output projection is replaced by one that calls the fused Function. A block
 is fused only when every LoRA layer in it is plain LoRA: one adapter, no dropout, no DoRA, no bias on B,
-an unquantized nn.Linear base with frozen weights. rsLoRA and rank/alpha patterns only change the scaling
-and are fused. At call time the fused forward falls back to PEFT's when the adapter is disabled (a DPO
+a frozen base that is an nn.Linear or a bitsandbytes 4-bit layer (QLoRA: dequantized inside the block).
+rsLoRA and rank/alpha patterns only change the scaling and are fused. At call time the fused forward falls back to PEFT's when the adapter is disabled (a DPO
 reference pass), merged or switched, so those keep PEFT's exact behaviour.
 """
 
@@ -30,12 +30,14 @@ ATTENTION_CLASSES = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qw
 def why_not(layer) -> str | None:
     """None when this PEFT LoRA layer can be fused, else the reason."""
     from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
 
-    if not isinstance(layer, LoraLinear):
+    if not (isinstance(layer, LoraLinear) or _is_4bit(layer) and isinstance(layer, LoraLayer)):
         return "not a PEFT LoRA linear layer"
     base = layer.get_base_layer()
-    if type(base) is not torch.nn.Linear:
-        return f"its base layer is {type(base).__name__} (quantized); fused kernels need an unquantized base"
+    if type(base) is not torch.nn.Linear and not _is_4bit(base):
+        return (f"its base layer is {type(base).__name__}; fused kernels need an unquantized or a bitsandbytes "
+                "4-bit base")
     if is_nf4(base.weight):
         return "its base weight is 4-bit NF4 (QLoRA under FSDP2); fused kernels need an unquantized base"
     if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
@@ -47,9 +49,18 @@ def why_not(layer) -> str | None:
         return "it uses DoRA (or another LoRA variant)"
     if not isinstance(layer.lora_dropout[name], torch.nn.Identity):
         return "lora_dropout > 0 (the fused backward has no dropout mask)"
-    if layer.lora_B[name].bias is not None or layer.fan_in_fan_out:
+    if layer.lora_B[name].bias is not None or getattr(layer, "fan_in_fan_out", False):
         return "it has a LoRA bias or fan_in_fan_out"
     return None
+
+
+def _is_4bit(module) -> bool:
+    """A bitsandbytes 4-bit linear layer with its weight quantized (QLoRA), or PEFT's LoRA layer around one."""
+    if type(module).__name__ != "Linear4bit":
+        return False
+    if hasattr(module, "get_base_layer"):  # PEFT's lora.bnb.Linear4bit
+        module = module.get_base_layer()
+    return getattr(getattr(module, "weight", None), "quant_state", None) is not None
 
 
 def _live(layer) -> bool:

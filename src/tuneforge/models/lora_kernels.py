@@ -14,6 +14,11 @@ block is one Function whose backward is written out:
   LoRA part of dx and all three dA are one matmul each in backward.
 - Output projection: one LoRA linear, dx in one addmm.
 
+The frozen base weight W may be a bitsandbytes 4-bit weight (QLoRA, `load_in_4bit`): it is dequantized
+where it is used, once in forward and once again in backward, so no 16-bit copy of it lives between the
+two (bitsandbytes' own 4-bit matmul does the same); without autocast the base matmul then runs in the
+input's dtype.
+
 Everything is plain torch, so it runs on CPU (where the tests compare it with PEFT) and on CUDA, and
 torch.compile traces through it when `torch_compile` is on. Autocast state is captured in forward and
 re-entered in backward (what torch.amp.custom_fwd/custom_bwd do, without fixing a device type).
@@ -38,12 +43,23 @@ def _lora_in(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return x if torch.is_autocast_enabled(x.device.type) else x.to(A.dtype)
 
 
+def _dense(W: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The base weight as a matrix of floats (a 4-bit bitsandbytes weight dequantized), in `dtype` if given."""
+    state = getattr(W, "quant_state", None)
+    if state is not None:
+        from bitsandbytes.functional import dequantize_4bit
+
+        W = dequantize_4bit(W.data, state)
+    return W if dtype is None else W.to(dtype)
+
+
 def _forward(x: torch.Tensor, W, b, B, s: float, xa: torch.Tensor) -> torch.Tensor:
     """base(x) + s * xa B^T. Under autocast (or one dtype throughout) the LoRA term is added inside one
     in-place GEMM, without the two temporaries of the output's size that PEFT's `+ lora * s` makes; else
     in PEFT's order and result dtype (LoRA in A's dtype, cast back)."""
-    y = F.linear(x, W, b)
-    if torch.is_autocast_enabled(x.device.type) or xa.dtype == y.dtype:
+    autocast = torch.is_autocast_enabled(x.device.type)
+    y = F.linear(x, _dense(W, None if autocast else x.dtype), b)
+    if autocast or xa.dtype == y.dtype:
         _flat(y).addmm_(_flat(xa).to(y.dtype), B.to(y.dtype).t(), alpha=s)
         return y
     return (y + F.linear(xa, B) * s).to(y.dtype)
@@ -94,7 +110,7 @@ class LoRALinearFn(torch.autograd.Function):
             dy2, x2, xa2 = _flat(dy), _flat(x), _flat(xa)
             dyl, dxa = _lora_dy(dy2, xa2, B, ctx.s)
             dA, dB = _dA(dxa, x2, A), _dB(dyl, xa2, B, ctx.s)
-            dx = _plus_lora_dx(dy2 @ W.to(dy2.dtype), dxa, A).view(x.shape) if ctx.needs_input_grad[0] else None
+            dx = _plus_lora_dx(dy2 @ _dense(W, dy2.dtype), dxa, A).view(x.shape) if ctx.needs_input_grad[0] else None
         return dx, None, None, dA, dB, None
 
 
@@ -127,8 +143,8 @@ class LoRAQKVFn(torch.autograd.Function):
             dA = _dA(dxa, x2, A)  # all three dA in one matmul
             dx = None
             if ctx.needs_input_grad[0]:
-                dx = torch.addmm(dys[0] @ Wq.to(dys[0].dtype), dys[1], Wk.to(dys[1].dtype))
-                dx = _plus_lora_dx(torch.addmm(dx, dys[2], Wv.to(dys[2].dtype)), dxa, A).view(x.shape)
+                dx = torch.addmm(dys[0] @ _dense(Wq, dys[0].dtype), dys[1], _dense(Wk, dys[1].dtype))
+                dx = _plus_lora_dx(torch.addmm(dx, dys[2], _dense(Wv, dys[2].dtype)), dxa, A).view(x.shape)
         dAq, dAk, dAv = dA.split(ctx.ranks)
         return (dx, None, None, dAq, dBs[0], None, None, None, dAk, dBs[1], None, None, None, dAv, dBs[2], None)
 
@@ -190,7 +206,7 @@ class LoRASwiGLUFn(torch.autograd.Function):
             dyl, dxa_d = _lora_dy(dy2, ha2, Bd, sd)
             dAd, dBd = _dA(dxa_d, h2, Ad), _dB(dyl, ha2, Bd, sd)
             del h2
-            dh = _plus_lora_dx(dy2 @ Wd.to(dy2.dtype), dxa_d, Ad)
+            dh = _plus_lora_dx(dy2 @ _dense(Wd, dy2.dtype), dxa_d, Ad)
             dg, du = _elementwise(_silu_mul_grads, dh)(dh, g2, u2)
             del dh
             x2, xa2 = _flat(x), _flat(xa)
@@ -201,7 +217,7 @@ class LoRASwiGLUFn(torch.autograd.Function):
             dA = _dA(dxa, x2, A)  # both dA in one matmul
             dx = None
             if ctx.needs_input_grad[0]:
-                dx = torch.addmm(dg @ Wg.to(dg.dtype), du, Wu.to(du.dtype))
+                dx = torch.addmm(dg @ _dense(Wg, dg.dtype), du, _dense(Wu, du.dtype))
                 dx = _plus_lora_dx(dx, dxa, A).view(x.shape)
         dAg, dAu = dA.split(ctx.ranks)
         return (dx, None, None, dAg, dBg, None, None, None, dAu, dBu, None, None, None, dAd, dBd, None)
