@@ -15,6 +15,11 @@ with the truncated importance weight pi_old / pi_sampler (see `methods/grpo/loss
 The background sampler generates with a *snapshot* of the policy (a deep copy refreshed in place before
 each submission), so the optimizer may update the live weights while generation runs. This costs one
 extra copy of the weights; torch ops release the GIL, so the thread overlaps with training.
+
+With a generation server (`trl.use_vllm`, `vllm_mode: server`) the server's weights are the snapshot:
+`RemotePrefetcher` waits for the rollout in flight, pushes the current weights to the idle server, and
+submits the next prompts, whose generation on the server overlaps with this step's training. One rollout
+is in flight at a time (depth 1), since the server holds one copy of the weights.
 """
 
 from __future__ import annotations
@@ -26,39 +31,17 @@ from .base import Sampler, SamplingParams
 from .snapshot import WeightSnapshot
 
 
-class Prefetcher:
-    """Keeps up to `depth` rollouts in flight on one background thread, each with its own weight snapshot.
+class _Queue:
+    """Rollouts in flight on one background thread, with their tags; checkpointed finished."""
 
-    Snapshots rotate: the job submitted at step k uses snapshot k % depth, which belonged to the job
-    popped at the same step (already finished), so a snapshot is never refreshed while in use.
-    """
-
-    def __init__(self, model, make_sampler, foreground: Sampler, *, depth: int = 1, dtype=None):
-        self.snapshots = [WeightSnapshot(model, dtype) for _ in range(depth)]
-        self.samplers = [make_sampler(s.copy) for s in self.snapshots]
-        self.foreground = foreground  # generates with the live weights (the synchronous first steps)
-        self.depth = depth
+    def __init__(self):
         self.submitted = 0
         self.queue: deque[tuple[Future, object]] = deque()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneforge-rollout")
 
-    def step(self, model, prompt_ids: list[list[int]], n: int, params: SamplingParams, tag=None):
-        """Submit this batch; return (rollout to train on now, whether it came from the queue, its tag).
-
-        `tag` travels with the submission (the objective passes the prompt batch, whose reward columns
-        belong to the rollout that comes back steps later). Runs on the training thread between
-        optimizer steps, so snapshots never copy half-updated weights.
-        """
-        ready = self.queue.popleft() if len(self.queue) >= self.depth else None
-        result = (ready[0].result(), True, ready[1]) if ready is not None else None
-        slot = self.submitted % self.depth
-        self.snapshots[slot].refresh(model)
-        self.queue.append((self.pool.submit(self.samplers[slot].generate, prompt_ids, n, params), tag))
+    def _submit(self, sampler: Sampler, prompt_ids, n: int, params: SamplingParams, tag) -> None:
+        self.queue.append((self.pool.submit(sampler.generate, prompt_ids, n, params), tag))
         self.submitted += 1
-        if result is not None:
-            return result
-        self.foreground.sync_weights(model)
-        return self.foreground.generate(prompt_ids, n, params), False, tag
 
     def state_dict(self) -> dict:
         """The submitted rollouts, finished (this waits for them), with their tags: what the next `depth`
@@ -77,3 +60,60 @@ class Prefetcher:
             f.cancel()
         self.queue.clear()
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Prefetcher(_Queue):
+    """Keeps up to `depth` rollouts in flight on one background thread, each with its own weight snapshot.
+
+    Snapshots rotate: the job submitted at step k uses snapshot k % depth, which belonged to the job
+    popped at the same step (already finished), so a snapshot is never refreshed while in use.
+    """
+
+    def __init__(self, model, make_sampler, foreground: Sampler, *, depth: int = 1, dtype=None):
+        self.snapshots = [WeightSnapshot(model, dtype) for _ in range(depth)]
+        self.samplers = [make_sampler(s.copy) for s in self.snapshots]
+        self.foreground = foreground  # generates with the live weights (the synchronous first steps)
+        self.depth = depth
+        super().__init__()
+
+    def step(self, model, prompt_ids: list[list[int]], n: int, params: SamplingParams, tag=None):
+        """Submit this batch; return (rollout to train on now, whether it came from the queue, its tag).
+
+        `tag` travels with the submission (the objective passes the prompt batch, whose reward columns
+        belong to the rollout that comes back steps later). Runs on the training thread between
+        optimizer steps, so snapshots never copy half-updated weights.
+        """
+        ready = self.queue.popleft() if len(self.queue) >= self.depth else None
+        result = (ready[0].result(), True, ready[1]) if ready is not None else None
+        slot = self.submitted % self.depth
+        self.snapshots[slot].refresh(model)
+        self._submit(self.samplers[slot], prompt_ids, n, params, tag)
+        if result is not None:
+            return result
+        self.foreground.sync_weights(model)
+        return self.foreground.generate(prompt_ids, n, params), False, tag
+
+
+class RemotePrefetcher(_Queue):
+    """`trl.async_prefetch` with a generation server: one rollout in flight, generated by the server with
+    the weights pushed when it was submitted (every `sync_interval`-th submission pushes)."""
+
+    depth = 1
+
+    def __init__(self, sampler: Sampler, sync_interval: int = 1):
+        self.sampler = sampler
+        self.sync_interval = max(1, sync_interval)
+        super().__init__()
+
+    def step(self, model, prompt_ids: list[list[int]], n: int, params: SamplingParams, tag=None):
+        """As `Prefetcher.step`; the first step generates its own batch from freshly pushed weights."""
+        if self.queue:
+            future, ready_tag = self.queue.popleft()
+            result = (future.result(), True, ready_tag)  # the server is idle from here on
+            if self.submitted % self.sync_interval == 0:
+                self.sampler.sync_weights(model)
+        else:
+            self.sampler.sync_weights(model)
+            result = (self.sampler.generate(prompt_ids, n, params), False, tag)
+        self._submit(self.sampler, prompt_ids, n, params, tag)
+        return result

@@ -1,6 +1,7 @@
 """Build the sampler an online-RL objective generates with, from the config: the embedded engine (the
 default, optionally from a half-precision copy of fp32 weights), a vLLM server, or vLLM colocated in the
-training process; plus the asynchronous prefetcher (`trl.async_prefetch`) around the embedded engine."""
+training process; plus the asynchronous prefetcher (`trl.async_prefetch`) around the embedded engine or
+the server."""
 
 from __future__ import annotations
 
@@ -64,7 +65,11 @@ def build_samplers(cfg: Config, model, tokenizer, *, use_vllm: bool, fp8_kv_cach
     else:
         sampler = HalfPrecisionSampler(model, make, half) if half else make(model)
     prefetcher = None
-    if async_prefetch:
+    if async_prefetch and use_vllm:  # the server's weights are the snapshot (settings allow server mode only)
+        from .async_prefetch import RemotePrefetcher
+
+        prefetcher = RemotePrefetcher(sampler, sync_interval=cfg.trl.vllm_sync_interval)
+    elif async_prefetch:
         from .async_prefetch import Prefetcher
 
         prefetcher = Prefetcher(model, make, sampler, depth=prefetch_depth, dtype=half)

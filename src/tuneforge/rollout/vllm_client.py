@@ -143,11 +143,14 @@ class VLLMServerSampler(BackendSampler):
 
     def sync_weights(self, model) -> None:
         """One process pushes the weights (they are identical on every data-parallel process); the others
-        wait for it, so no process generates from a half-updated server."""
+        wait for it, so no process generates from a half-updated server. The push waits for every process
+        (the first barrier), so none still generates there (trl.async_prefetch generates in the background)."""
         import torch.distributed as dist
 
         self._ensure_ready()
         several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if several:
+            dist.barrier()
         if not several or dist.get_rank() == 0:
             super().sync_weights(model)
         if several:

@@ -145,7 +145,7 @@ class GRPOObjective(Objective):
         s, prompts = self.settings, batch["prompt_ids"]
         if self.prefetcher is not None:
             rollout, queued, batch = self.prefetcher.step(model, prompts, s.num_generations, self.params, tag=batch)
-            return rollout, queued or s.rounded_kv_cache, batch
+            return rollout, queued or s.use_vllm or s.rounded_kv_cache, batch
         if not s.use_vllm or self.buffer.rollouts % s.sync_interval == 0:
             self.sampler.sync_weights(model)  # embedded: a no-op, or the half-precision copy's refresh
         return self.sampler.generate(prompts, s.num_generations, self.params), s.use_vllm or s.rounded_kv_cache, batch

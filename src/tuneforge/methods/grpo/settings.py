@@ -99,8 +99,12 @@ class GRPOSettings:
                                f"Remove it or set it to {per_step}.")
         if self.temperature <= 0:
             raise config_error("trl.temperature", "GRPO samples completions; the temperature must be > 0.")
-        if self.async_prefetch and self.use_vllm:
-            raise NotSupportedYet("trl.async_prefetch with use_vllm is not implemented yet; use one of them.")
+        if self.async_prefetch and self.use_vllm and cfg.trl.vllm_mode == "colocate":
+            raise NotSupportedYet("trl.async_prefetch with vllm_mode: colocate is not implemented (the engine shares "
+                                  "the training GPU); use vllm_mode: server with tuneforge vllm-serve, or drop one.")
+        if self.async_prefetch and self.use_vllm and self.prefetch_depth > 1:
+            raise config_error("trl.prefetch_depth", "with trl.use_vllm, one rollout is generated ahead (the server "
+                               "holds one copy of the weights); set prefetch_depth: 1.")
 
     @property
     def off_policy_sampler(self) -> bool:
