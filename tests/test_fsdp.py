@@ -217,12 +217,26 @@ def test_axolotl_fsdp1_spellings_map_to_fsdp2(caplog):
     ({"deepspeed": "missing.json"}, "deepspeed", "not found"),
     ({"fsdp_version": 2, "rl": "grpo", "trl": {"async_prefetch": True}}, "fsdp_config", "async_prefetch"),
     ({"fsdp_version": 2, "adapter": "lora", "load_in_8bit": True}, "load_in_8bit", "8-bit base"),
+    ({"fsdp_version": 2, "dp_shard_size": 2, "dp_replicate_size": 2}, "dp_replicate_size", "HSDP"),
+    ({"dp_shard_size": 2}, "dp_shard_size", "fsdp_version: 2"),
+    ({"fsdp_version": 2, "dp_shard_size": 0}, "dp_shard_size", "-1 for all"),
 ])
 def test_bad_sharding_configs_name_the_key(keys, where, words):
     with pytest.raises(ConfigError) as err:
         _cfg(**keys)
     text = str(err.value)
     assert where in text and words.lower() in text.lower(), text
+
+
+def test_dp_shard_size_must_be_the_process_count():
+    """Axolotl's N-D key, for the one layout FSDP2 runs here: every process holds one shard."""
+    from tuneforge.config.distributed import check_shard_size
+
+    cfg = _cfg(fsdp_version=2, dp_shard_size=4, dp_replicate_size=1)
+    check_shard_size(cfg, 4)
+    with pytest.raises(ConfigError, match=r"dp_shard_size.*is 4, but 2 process.*--num-processes 4"):
+        check_shard_size(cfg, 2)
+    check_shard_size(_cfg(fsdp_version=2, dp_shard_size=-1), 2)
 
 
 def test_a_layer_class_not_in_the_model_lists_the_real_ones(tiny_model_dir):

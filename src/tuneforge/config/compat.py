@@ -99,8 +99,6 @@ NOT_SUPPORTED_YET = {
     "context_parallel_size": "context parallelism is not implemented",
     "sequence_parallel_degree": "context parallelism is not implemented",
     "tensor_parallel_size": "tensor parallelism is not implemented",
-    "dp_shard_size": "N-D parallelism is not implemented",
-    "dp_replicate_size": "N-D parallelism is not implemented",
     "use_comet": "Comet logging is not implemented; use wandb, mlflow or tensorboard",
     "use_trackio": "Trackio logging is not implemented; use wandb, mlflow or tensorboard",
     "use_otel_metrics": "OpenTelemetry metrics are not implemented (the metrics are in output_dir/metrics.jsonl; "

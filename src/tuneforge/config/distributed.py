@@ -69,6 +69,11 @@ class DistributedKeys(Section):
         None, description="2: shard parameters, gradients and optimizer states over the processes with PyTorch's "
         "FSDP2 (fsdp_config holds its settings). FSDP1 configs (1, or the `fsdp:` list) are translated.")
     fsdp_config: FsdpConfig | None = Field(None, description="FSDP2 settings (see the fsdp_config.* keys).")
+    dp_shard_size: int | None = Field(
+        None, description="Processes that shard the model (Axolotl's N-D parallelism key). With FSDP2 every "
+        "process holds one shard, so it must equal the number of processes (-1: all of them); checked at start.")
+    dp_replicate_size: int | None = Field(
+        None, description="Replicas of the sharded model (HSDP). Only 1 is supported: every process shards.")
     deepspeed: str | dict | None = Field(
         None, description="A DeepSpeed JSON (path, or the dict itself; its \"auto\" values are filled from this "
         "config). Runs through DeepSpeed ZeRO where it is installed (GPUs, or CPU processes); otherwise the message "
@@ -161,12 +166,39 @@ def check(cfg) -> list:
             issues.append(ConfigIssue("deepspeed", str(exc)))
     if cfg.fsdp_enabled:
         issues += _fsdp_not_yet(cfg)
+    issues += _mesh_sizes(cfg)
     if cfg.fsdp_enabled and cfg.load_in_8bit:
         # QLoRA (load_in_4bit) shards as torchao NF4 tensors; bitsandbytes' 8-bit weights do not survive sharding.
         issues.append(ConfigIssue("load_in_8bit", "an 8-bit base cannot be sharded by FSDP2; use adapter: qlora with "
                                   "load_in_4bit: true under FSDP2 (4-bit NF4 shards), or load_in_8bit on one GPU "
                                   "without the fsdp keys"))
     return issues
+
+
+def _mesh_sizes(cfg) -> list:
+    """dp_shard_size / dp_replicate_size: the one layout FSDP2 runs here is every process holding one shard."""
+    from .errors import ConfigIssue
+
+    issues = []
+    if cfg.dp_replicate_size not in (None, 1):
+        issues.append(ConfigIssue("dp_replicate_size", "replicating the sharded model (HSDP) is not supported: every "
+                                  "process holds one shard. Remove dp_replicate_size (or set it to 1)."))
+    if cfg.dp_shard_size not in (None, 1) and not cfg.fsdp_enabled:
+        issues.append(ConfigIssue("dp_shard_size", "shards the model with FSDP2: add `fsdp_version: 2` (and "
+                                  "fsdp_config), or remove dp_shard_size for plain data parallelism."))
+    if cfg.dp_shard_size is not None and cfg.dp_shard_size < 1 and cfg.dp_shard_size != -1:
+        issues.append(ConfigIssue("dp_shard_size", "must be the number of processes, or -1 for all of them."))
+    return issues
+
+
+def check_shard_size(cfg, processes: int) -> None:
+    """At start, with the process count known: dp_shard_size must be that count (or -1)."""
+    from .errors import ConfigError, ConfigIssue
+
+    if cfg.dp_shard_size not in (None, -1) and cfg.fsdp_enabled and cfg.dp_shard_size != processes:
+        raise ConfigError([ConfigIssue("dp_shard_size", f"is {cfg.dp_shard_size}, but {processes} process(es) were started, and "
+                           "FSDP2 here shards over all of them. Start that many processes (`tuneforge train "
+                           f"--num-processes {cfg.dp_shard_size}`), or set dp_shard_size to {processes} or remove it.")])
 
 
 def _fsdp_not_yet(cfg) -> list:

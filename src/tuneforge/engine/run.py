@@ -29,6 +29,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     from accelerate import PartialState
     from accelerate.utils import set_seed
 
+    from tuneforge.config.distributed import check_shard_size
     from tuneforge.methods import get_objective
     from tuneforge.models import llama4_experts, neftune
     from tuneforge.models.adapters import apply_adapter
@@ -48,6 +49,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     # Several processes (torchrun / accelerate launch): gloo on CPU, NCCL on GPUs. The first process
     # prepares (and caches) the data while the others wait, then they load its cache.
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=cfg.ddp_timeout))
+    check_shard_size(cfg, state.num_processes)  # dp_shard_size against the processes started
     outputs_guard.claim(cfg, out, dump(cfg), main=state.is_main_process)  # nothing of the user's or another run's
     shared_output.check_same_file(out / outputs_guard.CLAIM)  # several machines: one output_dir for all
     log_plan(cfg, state.num_processes, state.is_main_process)  # the memory estimate, before the model loads
