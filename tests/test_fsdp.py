@@ -31,6 +31,17 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=300)
 
 
+def _script_reports(tmp_path: Path, script_text: str, *args: str) -> list[dict]:
+    """Run a script on 2 processes; the JSON lines it prints, one per process."""
+    script = tmp_path / "script.py"
+    script.write_text(script_text)
+    done = _torchrun(str(script), *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 2
+    return reports
+
+
 def _train_records(out: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["type"] == "train"]
@@ -179,12 +190,7 @@ SHARE_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_each_process_holds_half_the_parameters_and_optimizer_state(tmp_path, tiny_model_dir):
-    script = tmp_path / "share.py"
-    script.write_text(SHARE_SCRIPT)
-    done = _torchrun(str(script), str(tiny_model_dir))
-    assert done.returncode == 0, done.stderr[-3000:]
-    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(reports) == 2
+    reports = _script_reports(tmp_path, SHARE_SCRIPT, str(tiny_model_dir))
     for r in reports:
         assert abs(r["held"] - r["total"] / 2) <= 0.1 * r["total"] / 2, r  # dim-0 shards: rows split evenly
         assert abs(r["states"] - 2 * r["total"] / 2) <= 0.1 * r["total"], r  # AdamW: two moments per held value

@@ -5,14 +5,13 @@ base out and resume, and the final folder is a PEFT adapter that loads onto the 
 
 from __future__ import annotations
 
-import json
 import textwrap
 
 import pytest
 import torch
 
 from test_engine_support import losses, make_config, make_rows, train
-from test_fsdp import FSDP, _close, _torchrun, _train_records
+from test_fsdp import FSDP, _close, _script_reports, _torchrun, _train_records
 from tuneforge.config import load
 from tuneforge.config.errors import ConfigError
 
@@ -119,13 +118,7 @@ SHARE_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_each_process_holds_half_of_the_4bit_base(tmp_path, nf4_model_dir):
-    script = tmp_path / "share.py"
-    script.write_text(SHARE_SCRIPT)
-    done = _torchrun(str(script), str(nf4_model_dir))
-    assert done.returncode == 0, done.stderr[-3000:]
-    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(reports) == 2
-    for r in reports:
+    for r in _script_reports(tmp_path, SHARE_SCRIPT, str(nf4_model_dir)):
         assert r["count"] == 2 * LINEARS
         assert r["rows"] == [[64, 256], [128, 256], [128, 1024], [512, 256]], r  # half the rows of each weight
         # Half of the 4-bit base each (the 16 NF4 levels and the scale mean are the only replicated values) ...
