@@ -150,6 +150,9 @@ def make_model_dir(root: Path, shape: str, vocab: int) -> Path:
 
     path = root / f"model-{shape}"
     tokenizer = build_tiny_tokenizer(path)
+    if vocab > len(tokenizer):  # pre-tokenized rows are checked against the tokenizer: cover every word id
+        tokenizer.add_tokens([f"<word{i}>" for i in range(len(tokenizer), vocab)])
+        tokenizer.save_pretrained(str(path))
     size = -(-max(vocab, len(tokenizer)) // 64) * 64  # the embeddings are never resized
     LlamaConfig(**MODEL_SHAPES[shape], vocab_size=size, bos_token_id=1, eos_token_id=2,
                 pad_token_id=0).save_pretrained(path)

@@ -76,3 +76,13 @@ def test_synthetic_corpus_has_zipf_words_and_grammar():
     # a heavy head and a long tail, as in text: the top 1% of word types cover far more than 1% of tokens
     top = sum(ranked[: max(1, len(ranked) // 100)]) / sum(ranked)
     assert top > 0.1 and len(ranked) > 200
+
+
+def test_master_weights_model_dir_covers_a_corpus_larger_than_the_tiny_tokenizer(tmp_path):
+    # the 1B arm's corpus has 8000 word ids; pre-tokenized rows are checked against len(tokenizer)
+    bench = load_script("bench/master_weights_curve.py")
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = bench.make_model_dir(tmp_path, "tiny", 1500)
+    assert len(AutoTokenizer.from_pretrained(path)) == 1500
+    assert AutoConfig.from_pretrained(path).vocab_size == 1536
