@@ -64,3 +64,14 @@ def test_preprocess_filter_drops_only_the_cache_location_line():
     record = logging.LogRecord("tuneforge", logging.INFO, __file__, 1, "prepared data saved to %s", ("/x",), None)
     other = logging.LogRecord("tuneforge", logging.INFO, __file__, 1, "tokenizing %d rows", (3,), None)
     assert not _CacheLineFilter().filter(record) and _CacheLineFilter().filter(other)
+def test_library_import_notices_are_dropped_and_nothing_else(caplog):
+    import logging
+
+    from tuneforge import cli
+
+    cli._drop_import_notices()
+    for name, needle in cli.IMPORT_NOTICES:
+        logging.getLogger(name).warning("x %s y", needle)
+        logging.getLogger(name).warning("a real problem")
+    kept = [r.getMessage() for r in caplog.records]
+    assert kept == ["a real problem"] * len(cli.IMPORT_NOTICES)

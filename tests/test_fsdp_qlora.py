@@ -54,7 +54,7 @@ def test_two_processes_train_like_one_save_an_adapter_and_resume(tmp_path, nf4_m
     config = str(tmp_path / "fsdp" / "config.yaml")
     done = _torchrun("-m", "tuneforge.cli", "train", config)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Failed to load" not in done.stderr  # torchao's import notices are dropped
+    assert "Failed to load" not in done.stderr  # torchao's and bitsandbytes' import notices are dropped
     out = tmp_path / "fsdp" / "out"
     whole = _train_records(out)
     _close(whole, losses(single))

@@ -70,7 +70,7 @@ def _setup_logging(verbose: bool = False) -> None:
     if not verbose:
         # Deprecation notices of the libraries underneath are for tuneforge's developers, not its users.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        _drop_torchao_import_notices()
+        _drop_import_notices()
 
 
 class _DropNotices(logging.Filter):
@@ -82,12 +82,22 @@ class _DropNotices(logging.Filter):
         return not any(n in record.getMessage() for n in self.needles)
 
 
-def _drop_torchao_import_notices() -> None:
-    """torchao (imported by transformers whenever it is installed) logs one warning per compiled extension it
-    cannot load ("Failed to load .../_C...so": CUDA kernels, on CPU or another torch build), and torch's pytree
-    one per enum torchao registers the deprecated way; none concerns the run. Only those lines are dropped."""
-    logging.getLogger("torchao").addFilter(_DropNotices("Failed to load"))
-    logging.getLogger("torch.utils._pytree").addFilter(_DropNotices("is an Enum subclass"))
+# (logger, text) of import-time notices from the libraries underneath that concern no run: torchao's compiled
+# extensions it cannot load (CUDA kernels on CPU or another torch build) and its Triton check, torch's pytree on
+# the enums torchao registers the deprecated way, and bitsandbytes' CPU backend trying an optional kernel from
+# the hub (offline here; its own kernel serves). Only those lines are dropped.
+IMPORT_NOTICES = (
+    ("torchao", "Failed to load"),
+    ("torchao.kernel.intmm", "Detected no triton"),
+    ("torch.utils._pytree", "is an Enum subclass"),
+    ("bitsandbytes.backends.cpu.ops", "from kernels-community"),
+    ("kernels._internals.hf_hub", "publisher trust check"),
+)
+
+
+def _drop_import_notices() -> None:
+    for name, needle in IMPORT_NOTICES:
+        logging.getLogger(name).addFilter(_DropNotices(needle))
 
 
 def choose_cpu_threads(cores: int, load: float) -> int | None:
