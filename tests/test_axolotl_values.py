@@ -119,6 +119,27 @@ def test_activation_offloading_to_disk_is_refused(tmp_path):
     assert issue.path == "activation_offloading" and "activation_offloading: true" in issue.message
 
 
+@pytest.mark.parametrize("text", ["gradient_checkpointing: offload\n", "gradient_checkpointing: unsloth\n",
+                                  "activation_offloading: hidden_states\n",
+                                  "activation_offloading: hidden_states\ngradient_checkpointing: true\n"])
+def test_offloaded_checkpointing_is_checkpointing_with_offloading(tmp_path, caplog, text):
+    cfg, notes = _notes(tmp_path, caplog, text)
+    assert cfg.gradient_checkpointing is True and cfg.activation_offloading is True
+    assert any("waits in CPU memory for its recompute" in n for n in notes)
+
+
+@pytest.mark.parametrize(("text", "key", "fix"), [
+    ("gradient_checkpointing: offload_disk\n", "gradient_checkpointing", "gradient_checkpointing: offload"),
+    ("gradient_checkpointing: offload\nactivation_offloading: false\n", "gradient_checkpointing",
+     "gradient_checkpointing: true"),
+    ("activation_offloading: hidden_states\ngradient_checkpointing: false\n", "activation_offloading",
+     "gradient_checkpointing: true"),
+])
+def test_offloading_that_cannot_be_done_is_refused(tmp_path, text, key, fix):
+    (issue,) = _issues(tmp_path, text)
+    assert issue.path == key and fix in issue.message
+
+
 def test_thinking_fields_map_the_reasoning_key(tmp_path, caplog):
     cfg, notes = _notes(tmp_path, caplog, "datasets:\n  - path: a.jsonl\n    type: chat_template\n"
                         "    field_thinking: reasoning\n    template_thinking_key: thinking\n")

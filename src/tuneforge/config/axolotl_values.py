@@ -178,7 +178,11 @@ def _fractional_warmup(raw: dict, notes: list[str]) -> None:
 
 
 def _activation_offloading(raw: dict, problem, notes: list[str]) -> None:
-    value = raw.get("activation_offloading")
+    """Axolotl's offloading spellings. `gradient_checkpointing: offload` (and `unsloth`) and
+    `activation_offloading: hidden_states` all mean: recompute each layer, and keep the layer inputs saved for
+    the recompute in CPU memory; here that is gradient_checkpointing with activation_offloading, whose
+    save_on_cpu then holds little more than those inputs."""
+    value, gc = raw.get("activation_offloading"), raw.get("gradient_checkpointing")
     if value == "legacy":
         raw["activation_offloading"] = True
         notes.append("activation_offloading: legacy -> true (saved activations are kept in CPU memory)")
@@ -186,6 +190,28 @@ def _activation_offloading(raw: dict, problem, notes: list[str]) -> None:
         raw.pop("activation_offloading")
         problem("activation_offloading", "`disk` (offloading activations to disk) is not implemented; use "
                 "activation_offloading: true (CPU memory)")
+    elif value == "hidden_states":
+        if gc is False:
+            raw.pop("activation_offloading")
+            problem("activation_offloading", "`hidden_states` offloads the inputs of checkpointed layers, and "
+                    "gradient_checkpointing is false; set gradient_checkpointing: true or activation_offloading: true")
+            return
+        raw.update(activation_offloading=True, gradient_checkpointing=True)
+        notes.append("activation_offloading: hidden_states -> gradient_checkpointing: true with "
+                     "activation_offloading: true (each layer's input waits in CPU memory for its recompute)")
+    if gc in ("offload", "unsloth"):
+        if value is False:
+            raw.pop("gradient_checkpointing")
+            problem("gradient_checkpointing", f"`{gc}` keeps the checkpointed layer inputs in CPU memory, and "
+                    "activation_offloading is false; set gradient_checkpointing: true or drop activation_offloading")
+            return
+        raw.update(gradient_checkpointing=True, activation_offloading=True)
+        notes.append(f"gradient_checkpointing: {gc} -> true with activation_offloading: true (each layer's input "
+                     "waits in CPU memory for its recompute)")
+    elif gc == "offload_disk":
+        raw.pop("gradient_checkpointing")
+        problem("gradient_checkpointing", "`offload_disk` (layer inputs on disk) is not implemented; use "
+                "gradient_checkpointing: offload (CPU memory)")
 
 
 def dataset_thinking(entry: dict, where: str, notes: list[str]) -> None:

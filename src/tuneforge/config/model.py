@@ -94,8 +94,9 @@ class ModelKeys(Section):
         description="Attention kernel: eager, sdpa (default), flash_attention_2 (needs flash-attn), "
         "flex_attention, or varlen (tuneforge's packed variable-length attention, CUDA).",
     )
-    gradient_checkpointing: bool | Literal["unsloth", "offload"] = Field(
-        False, description="Recompute activations in the backward pass to save memory (costs ~30% speed)."
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass to save memory (costs ~30% speed). "
+        "Axolotl's `offload` / `unsloth` become true with activation_offloading: true."
     )
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
         None, description="Options for gradient checkpointing, e.g. {use_reentrant: false}."

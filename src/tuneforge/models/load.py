@@ -324,9 +324,6 @@ def _module_name(model, module) -> str | None:
 def enable_gradient_checkpointing(cfg: Config, model) -> None:
     if not cfg.gradient_checkpointing:
         return
-    if cfg.gradient_checkpointing in ("unsloth", "offload"):
-        log.warning("gradient_checkpointing: %s (activation offloading) is not implemented; using standard "
-                    "gradient checkpointing", cfg.gradient_checkpointing)
     kwargs = {"use_reentrant": False, **(cfg.gradient_checkpointing_kwargs or {})}
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
