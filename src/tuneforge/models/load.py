@@ -325,7 +325,10 @@ def enable_gradient_checkpointing(cfg: Config, model) -> None:
     if not cfg.gradient_checkpointing:
         return
     kwargs = {"use_reentrant": False, **(cfg.gradient_checkpointing_kwargs or {})}
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25 (the old name warns, goes in v6)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def freeze_except(model, patterns: list[str]) -> list[str]:
