@@ -26,6 +26,7 @@ per engine and writes them to --out.
     python bench/train_throughput.py --preset 8b-lora --shape tiny --seq-len 256 --steps 4 --warmup 1   # CPU smoke
     python bench/train_throughput.py --preset 8b-qlora         # HF+PEFT+bitsandbytes vs tuneforge QLoRA (GPU)
     python bench/train_throughput.py --preset 1b-qlora          # QLoRA: bitsandbytes on one GPU vs FSDP2's NF4
+    python bench/train_throughput.py --preset 8b-lora-long      # 16K-token documents: selective checkpointing
 
 Engines: `hf` (Trainer, + PEFT in lora mode) and `tuneforge` with any of these suffixes, joined by `-`:
 `kernels` (lora_mlp/qkv/o_kernel), `compile` (torch_compile), `kahan` (bf16_master_weights: kahan), `fp8` (fp8:
@@ -111,6 +112,10 @@ PRESETS = {
     # QLoRA needs real weights on disk (both engines quantize while loading): the random model is saved first.
     "8b-qlora": dict(shape="llama-8b", mode="qlora", gc=True, micro_batch=2, seq_len=4096, hf_batch=2, hf_packed=True,
                      engines="hf,tuneforge,tuneforge-compile,tuneforge-kernels-compile"),
+    # Long documents, where attention is a large share of the recompute: plain vs selective checkpointing vs
+    # layer inputs offloaded to CPU memory (no Hugging Face baseline: the comparison is between tuneforge's options).
+    "8b-lora-long": dict(shape="llama-8b", mode="lora", gc=True, micro_batch=1, seq_len=16384, doc_len=16384,
+                         rows=40, engines="tuneforge,tuneforge-sac,tuneforge-actoffload"),
     "1b-qlora": dict(shape="llama-1b", mode="lora", gc=True, micro_batch=2, seq_len=4096,
                      engines="tuneforge-qlora,tuneforge-qlora-fsdp,tuneforge-fsdp"),
     "1b-full-bf16": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,
@@ -119,7 +124,7 @@ PRESETS = {
     "1b-fp8": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,
                    engines="tuneforge-compile,tuneforge-fp8-compile,tuneforge,tuneforge-fp8,tuneforge-qat-compile"),
 }
-VARIANTS = {"kernels", "compile", "kahan", "fsdp", "deepspeed", "fp8", "qat", "qlora"}
+VARIANTS = {"kernels", "compile", "kahan", "fsdp", "deepspeed", "fp8", "qat", "qlora", "sac", "actoffload"}
 
 
 def variants(engine: str) -> set[str]:
@@ -182,6 +187,10 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engi
         cfg["fp8"] = True
     if "qat" in parts:  # int8 dynamic activations, int4 weights per group of 32 (Axolotl's 3b-qat example)
         cfg["qat"] = {"weight_dtype": "int4", "activation_dtype": "int8", "group_size": 32}
+    if "sac" in parts:  # attention outputs kept from the forward (needs --gc)
+        cfg["selective_checkpointing"] = True
+    if "actoffload" in parts:  # checkpointed layer inputs in pinned CPU memory (needs --gc to be small)
+        cfg["activation_offloading"] = True
     if args.compile or "compile" in parts:
         cfg["torch_compile"] = True
     if args.dtype:
@@ -335,6 +344,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rows", type=int, default=20000)
+    p.add_argument("--doc-len", type=int, default=None, help="every row this many tokens (default: Alpaca-like "
+                   "lengths)")
     p.add_argument("--attn", default=None, help="attn_implementation for tuneforge (default: automatic)")
     p.add_argument("--gc", action="store_true", help="gradient checkpointing in both engines")
     p.add_argument("--engines", default="tuneforge,hf")
@@ -355,7 +366,7 @@ def main(argv=None) -> int:
         if engine != "hf":
             variants(engine)  # fail before anything runs
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    lengths = alpaca_lengths(args.rows)
+    lengths = [args.doc_len] * args.rows if args.doc_len else alpaca_lengths(args.rows)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

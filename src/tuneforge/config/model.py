@@ -22,6 +22,23 @@ class SpecialTokens(Section):
 AttnImpl = Literal["eager", "sdpa", "flash_attention_2", "flex_attention", "varlen"]
 
 
+class SelectiveCheckpointing(Section):
+    save: list[str] = Field(
+        ["attention"], min_length=1, description="Ops whose outputs are kept in the forward instead of recomputed "
+        "in the backward: `attention` (every attention kernel: SDPA's, flash, varlen), or text matched against "
+        "the op's qualified name (e.g. `aten::mm`)."
+    )
+    save_sliding_window: bool = Field(
+        False, description="Also keep the attention outputs of the layers listed in recompute_layer_types "
+        "(sliding-window attention is cheap to recompute, so by default it is)."
+    )
+    recompute_layer_types: list[str] = Field(
+        ["sliding_attention", "chunked_attention"], description="Layer types (the model config's `layer_types`) "
+        "whose attention is recomputed as usual."
+    )
+    offload: bool = Field(False, description="Not supported: the kept outputs stay in GPU memory.")
+
+
 class ModelKeys(Section):
     base_model: str = Field(..., description="Hugging Face model id or local folder of the model to fine-tune.")
     base_model_config: str | None = Field(
@@ -100,6 +117,11 @@ class ModelKeys(Section):
     )
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
         None, description="Options for gradient checkpointing, e.g. {use_reentrant: false}."
+    )
+    selective_checkpointing: bool | SelectiveCheckpointing = Field(
+        False, description="With gradient_checkpointing: keep the outputs of the expensive ops of each layer "
+        "(by default its attention) from the forward, and recompute only the rest in the backward: faster "
+        "steps for one hidden-state-sized tensor per layer. true: `{save: [attention]}`. Runs the blocks eagerly."
     )
     activation_offloading: bool = Field(
         False, description="Keep the activations saved for the backward pass in (pinned) CPU memory instead of "

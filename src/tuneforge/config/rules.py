@@ -268,3 +268,23 @@ def _eval_schedule(cfg: Config) -> list[ConfigIssue]:
         issues.append(ConfigIssue("save_strategy", f"best saves a checkpoint when metric_for_best_model improves at "
                                   f"an evaluation, and this run has none: {fix}, or choose save_strategy: steps."))
     return issues
+
+
+@rule
+def _selective_checkpointing(cfg: Config) -> list[ConfigIssue]:
+    sac, key = cfg.selective_checkpointing, "selective_checkpointing"
+    if sac is False:
+        return []
+    if not cfg.gradient_checkpointing:
+        return [ConfigIssue(key, "selective checkpointing chooses what gradient checkpointing recomputes; add "
+                            "gradient_checkpointing: true")]
+    if (cfg.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+        return [ConfigIssue("gradient_checkpointing_kwargs", "selective checkpointing needs non-reentrant "
+                            "checkpointing; remove use_reentrant: true")]
+    if cfg.torch_compile is True:
+        return [ConfigIssue("torch_compile", "selective checkpointing decides op by op as the block runs, which "
+                            "a compiled block hides; use torch_compile: false (or auto) with it, or drop it")]
+    if sac is not True and sac.offload:
+        return [ConfigIssue(f"{key}.offload", "offloading the kept outputs to CPU memory is not implemented; "
+                            "remove it (they stay in GPU memory), or use activation_offloading: true")]
+    return []

@@ -80,12 +80,14 @@ def apply_adapter(cfg: Config, model):
     import peft
 
     if (cfg.load_in_4bit or cfg.load_in_8bit) and not cfg.fsdp_enabled:
+        from tuneforge.models.selective_checkpointing import checkpoint_kwargs
+
         # bitsandbytes models only: it casts every 16-bit parameter to fp32, which would dequantize FSDP2's NF4
         # weights (models/nf4.py); FSDP2's mixed-precision policy keeps the trained shards in fp32 there.
         model = peft.prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=bool(cfg.gradient_checkpointing),
-            gradient_checkpointing_kwargs={"use_reentrant": False, **(cfg.gradient_checkpointing_kwargs or {})},
+            gradient_checkpointing_kwargs=checkpoint_kwargs(cfg, model),
         )
     if cfg.lora_model_dir:
         model = _continue_adapter(cfg, model)

@@ -11,7 +11,7 @@ compilation itself.
   (`~/.cache/...`) unless it is set already (Triton's kernels go there too).
 - **`torch_compile: auto`.** Compile only where it pays: a CUDA device, a model of at least `MIN_PARAMETERS`
   and, when `max_steps` is set, at least `MIN_STEPS` steps; never in a mode that cannot run compiled
-  (EBFT strided). `choose` is that rule as a pure function; `compile_blocks` logs its answer in one line.
+  (EBFT strided, selective checkpointing). `choose` is that rule as a pure function; `compile_blocks` logs its answer in one line.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class CompileChoice:
 
 
 def choose(want: bool | str, *, cuda: bool, parameters: int, max_steps: int | None,
-           strided_ebft: bool) -> CompileChoice:
+           strided_ebft: bool, selective_checkpointing: bool = False) -> CompileChoice:
     """Compile or not for `torch_compile: want` (True, False or "auto"), and why."""
     if want is False:
         return CompileChoice(False, "torch_compile: false")
@@ -50,6 +50,8 @@ def choose(want: bool | str, *, cuda: bool, parameters: int, max_steps: int | No
         return CompileChoice(False, "no CUDA device (tuneforge compiles the blocks for CUDA only)")
     if strided_ebft:  # `torch_compile: true` is refused there before anything loads
         return CompileChoice(False, "EBFT strided mode would recompile its masked forward per document")
+    if selective_checkpointing:  # `torch_compile: true` is refused with it before anything loads
+        return CompileChoice(False, "selective_checkpointing chooses op by op, which a compiled block hides")
     if want is True:
         return CompileChoice(True, "torch_compile: true")
     if parameters < MIN_PARAMETERS:
@@ -67,7 +69,8 @@ def config_choice(cfg: Config, model) -> CompileChoice:
 
     return choose(cfg.torch_compile, cuda=torch.cuda.is_available(),
                   parameters=sum(p.numel() for p in model.parameters()), max_steps=cfg.max_steps,
-                  strided_ebft=varying_block_layout(cfg))
+                  strided_ebft=varying_block_layout(cfg),
+                  selective_checkpointing=bool(cfg.selective_checkpointing and cfg.gradient_checkpointing))
 
 
 def compile_cache_dir(environ=os.environ) -> Path | None:

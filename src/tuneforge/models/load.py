@@ -324,7 +324,9 @@ def _module_name(model, module) -> str | None:
 def enable_gradient_checkpointing(cfg: Config, model) -> None:
     if not cfg.gradient_checkpointing:
         return
-    kwargs = {"use_reentrant": False, **(cfg.gradient_checkpointing_kwargs or {})}
+    from tuneforge.models.selective_checkpointing import checkpoint_kwargs
+
+    kwargs = checkpoint_kwargs(cfg, model)
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25 (the old name warns, goes in v6)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
