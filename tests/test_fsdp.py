@@ -37,9 +37,18 @@ def _script_reports(tmp_path: Path, script_text: str, *args: str) -> list[dict]:
     script.write_text(script_text)
     done = _torchrun(str(script), *args)
     assert done.returncode == 0, done.stderr[-3000:]
-    reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    reports = [obj for line in done.stdout.splitlines() if line.startswith("{") for obj in _objects(line)]
     assert len(reports) == 2
     return reports
+
+
+def _objects(line: str) -> list[dict]:
+    """The JSON objects of one line: unbuffered, two processes' prints can meet on one line ({..}{..})."""
+    decoder, found, at = json.JSONDecoder(), [], 0
+    while at < len(line):
+        obj, at = decoder.raw_decode(line, at)
+        found.append(obj)
+    return found
 
 
 def _train_records(out: Path) -> dict[int, float]:
