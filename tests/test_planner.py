@@ -135,6 +135,20 @@ def test_activations_structure(tiny_model_dir):
     assert longer.part("activations") == 2 * base.part("activations")
 
 
+def test_selective_checkpointing_and_offloading_in_the_plan(tiny_model_dir):
+    keys = dict(micro_batch_size=1, sample_packing=True, gradient_checkpointing=True)
+    gc = plan(cfg_of(tiny_model_dir, **keys)).estimate
+    kept = plan(cfg_of(tiny_model_dir, selective_checkpointing=True, **keys)).estimate
+    arch = architecture(model_config(cfg_of(tiny_model_dir)))
+    # each layer also keeps its attention output (bf16) and the fp32 log-sum-exp of every head, per token
+    per_token = arch.layers * (2 * arch.heads * arch.head_dim + 4 * arch.heads)
+    assert kept.part("activations") - gc.part("activations") == 256 * per_token
+    offloaded = plan(cfg_of(tiny_model_dir, activation_offloading=True, **keys)).estimate
+    assert offloaded.part("activations") == 0
+    assert offloaded.host - gc.host == gc.part("activations")
+    assert offloaded.allocated == gc.allocated - gc.part("activations")
+
+
 def test_logits_chunk_follows_the_loss_chunking(tiny_model_dir):
     from tuneforge.models import logprobs
 

@@ -115,6 +115,8 @@ def activations(f: ModelFacts, s: Settings, checkpointing: bool) -> int:
     """Saved activations of one micro-batch at the end of the forward pass."""
     a, T = f.arch, s.tokens
     per_layer = residual_bytes(s) * a.hidden if checkpointing else layer_activation_bytes(a, s, f.adapted)
+    if checkpointing and s.saved_attention:  # the attention output and its fp32 log-sum-exp per head
+        per_layer += s.compute_bytes * a.heads * a.head_dim + 4 * a.heads
     return T * (a.layers * per_layer + outside_layers_bytes(a, s))
 
 
@@ -221,6 +223,8 @@ def estimate(f: ModelFacts, s: Settings, gpu_memory: int) -> Estimate:
     casts = autocast_copies(f, s)
     acts_gc, acts_full = activations(f, s, True), activations(f, s, False)
     acts = acts_gc if s.gradient_checkpointing else acts_full
+    offloaded = acts if s.activation_offloading else 0  # save_on_cpu: every saved tensor waits in CPU memory
+    acts -= offloaded
     kv = kv_cache(f, s)
     # Earlier micro-batches' gradients stay during a forward; FSDP2 accumulates them unsharded (it reduce-
     # scatters on the step's last micro-batch only), on the GPU even with offload.
@@ -248,7 +252,7 @@ def estimate(f: ModelFacts, s: Settings, gpu_memory: int) -> Estimate:
     loaded = f.total * k.DTYPE_BYTES[s.weights_dtype] if s.fsdp and s.quantized else f.weight_bytes
     host_load = min(s.gpus, 8) * (process + loaded)
     return Estimate(s, _parts(f, s, values), phases, peak_phase, allocated, allocated + overhead,
-                    process + host_states, host_load, gpu_memory,
+                    process + host_states + offloaded, host_load, gpu_memory,
                     {"trainable": f.trainable.count, "frozen": f.frozen.count, "host_states": host_states})
 
 
@@ -262,7 +266,9 @@ def _parts(f: ModelFacts, s: Settings, v: dict[str, int]) -> list[Part]:
              else "none: adapter weights are fp32"),
         Part("autocast weight copies", v["autocast weight copies"], "compute-dtype copies of the trained fp32 weights"),
         Part("activations", v["activations"], f"{s.tokens} tokens/micro-batch, "
-             + ("checkpointed" if s.gradient_checkpointing else "no checkpointing")),
+             + ("checkpointed" if s.gradient_checkpointing else "no checkpointing")
+             + (", attention outputs kept" if s.saved_attention else "")
+             + (", in CPU memory (activation_offloading)" if s.activation_offloading else "")),
         Part("activations (checkpointing)", v["activations (checkpointing)"],
              "each layer's input (one layer is recomputed in the backward)"),
         Part("activations (no checkpointing)", v["activations (no checkpointing)"], "every layer's saved tensors"),

@@ -34,6 +34,8 @@ class Settings:
     offload: bool
     reshard_after_forward: bool
     compiled: bool
+    activation_offloading: bool = False  # saved activations in pinned CPU memory
+    saved_attention: bool = False  # selective_checkpointing keeps each layer's attention output
     num_generations: int = 8
     prompt_len: int = 0
     completion_len: int = 256
@@ -76,6 +78,11 @@ def precision_on_gpu(cfg: Config) -> str:
     return "no"
 
 
+def _saved_attention(cfg: Config) -> bool:
+    sac = cfg.selective_checkpointing
+    return bool(cfg.gradient_checkpointing and sac) and (sac is True or "attention" in sac.save)
+
+
 def from_config(cfg: Config, gpus: int) -> Settings:
     fsdp = cfg.fsdp_config
     trl = cfg.trl
@@ -91,7 +98,8 @@ def from_config(cfg: Config, gpus: int) -> Settings:
         reference=_uses_reference(cfg), online=method_facts(cfg).online,
         paired=method_facts(cfg).rows == "preference", gpus=max(1, gpus), fsdp=bool(cfg.fsdp_enabled),
         offload=bool(fsdp and fsdp.offload_params), reshard_after_forward=bool(fsdp.reshard_after_forward) if fsdp else True,
-        compiled=bool(cfg.torch_compile),
+        compiled=bool(cfg.torch_compile), activation_offloading=bool(cfg.activation_offloading),
+        saved_attention=_saved_attention(cfg),
     )
     if online:
         generations = int(getattr(trl, "num_generations", None) or 8)
