@@ -35,7 +35,12 @@ _LEGACY = {
 _VALUES = {
     "attn_implementation": "`xformers` becomes sdpa, a hub flash-attention kernel flash_attention_2, with a note",
     "activation_offloading": "saved activations wait in CPU memory (torch.autograd.graph.save_on_cpu); "
-                             "`legacy` is the same, `disk` is refused",
+                             "`legacy` is the same, `hidden_states` is gradient checkpointing with it, `disk` is "
+                             "refused",
+    "gradient_checkpointing": "`offload` and `unsloth`: checkpointing with the layer inputs in CPU memory "
+                              "(activation_offloading); `offload_disk` is refused",
+    "selective_checkpointing": "attention outputs (or the ops in `save:`) kept from the forward, through torch's "
+                               "selective-checkpoint policy; the blocks run eagerly; `offload` is refused",
     "tokens": "a mapping of special tokens (Axolotl's older form) becomes special_tokens",
     "warmup_steps": "a value below 1 is a fraction of the steps (warmup_ratio), as in transformers",
     "fsdp_config": "FSDP1's names and sharding_strategy (FULL_SHARD, SHARD_GRAD_OP) are translated with a note",
