@@ -191,27 +191,26 @@ def _activation_offloading(raw: dict, problem, notes: list[str]) -> None:
         problem("activation_offloading", "`disk` (offloading activations to disk) is not implemented; use "
                 "activation_offloading: true (CPU memory)")
     elif value == "hidden_states":
-        if gc is False:
-            raw.pop("activation_offloading")
-            problem("activation_offloading", "`hidden_states` offloads the inputs of checkpointed layers, and "
-                    "gradient_checkpointing is false; set gradient_checkpointing: true or activation_offloading: true")
-            return
-        raw.update(activation_offloading=True, gradient_checkpointing=True)
-        notes.append("activation_offloading: hidden_states -> gradient_checkpointing: true with "
-                     "activation_offloading: true (each layer's input waits in CPU memory for its recompute)")
+        _offload_layer_inputs(raw, problem, notes, "activation_offloading", "hidden_states", "gradient_checkpointing")
     if gc in ("offload", "unsloth"):
-        if value is False:
-            raw.pop("gradient_checkpointing")
-            problem("gradient_checkpointing", f"`{gc}` keeps the checkpointed layer inputs in CPU memory, and "
-                    "activation_offloading is false; set gradient_checkpointing: true or drop activation_offloading")
-            return
-        raw.update(gradient_checkpointing=True, activation_offloading=True)
-        notes.append(f"gradient_checkpointing: {gc} -> true with activation_offloading: true (each layer's input "
-                     "waits in CPU memory for its recompute)")
+        _offload_layer_inputs(raw, problem, notes, "gradient_checkpointing", gc, "activation_offloading")
     elif gc == "offload_disk":
         raw.pop("gradient_checkpointing")
         problem("gradient_checkpointing", "`offload_disk` (layer inputs on disk) is not implemented; use "
                 "gradient_checkpointing: offload (CPU memory)")
+
+
+def _offload_layer_inputs(raw: dict, problem, notes: list[str], key: str, value: str, other: str) -> None:
+    """`key: value` means gradient_checkpointing with activation_offloading; an explicit `other: false`
+    contradicts it."""
+    if raw.get(other) is False:
+        raw.pop(key)
+        problem(key, f"`{value}` keeps the checkpointed layer inputs in CPU memory, and {other} is false; set "
+                "gradient_checkpointing: true with activation_offloading: true, or drop one of them")
+        return
+    raw.update(gradient_checkpointing=True, activation_offloading=True)
+    notes.append(f"{key}: {value} -> gradient_checkpointing: true with activation_offloading: true (each layer's "
+                 "input waits in CPU memory for its recompute)")
 
 
 def dataset_thinking(entry: dict, where: str, notes: list[str]) -> None:

@@ -152,6 +152,15 @@ class ModelKeys(Section):
         "(reduce-overhead, max-autotune) are not supported with per-block compilation."
     )
 
+    @property
+    def selective_checkpoint_settings(self) -> SelectiveCheckpointing | None:
+        """selective_checkpointing as its settings (true: the defaults); None when off or without
+        gradient_checkpointing, which it refines."""
+        sac = self.selective_checkpointing
+        if sac is False or not self.gradient_checkpointing:
+            return None
+        return SelectiveCheckpointing() if sac is True else sac
+
     @field_validator("torch_compile_mode")
     @classmethod
     def _compile_mode(cls, value: str | None) -> str | None:

@@ -70,7 +70,7 @@ def config_choice(cfg: Config, model) -> CompileChoice:
     return choose(cfg.torch_compile, cuda=torch.cuda.is_available(),
                   parameters=sum(p.numel() for p in model.parameters()), max_steps=cfg.max_steps,
                   strided_ebft=varying_block_layout(cfg),
-                  selective_checkpointing=bool(cfg.selective_checkpointing and cfg.gradient_checkpointing))
+                  selective_checkpointing=cfg.selective_checkpoint_settings is not None)
 
 
 def compile_cache_dir(environ=os.environ) -> Path | None:

@@ -28,13 +28,6 @@ log = logging.getLogger("tuneforge")
 ATTENTION = "attention"
 
 
-def settings(cfg: Config) -> SelectiveCheckpointing | None:
-    sac = cfg.selective_checkpointing
-    if sac is False or not cfg.gradient_checkpointing:
-        return None
-    return SelectiveCheckpointing() if sac is True else sac
-
-
 def is_attention(name: str) -> bool:
     """An attention kernel's forward: SDPA's variants, flash / efficient / cuDNN / varlen attention."""
     low = name.lower()
@@ -79,7 +72,7 @@ def install(cfg: Config, model) -> dict:
     """The checkpoint kwargs that apply the policy (empty without selective checkpointing); on a hybrid model,
     hooks on the decoder layers tell the policy each layer's type. Once per model: QLoRA's preparation
     enables checkpointing a second time."""
-    sac = settings(cfg)
+    sac = cfg.selective_checkpoint_settings
     if sac is None:
         return {}
     policy = getattr(model, "_tuneforge_save_policy", None)

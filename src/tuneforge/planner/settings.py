@@ -78,11 +78,6 @@ def precision_on_gpu(cfg: Config) -> str:
     return "no"
 
 
-def _saved_attention(cfg: Config) -> bool:
-    sac = cfg.selective_checkpointing
-    return bool(cfg.gradient_checkpointing and sac) and (sac is True or "attention" in sac.save)
-
-
 def from_config(cfg: Config, gpus: int) -> Settings:
     fsdp = cfg.fsdp_config
     trl = cfg.trl
@@ -99,7 +94,7 @@ def from_config(cfg: Config, gpus: int) -> Settings:
         paired=method_facts(cfg).rows == "preference", gpus=max(1, gpus), fsdp=bool(cfg.fsdp_enabled),
         offload=bool(fsdp and fsdp.offload_params), reshard_after_forward=bool(fsdp.reshard_after_forward) if fsdp else True,
         compiled=bool(cfg.torch_compile), activation_offloading=bool(cfg.activation_offloading),
-        saved_attention=_saved_attention(cfg),
+        saved_attention="attention" in getattr(cfg.selective_checkpoint_settings, "save", ()),
     )
     if online:
         generations = int(getattr(trl, "num_generations", None) or 8)
