@@ -27,6 +27,7 @@ per engine and writes them to --out.
     python bench/train_throughput.py --preset 8b-qlora         # HF+PEFT+bitsandbytes vs tuneforge QLoRA (GPU)
     python bench/train_throughput.py --preset 1b-qlora          # QLoRA: bitsandbytes on one GPU vs FSDP2's NF4
     python bench/train_throughput.py --preset 8b-lora-long      # 16K-token documents: selective checkpointing
+    python bench/train_throughput.py --preset 8b-lora-ck        # gradient_checkpointing_layers: 26 and auto
 
 Engines: `hf` (Trainer, + PEFT in lora mode) and `tuneforge` with any of these suffixes, joined by `-`:
 `kernels` (lora_mlp/qkv/o_kernel), `compile` (torch_compile), `kahan` (bf16_master_weights: kahan), `fp8` (fp8:
@@ -45,6 +46,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -116,6 +118,12 @@ PRESETS = {
     # layer inputs offloaded to CPU memory (no Hugging Face baseline: the comparison is between tuneforge's options).
     "8b-lora-long": dict(shape="llama-8b", mode="lora", gc=True, micro_batch=1, seq_len=16384, doc_len=16384,
                          rows=40, engines="tuneforge,tuneforge-sac,tuneforge-actoffload"),
+    # Fewer checkpointed layers (gradient_checkpointing_layers): the recompute traded for memory, up to the
+    # Hugging Face run's peak (about 6 layers at this shape) and as far as the GPU allows (auto).
+    "8b-lora-ck": dict(shape="llama-8b", mode="lora", gc=True, micro_batch=2, seq_len=4096, hf_batch=2, hf_packed=True,
+                       engines="hf,tuneforge-compile,tuneforge-compile-ck26,tuneforge-compile-ckauto"),
+    "8b-qlora-ck": dict(shape="llama-8b", mode="qlora", gc=True, micro_batch=2, seq_len=4096, hf_batch=2,
+                        hf_packed=True, engines="hf,tuneforge-compile,tuneforge-compile-ck30,tuneforge-compile-ckauto"),
     "1b-qlora": dict(shape="llama-1b", mode="lora", gc=True, micro_batch=2, seq_len=4096,
                      engines="tuneforge-qlora,tuneforge-qlora-fsdp,tuneforge-fsdp"),
     "1b-full-bf16": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,
@@ -130,9 +138,10 @@ VARIANTS = {"kernels", "compile", "kahan", "fsdp", "deepspeed", "fp8", "qat", "q
 def variants(engine: str) -> set[str]:
     """`tuneforge-kernels-compile` -> {"kernels", "compile"}; an unknown part is an error."""
     head, *parts = engine.split("-")
-    unknown = set(parts) - VARIANTS
+    unknown = {p for p in parts if p not in VARIANTS and not re.fullmatch(r"ck(\d+|auto)", p)}
     if head != "tuneforge" or unknown:
-        raise SystemExit(f"unknown engine {engine!r}: use hf or tuneforge[-{'|-'.join(sorted(VARIANTS))}]")
+        choices = "|-".join(sorted(VARIANTS) + ["ckN", "ckauto"])
+        raise SystemExit(f"unknown engine {engine!r}: use hf or tuneforge[-{choices}]")
     return set(parts)
 
 
@@ -189,6 +198,9 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engi
         cfg["qat"] = {"weight_dtype": "int4", "activation_dtype": "int8", "group_size": 32}
     if "sac" in parts:  # attention outputs kept from the forward (needs --gc)
         cfg["selective_checkpointing"] = True
+    for part in parts:  # ckN: gradient_checkpointing_layers N (ckauto: auto); needs --gc
+        if part.startswith("ck"):
+            cfg["gradient_checkpointing_layers"] = "auto" if part == "ckauto" else int(part[2:])
     if "actoffload" in parts:  # checkpointed layer inputs in pinned CPU memory (needs --gc to be small)
         cfg["activation_offloading"] = True
     if args.compile or "compile" in parts:

@@ -397,3 +397,46 @@ def test_accumulation_keeps_gradients_through_the_next_forward(tiny_model_dir):
     sharded = plan(cfg_of(tiny_model_dir, fsdp_version=2, fsdp_config={}), gpus=4).estimate
     # without reduce-scatter, FSDP2 accumulates whole (unsharded) gradients
     assert fsdp.estimate.phases["loss"] - sharded.phases["loss"] == one.part("gradients")
+
+
+def test_partly_checkpointed_layers_in_the_plan(tiny_model_dir):
+    keys = dict(micro_batch_size=1, sample_packing=True, gradient_checkpointing=True)
+    arch = architecture(model_config(cfg_of(tiny_model_dir)))
+    every = plan(cfg_of(tiny_model_dir, **keys)).estimate
+    none = plan(cfg_of(tiny_model_dir, **{**keys, "gradient_checkpointing": False})).estimate
+    one_layer = (none.part("activations") - every.part("activations")) // arch.layers  # full minus kept, per layer
+    for n in range(arch.layers + 1):
+        part = plan(cfg_of(tiny_model_dir, gradient_checkpointing_layers=n, **keys)).estimate
+        assert part.part("activations") == every.part("activations") + (arch.layers - n) * one_layer
+    assert plan(cfg_of(tiny_model_dir, gradient_checkpointing_layers=0, **keys)).estimate.part("activations") \
+        == none.part("activations")
+
+
+def test_auto_checkpoints_the_fewest_layers_that_fit(tiny_model_dir, monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from tuneforge.planner import fewest_checkpointed_layers
+    from tuneforge.planner.hook import resolve_checkpointed_layers
+
+    keys = dict(micro_batch_size=1, sample_packing=True, gradient_checkpointing=True)
+    arch = architecture(model_config(cfg_of(tiny_model_dir)))
+    totals = [plan(cfg_of(tiny_model_dir, gradient_checkpointing_layers=n, **keys)).estimate.total
+              for n in range(arch.layers + 1)]
+    assert totals == sorted(totals, reverse=True) and totals[0] > totals[-1]
+    auto = cfg_of(tiny_model_dir, gradient_checkpointing_layers="auto", **keys)
+    for n in range(arch.layers + 1):  # a budget just big enough for n checkpointed layers gets n
+        assert fewest_checkpointed_layers(auto, gpus=1, gpu_memory=totals[n])[0] == n
+    assert fewest_checkpointed_layers(auto, gpus=1, gpu_memory=totals[-1] - 1)[0] == arch.layers  # none fits
+
+    caplog.set_level("INFO", logger="tuneforge")
+    assert resolve_checkpointed_layers(auto, 1).gradient_checkpointing_layers is None  # no GPU: every layer
+    assert "auto -> every layer (no GPU here)" in caplog.text
+    # On a GPU of totals[1] bytes with 10% headroom: the budget is 0.9 x that.
+    budget = int(totals[1] * 0.9)
+    want = next(n for n, t in enumerate(totals) if t <= budget) if totals[-1] <= budget else arch.layers
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=totals[1]))
+    assert resolve_checkpointed_layers(auto, 1).gradient_checkpointing_layers == want
+    fixed = cfg_of(tiny_model_dir, gradient_checkpointing_layers=1, **keys)
+    assert resolve_checkpointed_layers(fixed, 1) is fixed

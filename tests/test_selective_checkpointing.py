@@ -111,3 +111,50 @@ def test_auto_compile_trains_eagerly_with_it():
     choice = choose("auto", cuda=True, parameters=8 * 10**9, max_steps=None, strided_ebft=False,
                     selective_checkpointing=True)
     assert not choice.compile and "selective_checkpointing" in choice.reason
+
+
+# ---------------------------------------------------------------- gradient_checkpointing_layers
+def _layer_runs(tmp_path, text: str) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """How often each decoder layer of a 4-layer model runs in one forward + backward, and the gradients."""
+    from tuneforge.models.load import enable_gradient_checkpointing
+
+    cfg = load_text(tmp_path, text)
+    model = _model()
+    enable_gradient_checkpointing(cfg, model)
+    runs = [0] * 4
+    for i, layer in enumerate(model.model.layers):  # an inner module: the recompute reruns the layer's forward
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    return runs, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_only_the_first_n_layers_are_recomputed_and_the_gradients_are_unchanged(tmp_path):
+    every, reference = _layer_runs(tmp_path, BASE)
+    assert every == [2, 2, 2, 2]  # each layer runs again in the backward
+    for n in range(5):
+        runs, grads = _layer_runs(tmp_path, BASE + f"gradient_checkpointing_layers: {n}\n")
+        assert runs == [2] * n + [1] * (4 - n)
+        _same(grads, reference)
+
+
+def test_training_with_fewer_checkpointed_layers_gives_the_same_losses(tmp_path, tiny_model_dir):
+    rows = make_rows(n=8, seed=6)
+    run = {"max_steps": 2, "micro_batch_size": 2, "bf16": False, "gradient_checkpointing": True}
+    every = train(make_config(tmp_path / "every", tiny_model_dir, rows, **run))
+    part = train(make_config(tmp_path / "part", tiny_model_dir, rows, gradient_checkpointing_layers=1, **run))
+    assert losses(part) == pytest.approx(losses(every), abs=1e-6)
+    flags = [layer.gradient_checkpointing for layer in part.model.model.layers]
+    assert flags[0] and not any(flags[1:])
+
+
+def test_checkpointed_layers_key_errors(tmp_path, tiny_model_dir):
+    from tuneforge.errors import ModelError
+    from tuneforge.models.selective_checkpointing import limit_layers
+
+    (issue,) = issues_of(tmp_path, "gradient_checkpointing_layers: 2\n")
+    assert issue.path == "gradient_checkpointing_layers" and "gradient_checkpointing: true" in issue.message
+    (issue,) = issues_of(tmp_path, BASE + "gradient_checkpointing_layers: -1\n")
+    assert issue.path == "gradient_checkpointing_layers"
+    with pytest.raises(ModelError, match="gradient_checkpointing_layers: 9, but the model has 4 decoder layers"):
+        limit_layers(load_text(tmp_path, BASE + "gradient_checkpointing_layers: 9\n"), _model())

@@ -118,6 +118,16 @@ class ModelKeys(Section):
     gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
         None, description="Options for gradient checkpointing, e.g. {use_reentrant: false}."
     )
+    gradient_checkpointing_layers: int | Literal["auto"] | None = Field(
+        None, description="With gradient_checkpointing: how many decoder layers are checkpointed, from the "
+        "first; the others keep their activations and skip the recompute (faster steps, more memory). auto: "
+        "the fewest that the memory planner (`tuneforge plan`) fits in the GPU's memory, with "
+        "gradient_checkpointing_headroom to spare. Default: every layer."
+    )
+    gradient_checkpointing_headroom: float = Field(
+        0.1, ge=0, lt=1, description="gradient_checkpointing_layers: auto leaves this fraction of the GPU's "
+        "memory unplanned (the planner's error, fragmentation, other processes)."
+    )
     selective_checkpointing: bool | SelectiveCheckpointing = Field(
         False, description="With gradient_checkpointing: keep the outputs of the expensive ops of each layer "
         "(by default its attention) from the forward, and recompute only the rest in the backward: faster "
@@ -160,6 +170,13 @@ class ModelKeys(Section):
         if sac is False or not self.gradient_checkpointing:
             return None
         return SelectiveCheckpointing() if sac is True else sac
+
+    @field_validator("gradient_checkpointing_layers", mode="before")
+    @classmethod
+    def _layer_count(cls, value):
+        if value is None or value == "auto" or (type(value) is int and value >= 0):
+            return value
+        raise ValueError("give a number of decoder layers (0 or more) or auto")
 
     @field_validator("torch_compile_mode")
     @classmethod

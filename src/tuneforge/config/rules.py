@@ -271,6 +271,14 @@ def _eval_schedule(cfg: Config) -> list[ConfigIssue]:
 
 
 @rule
+def _checkpointed_layers(cfg: Config) -> list[ConfigIssue]:
+    if cfg.gradient_checkpointing_layers is None or cfg.gradient_checkpointing:
+        return []
+    return [ConfigIssue("gradient_checkpointing_layers", "it says how many layers gradient checkpointing covers; "
+                        "add gradient_checkpointing: true, or remove it")]
+
+
+@rule
 def _selective_checkpointing(cfg: Config) -> list[ConfigIssue]:
     sac, key = cfg.selective_checkpointing, "selective_checkpointing"
     if sac is False:

@@ -36,7 +36,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     from tuneforge.models.compile_setup import compile_blocks
     from tuneforge.models.load import count_parameters, load_model
     from tuneforge.models.tokenizer import load_tokenizer
-    from tuneforge.planner.hook import log_plan
+    from tuneforge.planner.hook import log_plan, resolve_checkpointed_layers
 
     from . import outputs, plot
     from .signals import TrainingInterrupted
@@ -53,6 +53,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
     outputs_guard.claim(cfg, out, dump(cfg), main=state.is_main_process)  # nothing of the user's or another run's
     shared_output.check_same_file(out / outputs_guard.CLAIM)  # several machines: one output_dir for all
     log_plan(cfg, state.num_processes, state.is_main_process)  # the memory estimate, before the model loads
+    cfg = resolve_checkpointed_layers(cfg, state.num_processes, state.is_main_process)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg)
     with _main_process_first(state, cfg.ddp_timeout):

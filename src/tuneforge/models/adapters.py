@@ -80,7 +80,7 @@ def apply_adapter(cfg: Config, model):
     import peft
 
     if (cfg.load_in_4bit or cfg.load_in_8bit) and not cfg.fsdp_enabled:
-        from tuneforge.models.selective_checkpointing import checkpoint_kwargs
+        from tuneforge.models.selective_checkpointing import checkpoint_kwargs, limit_layers
 
         # bitsandbytes models only: it casts every 16-bit parameter to fp32, which would dequantize FSDP2's NF4
         # weights (models/nf4.py); FSDP2's mixed-precision policy keeps the trained shards in fp32 there.
@@ -89,6 +89,7 @@ def apply_adapter(cfg: Config, model):
             use_gradient_checkpointing=bool(cfg.gradient_checkpointing),
             gradient_checkpointing_kwargs=checkpoint_kwargs(cfg, model),
         )
+        limit_layers(cfg, model)  # the preparation checkpoints every layer again
     if cfg.lora_model_dir:
         model = _continue_adapter(cfg, model)
     else:

@@ -324,13 +324,14 @@ def _module_name(model, module) -> str | None:
 def enable_gradient_checkpointing(cfg: Config, model) -> None:
     if not cfg.gradient_checkpointing:
         return
-    from tuneforge.models.selective_checkpointing import checkpoint_kwargs
+    from tuneforge.models.selective_checkpointing import checkpoint_kwargs, limit_layers
 
     kwargs = checkpoint_kwargs(cfg, model)
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25 (the old name warns, goes in v6)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    limit_layers(cfg, model)
 
 
 def freeze_except(model, patterns: list[str]) -> list[str]:

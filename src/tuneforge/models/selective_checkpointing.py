@@ -22,6 +22,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from tuneforge.config.model import SelectiveCheckpointing
 from tuneforge.config.schema import Config
+from tuneforge.errors import ModelError
 
 log = logging.getLogger("tuneforge")
 
@@ -86,6 +87,26 @@ def install(cfg: Config, model) -> dict:
             layer.register_forward_pre_hook(functools.partial(_set_type, policy, kind))
     model._tuneforge_save_policy = policy  # kept for inspection (tests, debugging)
     return {"context_fn": policy.context_fn}
+
+
+def limit_layers(cfg: Config, model) -> None:
+    """gradient_checkpointing_layers: N: the decoder layers after the first N run without checkpointing
+    (transformers' per-layer `gradient_checkpointing` switch). Applied after every enabling of checkpointing,
+    which switches all layers on."""
+    n = cfg.gradient_checkpointing_layers
+    if not cfg.gradient_checkpointing or not isinstance(n, int):
+        return
+    layers = _decoder_layers(model)
+    if layers is None or not all(hasattr(layer, "gradient_checkpointing") for layer in layers):
+        raise ModelError(f"gradient_checkpointing_layers: {n}: {type(model).__name__}'s decoder layers cannot be "
+                         "checkpointed one by one; remove the key to checkpoint them all")
+    if n > len(layers):
+        raise ModelError(f"gradient_checkpointing_layers: {n}, but the model has {len(layers)} decoder layers; "
+                         f"use at most {len(layers)}")
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < n
+    log.info("gradient checkpointing: the first %d of %d decoder layers (the rest keep their activations)",
+             n, len(layers))
 
 
 def _set_type(policy: SavePolicy, kind: str, module, args) -> None:

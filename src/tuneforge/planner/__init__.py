@@ -22,7 +22,7 @@ from .suggest import Suggestion, suggestions
 
 DEFAULT_GPU_MEMORY = 80 * GiB
 
-__all__ = ["DEFAULT_GPU_MEMORY", "Plan", "PlanError", "parse_size", "plan", "shape_names"]
+__all__ = ["DEFAULT_GPU_MEMORY", "Plan", "PlanError", "fewest_checkpointed_layers", "parse_size", "plan", "shape_names"]
 
 
 class PlanError(TuneforgeError):
@@ -83,6 +83,21 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_memory: int | None = None,
     main = run(settings)
     found = suggestions(settings, run) if with_suggestions and not main.fits else []
     return Plan(main, found, model or cfg.base_model or "")
+
+
+def fewest_checkpointed_layers(cfg: Config, *, gpus: int, gpu_memory: int) -> tuple[int, Estimate]:
+    """gradient_checkpointing_layers: auto: the fewest checkpointed decoder layers (from the first) whose plan
+    fits `gpu_memory`, and that plan; every layer when none fits (the plan then says DOES NOT FIT)."""
+    config = model_config(cfg)
+    facts = _Facts(cfg, config)
+    settings = from_config(cfg, gpus).but(gradient_checkpointing=True)
+    layers = facts(settings).arch.layers
+    # Fewer checkpointed layers never need less memory, so the first that fits is the answer.
+    for n in range(layers + 1):
+        found = estimate(facts(settings), settings.but(checkpointed_layers=n), gpu_memory)
+        if found.fits:
+            return n, found
+    return layers, found
 
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,

@@ -112,12 +112,17 @@ def outside_layers_bytes(a: Architecture, s: Settings) -> int:
 
 
 def activations(f: ModelFacts, s: Settings, checkpointing: bool) -> int:
-    """Saved activations of one micro-batch at the end of the forward pass."""
+    """Saved activations of one micro-batch at the end of the forward pass (with checkpointing, the layers
+    past gradient_checkpointing_layers keep all of theirs)."""
     a, T = f.arch, s.tokens
-    per_layer = residual_bytes(s) * a.hidden if checkpointing else layer_activation_bytes(a, s, f.adapted)
-    if checkpointing and s.saved_attention:  # the attention output and its fp32 log-sum-exp per head
-        per_layer += s.compute_bytes * a.heads * a.head_dim + 4 * a.heads
-    return T * (a.layers * per_layer + outside_layers_bytes(a, s))
+    checkpointed = min(a.layers, a.layers if s.checkpointed_layers is None else s.checkpointed_layers)
+    if not checkpointing:
+        checkpointed = 0
+    kept = residual_bytes(s) * a.hidden
+    if s.saved_attention:  # the attention output and its fp32 log-sum-exp per head
+        kept += s.compute_bytes * a.heads * a.head_dim + 4 * a.heads
+    full = (a.layers - checkpointed) * layer_activation_bytes(a, s, f.adapted)
+    return T * (checkpointed * kept + full + outside_layers_bytes(a, s))
 
 
 def backward_workspace(f: ModelFacts, s: Settings) -> int:
@@ -266,7 +271,7 @@ def _parts(f: ModelFacts, s: Settings, v: dict[str, int]) -> list[Part]:
              else "none: adapter weights are fp32"),
         Part("autocast weight copies", v["autocast weight copies"], "compute-dtype copies of the trained fp32 weights"),
         Part("activations", v["activations"], f"{s.tokens} tokens/micro-batch, "
-             + ("checkpointed" if s.gradient_checkpointing else "no checkpointing")
+             + (_checkpointed_note(f, s) if s.gradient_checkpointing else "no checkpointing")
              + (", attention outputs kept" if s.saved_attention else "")
              + (", in CPU memory (activation_offloading)" if s.activation_offloading else "")),
         Part("activations (checkpointing)", v["activations (checkpointing)"],
@@ -281,6 +286,12 @@ def _parts(f: ModelFacts, s: Settings, v: dict[str, int]) -> list[Part]:
         Part("CUDA context + allocator", v["CUDA context + allocator"],
              f"{k.CUDA_CONTEXT_GIB} GiB + {k.ALLOCATOR_SLACK:.0%}"),
     ]
+
+
+def _checkpointed_note(f: ModelFacts, s: Settings) -> str:
+    if s.checkpointed_layers is None or s.checkpointed_layers >= f.arch.layers:
+        return "checkpointed"
+    return f"{s.checkpointed_layers} of {f.arch.layers} layers checkpointed"
 
 
 def _weights_note(f: ModelFacts, s: Settings) -> str:

@@ -38,5 +38,29 @@ def log_plan(cfg, processes: int, main: bool = True) -> None:
         log.warning("%s", short)
 
 
+def resolve_checkpointed_layers(cfg, processes: int, main: bool = True):
+    """`gradient_checkpointing_layers: auto` -> the number the planner fits in this GPU's memory less the
+    headroom (every process computes the same); the config unchanged otherwise. Without a GPU, or for a model
+    the planner cannot size, every layer is checkpointed."""
+    if cfg.gradient_checkpointing_layers != "auto" or not cfg.gradient_checkpointing:
+        return cfg
+    import torch
+
+    from . import fewest_checkpointed_layers
+
+    n, why = None, "no GPU here"
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        budget = int(total * (1 - cfg.gradient_checkpointing_headroom))
+        try:
+            n, found = fewest_checkpointed_layers(cfg, gpus=processes, gpu_memory=budget)
+            why = f"planned {found.total / 2**30:.1f} GiB of a {budget / 2**30:.1f} GiB budget"
+        except Exception as exc:  # the planner cannot size this model: the safe choice
+            why = f"the memory planner cannot size this model ({type(exc).__name__}: {exc})"
+    if main:
+        log.info("gradient_checkpointing_layers: auto -> %s (%s)", "every layer" if n is None else n, why)
+    return cfg.model_copy(update={"gradient_checkpointing_layers": n})
+
+
 def plan_fits(lines: list[str]) -> bool:
     return not lines[-1].lstrip().startswith("DOES NOT FIT")

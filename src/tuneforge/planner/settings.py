@@ -36,6 +36,7 @@ class Settings:
     compiled: bool
     activation_offloading: bool = False  # saved activations in pinned CPU memory
     saved_attention: bool = False  # selective_checkpointing keeps each layer's attention output
+    checkpointed_layers: int | None = None  # gradient_checkpointing_layers (None: every layer)
     num_generations: int = 8
     prompt_len: int = 0
     completion_len: int = 256
@@ -95,6 +96,8 @@ def from_config(cfg: Config, gpus: int) -> Settings:
         offload=bool(fsdp and fsdp.offload_params), reshard_after_forward=bool(fsdp.reshard_after_forward) if fsdp else True,
         compiled=bool(cfg.torch_compile), activation_offloading=bool(cfg.activation_offloading),
         saved_attention="attention" in getattr(cfg.selective_checkpoint_settings, "save", ()),
+        checkpointed_layers=cfg.gradient_checkpointing_layers if isinstance(cfg.gradient_checkpointing_layers, int)
+        else None,
     )
     if online:
         generations = int(getattr(trl, "num_generations", None) or 8)
