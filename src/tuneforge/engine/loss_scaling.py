@@ -18,12 +18,15 @@ def shard_aware(accelerator) -> None:
     scaler = getattr(accelerator, "scaler", None)
     if scaler is None:
         return
+    import torch.distributed as dist
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
+    # The process group is passed explicitly: the constructor's default is the group that existed when torch
+    # first imported the module, stale for a second run in the same Python process.
     accelerator.scaler = ShardedGradScaler(
         device=getattr(scaler, "_device", "cuda"), init_scale=scaler.get_scale(), growth_factor=scaler.get_growth_factor(),
         backoff_factor=scaler.get_backoff_factor(), growth_interval=scaler.get_growth_interval(),
-        enabled=scaler.is_enabled())
+        enabled=scaler.is_enabled(), process_group=dist.group.WORLD)
 
 
 def unscale(accelerator) -> None:
