@@ -244,22 +244,35 @@ def _saved_per_token(model, layer, tokens: int) -> tuple[float, int]:
     return per_token, sum(n for n, has_t in seen.values() if not has_t)
 
 
-@pytest.mark.parametrize("adapter", [None, "lora"])
+@pytest.mark.parametrize("adapter", [None, "lora", "qlora"])
 def test_layer_activations_equal_what_autograd_saves(tmp_path, adapter):
     """The per-layer formula equals the bytes a real transformers Llama layer saves under bf16 autocast
-    (fp32 weights for full fine-tuning; a bf16 base with fp32 LoRA factors)."""
+    (fp32 weights for full fine-tuning; a bf16 base with fp32 LoRA factors; QLoRA: a bitsandbytes NF4 base
+    prepared for k-bit training, whose fp32 norms make the residual stream and the MLP fp32)."""
     from transformers import AttentionInterface, AutoModelForCausalLM
 
     from tuneforge.tiny import tiny_llama_config
 
     AttentionInterface.register("planner_test", _flash_like)
-    config = tiny_llama_config(300, hidden=96, layers=3, heads=6, kv_heads=2, intermediate=160)
+    shape = dict(hidden=128, heads=4, intermediate=256) if adapter == "qlora" else \
+        dict(hidden=96, heads=6, intermediate=160)  # bitsandbytes quantizes blocks of 64 weights
+    config = tiny_llama_config(300, layers=3, kv_heads=2, **shape)
     config.save_pretrained(tmp_path)
     keys = {"adapter": "lora", "lora_target_linear": True, "lora_r": 4} if adapter else {}
+    if adapter == "qlora":
+        keys.update(adapter="qlora", load_in_4bit=True)
     cfg = load(data={"base_model": str(tmp_path), "bf16": True, **keys})
     dtype = torch.bfloat16 if adapter else torch.float32
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="planner_test")
+    if adapter == "qlora":
+        pytest.importorskip("bitsandbytes")
+        from transformers import BitsAndBytesConfig
+
+        model.save_pretrained(tmp_path)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=dtype, quantization_config=quant,
+                                                     attn_implementation="planner_test")
     if adapter:
         from tuneforge.models.adapters import apply_adapter
 
@@ -267,7 +280,7 @@ def test_layer_activations_equal_what_autograd_saves(tmp_path, adapter):
     base = model.get_base_model() if adapter else model
     tokens = 37  # a length no other dimension has
     measured, weight_copies = _saved_per_token(model, base.model.layers[1], tokens)
-    facts = facts_of(cfg, dtype)
+    facts = facts_of(cfg, dtype, "nf4" if adapter == "qlora" else None)
     settings = from_config(cfg, 1)
     assert layer_activation_bytes(facts.arch, settings, facts.adapted) == measured
     if adapter is None:  # the autocast copies of the layer's weights

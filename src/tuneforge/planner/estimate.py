@@ -58,6 +58,18 @@ def residual_bytes(s: Settings) -> int:
     return k.DTYPE_BYTES[s.weights_dtype]
 
 
+def mlp_bytes(a: Architecture, s: Settings) -> int:
+    """Per token, the MLP's saved gate output, up output and their SiLU product. In the compute dtype, except
+    on single-GPU QLoRA: bitsandbytes' 4-bit layers return their input's dtype, the fp32 residual stream's,
+    so gate and up come out fp32, and so does the eager product (a compiled block keeps the product in the
+    compute dtype: measured on an H100, docs/planner.md)."""
+    c = s.compute_bytes
+    if not s.quantized or s.fsdp:
+        return (k.COMPILED_MLP_SAVED if s.compiled else k.MLP_SAVED) * c * a.intermediate
+    wide = residual_bytes(s)
+    return (2 * wide + (c if s.compiled else wide)) * a.intermediate
+
+
 def layer_activation_bytes(a: Architecture, s: Settings, adapted: list[tuple[str, int, int]]) -> int:
     """Bytes autograd saves per token in one decoder layer (no checkpointing)."""
     if s.compiled:
@@ -65,7 +77,7 @@ def layer_activation_bytes(a: Architecture, s: Settings, adapted: list[tuple[str
     c, r = s.compute_bytes, residual_bytes(s)
     b = 2 * k.NORM_FP32_INPUT * a.hidden + 2 * k.RSQRT_BYTES  # both RMSNorms' fp32 inputs
     b += _attention_bytes(a, s)
-    b += k.MLP_SAVED * c * a.intermediate
+    b += mlp_bytes(a, s)
     if s.adapter is None:
         b += 2 * r * a.hidden  # the normalised inputs, for the norm weights' gradients
         # Each linear layer keeps its input for its weight's gradient. Under autocast with fp32 norms every
@@ -92,7 +104,7 @@ def _compiled_layer_bytes(a: Architecture, s: Settings, adapted: list[tuple[str,
     backward instead of saving it, so each distinct matmul input is kept once, in the compute dtype."""
     c, r = s.compute_bytes, residual_bytes(s)
     b = 2 * r * a.hidden + 2 * k.RSQRT_BYTES + _attention_bytes(a, s)
-    b += k.COMPILED_MLP_SAVED * c * a.intermediate
+    b += mlp_bytes(a, s)
     if s.adapter is None:
         return b + 2 * c * a.hidden + c * a.intermediate  # the two normalised inputs, the down input
     inputs = set()
