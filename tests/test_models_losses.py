@@ -160,3 +160,38 @@ def test_fused_linear_cross_entropy_under_bf16_autocast():
     for a, b in zip(f_grads, p_grads, strict=True):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+
+
+def _accumulated(device: str, chunks: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(accumulate_matmul's sum, the two-pass sum, the fp64 sum) of `chunks` 16-bit products into fp32."""
+    from tuneforge.models.losses import accumulate_matmul
+
+    gen = torch.Generator().manual_seed(0)
+    parts = [(torch.randn(256, 96, generator=gen).bfloat16().to(device),
+              torch.randn(96, 128, generator=gen).bfloat16().to(device)) for _ in range(chunks)]
+    fused = torch.zeros(256, 128, device=device)
+    two_pass = torch.zeros(256, 128, device=device)
+    exact = torch.zeros(256, 128, dtype=torch.float64)
+    for a, b in parts:
+        accumulate_matmul(fused, a, b)
+        two_pass += a @ b
+        exact += a.double().cpu() @ b.double().cpu()
+    return fused.cpu(), two_pass.cpu(), exact
+
+
+def test_accumulate_matmul_adds_the_product_on_the_cpu():
+    fused, two_pass, exact = _accumulated("cpu")
+    assert torch.equal(fused, two_pass)  # the CPU keeps the two-pass form
+    torch.testing.assert_close(fused.double(), exact, rtol=0, atol=0.5)
+
+
+@pytest.mark.gpu
+def test_accumulate_matmul_is_one_fp32_gemm_on_cuda():
+    from tuneforge.models import losses
+
+    fused, two_pass, exact = _accumulated("cuda")
+    if not losses._fp32_out_gemm.get(torch.device("cuda", torch.cuda.current_device())):
+        pytest.skip("this torch's addmm has no out_dtype: the two-pass form is used")
+    # fp32 accumulation inside the GEMM: an order closer to the exact sum than bf16 products summed in fp32
+    assert (fused.double() - exact).abs().max() < 1e-3
+    assert (two_pass.double() - exact).abs().max() > 10 * (fused.double() - exact).abs().max()

@@ -21,6 +21,7 @@ only happens without a KV cache, so the decoder is always called with `use_cache
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,8 @@ import torch
 from tuneforge.errors import NotSupportedYet
 from tuneforge.models import attention
 from tuneforge.models.logprobs import chunk_rows, token_logps
+
+log = logging.getLogger("tuneforge")
 
 IGNORE_INDEX = -100
 
@@ -147,6 +150,39 @@ def compile_loss(**compile_kwargs) -> None:
     _ce_step = torch.compile(_ce_and_grad, dynamic=True, **compile_kwargs)
 
 
+_fp32_out_gemm: dict[torch.device, bool] = {}  # per device: addmm with out_dtype works in place (probed once)
+
+
+def accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, with acc fp32 and a, b 16-bit. On CUDA one GEMM does it (cuBLAS with beta=1 and an fp32
+    output: `addmm(..., out_dtype=float32)`), accumulating in fp32 throughout, where `acc += a @ b` rounds
+    each product to 16 bits and then reads and writes the fp32 sum again (for the LM head's weight gradient,
+    vocabulary x hidden: a gigabyte-sized pass per loss chunk)."""
+    if acc.is_cuda and a.dtype != acc.dtype and _in_place_fp32_gemm(acc.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += a @ b
+
+
+def _in_place_fp32_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch's addmm takes out_dtype with its output aliasing its input, checked on small
+    matrices against the two-pass result (an older torch raises; a wrong result would be caught here)."""
+    if device not in _fp32_out_gemm:
+        gen = torch.Generator(device=device).manual_seed(0)
+        acc = torch.randn(64, 32, device=device, generator=gen)
+        a = torch.randn(64, 48, device=device, generator=gen).to(dtype)
+        b = torch.randn(48, 32, device=device, generator=gen).to(dtype)
+        want = acc + a.float() @ b.float()
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            works = torch.allclose(acc, want, rtol=1e-4, atol=1e-3)
+        except (TypeError, RuntimeError, NotImplementedError) as exc:
+            log.debug("addmm with out_dtype is unavailable here (%s): two passes", exc)
+            works = False
+        _fp32_out_gemm[device] = works
+    return _fp32_out_gemm[device]
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Sum of cross-entropy of `hidden @ weight.T` against `targets`, gradients computed in forward.
 
@@ -171,7 +207,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[start : start + chunk] = g @ w
                 if need_w:
-                    grad_w += g.T @ h
+                    accumulate_matmul(grad_w, g.T, h)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return total
 
