@@ -119,11 +119,14 @@ PRESETS = {
     "8b-lora-long": dict(shape="llama-8b", mode="lora", gc=True, micro_batch=1, seq_len=16384, doc_len=16384,
                          rows=40, engines="tuneforge,tuneforge-sac,tuneforge-actoffload"),
     # Fewer checkpointed layers (gradient_checkpointing_layers): the recompute traded for memory, up to the
-    # Hugging Face run's peak (about 6 layers at this shape) and as far as the GPU allows (auto).
+    # Hugging Face run's peak (about 6 layers at this shape) and as far as the GPU allows (auto). QLoRA also with
+    # PEFT's fp32 cast of the unquantized weights (-upcast; the Hugging Face baseline has it too).
     "8b-lora-ck": dict(shape="llama-8b", mode="lora", gc=True, micro_batch=2, seq_len=4096, hf_batch=2, hf_packed=True,
                        engines="hf,tuneforge-compile,tuneforge-compile-ck26,tuneforge-compile-ckauto"),
     "8b-qlora-ck": dict(shape="llama-8b", mode="qlora", gc=True, micro_batch=2, seq_len=4096, hf_batch=2,
-                        hf_packed=True, engines="hf,tuneforge-compile,tuneforge-compile-ck30,tuneforge-compile-ckauto"),
+                        hf_packed=True,
+                        engines="hf,tuneforge-compile-upcast,tuneforge-compile,tuneforge-compile-ck26,"
+                                "tuneforge-compile-ckauto"),
     "1b-qlora": dict(shape="llama-1b", mode="lora", gc=True, micro_batch=2, seq_len=4096,
                      engines="tuneforge-qlora,tuneforge-qlora-fsdp,tuneforge-fsdp"),
     "1b-full-bf16": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,
@@ -132,7 +135,7 @@ PRESETS = {
     "1b-fp8": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,
                    engines="tuneforge-compile,tuneforge-fp8-compile,tuneforge,tuneforge-fp8,tuneforge-qat-compile"),
 }
-VARIANTS = {"kernels", "compile", "kahan", "fsdp", "deepspeed", "fp8", "qat", "qlora", "sac", "actoffload"}
+VARIANTS = {"kernels", "compile", "kahan", "fsdp", "deepspeed", "fp8", "qat", "qlora", "sac", "actoffload", "upcast"}
 
 
 def variants(engine: str) -> set[str]:
@@ -198,6 +201,8 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engi
         cfg["qat"] = {"weight_dtype": "int4", "activation_dtype": "int8", "group_size": 32}
     if "sac" in parts:  # attention outputs kept from the forward (needs --gc)
         cfg["selective_checkpointing"] = True
+    if "upcast" in parts:  # QLoRA: the unquantized weights in fp32, as PEFT's k-bit preparation casts them
+        cfg["kbit_fp32_unquantized"] = True
     for part in parts:  # ckN: gradient_checkpointing_layers N (ckauto: auto); needs --gc
         if part.startswith("ck"):
             cfg["gradient_checkpointing_layers"] = "auto" if part == "ckauto" else int(part[2:])

@@ -82,3 +82,36 @@ def test_continue_from_lora_model_dir_is_trainable_and_identical(tmp_path, tiny_
 def test_no_adapter_means_full_finetuning(tiny_model_dir):
     base = _model(tiny_model_dir)
     assert apply_adapter(load(data={"base_model": "x"}), base) is base
+
+
+@pytest.mark.parametrize(("dtype", "setting", "unquantized"), [
+    (torch.bfloat16, None, torch.bfloat16),   # the default keeps bf16 weights bf16, as LoRA does
+    (torch.bfloat16, True, torch.float32),    # PEFT's preparation: every unquantized weight in fp32
+    (torch.float16, None, torch.float32),     # fp16 norms can overflow: upcast by default
+    (torch.float16, False, torch.float16),
+])
+def test_kbit_preparation_casts_the_unquantized_weights_only_when_asked(tmp_path, dtype, setting, unquantized):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tuneforge.tiny import tiny_llama_config
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(300, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256)
+    AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(tmp_path)  # bitsandbytes: blocks of 64
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=dtype, quantization_config=quant)
+    keys = {} if setting is None else {"kbit_fp32_unquantized": setting}
+    cfg = load(data={"base_model": str(tmp_path), "adapter": "qlora", "load_in_4bit": True,
+                     "lora_target_linear": True, "gradient_checkpointing": True, **keys})
+    model = apply_adapter(cfg, model)
+    base = model.get_base_model()
+    assert base.model.norm.weight.dtype == unquantized
+    assert base.model.embed_tokens.weight.dtype == unquantized
+    assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.uint8  # still NF4
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    ids = torch.randint(0, 300, (1, 16))
+    with torch.autocast("cpu", dtype=dtype):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)

@@ -244,28 +244,29 @@ def _saved_per_token(model, layer, tokens: int) -> tuple[float, int]:
     return per_token, sum(n for n, has_t in seen.values() if not has_t)
 
 
-@pytest.mark.parametrize("adapter", [None, "lora", "qlora"])
+@pytest.mark.parametrize("adapter", ["", "lora", "qlora", "qlora-fp32"])
 def test_layer_activations_equal_what_autograd_saves(tmp_path, adapter):
     """The per-layer formula equals the bytes a real transformers Llama layer saves under bf16 autocast
-    (fp32 weights for full fine-tuning; a bf16 base with fp32 LoRA factors; QLoRA: a bitsandbytes NF4 base
-    prepared for k-bit training, whose fp32 norms make the residual stream and the MLP fp32)."""
+    (fp32 weights for full fine-tuning; a bf16 base with fp32 LoRA factors; QLoRA: a bitsandbytes NF4 base,
+    with bf16 norms, or with fp32 ones (kbit_fp32_unquantized), which make the residual stream and the MLP
+    fp32)."""
     from transformers import AttentionInterface, AutoModelForCausalLM
 
     from tuneforge.tiny import tiny_llama_config
 
     AttentionInterface.register("planner_test", _flash_like)
-    shape = dict(hidden=128, heads=4, intermediate=256) if adapter == "qlora" else \
+    shape = dict(hidden=128, heads=4, intermediate=256) if adapter.startswith("qlora") else \
         dict(hidden=96, heads=6, intermediate=160)  # bitsandbytes quantizes blocks of 64 weights
     config = tiny_llama_config(300, layers=3, kv_heads=2, **shape)
     config.save_pretrained(tmp_path)
     keys = {"adapter": "lora", "lora_target_linear": True, "lora_r": 4} if adapter else {}
-    if adapter == "qlora":
-        keys.update(adapter="qlora", load_in_4bit=True)
+    if adapter.startswith("qlora"):
+        keys.update(adapter="qlora", load_in_4bit=True, kbit_fp32_unquantized=adapter == "qlora-fp32")
     cfg = load(data={"base_model": str(tmp_path), "bf16": True, **keys})
     dtype = torch.bfloat16 if adapter else torch.float32
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="planner_test")
-    if adapter == "qlora":
+    if adapter.startswith("qlora"):
         pytest.importorskip("bitsandbytes")
         from transformers import BitsAndBytesConfig
 
@@ -280,10 +281,10 @@ def test_layer_activations_equal_what_autograd_saves(tmp_path, adapter):
     base = model.get_base_model() if adapter else model
     tokens = 37  # a length no other dimension has
     measured, weight_copies = _saved_per_token(model, base.model.layers[1], tokens)
-    facts = facts_of(cfg, dtype, "nf4" if adapter == "qlora" else None)
+    facts = facts_of(cfg, dtype, "nf4" if adapter.startswith("qlora") else None)
     settings = from_config(cfg, 1)
     assert layer_activation_bytes(facts.arch, settings, facts.adapted) == measured
-    if adapter is None:  # the autocast copies of the layer's weights
+    if not adapter:  # the autocast copies of the layer's weights
         assert weight_copies == 2 * facts.matmul_params // facts.arch.layers
 
 

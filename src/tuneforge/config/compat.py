@@ -85,6 +85,8 @@ BUILT_IN = {
     "hub_model_id": "nothing is pushed to the hub (no hub access is assumed); upload output_dir afterwards "
                     "with `huggingface-cli upload`",
     "hub_strategy": "nothing is pushed to the hub; upload output_dir afterwards with `huggingface-cli upload`",
+    "embeddings_skip_upcast": "a bf16 QLoRA model keeps its embeddings, head and norms in bf16 already "
+                              "(kbit_fp32_unquantized: true casts them to fp32, as PEFT's preparation does)",
 }
 
 # Axolotl's non-AMP dtype switches (`bfloat16: true` loads and trains the weights in that dtype): torch_dtype.

@@ -98,6 +98,13 @@ class ModelKeys(Section):
     load_in_8bit: bool = Field(False, description="Load the base model in 8 bits through bitsandbytes (CUDA).")
     load_in_4bit: bool = Field(False, description="Load the base model in 4-bit NF4 (QLoRA): through bitsandbytes on "
                                "one GPU (CUDA), as torchao NF4 shards under FSDP2 (fsdp_version: 2; needs torchao).")
+    kbit_fp32_unquantized: bool | None = Field(
+        None, description="load_in_4bit / load_in_8bit on one GPU: cast the weights bitsandbytes leaves unquantized "
+        "(norms, embeddings, LM head) to fp32, as PEFT's prepare_model_for_kbit_training does. Default: only when "
+        "they are fp16 (fp16 norms can overflow); bf16 ones stay bf16, as in a LoRA run: half their memory, a "
+        "bf16 residual stream and bf16 activations (the fp32 ones cost an 8B QLoRA run about a quarter more "
+        "activation memory per layer)."
+    )
     bnb_config_kwargs: dict[str, Any] | None = Field(
         None, description="Overrides for the bitsandbytes quantization config."
     )

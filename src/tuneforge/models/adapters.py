@@ -84,12 +84,16 @@ def apply_adapter(cfg: Config, model):
 
         # bitsandbytes models only: it casts every 16-bit parameter to fp32, which would dequantize FSDP2's NF4
         # weights (models/nf4.py); FSDP2's mixed-precision policy keeps the trained shards in fp32 there.
-        model = peft.prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=bool(cfg.gradient_checkpointing),
-            gradient_checkpointing_kwargs=checkpoint_kwargs(cfg, model),
-        )
-        limit_layers(cfg, model)  # the preparation checkpoints every layer again
+        if upcasts_unquantized(cfg, model):
+            model = peft.prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=bool(cfg.gradient_checkpointing),
+                gradient_checkpointing_kwargs=checkpoint_kwargs(cfg, model),
+            )
+            limit_layers(cfg, model)  # the preparation checkpoints every layer again
+        else:  # what the preparation does but the cast: freeze the base (checkpointing is on already)
+            for param in model.parameters():
+                param.requires_grad = False
     if cfg.lora_model_dir:
         model = _continue_adapter(cfg, model)
     else:
@@ -116,6 +120,13 @@ def apply_adapter(cfg: Config, model):
     log.info("%s adapter: %s trainable parameters of %s (%.3f%%)", cfg.adapter, f"{trainable:,}", f"{total:,}",
              100 * trainable / max(total, 1))
     return model
+
+
+def upcasts_unquantized(cfg: Config, model) -> bool:
+    """kbit_fp32_unquantized, or by default whether the weights bitsandbytes left unquantized are fp16."""
+    if cfg.kbit_fp32_unquantized is not None:
+        return cfg.kbit_fp32_unquantized
+    return any(p.dtype == torch.float16 for p in model.parameters())
 
 
 def _continue_adapter(cfg: Config, model):

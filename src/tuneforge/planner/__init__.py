@@ -55,7 +55,7 @@ class _Facts:
     def __call__(self, s: Settings) -> ModelFacts:
         import torch
 
-        upcast = not s.fsdp  # bitsandbytes' preparation; FSDP2's NF4 base (torchao) keeps the 16-bit weights
+        upcast = s.upcast_unquantized
         key = (s.adapter, s.quantized, s.weights_dtype, upcast)
         if key not in self.cache:
             cfg = self.cfg

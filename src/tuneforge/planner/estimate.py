@@ -51,20 +51,20 @@ class Estimate:
 
 # ---------------------------------------------------------------- activations
 def residual_bytes(s: Settings) -> int:
-    """Bytes of the residual stream: the embeddings' dtype (fp32 under full fine-tuning and single-GPU QLoRA,
-    whose bitsandbytes preparation upcasts every unquantized weight; FSDP2's NF4 base keeps them 16-bit)."""
-    if s.quantized and not s.fsdp:
+    """Bytes of the residual stream: the embeddings' dtype (fp32 under full fine-tuning, and under single-GPU
+    QLoRA when the unquantized weights are cast to fp32: kbit_fp32_unquantized)."""
+    if s.upcast_unquantized:
         return 4
     return k.DTYPE_BYTES[s.weights_dtype]
 
 
 def mlp_bytes(a: Architecture, s: Settings) -> int:
     """Per token, the MLP's saved gate output, up output and their SiLU product. In the compute dtype, except
-    on single-GPU QLoRA: bitsandbytes' 4-bit layers return their input's dtype, the fp32 residual stream's,
-    so gate and up come out fp32, and so does the eager product (a compiled block keeps the product in the
-    compute dtype: measured on an H100, docs/planner.md)."""
+    on QLoRA with an fp32 residual stream (kbit_fp32_unquantized): bitsandbytes' 4-bit layers return their
+    input's dtype, so gate and up come out fp32, and so does the eager product (a compiled block keeps the
+    product in the compute dtype: measured on an H100, docs/planner.md)."""
     c = s.compute_bytes
-    if not s.quantized or s.fsdp:
+    if not s.upcast_unquantized:
         return (k.COMPILED_MLP_SAVED if s.compiled else k.MLP_SAVED) * c * a.intermediate
     wide = residual_bytes(s)
     return (2 * wide + (c if s.compiled else wide)) * a.intermediate

@@ -37,6 +37,7 @@ class Settings:
     activation_offloading: bool = False  # saved activations in pinned CPU memory
     saved_attention: bool = False  # selective_checkpointing keeps each layer's attention output
     checkpointed_layers: int | None = None  # gradient_checkpointing_layers (None: every layer)
+    kbit_fp32: bool = False  # kbit_fp32_unquantized as resolved for a bf16/fp16 GPU
     num_generations: int = 8
     prompt_len: int = 0
     completion_len: int = 256
@@ -45,6 +46,12 @@ class Settings:
     half_precision_copy: bool = True  # GRPO: generate from a compute-dtype snapshot of fp32 weights
     online: bool = False  # prompts in, completions generated during training (config.methods facts)
     paired: bool = False  # chosen/rejected rows (preference methods, reward models)
+
+    @property
+    def upcast_unquantized(self) -> bool:
+        """Single-GPU bitsandbytes with the unquantized weights cast to fp32 (FSDP2's NF4 base keeps them
+        16-bit): then the residual stream is fp32 too."""
+        return bool(self.quantized) and not self.fsdp and self.kbit_fp32
 
     def but(self, **changes) -> Settings:
         return replace(self, **changes)
@@ -98,6 +105,8 @@ def from_config(cfg: Config, gpus: int) -> Settings:
         saved_attention="attention" in getattr(cfg.selective_checkpoint_settings, "save", ()),
         checkpointed_layers=cfg.gradient_checkpointing_layers if isinstance(cfg.gradient_checkpointing_layers, int)
         else None,
+        kbit_fp32=cfg.kbit_fp32_unquantized if cfg.kbit_fp32_unquantized is not None
+        else precision_on_gpu(cfg) == "fp16",
     )
     if online:
         generations = int(getattr(trl, "num_generations", None) or 8)
