@@ -454,3 +454,16 @@ def test_auto_checkpoints_the_fewest_layers_that_fit(tiny_model_dir, monkeypatch
     assert resolve_checkpointed_layers(auto, 1).gradient_checkpointing_layers == want
     fixed = cfg_of(tiny_model_dir, gradient_checkpointing_layers=1, **keys)
     assert resolve_checkpointed_layers(fixed, 1) is fixed
+
+
+def test_auto_compile_is_planned_as_the_trainer_decides_it(tiny_model_dir):
+    keys = dict(micro_batch_size=1, sample_packing=True, adapter="lora", lora_target_linear=True)
+
+    def acts(model=None, **more):
+        return plan(cfg_of(tiny_model_dir, **keys, **more), model=model).estimate.part("activations")
+
+    # the tiny model is under the size from which auto compiles: planned eager
+    assert acts(torch_compile="auto") == acts(torch_compile=False) != acts(torch_compile=True)
+    # an 8B model compiles, unless the run is too short to repay the compile time
+    assert acts("llama-3.1-8b", torch_compile="auto") == acts("llama-3.1-8b", torch_compile=True)
+    assert acts("llama-3.1-8b", torch_compile="auto", max_steps=10) == acts("llama-3.1-8b", torch_compile=False)

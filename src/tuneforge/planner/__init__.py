@@ -75,7 +75,7 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_memory: int | None = None,
     config = model_config(cfg, model)
     facts = _Facts(cfg, config)
     memory = gpu_memory or DEFAULT_GPU_MEMORY
-    settings = from_config(cfg, gpus or 1)
+    settings = _compile_choice(cfg, from_config(cfg, gpus or 1), facts)
 
     def run(s: Settings) -> Estimate:
         return estimate(facts(s), s, memory)
@@ -90,7 +90,7 @@ def fewest_checkpointed_layers(cfg: Config, *, gpus: int, gpu_memory: int) -> tu
     fits `gpu_memory`, and that plan; every layer when none fits (the plan then says DOES NOT FIT)."""
     config = model_config(cfg)
     facts = _Facts(cfg, config)
-    settings = from_config(cfg, gpus).but(gradient_checkpointing=True)
+    settings = _compile_choice(cfg, from_config(cfg, gpus).but(gradient_checkpointing=True), facts)
     layers = facts(settings).arch.layers
     # Fewer checkpointed layers never need less memory, so the first that fits is the answer.
     for n in range(layers + 1):
@@ -98,6 +98,20 @@ def fewest_checkpointed_layers(cfg: Config, *, gpus: int, gpu_memory: int) -> tu
         if found.fits:
             return n, found
     return layers, found
+
+
+def _compile_choice(cfg: Config, s: Settings, facts: _Facts) -> Settings:
+    """`torch_compile: auto` planned as the trainer will decide it on a GPU (compiled blocks keep fewer
+    activations than eager ones, so planning a run that trains eagerly as compiled would under-plan it)."""
+    if cfg.torch_compile != "auto":
+        return s
+    from tuneforge.config.methods import varying_block_layout
+    from tuneforge.models.compile_setup import choose
+
+    choice = choose("auto", cuda=True, parameters=facts(s).total, max_steps=cfg.max_steps,
+                    strided_ebft=varying_block_layout(cfg),
+                    selective_checkpointing=cfg.selective_checkpoint_settings is not None)
+    return s.but(compiled=choice.compile)
 
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,

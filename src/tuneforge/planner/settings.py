@@ -101,7 +101,8 @@ def from_config(cfg: Config, gpus: int) -> Settings:
         reference=_uses_reference(cfg), online=method_facts(cfg).online,
         paired=method_facts(cfg).rows == "preference", gpus=max(1, gpus), fsdp=bool(cfg.fsdp_enabled),
         offload=bool(fsdp and fsdp.offload_params), reshard_after_forward=bool(fsdp.reshard_after_forward) if fsdp else True,
-        compiled=bool(cfg.torch_compile), activation_offloading=bool(cfg.activation_offloading),
+        compiled=cfg.torch_compile is True,  # auto: decided with the parameter count (planner.plan)
+        activation_offloading=bool(cfg.activation_offloading),
         saved_attention="attention" in getattr(cfg.selective_checkpoint_settings, "save", ()),
         checkpointed_layers=cfg.gradient_checkpointing_layers if isinstance(cfg.gradient_checkpointing_layers, int)
         else None,
