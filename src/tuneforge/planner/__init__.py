@@ -72,10 +72,8 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_memory: int | None = None,
          with_suggestions: bool = True) -> Plan:
     """The estimate for `cfg` on `gpus` GPUs of `gpu_memory` bytes (model: a shipped shape name or a
     config.json instead of base_model's)."""
-    config = model_config(cfg, model)
-    facts = _Facts(cfg, config)
+    facts, settings = _prepared(cfg, gpus or 1, model)
     memory = gpu_memory or DEFAULT_GPU_MEMORY
-    settings = _compile_choice(cfg, from_config(cfg, gpus or 1), facts)
 
     def run(s: Settings) -> Estimate:
         return estimate(facts(s), s, memory)
@@ -88,9 +86,8 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_memory: int | None = None,
 def fewest_checkpointed_layers(cfg: Config, *, gpus: int, gpu_memory: int) -> tuple[int, Estimate]:
     """gradient_checkpointing_layers: auto: the fewest checkpointed decoder layers (from the first) whose plan
     fits `gpu_memory`, and that plan; every layer when none fits (the plan then says DOES NOT FIT)."""
-    config = model_config(cfg)
-    facts = _Facts(cfg, config)
-    settings = _compile_choice(cfg, from_config(cfg, gpus).but(gradient_checkpointing=True), facts)
+    facts, settings = _prepared(cfg, gpus)
+    settings = settings.but(gradient_checkpointing=True)
     layers = facts(settings).arch.layers
     # Fewer checkpointed layers never need less memory, so the first that fits is the answer.
     for n in range(layers + 1):
@@ -98,6 +95,12 @@ def fewest_checkpointed_layers(cfg: Config, *, gpus: int, gpu_memory: int) -> tu
         if found.fits:
             return n, found
     return layers, found
+
+
+def _prepared(cfg: Config, gpus: int, model: str | None = None) -> tuple[_Facts, Settings]:
+    """The counted model (cached per variant) and the settings the trainer would use."""
+    facts = _Facts(cfg, model_config(cfg, model))
+    return facts, _compile_choice(cfg, from_config(cfg, gpus), facts)
 
 
 def _compile_choice(cfg: Config, s: Settings, facts: _Facts) -> Settings:
