@@ -320,18 +320,26 @@ def run_hf(args, model_dir: Path, rows: list[list[int]], lengths: list[int], wor
 
 
 def profiled(args, model_dir: Path, rows: list[list[int]], work: Path, engine: str) -> dict:
-    """The tuneforge run under torch.profiler: where the GPU time goes, and how busy the GPU is."""
+    """The tuneforge run under torch.profiler: where the GPU time goes, how busy the GPU is, and the ops
+    behind the kernels with their input shapes (a kernel alone does not say who asked for it; Python stacks
+    would, but torch's profiler fails to decode some of their names). The whole run is profiled, compile
+    warm-up and the final save included."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         res = run_tuneforge(args, model_dir, rows, work, engine)
     wall = time.perf_counter() - t0
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
-    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
-    Path(args.profile).write_text(f"wall {wall:.1f} s, GPU kernels {busy:.1f} s\n{table}\n")
-    torch.cuda.synchronize()
+    events = prof.key_averages()
+    table = events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+    shapes = prof.key_averages(group_by_input_shape=True).table(sort_by="cuda_time_total", row_limit=40,
+                                                                 max_name_column_width=60)
+    busy = sum(e.self_device_time_total for e in events) / 1e6
+    Path(args.profile).write_text(f"wall {wall:.1f} s, GPU kernels {busy:.1f} s, {res.get('timed_steps')} timed "
+                                  f"steps\n{table}\n\nops by input shapes:\n{shapes}\n")
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return res
 
 
