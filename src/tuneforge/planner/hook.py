@@ -15,13 +15,9 @@ def log_plan(cfg, processes: int, main: bool = True) -> None:
     if not main:
         return
     try:
-        import torch
-
         from . import plan
 
-        memory = None
-        if torch.cuda.is_available():
-            memory = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        memory = gpu_memory()
         report = plan(cfg, gpus=processes, gpu_memory=memory, with_suggestions=False)
         lines = report.lines()
     except Exception as exc:  # the estimate is advice; training goes on without it
@@ -44,13 +40,10 @@ def resolve_checkpointed_layers(cfg, processes: int, main: bool = True):
     the planner cannot size, every layer is checkpointed."""
     if cfg.gradient_checkpointing_layers != "auto" or not cfg.gradient_checkpointing:
         return cfg
-    import torch
-
     from . import fewest_checkpointed_layers
 
-    n, why = None, "no GPU here"
-    if torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    n, why, total = None, "no GPU here", gpu_memory()
+    if total is not None:
         budget = int(total * (1 - cfg.gradient_checkpointing_headroom))
         try:
             n, found = fewest_checkpointed_layers(cfg, gpus=processes, gpu_memory=budget)
@@ -60,6 +53,15 @@ def resolve_checkpointed_layers(cfg, processes: int, main: bool = True):
     if main:
         log.info("gradient_checkpointing_layers: auto -> %s (%s)", "every layer" if n is None else n, why)
     return cfg.model_copy(update={"gradient_checkpointing_layers": n})
+
+
+def gpu_memory() -> int | None:
+    """This process's GPU's memory in bytes, None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
 
 
 def plan_fits(lines: list[str]) -> bool:
