@@ -467,3 +467,17 @@ def test_auto_compile_is_planned_as_the_trainer_decides_it(tiny_model_dir):
     # an 8B model compiles, unless the run is too short to repay the compile time
     assert acts("llama-3.1-8b", torch_compile="auto") == acts("llama-3.1-8b", torch_compile=True)
     assert acts("llama-3.1-8b", torch_compile="auto", max_steps=10) == acts("llama-3.1-8b", torch_compile=False)
+
+
+def test_the_plan_of_auto_shows_the_layers_training_will_checkpoint(tiny_model_dir):
+    from tuneforge.planner import fewest_checkpointed_layers
+
+    keys = dict(micro_batch_size=1, sample_packing=True, gradient_checkpointing=True)
+    auto = cfg_of(tiny_model_dir, gradient_checkpointing_layers="auto", **keys)
+    every = plan(cfg_of(tiny_model_dir, **keys)).estimate.total
+    memory = int(every / 0.9) + 1  # room for every layer checkpointed, after the 10% headroom, not for fewer
+    n, _ = fewest_checkpointed_layers(auto, gpus=1, gpu_memory=int(memory * 0.9))
+    shown = plan(auto, gpu_memory=memory).estimate
+    assert shown.settings.checkpointed_layers == n
+    roomy = plan(auto, gpu_memory=80 * GiB).estimate  # the tiny model fits without any checkpointing
+    assert roomy.settings.checkpointed_layers == 0 and "0 of 2 layers checkpointed" in plan(auto).text()

@@ -74,6 +74,9 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_memory: int | None = None,
     config.json instead of base_model's)."""
     facts, settings = _prepared(cfg, gpus or 1, model)
     memory = gpu_memory or DEFAULT_GPU_MEMORY
+    if settings.gradient_checkpointing and cfg.gradient_checkpointing_layers == "auto":  # as training will
+        budget = int(memory * (1 - cfg.gradient_checkpointing_headroom))
+        settings = settings.but(checkpointed_layers=_fewest(facts, settings, budget)[0])
 
     def run(s: Settings) -> Estimate:
         return estimate(facts(s), s, memory)
@@ -87,7 +90,10 @@ def fewest_checkpointed_layers(cfg: Config, *, gpus: int, gpu_memory: int) -> tu
     """gradient_checkpointing_layers: auto: the fewest checkpointed decoder layers (from the first) whose plan
     fits `gpu_memory`, and that plan; every layer when none fits (the plan then says DOES NOT FIT)."""
     facts, settings = _prepared(cfg, gpus)
-    settings = settings.but(gradient_checkpointing=True)
+    return _fewest(facts, settings.but(gradient_checkpointing=True), gpu_memory)
+
+
+def _fewest(facts: _Facts, settings: Settings, gpu_memory: int) -> tuple[int, Estimate]:
     layers = facts(settings).arch.layers
     # Fewer checkpointed layers never need less memory, so the first that fits is the answer.
     for n in range(layers + 1):
