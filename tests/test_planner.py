@@ -481,3 +481,14 @@ def test_the_plan_of_auto_shows_the_layers_training_will_checkpoint(tiny_model_d
     assert shown.settings.checkpointed_layers == n
     roomy = plan(auto, gpu_memory=80 * GiB).estimate  # the tiny model fits without any checkpointing
     assert roomy.settings.checkpointed_layers == 0 and "0 of 2 layers checkpointed" in plan(auto).text()
+
+
+def test_the_plan_says_when_fewer_checkpointed_layers_would_fit(tiny_model_dir):
+    keys = dict(micro_batch_size=1, sample_packing=True, gradient_checkpointing=True)
+    roomy = plan(cfg_of(tiny_model_dir, **keys))  # 80 GiB for a tiny model: no layer needs checkpointing
+    assert roomy.spare_layers.settings.checkpointed_layers == 0 and roomy.spare_layers.fits
+    assert "Memory to spare: it still fits with 0 of 2 layers checkpointed" in roomy.text()
+    tight = plan(cfg_of(tiny_model_dir, **keys), gpu_memory=roomy.estimate.total)  # fits only as it is
+    assert tight.estimate.fits and tight.spare_layers is None and "Memory to spare" not in tight.text()
+    assert plan(cfg_of(tiny_model_dir, micro_batch_size=1)).spare_layers is None  # no checkpointing to drop
+    assert plan(cfg_of(tiny_model_dir, gradient_checkpointing_layers=1, **keys)).spare_layers is None  # chosen

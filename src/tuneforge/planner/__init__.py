@@ -34,6 +34,8 @@ class Plan:
     estimate: Estimate
     suggestions: list[Suggestion]
     source: str
+    spare_layers: Estimate | None = None  # fewer checkpointed layers that still fit, when memory is to spare
+    layers: int = 0  # the model's decoder layers
 
     def text(self) -> str:
         from .report import render
@@ -83,7 +85,12 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_memory: int | None = None,
 
     main = run(settings)
     found = suggestions(settings, run) if with_suggestions and not main.fits else []
-    return Plan(main, found, model or cfg.base_model or "")
+    spare = None
+    if with_suggestions and main.fits and settings.gradient_checkpointing and settings.checkpointed_layers is None:
+        budget = int(memory * (1 - cfg.gradient_checkpointing_headroom))
+        n, fewer = _fewest(facts, settings, budget)
+        spare = fewer if fewer.fits and n < facts(settings).arch.layers else None
+    return Plan(main, found, model or cfg.base_model or "", spare, facts(settings).arch.layers)
 
 
 def fewest_checkpointed_layers(cfg: Config, *, gpus: int, gpu_memory: int) -> tuple[int, Estimate]:

@@ -60,6 +60,12 @@ def render(plan) -> str:  # a tuneforge.planner.Plan (not imported: the package 
         if short:
             lines.append(f"  warning: {short}")
     lines += ["", fits_line(e)]
+    if plan.spare_layers is not None:
+        fewer = plan.spare_layers
+        n = fewer.settings.checkpointed_layers
+        lines.append(f"Memory to spare: it still fits with {n} of {plan.layers} layers checkpointed ({gib(fewer.total)} "
+                     "GiB, within the headroom), and the others skip their recompute (faster steps): "
+                     f"gradient_checkpointing_layers: auto (or {n}).")
     if plan.suggestions:
         lines += ["", "To fit, in the order to try (each keeps the earlier checkpointing / micro-batch steps):"]
         for i, sug in enumerate(plan.suggestions, 1):
