@@ -10,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from config_support import issues_of, load_text
 from test_engine_support import losses, make_config, make_rows, one_thread, train  # noqa: F401
-from tuneforge.models.selective_checkpointing import checkpoint_kwargs, is_attention
+from tuneforge.models.load import enable_gradient_checkpointing
+from tuneforge.models.selective_checkpointing import is_attention
 
 BASE = "gradient_checkpointing: true\n"
 
@@ -42,7 +43,7 @@ def _backward(tmp_path, text: str, layer_types=None) -> tuple[int, dict[str, tor
     """Attention kernels run in the backward, and the gradients, for a 4-layer model checkpointed per `text`."""
     cfg = load_text(tmp_path, BASE + text)
     model = _model(layer_types)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(cfg, model))
+    enable_gradient_checkpointing(cfg, model)  # transformers' checkpointing with checkpoint_kwargs(cfg, model)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     loss = model(input_ids=ids, labels=ids).loss
     with AttentionCalls() as calls:
@@ -116,8 +117,6 @@ def test_auto_compile_trains_eagerly_with_it():
 # ---------------------------------------------------------------- gradient_checkpointing_layers
 def _layer_runs(tmp_path, text: str) -> tuple[list[int], dict[str, torch.Tensor]]:
     """How often each decoder layer of a 4-layer model runs in one forward + backward, and the gradients."""
-    from tuneforge.models.load import enable_gradient_checkpointing
-
     cfg = load_text(tmp_path, text)
     model = _model()
     enable_gradient_checkpointing(cfg, model)
