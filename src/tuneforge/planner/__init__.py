@@ -76,8 +76,8 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_memory: int | None = None,
     config.json instead of base_model's)."""
     facts, settings = _prepared(cfg, gpus or 1, model)
     memory = gpu_memory or DEFAULT_GPU_MEMORY
+    budget = int(memory * (1 - cfg.gradient_checkpointing_headroom))  # what gradient_checkpointing_layers fills
     if settings.gradient_checkpointing and cfg.gradient_checkpointing_layers == "auto":  # as training will
-        budget = int(memory * (1 - cfg.gradient_checkpointing_headroom))
         settings = settings.but(checkpointed_layers=_fewest(facts, settings, budget)[0])
 
     def run(s: Settings) -> Estimate:
@@ -87,7 +87,6 @@ def plan(cfg: Config, *, gpus: int | None = None, gpu_memory: int | None = None,
     found = suggestions(settings, run) if with_suggestions and not main.fits else []
     spare = None
     if with_suggestions and main.fits and settings.gradient_checkpointing and settings.checkpointed_layers is None:
-        budget = int(memory * (1 - cfg.gradient_checkpointing_headroom))
         n, fewer = _fewest(facts, settings, budget)
         spare = fewer if fewer.fits and n < facts(settings).arch.layers else None
     return Plan(main, found, model or cfg.base_model or "", spare, facts(settings).arch.layers)

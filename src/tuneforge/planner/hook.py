@@ -35,19 +35,20 @@ def log_plan(cfg, processes: int, main: bool = True) -> None:
 
 
 def resolve_checkpointed_layers(cfg, processes: int, main: bool = True):
-    """`gradient_checkpointing_layers: auto` -> the number the planner fits in this GPU's memory less the
-    headroom (every process computes the same); the config unchanged otherwise. Without a GPU, or for a model
-    the planner cannot size, every layer is checkpointed."""
+    """`gradient_checkpointing_layers: auto` -> the number the plan of this GPU checkpoints (the plan of an auto
+    config fills the GPU's memory less the headroom; every process computes the same); the config unchanged
+    otherwise. Without a GPU, or for a model the planner cannot size, every layer is checkpointed."""
     if cfg.gradient_checkpointing_layers != "auto" or not cfg.gradient_checkpointing:
         return cfg
-    from . import fewest_checkpointed_layers
+    from . import plan
 
     n, why, total = None, "no GPU here", gpu_memory()
     if total is not None:
-        budget = int(total * (1 - cfg.gradient_checkpointing_headroom))
         try:
-            n, found = fewest_checkpointed_layers(cfg, gpus=processes, gpu_memory=budget)
-            why = f"planned {found.total / 2**30:.1f} GiB of a {budget / 2**30:.1f} GiB budget"
+            found = plan(cfg, gpus=processes, gpu_memory=total, with_suggestions=False).estimate
+            n = found.settings.checkpointed_layers
+            why = (f"planned {found.total / 2**30:.1f} GiB of {total / 2**30:.1f} GiB, "
+                   f"{cfg.gradient_checkpointing_headroom:.0%} left as headroom")
         except Exception as exc:  # the planner cannot size this model: the safe choice
             why = f"the memory planner cannot size this model ({type(exc).__name__}: {exc})"
     if main:
