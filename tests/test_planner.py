@@ -220,7 +220,13 @@ def _flash_like(module, query, key, value, attention_mask, scaling=None, dropout
 
 def _saved_per_token(model, layer, tokens: int) -> tuple[float, int]:
     """(activation bytes per token saved inside `layer`, bytes of weight-shaped tensors saved there)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ids = torch.randint(0, 100, (1, tokens))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        # bitsandbytes' CPU path repacks the 4-bit weights on a first forward without gradients, freeing their
+        # old storage; done here, a saved activation cannot land on an address counted as a parameter's
+        model(input_ids=ids, position_ids=torch.arange(tokens)[None])
+    held = [p.detach() for p in model.parameters()]
+    params = {p.untyped_storage().data_ptr() for p in held}
     shared, seen, active = set(), {}, [False]
 
     def pre(module, args, kwargs):
@@ -230,18 +236,17 @@ def _saved_per_token(model, layer, tokens: int) -> tuple[float, int]:
     def pack(t):
         key = t.untyped_storage().data_ptr()
         if active[0] and key not in params and key not in shared:
-            seen[key] = (t.untyped_storage().nbytes(), tokens in t.shape)
+            seen[key] = (t.untyped_storage().nbytes(), tokens in t.shape, t)  # t held: its address stays its own
         return t
 
     hooks = [layer.register_forward_pre_hook(pre, with_kwargs=True),
              layer.register_forward_hook(lambda *a: active.__setitem__(0, False))]
-    ids = torch.randint(0, 100, (1, tokens))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=ids, position_ids=torch.arange(tokens)[None])
     for h in hooks:
         h.remove()
-    per_token = sum(n for n, has_t in seen.values() if has_t) / tokens
-    return per_token, sum(n for n, has_t in seen.values() if not has_t)
+    per_token = sum(n for n, has_t, _ in seen.values() if has_t) / tokens
+    return per_token, sum(n for n, has_t, _ in seen.values() if not has_t)
 
 
 @pytest.mark.parametrize("adapter", ["", "lora", "qlora", "qlora-fp32"])
