@@ -28,6 +28,7 @@ per engine and writes them to --out.
     python bench/train_throughput.py --preset 1b-qlora          # QLoRA: bitsandbytes on one GPU vs FSDP2's NF4
     python bench/train_throughput.py --preset 8b-lora-long      # 16K-token documents: selective checkpointing
     python bench/train_throughput.py --preset 8b-lora-ck        # gradient_checkpointing_layers: 26 and auto
+    python bench/train_throughput.py --preset 8b-lora-fp8       # fp8: true with LoRA (float8 frozen base layers)
 
 Engines: `hf` (Trainer, + PEFT in lora mode) and `tuneforge` with any of these suffixes, joined by `-`:
 `kernels` (lora_mlp/qkv/o_kernel), `compile` (torch_compile), `kahan` (bf16_master_weights: kahan), `fp8` (fp8:
@@ -127,6 +128,11 @@ PRESETS = {
                         hf_packed=True,
                         engines="hf,tuneforge-compile-upcast,tuneforge-compile,tuneforge-compile-ck26,"
                                 "tuneforge-compile-ckauto"),
+    # fp8: true with LoRA: the frozen base layers' matmuls in float8 (twice bf16's tensor-core rate on Hopper),
+    # fully and partly checkpointed, against the bf16 run at the same checkpointing.
+    "8b-lora-fp8": dict(shape="llama-8b", mode="lora", gc=True, micro_batch=2, seq_len=4096, hf_batch=2,
+                        hf_packed=True, engines="hf,tuneforge-compile-ck26,tuneforge-fp8-compile-ck26,"
+                                                "tuneforge-fp8-compile"),
     "1b-qlora": dict(shape="llama-1b", mode="lora", gc=True, micro_batch=2, seq_len=4096,
                      engines="tuneforge-qlora,tuneforge-qlora-fsdp,tuneforge-fsdp"),
     "1b-full-bf16": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,

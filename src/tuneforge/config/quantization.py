@@ -73,7 +73,8 @@ class QuantizationKeys(Section):
         None, description="Quantized export: after training, output_dir/quantized holds the model with torchao "
         "int4/int8 weights (and int8 activations), loadable with from_pretrained (docs/quantization.md).")
     fp8: bool = Field(
-        False, description="FP8 training (torchao float8 linear layers; CUDA compute capability 8.9 or newer).")
+        False, description="FP8 training (torchao float8 linear layers; CUDA compute capability 8.9 or newer). "
+        "With an adapter, only the frozen base layers run in float8; the adapter trains in bf16.")
     fp8_enable_fsdp_float8_all_gather: bool = Field(
         False, description="With fp8 and FSDP2: all-gather the sharded weights in float8 (half the traffic).")
 
@@ -109,9 +110,13 @@ def check(cfg) -> list[ConfigIssue]:
         if getattr(cfg, key) and cfg.deepspeed:
             issues.append(ConfigIssue(key, "is not available with DeepSpeed, whose ZeRO-3 partitions the layers "
                                       "torchao replaces; shard with FSDP2 instead (fsdp_version: 2, docs/multi-gpu.md)."))
-    if cfg.fp8 and cfg.adapter:
-        issues.append(ConfigIssue("fp8", "fp8 training converts the trained linear layers (full fine-tuning); "
-                                  "with an adapter use bf16: true."))
+    if cfg.fp8 and (cfg.load_in_4bit or cfg.load_in_8bit or cfg.adapter == "qlora"):
+        issues.append(ConfigIssue("fp8", "float8 matmuls run 16-bit base layers, and load_in_4bit / load_in_8bit "
+                                  "already quantize them: keep one (LoRA with fp8: true, or QLoRA)."))
+    fused = [k for k in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel") if getattr(cfg, k)]
+    if cfg.fp8 and fused:
+        issues.append(ConfigIssue("fp8", f"{', '.join(fused)} compute the base layers' 16-bit matmuls themselves, "
+                                  "so float8 would not reach them: remove fp8 or the kernel keys."))
     if cfg.fp8_enable_fsdp_float8_all_gather and not (cfg.fp8 and cfg.fsdp_enabled):
         issues.append(ConfigIssue("fp8_enable_fsdp_float8_all_gather", "applies to fp8: true with FSDP2 "
                                   "(fsdp_version: 2); remove it or set both."))

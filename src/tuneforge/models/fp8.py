@@ -31,16 +31,26 @@ def check_device() -> None:
                               "fp8: true.")
 
 
-def convertible(module: torch.nn.Module, head: torch.nn.Module | None) -> bool:
+def convertible(module: torch.nn.Module, head: torch.nn.Module | None, frozen_only: bool = False) -> bool:
     """A linear layer float8 can run: not the output head (its logits are sensitive to the rounding, and it is
-    the layer torchao's recipes keep in high precision), both weight dimensions multiples of 16."""
-    return (isinstance(module, torch.nn.Linear) and module is not head
-            and module.in_features % MULTIPLE == 0 and module.out_features % MULTIPLE == 0)
+    the layer torchao's recipes keep in high precision), both weight dimensions multiples of 16. With
+    `frozen_only` (an adapter), only layers that train nothing: the base layers an adapter wraps, whose matmuls
+    are nearly all of a LoRA step's work, while the small trained factors keep their 16-bit precision."""
+    return (isinstance(module, torch.nn.Linear) and not (head is not None and _within(module, head))
+            and module.in_features % MULTIPLE == 0 and module.out_features % MULTIPLE == 0
+            and not (frozen_only and any(p.requires_grad for p in module.parameters())))
 
 
-def convert(model, *, fsdp_float8_all_gather: bool = False) -> list[str]:
+def _within(module: torch.nn.Module, head: torch.nn.Module) -> bool:
+    """`module` is the head or part of it (the base layer of a LoRA-wrapped head)."""
+    return any(module is m for m in head.modules())
+
+
+def convert(model, *, fsdp_float8_all_gather: bool = False, frozen_only: bool = False) -> list[str]:
     """Swap `model`'s convertible linear layers for torchao's Float8Linear in place; returns their names. Does not
-    look at the device (see `check_device`), so the swap itself can be checked anywhere."""
+    look at the device (see `check_device`), so the swap itself can be checked anywhere. A frozen layer's float8
+    backward still computes its weight gradient, which autograd then drops; compiled, that matmul is removed
+    from the graph, so fp8 with an adapter pays with torch_compile."""
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
@@ -49,7 +59,7 @@ def convert(model, *, fsdp_float8_all_gather: bool = False) -> list[str]:
     converted: list[str] = []
 
     def keep(module: torch.nn.Module, name: str) -> bool:
-        if convertible(module, head):
+        if convertible(module, head, frozen_only):
             converted.append(name)
             return True
         return False
@@ -59,10 +69,12 @@ def convert(model, *, fsdp_float8_all_gather: bool = False) -> list[str]:
     return converted
 
 
-def prepare(model, *, fsdp_float8_all_gather: bool = False, compiled: bool = False) -> list[str]:
-    """`fp8: true` at train time: the device check, then the conversion."""
+def prepare(model, *, fsdp_float8_all_gather: bool = False, compiled: bool = False,
+            frozen_only: bool = False) -> list[str]:
+    """`fp8: true` at train time: the device check, then the conversion (`frozen_only` with an adapter)."""
     check_device()
-    converted = convert(model, fsdp_float8_all_gather=fsdp_float8_all_gather)
-    log.info("fp8: %d linear layers train with float8 matmuls%s", len(converted),
+    converted = convert(model, fsdp_float8_all_gather=fsdp_float8_all_gather, frozen_only=frozen_only)
+    log.info("fp8: %d %s with float8 matmuls%s", len(converted),
+             "frozen base layers run (the adapter trains in 16 bits)" if frozen_only else "linear layers train",
              "" if compiled else " (set torch_compile: true: without it the casts cost more than float8 saves)")
     return converted
