@@ -325,6 +325,28 @@ def run_hf(args, model_dir: Path, rows: list[list[int]], lengths: list[int], wor
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if _cuda() else None, "timed_steps": len(rates)}
 
 
+SMALL_OPS = ("aten::fill_", "aten::zero_", "aten::copy_", "aten::index_put_", "aten::masked_fill_")
+
+
+def _by_caller(events, top: int = 30) -> str:
+    """Fills, copies and scatters grouped by the chain of ops that called them (the profiler's CPU parents) and
+    their input shapes: which Python-level op asked for thousands of small kernels."""
+    totals: dict[tuple[str, str], list[float]] = {}
+    for e in events:
+        if e.name not in SMALL_OPS:
+            continue
+        chain, parent = [e.name], e.cpu_parent
+        while parent is not None and len(chain) < 6:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        key = (" < ".join(chain), str(e.input_shapes)[:80])
+        entry = totals.setdefault(key, [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.device_time_total / 1e3
+    rows = sorted(totals.items(), key=lambda kv: (-kv[1][1], -kv[1][0]))[:top]
+    return "\n".join(f"{ms:9.1f} ms {n:6d} x  {chain}  {shapes}" for (chain, shapes), (n, ms) in rows)
+
+
 def profiled(args, model_dir: Path, rows: list[list[int]], work: Path, engine: str) -> dict:
     """The tuneforge run under torch.profiler: where the GPU time goes, how busy the GPU is, and the ops
     behind the kernels with their input shapes (a kernel alone does not say who asked for it; Python stacks
@@ -343,7 +365,8 @@ def profiled(args, model_dir: Path, rows: list[list[int]], work: Path, engine: s
                                                                  max_name_column_width=60)
     busy = sum(e.self_device_time_total for e in events) / 1e6
     Path(args.profile).write_text(f"wall {wall:.1f} s, GPU kernels {busy:.1f} s, {res.get('timed_steps')} timed "
-                                  f"steps\n{table}\n\nops by input shapes:\n{shapes}\n")
+                                  f"steps\n{table}\n\nops by input shapes:\n{shapes}\n\n"
+                                  f"small ops by caller:\n{_by_caller(prof.events())}\n")
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return res
