@@ -29,10 +29,11 @@ per engine and writes them to --out.
     python bench/train_throughput.py --preset 8b-lora-long      # 16K-token documents: selective checkpointing
     python bench/train_throughput.py --preset 8b-lora-ck        # gradient_checkpointing_layers: 26 and auto
     python bench/train_throughput.py --preset 8b-lora-fp8       # fp8: true with LoRA (float8 frozen base layers)
+    python bench/train_throughput.py --preset 8b-lora-fp8w      # ... with the frozen weights stored in float8
 
 Engines: `hf` (Trainer, + PEFT in lora mode) and `tuneforge` with any of these suffixes, joined by `-`:
 `kernels` (lora_mlp/qkv/o_kernel), `compile` (torch_compile), `kahan` (bf16_master_weights: kahan), `fp8` (fp8:
-true), `qat` (qat: int4 weights per group of 32, int8 activations),
+true), `fp8w` (fp8 with fp8_frozen_weights), `qat` (qat: int4 weights per group of 32, int8 activations),
 `fsdp` (FSDP2 in one process), `deepspeed` (DeepSpeed ZeRO-3 in one process: bench/deepspeed_gpu.sh),
 `qlora` (a 4-bit base: bitsandbytes, or with `fsdp` torchao NF4 shards; the random weights are saved and
 loaded, since quantized models are not initialised from a config). All
@@ -133,6 +134,11 @@ PRESETS = {
     "8b-lora-fp8": dict(shape="llama-8b", mode="lora", gc=True, micro_batch=2, seq_len=4096, hf_batch=2,
                         hf_packed=True, engines="hf,tuneforge-compile-ck26,tuneforge-fp8-compile-ck26,"
                                                 "tuneforge-fp8-compile"),
+    # The same with the frozen base stored in float8 (fp8_frozen_weights): the memory it frees buys layers without
+    # recompute. 19-20 checkpointed layers are what the planner puts near the Hugging Face run's 29.4 GiB.
+    "8b-lora-fp8w": dict(shape="llama-8b", mode="lora", gc=True, micro_batch=2, seq_len=4096, hf_batch=2,
+                         hf_packed=True, engines="hf,tuneforge-fp8-compile-ck25,tuneforge-fp8w-compile-ck25,"
+                                                 "tuneforge-fp8w-compile-ck20,tuneforge-fp8w-compile-ck19"),
     "1b-qlora": dict(shape="llama-1b", mode="lora", gc=True, micro_batch=2, seq_len=4096,
                      engines="tuneforge-qlora,tuneforge-qlora-fsdp,tuneforge-fsdp"),
     "1b-full-bf16": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,
@@ -141,7 +147,7 @@ PRESETS = {
     "1b-fp8": dict(shape="llama-1b", mode="full", micro_batch=4, seq_len=4096,
                    engines="tuneforge-compile,tuneforge-fp8-compile,tuneforge,tuneforge-fp8,tuneforge-qat-compile"),
 }
-VARIANTS = {"kernels", "compile", "kahan", "fsdp", "deepspeed", "fp8", "qat", "qlora", "sac", "actoffload", "upcast"}
+VARIANTS = {"kernels", "compile", "kahan", "fsdp", "deepspeed", "fp8", "fp8w", "qat", "qlora", "sac", "actoffload", "upcast"}
 
 
 def variants(engine: str) -> set[str]:
@@ -203,6 +209,8 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engi
         cfg["bf16_master_weights"] = "kahan"
     if "fp8" in parts:
         cfg["fp8"] = True
+    if "fp8w" in parts:  # with an adapter: the frozen base weights kept in float8 (fp8_frozen_weights)
+        cfg.update(fp8=True, fp8_frozen_weights=True)
     if "qat" in parts:  # int8 dynamic activations, int4 weights per group of 32 (Axolotl's 3b-qat example)
         cfg["qat"] = {"weight_dtype": "int4", "activation_dtype": "int8", "group_size": 32}
     if "sac" in parts:  # attention outputs kept from the forward (needs --gc)

@@ -72,6 +72,27 @@ def test_qlora_counts_nf4_with_its_quantization_constants(tiny_model_dir):
     assert nf4.trainable.bytes == plain.trainable.bytes
 
 
+def test_float8_frozen_weights_count_the_bytes_the_converted_model_holds(tiny_model_dir):
+    """fp8_frozen_weights: the planner's frozen bytes equal those of the model the trainer builds (base weights in
+    e4m3, one fp32 scale each, which the planner leaves out), and the run is planned as LoRA, not QLoRA."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.models import fp8
+    from tuneforge.models.adapters import apply_adapter
+
+    cfg = cfg_of(tiny_model_dir, adapter="lora", lora_target_linear=True, fp8=True, fp8_frozen_weights=True)
+    real = apply_adapter(cfg, AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16))
+    names = fp8.convert(real, frozen_only=True)
+    fp8.store_frozen_weights(real, names)
+    frozen = [p for p in real.parameters() if not p.requires_grad]
+    held = sum(p._data.nbytes if hasattr(p, "_data") else p.numel() * p.element_size() for p in frozen)
+    settings = from_config(cfg, 1)
+    assert (settings.quantized, settings.adapter, settings.upcast_unquantized) == ("float8", "lora", False)
+    facts = facts_of(cfg, torch.bfloat16, settings.quantized)
+    assert facts.frozen.bytes == held
+    assert facts.frozen.bytes == facts_of(cfg, torch.bfloat16).frozen.bytes - facts.matmul_params
+
+
 def test_shipped_shapes_have_the_public_sizes():
     expected = {"llama-3.2-1b": 1_235_814_400, "llama-3.1-8b": 8_030_261_248, "llama-3.1-70b": 70_553_706_496,
                 "qwen2.5-7b": 7_615_616_512}

@@ -257,6 +257,55 @@ def test_compiled_frozen_float8_layer_skips_its_weight_gradient():
     assert (backward_matmuls(frozen=False), backward_matmuls(frozen=True)) == (2, 1)
 
 
+def test_stored_float8_weights_compute_what_the_per_call_cast_computes():
+    """fp8_frozen_weights: the frozen base weights become float8 once; the loss and every LoRA gradient are the
+    same bits as with Float8Linear casting them at each call, eager and traced (AOTAutograd, as torch_compile),
+    and the weights take 1 byte each instead of 4 (this tiny model is fp32)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torchao.float8.float8_training_tensor import Float8TrainingTensor
+
+    per_call, stored = _lora_tiny(), _lora_tiny()
+    fp8.convert(per_call, frozen_only=True)
+    names = fp8.convert(stored, frozen_only=True)
+    bases = [stored.get_submodule(n).weight for n in names]
+    assert fp8.store_frozen_weights(stored, names) == sum(w.numel() * 3 for w in bases)
+    for n in names:
+        weight = stored.get_submodule(n).weight
+        assert isinstance(weight, Float8TrainingTensor) and weight._data.dtype == torch.float8_e4m3fn
+        assert not weight.requires_grad
+    ids = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(1))
+    traced = torch.compile(stored, backend=aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward)))
+    runs = []
+    for m in (per_call, stored, traced):
+        m.zero_grad()
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        runs.append([loss.detach()] + [p.grad.clone() for n, p in m.named_parameters() if "lora_" in n])
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run, strict=True))
+
+
+def test_fp8_lora_run_with_stored_weights_repeats_the_per_call_run_and_resumes_exactly(tmp_path, tiny_model_dir,
+                                                                                      monkeypatch):
+    """A CPU run (the GPU check bypassed: torch's float8 matmul runs on the CPU too) with fp8_frozen_weights
+    has the losses of the run casting per call, and a resume from checkpoint-1 repeats them."""
+    monkeypatch.setattr(fp8, "check_device", lambda: None)
+    rows = make_rows(n=16, seed=4)
+    keys = {**RUN, "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True, "fp8": True}
+    per_call = losses(train(make_config(tmp_path / "c", tiny_model_dir, rows, **keys)))
+    keys.update(fp8_frozen_weights=True, save_strategy="steps", save_steps=1)
+    result = train(make_config(tmp_path / "s", tiny_model_dir, rows, **keys))
+    stored = losses(result)
+    kinds = {type(m.base_layer.weight).__name__ for m in result.model.modules() if hasattr(m, "base_layer")}
+    assert kinds == {"Float8TrainingTensor"}  # every adapted layer's base is float8 (not a run without fp8)
+    assert stored == per_call and stored[4] < stored[1]
+    ckpt = tmp_path / "s" / "out" / "checkpoint-1"
+    resumed = losses(train(make_config(tmp_path / "r", tiny_model_dir, rows, **keys,
+                                       resume_from_checkpoint=str(ckpt))))
+    assert resumed == {k: v for k, v in stored.items() if k > 1}
+
+
 def test_fp8_config_rules_with_adapters():
     base = {"base_model": "x", "fp8": True, "lora_target_linear": True}
     assert load(data={**base, "adapter": "lora"}).fp8 is True
@@ -264,6 +313,14 @@ def test_fp8_config_rules_with_adapters():
         load(data={**base, "adapter": "qlora", "load_in_4bit": True})
     with pytest.raises(ConfigError, match="fp8: lora_mlp_kernel, lora_o_kernel compute the base layers"):
         load(data={**base, "adapter": "lora", "lora_mlp_kernel": True, "lora_o_kernel": True})
+    with pytest.raises(ConfigError, match="fp8_frozen_weights: applies to fp8: true with an adapter"):
+        load(data={**base, "fp8_frozen_weights": True})
+    lora = {**base, "adapter": "lora", "fp8_frozen_weights": True}
+    assert load(data=lora).fp8_frozen_weights is True
+    with pytest.raises(ConfigError, match="fp8_frozen_weights: is not available with fsdp_version: 2: FSDP2 shards"):
+        load(data={**lora, "fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True}})
+    with pytest.raises(ConfigError, match="fp8_frozen_weights: is not available with rl: grpo: the generation engine"):
+        load(data={**lora, "rl": "grpo"})
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9),

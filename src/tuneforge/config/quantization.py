@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from .base import Section
 from .errors import ConfigIssue
+from .methods import method_facts
 
 QuantDtype = Literal["int4", "int8", "float8", "nvfp4", "mxfp4"]
 _ALIASES = {"fp8": "float8", "float8_e4m3fn": "float8"}  # the other spellings Axolotl accepts for float8
@@ -75,6 +76,10 @@ class QuantizationKeys(Section):
     fp8: bool = Field(
         False, description="FP8 training (torchao float8 linear layers; CUDA compute capability 8.9 or newer). "
         "With an adapter, only the frozen base layers run in float8; the adapter trains in bf16.")
+    fp8_frozen_weights: bool = Field(
+        False, description="With fp8 and an adapter: keep the frozen base weights in float8 (half their memory; the "
+        "same numbers as casting them at each call, which fp8 does otherwise). New, not yet measured on a GPU "
+        "(docs/quantization.md).")
     fp8_enable_fsdp_float8_all_gather: bool = Field(
         False, description="With fp8 and FSDP2: all-gather the sharded weights in float8 (half the traffic).")
 
@@ -117,7 +122,26 @@ def check(cfg) -> list[ConfigIssue]:
     if cfg.fp8 and fused:
         issues.append(ConfigIssue("fp8", f"{', '.join(fused)} compute the base layers' 16-bit matmuls themselves, "
                                   "so float8 would not reach them: remove fp8 or the kernel keys."))
+    if cfg.fp8_frozen_weights:
+        issues += _frozen_weight_issues(cfg)
     if cfg.fp8_enable_fsdp_float8_all_gather and not (cfg.fp8 and cfg.fsdp_enabled):
         issues.append(ConfigIssue("fp8_enable_fsdp_float8_all_gather", "applies to fp8: true with FSDP2 "
                                   "(fsdp_version: 2); remove it or set both."))
     return issues
+
+
+def _frozen_weight_issues(cfg) -> list[ConfigIssue]:
+    """fp8_frozen_weights replaces the base layers' 16-bit weights: refused where something else reads or writes
+    them in 16 bits."""
+    key = "fp8_frozen_weights"
+    if not (cfg.fp8 and cfg.adapter):
+        return [ConfigIssue(key, "applies to fp8: true with an adapter (the frozen base layers); set both or remove "
+                            "it.")]
+    readers = {
+        "fsdp_version: 2": cfg.fsdp_enabled and "FSDP2 shards 16-bit parameters",
+        f"rl: {cfg.rl}": method_facts(cfg).online and "the generation engine reads the 16-bit base weights",
+        "relora": cfg.relora_every() and "ReLoRA merges every adapter into the 16-bit base weights",
+        "peft_use_dora": cfg.peft_use_dora and "DoRA takes the norm of the 16-bit base weights",
+    }
+    return [ConfigIssue(key, f"is not available with {name}: {why}; remove {key} (fp8: true alone casts the "
+                        "weights at each call).") for name, why in readers.items() if why]

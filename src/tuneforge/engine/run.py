@@ -137,7 +137,8 @@ def _low_precision(cfg: Config, model) -> None:
         from tuneforge.models import fp8
 
         fp8.prepare(model, fsdp_float8_all_gather=cfg.fp8_enable_fsdp_float8_all_gather,
-                    compiled=bool(cfg.torch_compile), frozen_only=bool(cfg.adapter))
+                    compiled=bool(cfg.torch_compile), frozen_only=bool(cfg.adapter),
+                    store_frozen=cfg.fp8_frozen_weights)
     if cfg.qat and not cfg.quantization:
         log.info("qat: add a `quantization:` block with the same settings to also write output_dir/quantized")
 

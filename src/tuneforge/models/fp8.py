@@ -69,11 +69,37 @@ def convert(model, *, fsdp_float8_all_gather: bool = False, frozen_only: bool = 
     return converted
 
 
+def store_frozen_weights(model, names: list[str]) -> int:
+    """Replace the weights of the converted frozen layers `names` by their float8 form (`fp8_frozen_weights`):
+    torchao's training tensor holding the e4m3 data and the per-tensor scale, the same cast Float8Linear makes
+    at every call (a frozen weight's cast never changes), made once. Float8Linear's matmuls take an
+    already-cast weight as it is, so the numbers are unchanged and the 16-bit copy is freed. Returns the bytes
+    saved. torchao's float8 inference weights (`quantize_`) would do the storing, but cannot be differentiated
+    through, which the input's gradient needs."""
+    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+    from torchao.float8.float8_training_tensor import GemmInputRole
+
+    saved = 0
+    for name in names:
+        layer = model.get_submodule(name)
+        weight, cast = layer.weight.detach(), layer.config.cast_config_weight
+        stored = hp_tensor_to_float8_dynamic(weight, cast.target_dtype, layer.linear_mm_config,
+                                             gemm_input_role=GemmInputRole.WEIGHT,
+                                             round_scales_to_power_of_2=layer.config.round_scales_to_power_of_2)
+        saved += weight.numel() * (weight.element_size() - stored._data.element_size())
+        layer.weight = torch.nn.Parameter(stored, requires_grad=False)
+    return saved
+
+
 def prepare(model, *, fsdp_float8_all_gather: bool = False, compiled: bool = False,
-            frozen_only: bool = False) -> list[str]:
-    """`fp8: true` at train time: the device check, then the conversion (`frozen_only` with an adapter)."""
+            frozen_only: bool = False, store_frozen: bool = False) -> list[str]:
+    """`fp8: true` at train time: the device check, then the conversion (`frozen_only` with an adapter; with
+    `store_frozen` their weights kept in float8)."""
     check_device()
     converted = convert(model, fsdp_float8_all_gather=fsdp_float8_all_gather, frozen_only=frozen_only)
+    if store_frozen:
+        log.info("fp8_frozen_weights: the frozen base weights are kept in float8 (%.2f GiB less)",
+                 store_frozen_weights(model, converted) / 2**30)
     log.info("fp8: %d %s with float8 matmuls%s", len(converted),
              "frozen base layers run (the adapter trains in 16 bits)" if frozen_only else "linear layers train",
              "" if compiled else " (set torch_compile: true: without it the casts cost more than float8 saves)")

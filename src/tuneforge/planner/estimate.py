@@ -307,7 +307,8 @@ def _checkpointed_note(f: ModelFacts, s: Settings) -> str:
 
 
 def _weights_note(f: ModelFacts, s: Settings) -> str:
-    kind = {"nf4": "NF4 4-bit base", "int8": "int8 base"}.get(f.quantized or "", s.weights_dtype)
+    kind = {"nf4": "NF4 4-bit base", "int8": "int8 base", "float8": "float8 frozen base"}.get(f.quantized or "",
+                                                                                              s.weights_dtype)
     note = f"{f.total:,} params ({f.trainable.count:,} trainable), {kind}"
     if s.fsdp:
         note += f", sharded over {s.gpus}" + (" and offloaded to CPU" if s.offload else "")

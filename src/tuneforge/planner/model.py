@@ -13,6 +13,8 @@ from pathlib import Path
 from tuneforge.config.schema import Config
 from tuneforge.errors import ModelError
 
+from .coefficients import BITSANDBYTES
+
 SHAPES_DIR = Path(__file__).parent / "shapes"
 
 
@@ -67,7 +69,7 @@ class ModelFacts:
     trainable_bytes_per_element: float  # gradients and optimizer states follow this
     # (name, in_features, rank) of the adapted linear layers of the most-adapted decoder layer
     adapted: list[tuple[str, int, int]] = field(default_factory=list)
-    quantized: str | None = None  # "nf4" / "int8"
+    quantized: str | None = None  # "nf4" / "int8" / "float8"
     lm_head: bool = True  # False for classification heads (reward models): no logits over the vocabulary
 
     @property
@@ -198,7 +200,7 @@ def count(cfg: Config, config, weights_dtype, quantized: str | None, upcast: boo
     per_layer = layer_bytes // max(len(layers), 1)
     train_sizes = [p.element_size() for p in model.parameters() if p.requires_grad]
     head_bytes = head_weight.element_size() if head_weight is not None else 2
-    if quantized and upcast and head_weight is not None:
+    if quantized in BITSANDBYTES and upcast and head_weight is not None:
         head_bytes = 4  # prepare_model_for_kbit_training upcasts every non-quantized parameter to fp32
     return ModelFacts(
         arch=architecture(config), trainable=trainable, frozen=frozen, layer_bytes=per_layer, root_bytes=root_bytes,
@@ -210,7 +212,8 @@ def count(cfg: Config, config, weights_dtype, quantized: str | None, upcast: boo
 
 
 def _quantizable(layers) -> set[int]:
-    """Frozen linear weights of the decoder layers: what bitsandbytes quantizes (the head stays unquantized)."""
+    """Frozen linear weights of the decoder layers: what bitsandbytes quantizes and fp8_frozen_weights keeps in
+    float8 (the head stays 16-bit)."""
     import torch
 
     ids = set()
@@ -228,7 +231,9 @@ def _element_bytes(p, quantize: bool, quantized: str | None, upcast: bool = True
         return k.NF4_BITS / 8 + absmax
     if quantize and quantized == "int8":
         return 1 + k.INT8_ROW_SCALE_BYTES / p.shape[1]
-    if quantized and upcast and not p.requires_grad:
+    if quantize and quantized == "float8":
+        return 1  # fp8_frozen_weights: e4m3, one scale per tensor
+    if quantized in BITSANDBYTES and upcast and not p.requires_grad:
         return 4  # prepare_model_for_kbit_training: norms, embeddings and the head in fp32
     return p.element_size()
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, replace
 from tuneforge.config.methods import method_facts
 from tuneforge.config.schema import Config
 
+from .coefficients import BITSANDBYTES
+
 # Methods whose loss compares against a reference model (a frozen copy under full fine-tuning).
 
 
@@ -19,7 +21,7 @@ class Settings:
     grad_accum: int
     gradient_checkpointing: bool
     adapter: str | None  # None (full fine-tuning), "lora", "qlora"
-    quantized: str | None  # "nf4", "int8" or None
+    quantized: str | None  # "nf4", "int8" (bitsandbytes), "float8" (fp8_frozen_weights) or None
     precision: str  # "bf16", "fp16" or "no" (fp32)
     torch_dtype: str | None  # an explicit weights dtype (e.g. "bfloat16": pure bf16 full fine-tuning)
     optimizer: str
@@ -51,7 +53,7 @@ class Settings:
     def upcast_unquantized(self) -> bool:
         """Single-GPU bitsandbytes with the unquantized weights cast to fp32 (FSDP2's NF4 base keeps them
         16-bit): then the residual stream is fp32 too."""
-        return bool(self.quantized) and not self.fsdp and self.kbit_fp32
+        return self.quantized in BITSANDBYTES and not self.fsdp and self.kbit_fp32
 
     def but(self, **changes) -> Settings:
         return replace(self, **changes)
@@ -90,11 +92,13 @@ def from_config(cfg: Config, gpus: int) -> Settings:
     fsdp = cfg.fsdp_config
     trl = cfg.trl
     quantized = "nf4" if cfg.load_in_4bit or cfg.adapter == "qlora" else "int8" if cfg.load_in_8bit else None
+    if cfg.fp8_frozen_weights and cfg.adapter:
+        quantized = "float8"
     online = method_facts(cfg).online
     settings = Settings(
         micro_batch_size=cfg.micro_batch_size, sequence_len=cfg.sequence_len, packed=bool(cfg.sample_packing),
         grad_accum=cfg.grad_accum, gradient_checkpointing=bool(cfg.gradient_checkpointing),
-        adapter=("qlora" if quantized else "lora") if cfg.adapter else None, quantized=quantized,
+        adapter=("qlora" if quantized in BITSANDBYTES else "lora") if cfg.adapter else None, quantized=quantized,
         precision=precision_on_gpu(cfg), torch_dtype=cfg.torch_dtype, optimizer=cfg.optimizer,
         sgd_momentum=bool((cfg.optim_args or {}).get("momentum")), attention=_attention(cfg), rl=cfg.rl,
         reward_model=bool(cfg.reward_model), precompute_ref=bool(getattr(cfg, "precompute_ref_log_probs", False)),
