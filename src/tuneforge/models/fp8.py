@@ -86,7 +86,7 @@ def store_frozen_weights(model, names: list[str]) -> int:
         stored = hp_tensor_to_float8_dynamic(weight, cast.target_dtype, layer.linear_mm_config,
                                              gemm_input_role=GemmInputRole.WEIGHT,
                                              round_scales_to_power_of_2=layer.config.round_scales_to_power_of_2)
-        saved += weight.numel() * (weight.element_size() - stored._data.element_size())
+        saved += weight.numel() * (weight.element_size() - 1)  # float8: one byte per weight
         layer.weight = torch.nn.Parameter(stored, requires_grad=False)
     return saved
 
