@@ -120,6 +120,28 @@ def test_optimizer_states(tiny_model_dir, optimizer, per_param):
     assert e.part("optimizer states") == int(e.extra["trainable"] * per_param)
 
 
+def test_kahan_plans_bf16_weights_and_the_states_the_optimizer_keeps(tiny_model_dir):
+    """bf16_master_weights: kahan: weights and gradients in bf16, no autocast copies, and optimizer states of the
+    size the real optimizer allocates (torch-optimi's AdamW: two moments and the compensation, in bf16)."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.engine.optim import build_optimizer
+    from tuneforge.models.load import weights_dtype
+
+    cfg = cfg_of(tiny_model_dir, bf16_master_weights="kahan")
+    e = plan(cfg).estimate
+    n = e.extra["trainable"]
+    assert (e.part("weights"), e.part("gradients"), e.part("autocast weight copies")) == (2 * n, 2 * n, 0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=weights_dtype(cfg))
+    optimizer = build_optimizer(cfg, model)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    held = sum(t.nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+               and t.dim() > 0)
+    assert e.part("optimizer states") == held == 6 * n
+
+
 def test_sgd_momentum_keeps_one_buffer(tiny_model_dir):
     e = plan(cfg_of(tiny_model_dir, optimizer="sgd", optim_args={"momentum": 0.9})).estimate
     assert e.part("optimizer states") == 4 * e.extra["trainable"]

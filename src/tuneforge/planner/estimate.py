@@ -200,6 +200,8 @@ def optimizer_bytes(f: ModelFacts, s: Settings) -> int:
     kind, states = k.OPTIMIZER_STATES.get(s.optimizer, ("like_param", 2 if s.optimizer != "adafactor" else 0))
     if s.optimizer == "sgd" and s.sgd_momentum:
         states = 1
+    if s.kahan:  # torch-optimi's AdamW: both moments and the Kahan compensation, in the weights' dtype
+        kind, states = "like_param", 3
     per = {"like_param": f.trainable_bytes_per_element, "fp32": 4, "int8": 1 + 4 / k.BNB_OPTIM_BLOCK,
            "int4": 0.5 + 4 / k.INT4_OPTIM_BLOCK}[kind]
     return int(f.trainable.count * per * states)
@@ -278,9 +280,9 @@ def _parts(f: ModelFacts, s: Settings, v: dict[str, int]) -> list[Part]:
     return [
         Part("weights", v["weights"], _weights_note(f, s)),
         Part("gradients", v["gradients"], "fp32" if f.trainable_bytes_per_element == 4 else "like the weights"),
-        Part("optimizer states", v["optimizer states"], s.optimizer),
-        Part("master weights", 0, "none separate: full fine-tuning trains fp32 weights" if s.adapter is None
-             else "none: adapter weights are fp32"),
+        Part("optimizer states", v["optimizer states"],
+             "torch-optimi AdamW, Kahan-compensated" if s.kahan else s.optimizer),
+        Part("master weights", 0, _master_note(s)),
         Part("autocast weight copies", v["autocast weight copies"], "compute-dtype copies of the trained fp32 weights"),
         Part("activations", v["activations"], f"{s.tokens} tokens/micro-batch, "
              + (_checkpointed_note(f, s) if s.gradient_checkpointing else "no checkpointing")
@@ -298,6 +300,14 @@ def _parts(f: ModelFacts, s: Settings, v: dict[str, int]) -> list[Part]:
         Part("CUDA context + allocator", v["CUDA context + allocator"],
              f"{k.CUDA_CONTEXT_GIB} GiB + {k.ALLOCATOR_SLACK:.0%}"),
     ]
+
+
+def _master_note(s: Settings) -> str:
+    if s.adapter is not None:
+        return "none: adapter weights are fp32"
+    if s.kahan:
+        return "none: bf16 weights, updates added with Kahan summation"
+    return "none separate: full fine-tuning trains fp32 weights"
 
 
 def _checkpointed_note(f: ModelFacts, s: Settings) -> str:

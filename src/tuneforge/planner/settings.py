@@ -40,6 +40,7 @@ class Settings:
     saved_attention: bool = False  # selective_checkpointing keeps each layer's attention output
     checkpointed_layers: int | None = None  # gradient_checkpointing_layers (None: every layer)
     kbit_fp32: bool = False  # kbit_fp32_unquantized as resolved for a bf16/fp16 GPU
+    kahan: bool = False  # bf16_master_weights: kahan (bf16 weights; AdamW keeps a compensation buffer)
     num_generations: int = 8
     prompt_len: int = 0
     completion_len: int = 256
@@ -65,6 +66,8 @@ class Settings:
     @property
     def weights_dtype(self) -> str:
         """models.load.weights_dtype for a CUDA GPU with bf16."""
+        if self.kahan:
+            return "bfloat16"
         if self.torch_dtype and self.torch_dtype != "auto":
             return self.torch_dtype
         if self.adapter and self.precision != "no":
@@ -110,6 +113,7 @@ def from_config(cfg: Config, gpus: int) -> Settings:
         saved_attention="attention" in getattr(cfg.selective_checkpoint_settings, "save", ()),
         checkpointed_layers=cfg.gradient_checkpointing_layers if isinstance(cfg.gradient_checkpointing_layers, int)
         else None,
+        kahan=cfg.bf16_master_weights == "kahan",
         kbit_fp32=cfg.kbit_fp32_unquantized if cfg.kbit_fp32_unquantized is not None
         else precision_on_gpu(cfg) == "fp16",
     )
