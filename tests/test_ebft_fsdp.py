@@ -54,7 +54,10 @@ STRIDED = {"ebft": {"mode": "strided", "stride": 4, "context_length": 4, "genera
 # Structured mode with LoRA (the feature network is the adapter-disabled generation copy) and strided mode with full
 # fine-tuning (the unsharded frozen copy); structured full fine-tuning uses that same frozen copy, and CI time is
 # kept for the two paths that differ.
-@pytest.mark.parametrize("keys", [LORA, STRIDED], ids=["structured-lora", "strided-full"])
+# Structured mode also with trl.async_prefetch: the next generation runs in a background thread from a snapshot of
+# the whole copy, while the feature network scores on the training thread.
+@pytest.mark.parametrize("keys", [LORA, STRIDED, {**LORA, "async": True}],
+                         ids=["structured-lora", "strided-full", "structured-lora-async"])
 def test_ebft_under_fsdp2_matches_data_parallelism(tmp_path, tiny_model_dir, keys):
     rows = [{"prompt": f"copy: {w} ->", "ground_truth": f" {w}"} for w in ("the cat", "a dog", "one", "big house",
                                                                           "red", "two birds", "sun", "a b c")]
@@ -64,6 +67,8 @@ def test_ebft_under_fsdp2_matches_data_parallelism(tmp_path, tiny_model_dir, key
             "trl": {"num_generations": 4, "max_completion_length": 6, "num_iterations": 2},
             "micro_batch_size": 4, "max_steps": 3, "learning_rate": 1e-2, "logging_steps": 1,
             "save_strategy": "no", "seed": 3, **keys}
+    if base.pop("async", False):
+        base["trl"]["async_prefetch"] = True
     plain, sharded = _run(tmp_path, "plain", base), _run(tmp_path, "fsdp", {**base, **FSDP})
     assert sorted(sharded) == sorted(plain) == [1, 2, 3]
     compared = [k for k in COMPARED if k in plain[1]]
@@ -75,13 +80,14 @@ def test_ebft_under_fsdp2_matches_data_parallelism(tmp_path, tiny_model_dir, key
     assert plain[3]["ebft/alignment"] != plain[1]["ebft/alignment"]
 
 
-def test_fsdp2_refuses_the_asynchronous_samplers_as_for_grpo(tiny_model_dir):
+def test_fsdp2_refuses_the_generation_server_as_for_grpo(tiny_model_dir):
     from tuneforge.config import load
     from tuneforge.config.errors import ConfigError
 
     base = {"base_model": str(tiny_model_dir), "rl": "ebft", "datasets": [{"path": "gt.jsonl", "type": "prompt"}],
             "trl": {"num_generations": 4}, "micro_batch_size": 4, **FSDP}
     load(data=base)  # synchronous sampling is fine
-    for trl in ({"async_prefetch": True}, {"use_vllm": True}):
-        with pytest.raises(ConfigError, match=r"fsdp_config.*rl: ebft with FSDP2.*trl.use_vllm / trl.async_prefetch"):
-            load(data={**base, "trl": {**base["trl"], **trl}})
+    load(data={**base, "trl": {**base["trl"], "async_prefetch": True}})  # so is the embedded engine's prefetching
+    with pytest.raises(ConfigError, match=r"fsdp_config.*rl: ebft with FSDP2 generates with the embedded engine.*"
+                                          r"turn off trl.use_vllm"):
+        load(data={**base, "trl": {**base["trl"], "use_vllm": True}})

@@ -134,11 +134,14 @@ def test_dpo_with_reference_matches_one_process(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_grpo_matches_one_process(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("trl", [{}, {"async_prefetch": True}], ids=["synchronous", "async_prefetch"])
+def test_grpo_matches_one_process(tmp_path, tiny_model_dir, trl):
     """GRPO under FSDP2: each process generates from a whole copy of the model refreshed from the shards. On
     two processes it gives the same generations, rewards and losses as data parallelism (which replicates
     the model; sampling is seeded per process, so both runs draw the same completions). Step 3 generates
-    anew after two updates (num_iterations 2), so a copy that was not refreshed would differ there."""
+    anew after two updates (num_iterations 2), so a copy that was not refreshed would differ there. With
+    trl.async_prefetch the next rollout is generated in a background thread from a snapshot of that whole
+    copy (no collective runs there), one step behind, as under data parallelism."""
     import yaml
 
     (tmp_path / "fsdp_rewards.py").write_text("def hits(completions, **kw):\n"
@@ -146,7 +149,7 @@ def test_grpo_matches_one_process(tmp_path, tiny_model_dir):
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"hi {i}"}) + "\n" for i in range(16)))
     base = {"base_model": str(tiny_model_dir), "rl": "grpo", "datasets": [{"path": "prompts.jsonl", "type": "prompt"}],
             "trl": {"num_generations": 4, "max_completion_length": 6, "reward_funcs": ["fsdp_rewards.hits"],
-                    "num_iterations": 2}, "micro_batch_size": 4, "max_steps": 3, "learning_rate": 1e-3,
+                    "num_iterations": 2, **trl}, "micro_batch_size": 4, "max_steps": 3, "learning_rate": 1e-3,
             "logging_steps": 1, "save_strategy": "no", "seed": 3}
     for name, extra in (("plain", {}), ("fsdp", FSDP)):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**base, **extra, "output_dir": str(tmp_path / name)}))
@@ -230,7 +233,7 @@ def test_axolotl_fsdp1_spellings_map_to_fsdp2(caplog):
     ({"fsdp_config": {"reshard_after_forwrd": True}}, "fsdp_config.reshard_after_forwrd", "reshard_after_forward"),
     ({"fsdp_version": 2, "deepspeed": "zero3.json"}, "deepspeed", "keep one"),
     ({"deepspeed": "missing.json"}, "deepspeed", "not found"),
-    ({"fsdp_version": 2, "rl": "grpo", "trl": {"async_prefetch": True}}, "fsdp_config", "async_prefetch"),
+    ({"fsdp_version": 2, "rl": "grpo", "trl": {"use_vllm": True}}, "fsdp_config", "use_vllm"),
     ({"fsdp_version": 2, "adapter": "lora", "load_in_8bit": True}, "load_in_8bit", "8-bit base"),
     ({"fsdp_version": 2, "dp_shard_size": 2, "dp_replicate_size": 2}, "dp_replicate_size", "HSDP"),
     ({"dp_shard_size": 2}, "dp_shard_size", "fsdp_version: 2"),

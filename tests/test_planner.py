@@ -237,6 +237,13 @@ def test_grpo_kv_cache(tiny_model_dir):
 
     sharded = plan(cfg.model_copy(update={"fsdp_version": 2, "fsdp_config": FsdpConfig()}), gpus=2)
     assert sharded.estimate.part("generation weight copy") == (4 + 2) * e.extra["trainable"]
+    # trl.async_prefetch: one more snapshot per rollout in flight, in the dtype the sampler generates in
+    ahead = cfg.model_copy(update={"trl": cfg.trl.model_copy(update={"async_prefetch": True, "prefetch_depth": 2})})
+    assert plan(ahead).estimate.part("generation weight copy") == (1 + 2) * 2 * e.extra["trainable"]
+    lora = cfg_of(tiny_model_dir, rl="grpo", adapter="lora", lora_target_linear=True,
+                  trl={"num_generations": 4, "async_prefetch": True})
+    estimate = plan(lora).estimate
+    assert estimate.part("generation weight copy") == estimate.part("weights")  # a copy of base and adapter
 
 
 # ---------------------------------------------------------------- activations against autograd

@@ -208,11 +208,10 @@ def _fsdp_not_yet(cfg) -> list:
     issues = []
     trl = cfg.trl
     # (EBFT's structured mode samples through GRPO's machinery: the same limits)
-    if cfg.rl in ("grpo", "gdpo", "ebft") and trl is not None and (trl.use_vllm or trl.async_prefetch
-                                                                   or trl.use_data_producer):
-        issues.append(ConfigIssue("fsdp_config", f"rl: {cfg.rl} with FSDP2 generates with the embedded engine, "
-                                  "synchronously, for now: turn off trl.use_vllm / trl.async_prefetch, or train "
-                                  "without the fsdp keys"))
+    if cfg.rl in ("grpo", "gdpo", "ebft") and trl is not None and trl.use_vllm:
+        issues.append(ConfigIssue("fsdp_config", f"rl: {cfg.rl} with FSDP2 generates with the embedded engine "
+                                  "for now (trl.async_prefetch overlaps it with training): turn off trl.use_vllm, "
+                                  "or train without the fsdp keys"))
     for key in ("generate_samples", "do_causal_lm_eval"):
         if getattr(cfg, key, False):
             issues.append(ConfigIssue(key, "generation during evaluation is not supported with FSDP2 yet; turn it off "

@@ -185,14 +185,20 @@ def kv_cache(f: ModelFacts, s: Settings) -> int:
 def generation_copy(f: ModelFacts, s: Settings) -> int:
     """GRPO's copies of the policy for sampling, kept for the whole run: under FSDP2 a whole (unsharded) copy
     refreshed from the shards (engine/trainer.py); under full fine-tuning with fp32 weights a compute-dtype
-    snapshot that the sampler generates from (rollout/snapshot.py)."""
+    snapshot that the sampler generates from (rollout/snapshot.py); with trl.async_prefetch one snapshot per
+    rollout in flight, in the dtype the sampler generates in (rollout/async_prefetch.py)."""
     if not s.completions_per_step:
         return 0
     whole = f.weight_bytes if s.fsdp else 0
+    half = _half_precision_copy(s)
+    sampled = s.compute_bytes * f.total if half else f.weight_bytes  # the weights the sampler generates from
+    return whole + (sampled if half else 0) + s.prefetch_snapshots * sampled
+
+
+def _half_precision_copy(s: Settings) -> bool:
+    """Full fine-tuning with fp32 weights under mixed precision generates from a compute-dtype copy."""
     fp32 = k.DTYPE_BYTES[s.weights_dtype] == 4 and s.adapter is None
-    if not fp32 or s.precision == "no" or not s.half_precision_copy:
-        return whole
-    return whole + s.compute_bytes * f.total
+    return fp32 and s.precision != "no" and s.half_precision_copy
 
 
 # ---------------------------------------------------------------- states
@@ -336,9 +342,12 @@ def _reference_note(s: Settings) -> str:
 def _copy_note(s: Settings, size: int) -> str:
     if not size:
         return "none"
-    return ("whole copy for generation under FSDP2" if s.fsdp else "") + (
-        ("; " if s.fsdp else "") + "bf16 snapshot of the fp32 policy" if s.adapter is None and s.half_precision_copy
-        else "")
+    parts = ["whole copy for generation under FSDP2"] if s.fsdp else []
+    if _half_precision_copy(s):
+        parts.append("bf16 snapshot of the fp32 policy")
+    if s.prefetch_snapshots:
+        parts.append(f"{s.prefetch_snapshots} snapshot(s) for trl.async_prefetch")
+    return "; ".join(parts)
 
 
 def _kv_note(s: Settings) -> str:

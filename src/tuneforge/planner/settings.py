@@ -47,6 +47,7 @@ class Settings:
     completions_per_step: int = 0
     kv_cache_bytes: int = 2
     half_precision_copy: bool = True  # GRPO: generate from a compute-dtype snapshot of fp32 weights
+    prefetch_snapshots: int = 0  # trl.async_prefetch: copies the background sampler generates from (prefetch_depth)
     online: bool = False  # prompts in, completions generated during training (config.methods facts)
     paired: bool = False  # chosen/rejected rows (preference methods, reward models)
 
@@ -129,7 +130,9 @@ def from_config(cfg: Config, gpus: int) -> Settings:
             completion_len=int(getattr(trl, "max_completion_length", None) or 256),
             completions_per_step=per_micro * cfg.grad_accum, micro_batch_size=per_micro,
             kv_cache_bytes=1 if kv and "fp8" in str(kv) else settings.compute_bytes,
-            half_precision_copy=bool(gen_kwargs.get("half_precision_copy", True)))
+            half_precision_copy=bool(gen_kwargs.get("half_precision_copy", True)),
+            prefetch_snapshots=trl.prefetch_depth if trl and (trl.async_prefetch or trl.use_data_producer)
+            and not trl.use_vllm else 0)
     return settings
 
 

@@ -84,14 +84,15 @@ class Prefetcher(_Queue):
         optimizer steps, so snapshots never copy half-updated weights.
         """
         ready = self.queue.popleft() if len(self.queue) >= self.depth else None
-        result = (ready[0].result(), True, ready[1]) if ready is not None else None
+        if ready is not None:
+            result = ready[0].result(), True, ready[1]
+        else:  # before the submission: the two generations never draw from the random generator at once
+            self.foreground.sync_weights(model)
+            result = self.foreground.generate(prompt_ids, n, params), False, tag
         slot = self.submitted % self.depth
         self.snapshots[slot].refresh(model)
         self._submit(self.samplers[slot], prompt_ids, n, params, tag)
-        if result is not None:
-            return result
-        self.foreground.sync_weights(model)
-        return self.foreground.generate(prompt_ids, n, params), False, tag
+        return result
 
 
 class RemotePrefetcher(_Queue):
