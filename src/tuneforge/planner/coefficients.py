@@ -16,9 +16,9 @@ GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "int8": 1}
 
 # ---------------------------------------------------------------- quantized weights (bitsandbytes)
+BITSANDBYTES = ("nf4", "int8")  # the bases bitsandbytes quantizes (QLoRA, 8-bit LoRA); "float8": fp8_frozen_weights
 # NF4: 4 bits per weight, one absmax per block of 64 weights. With double quantization (tuneforge's
 # default) the absmax is itself stored in 8 bits with an fp32 constant per 256 absmax values.
-BITSANDBYTES = ("nf4", "int8")  # the bases bitsandbytes quantizes (QLoRA, 8-bit LoRA); "float8" is torchao's
 NF4_BITS = 4
 NF4_BLOCK = 64
 NF4_DOUBLE_QUANT_BLOCK = 256
