@@ -123,6 +123,40 @@ def test_lora_matches_one_process_and_saves_a_peft_adapter(tmp_path, tiny_model_
 
 
 @pytest.mark.slow
+def test_generation_during_evaluation_matches_one_process(tmp_path, tiny_model_dir):
+    """generate_samples and do_causal_lm_eval under FSDP2: each process generates from a whole copy of the model
+    refreshed from the shards (the sharded model cannot generate: its forwards gather with every process). After
+    two updates, the greedy samples and the corpus scores equal those of one process accumulating both
+    micro-batches, whose model is the same; the untrained model's samples differ, so a copy that was not
+    refreshed would show. The 6 evaluation rows make 3 batches, 2 on one process and 1 on the other: the
+    uneven split must not leave one process waiting in a forward for the other."""
+    rows = make_rows(n=24, seed=5)
+    keys = {**NO_SAVES, "max_steps": 2, "val_set_size": 0.25, "eval_strategy": "steps", "eval_steps": 2,
+            "generate_samples": True, "num_generation_samples": 3, "generation_do_sample": False,
+            "generation_max_new_tokens": 6, "do_causal_lm_eval": True, "eval_causal_lm_metrics": ["sacrebleu", "chrf"],
+            "learning_rate": 1e-2}
+    single = tmp_path / "single"
+    train(make_config(single, tiny_model_dir, rows, gradient_accumulation_steps=2, **keys))
+    make_config(tmp_path / "fsdp", tiny_model_dir, rows, gradient_accumulation_steps=1, **keys, **FSDP)
+    done = _torchrun("-m", "tuneforge.cli", "train", str(tmp_path / "fsdp" / "config.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {}
+    for name, out in (("single", single / "out"), ("fsdp", tmp_path / "fsdp" / "out")):
+        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+        runs[name] = ([r for r in records if r["type"] == "eval"], samples)
+    (evals, samples), (sharded_evals, sharded_samples) = runs["single"], runs["fsdp"]
+    assert len(evals) == len(sharded_evals) == 1 and len(samples) == 3
+    assert [(x["prompt"], x["completion"]) for x in sharded_samples] == [(x["prompt"], x["completion"]) for x in samples]
+    for key in ("eval_sacrebleu", "eval_chrf", "eval_loss"):
+        assert abs(sharded_evals[0][key] - evals[0][key]) <= TOL, (key, evals, sharded_evals)
+    train(make_config(tmp_path / "still", tiny_model_dir, rows, gradient_accumulation_steps=2,
+                      **{**keys, "learning_rate": 1e-12}))
+    untrained = [json.loads(x) for x in (tmp_path / "still" / "out" / "samples.jsonl").read_text().splitlines()]
+    assert [x["completion"] for x in untrained] != [x["completion"] for x in samples]
+
+
+@pytest.mark.slow
 def test_dpo_with_reference_matches_one_process(tmp_path, tiny_model_dir):
     pairs = [{"prompt": f"say {i}", "chosen": f"{i} yes", "rejected": f"{i + 1} no"} for i in range(16)]
     keys = {**NO_SAVES, "rl": "dpo"}
@@ -234,6 +268,8 @@ def test_axolotl_fsdp1_spellings_map_to_fsdp2(caplog):
     ({"fsdp_version": 2, "deepspeed": "zero3.json"}, "deepspeed", "keep one"),
     ({"deepspeed": "missing.json"}, "deepspeed", "not found"),
     ({"fsdp_version": 2, "rl": "grpo", "trl": {"use_vllm": True}}, "fsdp_config", "use_vllm"),
+    ({"deepspeed": {"zero_optimization": {"stage": 3}}, "generate_samples": True, "val_set_size": 0.1},
+     "generate_samples", "ZeRO-3"),
     ({"fsdp_version": 2, "adapter": "lora", "load_in_8bit": True}, "load_in_8bit", "8-bit base"),
     ({"fsdp_version": 2, "dp_shard_size": 2, "dp_replicate_size": 2}, "dp_replicate_size", "HSDP"),
     ({"dp_shard_size": 2}, "dp_shard_size", "fsdp_version: 2"),

@@ -237,6 +237,11 @@ def test_grpo_kv_cache(tiny_model_dir):
 
     sharded = plan(cfg.model_copy(update={"fsdp_version": 2, "fsdp_config": FsdpConfig()}), gpus=2)
     assert sharded.estimate.part("generation weight copy") == (4 + 2) * e.extra["trainable"]
+    # generation during evaluation under FSDP2 generates from the same kind of whole copy (without FSDP2: none)
+    sft = cfg_of(tiny_model_dir, generate_samples=True, val_set_size=0.1, fsdp_version=2, fsdp_config={})
+    assert plan(sft, gpus=2).estimate.part("generation weight copy") == 4 * e.extra["trainable"]
+    assert plan(cfg_of(tiny_model_dir, generate_samples=True, val_set_size=0.1)).estimate.part(
+        "generation weight copy") == 0
     # trl.async_prefetch: one more snapshot per rollout in flight, in the dtype the sampler generates in
     ahead = cfg.model_copy(update={"trl": cfg.trl.model_copy(update={"async_prefetch": True, "prefetch_depth": 2})})
     assert plan(ahead).estimate.part("generation weight copy") == (1 + 2) * 2 * e.extra["trainable"]

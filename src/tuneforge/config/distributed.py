@@ -161,7 +161,7 @@ def check(cfg) -> list:
                                   "with fsdp_config, or deepspeed)"))
     if cfg.deepspeed:
         try:
-            deepspeed_settings(cfg)
+            issues += _zero3_generation(cfg, deepspeed_settings(cfg))
         except ValueError as exc:
             issues.append(ConfigIssue("deepspeed", str(exc)))
     if cfg.fsdp_enabled:
@@ -212,11 +212,18 @@ def _fsdp_not_yet(cfg) -> list:
         issues.append(ConfigIssue("fsdp_config", f"rl: {cfg.rl} with FSDP2 generates with the embedded engine "
                                   "for now (trl.async_prefetch overlaps it with training): turn off trl.use_vllm, "
                                   "or train without the fsdp keys"))
-    for key in ("generate_samples", "do_causal_lm_eval"):
-        if getattr(cfg, key, False):
-            issues.append(ConfigIssue(key, "generation during evaluation is not supported with FSDP2 yet; turn it off "
-                                      "or train without the fsdp keys"))
     return issues
+
+
+def _zero3_generation(cfg, settings: dict) -> list:
+    """Generation during evaluation needs whole weights; ZeRO-3 keeps them partitioned and gathers them only in
+    forwards that every process runs together, which per-process generation does not."""
+    from .errors import ConfigIssue
+
+    stage = int((settings.get("zero_optimization") or {}).get("stage", 0) or 0)
+    return [ConfigIssue(key, "generation during evaluation is not supported with DeepSpeed ZeRO-3; turn it off, "
+                        "or shard with FSDP2 (fsdp_version: 2), which generates from a whole copy of the model")
+            for key in ("generate_samples", "do_causal_lm_eval") if stage >= 3 and getattr(cfg, key, False)]
 
 
 def deepspeed_settings(cfg) -> dict:

@@ -29,13 +29,15 @@ log = logging.getLogger("tuneforge")
 
 
 class Evaluator:
-    def __init__(self, cfg: Config, objective: Objective, rows: RowSource, *, accelerator, model, tokenizer,
+    def __init__(self, cfg: Config, objective: Objective, rows: RowSource, *, accelerator, generation_model, tokenizer,
                  pad_id: int, rows_per_micro_batch: int, output_dir: Path, sharded: bool = False):
         self.cfg = cfg
         self.objective = objective
         self.rows = rows
         self.accelerator = accelerator
-        self.model = model  # generation runs on the model itself, outside the data-parallel wrapper
+        # () -> the model generation runs on, outside the data-parallel wrapper: the model itself, or under FSDP2
+        # a whole copy refreshed from the shards (a collective: every process calls it at the same point)
+        self.generation_model = generation_model
         self.tokenizer = tokenizer
         self.pad_id = pad_id
         self.rows_per_micro_batch = rows_per_micro_batch
@@ -77,15 +79,17 @@ class Evaluator:
         inner = self.accelerator.unwrap_model(runner)  # no DDP: processes may see different batch counts
         inner.eval()
         sums: dict[str, float] = defaultdict(float)
+        padding = self._padding()  # a collective: before any forward, which under FSDP2 gathers with all processes
         with self.accelerator.autocast():
             for mb in self.batches():
                 batch = self._device_batch(mb)
                 for k, v in inner(self.objective.evaluate, batch).items():
                     sums[k] += v
-            for mb in self._padding():
+            for mb in padding:
                 inner(self.objective.evaluate, self._device_batch(mb))  # not counted
-            samples = self._samples()
-            predictions = self._predictions()
+            model = self.generation_model() if self.cfg.generate_samples or self.cfg.do_causal_lm_eval else None
+            samples = self._samples(model)
+            predictions = self._predictions(model)
         inner.train()
         keys = collectives.union_keys(sums)  # a process may lack a key (e.g. it skipped a micro-batch)
         sums = dict(zip(keys, collectives.sum_floats([sums.get(k, 0.0) for k in keys]), strict=True))
@@ -101,22 +105,22 @@ class Evaluator:
         return device_batch(self.objective, self.rows, mb, pad_id=self.pad_id, device=self.accelerator.device,
                             training=False)
 
-    def _samples(self) -> list[dict]:
+    def _samples(self, model) -> list[dict]:
         """generate_samples: the objective's samples for the first evaluation documents (first process)."""
         cfg = self.cfg
         if not cfg.generate_samples or not self.accelerator.is_main_process:
             return []
         count = min(cfg.num_generation_samples, len(self.rows.lengths))
         documents = [row[0] for row in self.rows.rows([[i] for i in range(count)])]
-        return self.objective.samples(self.model, self.tokenizer, documents)
+        return self.objective.samples(model, self.tokenizer, documents)
 
-    def _predictions(self) -> list[tuple[str, str]] | None:
+    def _predictions(self, model) -> list[tuple[str, str]] | None:
         """do_causal_lm_eval: (completion, reference) of every evaluation document, each process generating for
         its own evaluation batches, gathered on all processes (corpus scores do not depend on the order)."""
         if not self.cfg.do_causal_lm_eval:
             return None
         documents = [doc for mb in self.batches() for row in self.rows.rows(mb) for doc in row]
-        mine = self.objective.predictions(self.model, self.tokenizer, documents)
+        mine = self.objective.predictions(model, self.tokenizer, documents)
         return [pair for part in collectives.gather_objects(mine) for pair in part]
 
     def write_samples(self, samples: list[dict], step: int) -> None:

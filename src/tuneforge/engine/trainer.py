@@ -119,6 +119,9 @@ class Trainer:
                                  shape=objective.step_shape())
         self.total_steps = self.plan.total_steps
         self.sharded = cfg.fsdp_enabled
+        # generate_samples / do_causal_lm_eval generate from the model at each evaluation
+        self.eval_generates = data.eval is not None and cfg.eval_strategy != "no" and bool(
+            cfg.generate_samples or cfg.do_causal_lm_eval)
         self.zero, self.backward = None, acc.backward  # deepspeed: its ZeroEngine and backward (deepspeed_hooks)
         self.flops = FlopCounter(model, self.adapter)  # before ZeRO-3 partitions the weights (shapes read here)
         self.prepare_model()
@@ -127,7 +130,7 @@ class Trainer:
         self.evaluator = None
         if data.eval is not None and cfg.eval_strategy != "no":
             self.evaluator = Evaluator(cfg, objective, RowSource(data.eval, objective.row_columns), accelerator=acc,
-                                       model=model, tokenizer=tokenizer, pad_id=self.pad_id,
+                                       generation_model=self._generation_model, tokenizer=tokenizer, pad_id=self.pad_id,
                                        rows_per_micro_batch=objective.step_shape().rows_per_micro_batch,
                                        output_dir=self.output_dir, sharded=self.sharded or self.zero is not None)
         self.eval_cadence = eval_cadence(self.plan, cfg) if self.evaluator is not None else None
@@ -158,9 +161,10 @@ class Trainer:
         if cfg.deepspeed:  # the DeepSpeed engine becomes the runner; it clips its own gradients (no `trainable`)
             return deepspeed_hooks.prepare(self, ObjectiveRunner(self.model), _generates(self.objective))
         if self.sharded:
-            # Online methods generate outside the runner's forward, where sharded parameters cannot be used:
-            # they get a whole copy of the model, refreshed from the shards before each generation.
-            if _generates(self.objective):
+            # Online methods and generation during evaluation generate outside the runner's forward, where
+            # sharded parameters cannot be used: they get a whole copy of the model, refreshed from the shards
+            # before each generation.
+            if _generates(self.objective) or self.eval_generates:
                 self.generation_model = copy.deepcopy(self.model).to(acc.device)
             self.runner = ObjectiveRunner(self.model)
             fsdp.shard(self.runner, self.model, cfg.fsdp_config,
@@ -173,7 +177,8 @@ class Trainer:
         self.trainable = [p for p in self.runner.parameters() if p.requires_grad]
 
     def _generation_model(self):
-        """The model online methods generate with: the trained one, or under FSDP2 its refreshed whole copy."""
+        """The model online methods and evaluation generate with: the trained one, or under FSDP2 its whole copy
+        refreshed from the shards (every process must call this at the same point)."""
         if self.generation_model is None:
             return self.model
         fsdp.copy_whole_weights(self.runner.model, self.generation_model)

@@ -183,13 +183,14 @@ def kv_cache(f: ModelFacts, s: Settings) -> int:
 
 
 def generation_copy(f: ModelFacts, s: Settings) -> int:
-    """GRPO's copies of the policy for sampling, kept for the whole run: under FSDP2 a whole (unsharded) copy
-    refreshed from the shards (engine/trainer.py); under full fine-tuning with fp32 weights a compute-dtype
-    snapshot that the sampler generates from (rollout/snapshot.py); with trl.async_prefetch one snapshot per
-    rollout in flight, in the dtype the sampler generates in (rollout/async_prefetch.py)."""
+    """Copies of the policy for generation, kept for the whole run: under FSDP2 a whole (unsharded) copy
+    refreshed from the shards, for online methods and for generation during evaluation (engine/trainer.py);
+    for online methods under full fine-tuning with fp32 weights a compute-dtype snapshot that the sampler
+    generates from (rollout/snapshot.py), and with trl.async_prefetch one snapshot per rollout in flight, in
+    the dtype the sampler generates in (rollout/async_prefetch.py)."""
+    whole = f.weight_bytes if s.fsdp and (s.completions_per_step or s.eval_generation) else 0
     if not s.completions_per_step:
-        return 0
-    whole = f.weight_bytes if s.fsdp else 0
+        return whole
     half = _half_precision_copy(s)
     sampled = s.compute_bytes * f.total if half else f.weight_bytes  # the weights the sampler generates from
     return whole + (sampled if half else 0) + s.prefetch_snapshots * sampled

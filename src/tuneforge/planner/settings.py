@@ -48,6 +48,7 @@ class Settings:
     kv_cache_bytes: int = 2
     half_precision_copy: bool = True  # GRPO: generate from a compute-dtype snapshot of fp32 weights
     prefetch_snapshots: int = 0  # trl.async_prefetch: copies the background sampler generates from (prefetch_depth)
+    eval_generation: bool = False  # generate_samples / do_causal_lm_eval (under FSDP2: a whole copy to generate with)
     online: bool = False  # prompts in, completions generated during training (config.methods facts)
     paired: bool = False  # chosen/rejected rows (preference methods, reward models)
 
@@ -115,6 +116,7 @@ def from_config(cfg: Config, gpus: int) -> Settings:
         checkpointed_layers=cfg.gradient_checkpointing_layers if isinstance(cfg.gradient_checkpointing_layers, int)
         else None,
         kahan=cfg.bf16_master_weights == "kahan",
+        eval_generation=bool(cfg.generate_samples or cfg.do_causal_lm_eval),
         kbit_fp32=cfg.kbit_fp32_unquantized if cfg.kbit_fp32_unquantized is not None
         else precision_on_gpu(cfg) == "fp16",
     )
