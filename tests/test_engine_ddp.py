@@ -86,12 +86,12 @@ def test_grpo_on_two_processes(tmp_path, tiny_model_dir):
 def test_ddp_keys_reach_the_data_parallel_wrapper(tmp_path, tiny_model_dir):
     """ddp_bucket_cap_mb / ddp_find_unused_parameters become the DDP options accelerate wraps the model with
     (one process here, so nothing is wrapped; the two-process tests run the wrapper itself)."""
-    from tuneforge.engine.trainer import _accelerator
+    from tuneforge.engine.accelerator import build_accelerator
 
     tuned = make_config(tmp_path / "a", tiny_model_dir, ddp_bucket_cap_mb=50, ddp_find_unused_parameters=True)
-    handler = _accelerator(tuned, "no", [], tmp_path).ddp_handler
+    handler = build_accelerator(tuned, "no", [], tmp_path).ddp_handler
     assert (handler.bucket_cap_mb, handler.find_unused_parameters) == (50, True)
-    handler = _accelerator(make_config(tmp_path / "b", tiny_model_dir), "no", [], tmp_path).ddp_handler
+    handler = build_accelerator(make_config(tmp_path / "b", tiny_model_dir), "no", [], tmp_path).ddp_handler
     assert (handler.bucket_cap_mb, handler.find_unused_parameters) == (25, False)  # PyTorch's defaults
 
 

@@ -232,6 +232,11 @@ class TrainingKeys(Section):
     )
 
 
+    @property
+    def eval_generates(self) -> bool:
+        """Evaluation generates text (generate_samples, do_causal_lm_eval): it needs a model that can generate."""
+        return bool(self.generate_samples or self.do_causal_lm_eval)
+
     @field_validator("eval_strategy", "save_strategy", mode="before")
     @classmethod
     def _unquoted_no(cls, value):

@@ -87,7 +87,7 @@ class Evaluator:
                     sums[k] += v
             for mb in padding:
                 inner(self.objective.evaluate, self._device_batch(mb))  # not counted
-            model = self.generation_model() if self.cfg.generate_samples or self.cfg.do_causal_lm_eval else None
+            model = self.generation_model() if self.cfg.eval_generates else None
             if model is not None:
                 model.eval()  # FSDP2's whole copy too (only generation uses it); inner.train() below resets the model
             samples = self._samples(model)

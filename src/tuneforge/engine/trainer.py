@@ -17,7 +17,8 @@ SFT, several for preference methods) then runs inside a single DDP forward, as D
 
 Around the loop, each in its own module: evaluation and generation during evaluation (evaluation.py),
 running out of memory (memory.py), the dynamic_checkpoint trigger file (trigger.py), which checkpoint to
-resume from (resume.py), checkpoint files (checkpoint.py), cross-process sums (tuneforge.distributed).
+resume from (resume.py), checkpoint files (checkpoint.py), cross-process sums (tuneforge.distributed), the
+accelerate setup (accelerator.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from tuneforge.user_code import keep_last_step_on_failure
 
 from . import checkpoint as ckpt
 from . import deepspeed_hooks, loss_scaling, memory, resume, trackers
+from .accelerator import build_accelerator
 from .best import BestEvaluation
 from .evaluation import Evaluator
 from .metrics import FlopCounter, LogInterval, MetricsLogger, StepResult, peak_flops
@@ -104,7 +106,7 @@ class Trainer:
         self.precision = mixed_precision(cfg)
         self.tracker_names = trackers.requested(cfg)
         trackers.check_installed(self.tracker_names)
-        self.accelerator = accelerator or _accelerator(cfg, self.precision, self.tracker_names, self.output_dir)
+        self.accelerator = accelerator or build_accelerator(cfg, self.precision, self.tracker_names, self.output_dir)
         acc = self.accelerator
         self.pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
@@ -119,16 +121,15 @@ class Trainer:
                                  shape=objective.step_shape())
         self.total_steps = self.plan.total_steps
         self.sharded = cfg.fsdp_enabled
-        # generate_samples / do_causal_lm_eval generate from the model at each evaluation
-        self.eval_generates = data.eval is not None and cfg.eval_strategy != "no" and bool(
-            cfg.generate_samples or cfg.do_causal_lm_eval)
+        evaluates = data.eval is not None and cfg.eval_strategy != "no"
+        self.eval_generates = evaluates and cfg.eval_generates  # prepare_model keeps a model that can generate
         self.zero, self.backward = None, acc.backward  # deepspeed: its ZeroEngine and backward (deepspeed_hooks)
         self.flops = FlopCounter(model, self.adapter)  # before ZeRO-3 partitions the weights (shapes read here)
         self.prepare_model()
         self.variants = StepVariants(cfg, model, self.optimizer)  # LISA, ReLoRA (engine/variants.py)
 
         self.evaluator = None
-        if data.eval is not None and cfg.eval_strategy != "no":
+        if evaluates:
             self.evaluator = Evaluator(cfg, objective, RowSource(data.eval, objective.row_columns), accelerator=acc,
                                        generation_model=self._generation_model, tokenizer=tokenizer, pad_id=self.pad_id,
                                        rows_per_micro_batch=objective.step_shape().rows_per_micro_batch,
@@ -436,20 +437,3 @@ class Trainer:
 def _generates(objective: Objective) -> bool:
     """Whether the objective generates during a step (an online method overrides the rollout_step hook)."""
     return type(objective).rollout_step is not Objective.rollout_step
-
-
-def _accelerator(cfg: Config, precision: str, trackers_: list[str], output_dir: Path):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    current = AcceleratorState._shared_state.get("_mixed_precision")
-    if current is not None and current != precision and hasattr(AcceleratorState, "_reset_state"):
-        # accelerate keeps its state in a process-wide singleton that refuses a new precision; one process
-        # may train several times (tests, notebooks), so start it afresh (accelerate's own tests do this).
-        AcceleratorState._reset_state(reset_partial_state=False)
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.ddp_find_unused_parameters,
-                                        **({"bucket_cap_mb": cfg.ddp_bucket_cap_mb} if cfg.ddp_bucket_cap_mb else {}))
-    return Accelerator(mixed_precision=precision, log_with=trackers.log_with(cfg, trackers_, output_dir) or None,
-                       project_dir=str(output_dir / "runs"), kwargs_handlers=[ddp],
-                       cpu=not torch.cuda.is_available())  # several CPU processes: gloo data parallelism

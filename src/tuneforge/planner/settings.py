@@ -116,7 +116,7 @@ def from_config(cfg: Config, gpus: int) -> Settings:
         checkpointed_layers=cfg.gradient_checkpointing_layers if isinstance(cfg.gradient_checkpointing_layers, int)
         else None,
         kahan=cfg.bf16_master_weights == "kahan",
-        eval_generation=bool(cfg.generate_samples or cfg.do_causal_lm_eval),
+        eval_generation=cfg.eval_generates,
         kbit_fp32=cfg.kbit_fp32_unquantized if cfg.kbit_fp32_unquantized is not None
         else precision_on_gpu(cfg) == "fp16",
     )
