@@ -101,10 +101,18 @@ def _attention_bytes(a: Architecture, s: Settings) -> int:
 
 def _compiled_layer_bytes(a: Architecture, s: Settings, adapted: list[tuple[str, int, int]]) -> int:
     """torch_compile'd blocks: the compiler recomputes elementwise work (norm upcasts, casts, SiLU) in the
-    backward instead of saving it, so each distinct matmul input is kept once, in the compute dtype."""
+    backward instead of saving it, so each distinct matmul input is kept once, in the compute dtype.
+
+    Full fine-tuning with `fp8` (float8 linear layers): the weight gradients need the float8 casts of the
+    inputs, which the compiler recomputes from the normalised inputs' sources instead of saving the 16-bit
+    inputs: it keeps neither normalised input nor the down projection's input, and the output projection's
+    input as its 1-byte cast (tests/test_planner.py traces both blocks). With an adapter nothing changes:
+    LoRA's factor A needs the 16-bit input either way."""
     c, r = s.compute_bytes, residual_bytes(s)
     b = 2 * r * a.hidden + 2 * k.RSQRT_BYTES + _attention_bytes(a, s)
     b += mlp_bytes(a, s)
+    if s.adapter is None and s.fp8:
+        return b - c * a.hidden + a.q_dim
     if s.adapter is None:
         return b + 2 * c * a.hidden + c * a.intermediate  # the two normalised inputs, the down input
     inputs = set()

@@ -1,0 +1,81 @@
+"""The planner's compiled-block activations against what torch.compile's partitioner keeps for the backward.
+
+The graphs are traced on the CPU with AOTAutograd and the min-cut partitioner that inductor uses, so the
+saved tensors are those of a compiled block without compiling kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneforge.config import load
+from tuneforge.planner.estimate import layer_activation_bytes
+from tuneforge.planner.model import count, model_config
+from tuneforge.planner.settings import from_config
+
+TOKENS = 48  # a length no other dimension of the layer has
+
+
+def _compiled_saved_per_token(fp8: bool, lora: bool = False) -> float:
+    """Bytes per token of the activations a compiled Llama layer saves for its backward (parameters and the
+    layer's input, which the previous layer holds, not counted), under bf16 autocast: full fine-tuning of fp32
+    weights, or LoRA on every linear layer of a bf16 base."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.models import fp8 as float8
+    from tuneforge.tiny import tiny_llama_config
+
+    config = tiny_llama_config(300, hidden=96, heads=6, kv_heads=2, intermediate=160, layers=1)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if lora else torch.float32)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear")).get_base_model()
+    if fp8:
+        float8.convert(model, frozen_only=lora)
+    saved: list[torch.Tensor] = []
+
+    def forward_compiler(gm, _):
+        inputs = {n for n in gm.graph.nodes if n.op == "placeholder"}
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        saved.extend(o.meta["val"] for o in outputs[1:]  # [0]: the layer's output
+                     if o not in inputs and isinstance(o.meta.get("val"), torch.Tensor))
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                           partition_fn=min_cut_rematerialization_partition)
+    layer = torch.compile(model.model.layers[0], backend=backend)
+    x = torch.randn(1, TOKENS, 96, requires_grad=True)
+    position = torch.arange(TOKENS)[None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, position_embeddings=model.model.rotary_emb(x, position), attention_mask=None,
+                    position_ids=position)
+    out.float().sum().backward()
+    return sum(t.numel() * t.element_size() for t in saved if TOKENS in t.shape) / TOKENS
+
+
+def test_fp8_keeps_what_the_compiled_float8_block_keeps(tmp_path):
+    """Compiled float8 full fine-tuning saves fewer bytes per token than compiled bf16 by exactly what the
+    planner subtracts (the normalised inputs and the down projection's input recomputed, the output
+    projection's input kept as its float8 cast); with an adapter float8 changes nothing."""
+    pytest.importorskip("torchao")
+    bf16, fp8 = _compiled_saved_per_token(False), _compiled_saved_per_token(True)
+    assert fp8 < bf16
+    assert _compiled_saved_per_token(False, lora=True) == _compiled_saved_per_token(True, lora=True)
+    from tuneforge.tiny import tiny_llama_config
+
+    tiny_llama_config(300, hidden=96, heads=6, kv_heads=2, intermediate=160, layers=1).save_pretrained(tmp_path)
+
+    def planned(**keys) -> int:
+        cfg = load(data={"base_model": str(tmp_path), "bf16": True, "torch_compile": True, **keys})
+        facts = count(cfg, model_config(cfg), torch.float32, None)
+        return layer_activation_bytes(facts.arch, from_config(cfg, 1), facts.adapted)
+
+    assert planned() - planned(fp8=True) == bf16 - fp8
+    lora = {"adapter": "lora", "lora_target_linear": True, "lora_r": 4}
+    assert planned(**lora) == planned(**lora, fp8=True)
