@@ -107,3 +107,31 @@ def test_ebft_strided_turns_true_off_and_runs_auto_eagerly(write_config, write_j
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     choice = compile_setup.config_choice(cfg, torch.nn.Linear(2, 2))
     assert not choice.compile and choice.reason.startswith("EBFT strided mode")
+
+
+def test_recompute_elementwise_switches_the_partitioner_only_while_its_blocks_compile():
+    """torch_compile_recompute_elementwise: the backend sees the partitioner's three bans lifted while it
+    compiles, and torch's defaults are back afterwards (other compiled code keeps them)."""
+    import torch._functorch.config as functorch_config
+
+    seen = []
+
+    def inner(gm, example_inputs, **kwargs):
+        seen.append({key: getattr(functorch_config, key) for key in compile_setup.RECOMPUTE_ELEMENTWISE})
+        return gm.forward
+
+    before = {key: getattr(functorch_config, key) for key in compile_setup.RECOMPUTE_ELEMENTWISE}
+    fn = torch.compile(lambda x: torch.sin(x) * 2, backend=compile_setup.recomputing_backend(inner))
+    assert torch.equal(fn(torch.ones(3)), torch.sin(torch.ones(3)) * 2)
+    assert seen == [compile_setup.RECOMPUTE_ELEMENTWISE]
+    assert before == {key: getattr(functorch_config, key) for key in compile_setup.RECOMPUTE_ELEMENTWISE}
+    assert all(before.values())  # torch bans these recomputations by default
+
+
+def test_recompute_elementwise_needs_torch_compile():
+    from tuneforge.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="torch_compile_recompute_elementwise: it tells the compiler what to keep"):
+        load(data={"base_model": "x", "torch_compile_recompute_elementwise": True})  # torch_compile is off by default
+    on = {"base_model": "x", "torch_compile": "auto", "torch_compile_recompute_elementwise": True}
+    assert load(data=on).torch_compile_recompute_elementwise is True

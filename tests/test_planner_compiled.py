@@ -16,7 +16,7 @@ from tuneforge.planner.settings import from_config
 TOKENS = 48  # a length no other dimension of the layer has
 
 
-def _compiled_saved_per_token(fp8: bool, lora: bool = False) -> float:
+def _compiled_saved_per_token(fp8: bool, lora: bool = False, recompute: bool = False) -> float:
     """Bytes per token of the activations a compiled Llama layer saves for its backward (parameters and the
     layer's input, which the previous layer holds, not counted), under bf16 autocast: full fine-tuning of fp32
     weights, or LoRA on every linear layer of a bf16 base."""
@@ -26,6 +26,7 @@ def _compiled_saved_per_token(fp8: bool, lora: bool = False) -> float:
     from transformers import AutoModelForCausalLM
 
     from tuneforge.models import fp8 as float8
+    from tuneforge.models.compile_setup import recomputing_backend
     from tuneforge.tiny import tiny_llama_config
 
     config = tiny_llama_config(300, hidden=96, heads=6, kv_heads=2, intermediate=160, layers=1)
@@ -49,6 +50,8 @@ def _compiled_saved_per_token(fp8: bool, lora: bool = False) -> float:
 
     backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
                            partition_fn=min_cut_rematerialization_partition)
+    if recompute:  # what torch_compile_recompute_elementwise compiles with, around this tracing backend
+        backend = recomputing_backend(backend)
     layer = torch.compile(model.model.layers[0], backend=backend)
     x = torch.randn(1, TOKENS, 96, requires_grad=True)
     position = torch.arange(TOKENS)[None]
@@ -79,3 +82,21 @@ def test_fp8_keeps_what_the_compiled_float8_block_keeps(tmp_path):
     assert planned() - planned(fp8=True) == bf16 - fp8
     lora = {"adapter": "lora", "lora_target_linear": True, "lora_r": 4}
     assert planned(**lora) == planned(**lora, fp8=True)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_recompute_elementwise_keeps_what_the_partitioner_keeps(tmp_path, lora):
+    """torch_compile_recompute_elementwise: the partitioner recomputes the normalised inputs and the SiLU
+    product, and the planner subtracts exactly what the traced block no longer keeps."""
+    kept, lean = _compiled_saved_per_token(False, lora), _compiled_saved_per_token(False, lora, recompute=True)
+    assert lean < 0.8 * kept
+    from tuneforge.tiny import tiny_llama_config
+
+    tiny_llama_config(300, hidden=96, heads=6, kv_heads=2, intermediate=160, layers=1).save_pretrained(tmp_path)
+    keys = {"adapter": "lora", "lora_target_linear": True, "lora_r": 4} if lora else {}
+    cfg = load(data={"base_model": str(tmp_path), "bf16": True, "torch_compile": True, **keys})
+    facts = count(cfg, model_config(cfg), torch.float32, None)
+    settings = from_config(cfg, 1)
+    planned = [layer_activation_bytes(facts.arch, settings.but(recompute_elementwise=on), facts.adapted)
+               for on in (False, True)]
+    assert planned[0] - planned[1] == kept - lean

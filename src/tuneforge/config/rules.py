@@ -296,3 +296,11 @@ def _selective_checkpointing(cfg: Config) -> list[ConfigIssue]:
         return [ConfigIssue(f"{key}.offload", "offloading the kept outputs to CPU memory is not implemented; "
                             "remove it (they stay in GPU memory), or use activation_offloading: true")]
     return []
+
+
+@rule
+def _recompute_elementwise(cfg: Config) -> list[ConfigIssue]:
+    if not cfg.torch_compile_recompute_elementwise or cfg.torch_compile is not False:
+        return []
+    return [ConfigIssue("torch_compile_recompute_elementwise", "it tells the compiler what to keep for the backward "
+                        "pass; add torch_compile: true (or auto), or remove it")]

@@ -119,7 +119,38 @@ def compile_blocks(cfg: Config, model) -> int:
              choice.reason, cache or "torch's default")
     kwargs = {"backend": cfg.torch_compile_backend} if cfg.torch_compile_backend else {}
     mode = {"mode": cfg.torch_compile_mode} if cfg.torch_compile_mode not in (None, "default") else {}
+    if cfg.torch_compile_recompute_elementwise:
+        kwargs, mode = {"backend": recomputing_backend(cfg.torch_compile_backend, cfg.torch_compile_mode)}, {}
     for layer in layers:
         layer.compile(**kwargs, **mode)
-    compile_loss(**kwargs)
+    compile_loss(**({"backend": cfg.torch_compile_backend} if cfg.torch_compile_backend else {}))
     return len(layers)
+
+
+# AOTAutograd's min-cut partitioner keeps an elementwise result for the backward when the backward needs it
+# written out (a matmul's input: the normalised layer input, the SiLU product) or when it is used far from
+# where it was made; these three of its switches lift those bans, so such results are recomputed from what
+# is kept anyway. Matmuls, attention and random ops stay banned from recomputation.
+RECOMPUTE_ELEMENTWISE = {"ban_recompute_materialized_backward": False, "ban_recompute_used_far_apart": False,
+                         "ban_recompute_long_fusible_chains": False}
+
+
+def recomputing_backend(backend: str | None = None, mode: str | None = None):
+    """A torch.compile backend: `backend` (default inductor, in `mode`) with the partitioner switches of
+    RECOMPUTE_ELEMENTWISE set while it compiles (the partition is chosen then), so only the blocks compiled
+    with it recompute, and the switches are part of the compile caches' keys."""
+    import torch._functorch.config as functorch_config
+    from torch._dynamo.backends.registry import lookup_backend
+
+    inner = lookup_backend(backend or "inductor")
+    extra = {}
+    if mode not in (None, "default") and (backend or "inductor") == "inductor":
+        from torch._inductor import list_mode_options
+
+        extra["config_patches"] = list_mode_options(mode)
+
+    def compile_recomputing(gm, example_inputs, **kwargs):
+        with functorch_config.patch(RECOMPUTE_ELEMENTWISE):
+            return inner(gm, example_inputs, **extra, **kwargs)
+
+    return compile_recomputing

@@ -107,20 +107,24 @@ def _compiled_layer_bytes(a: Architecture, s: Settings, adapted: list[tuple[str,
     inputs, which the compiler recomputes from the normalised inputs' sources instead of saving the 16-bit
     inputs: it keeps neither normalised input nor the down projection's input, and the output projection's
     input as its 1-byte cast (tests/test_planner.py traces both blocks). With an adapter nothing changes:
-    LoRA's factor A needs the 16-bit input either way."""
+    LoRA's factor A needs the 16-bit input either way.
+
+    `torch_compile_recompute_elementwise` has the same three tensors recomputed in 16-bit (the output
+    projection's input stays), with or without an adapter; float8 full fine-tuning recomputes them already."""
     c, r = s.compute_bytes, residual_bytes(s)
     b = 2 * r * a.hidden + 2 * k.RSQRT_BYTES + _attention_bytes(a, s)
     b += mlp_bytes(a, s)
     if s.adapter is None and s.fp8:
         return b - c * a.hidden + a.q_dim
+    recomputed = (2 * c * a.hidden + c * a.intermediate) if s.recompute_elementwise else 0
     if s.adapter is None:
-        return b + 2 * c * a.hidden + c * a.intermediate  # the two normalised inputs, the down input
+        return b + 2 * c * a.hidden + c * a.intermediate - recomputed  # the two normalised inputs, the down input
     inputs = set()
     for name, fan_in, rank in adapted:
         b += c * rank
         if not name.endswith("o_proj"):  # the output projection's input is the attention output
             inputs.add((name.rsplit(".", 1)[0], fan_in))
-    return b + sum(c * fan_in for _, fan_in in inputs)
+    return b + sum(c * fan_in for _, fan_in in inputs) - recomputed
 
 
 def outside_layers_bytes(a: Architecture, s: Settings) -> int:

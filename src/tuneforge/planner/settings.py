@@ -42,6 +42,7 @@ class Settings:
     kbit_fp32: bool = False  # kbit_fp32_unquantized as resolved for a bf16/fp16 GPU
     kahan: bool = False  # bf16_master_weights: kahan (bf16 weights; AdamW keeps a compensation buffer)
     fp8: bool = False  # fp8: true (torchao float8 linear layers)
+    recompute_elementwise: bool = False  # torch_compile_recompute_elementwise (compiled blocks only)
     num_generations: int = 8
     prompt_len: int = 0
     completion_len: int = 256
@@ -117,6 +118,7 @@ def from_config(cfg: Config, gpus: int) -> Settings:
         checkpointed_layers=cfg.gradient_checkpointing_layers if isinstance(cfg.gradient_checkpointing_layers, int)
         else None,
         kahan=cfg.bf16_master_weights == "kahan", fp8=bool(cfg.fp8),
+        recompute_elementwise=cfg.torch_compile_recompute_elementwise,
         eval_generation=cfg.eval_generates,
         kbit_fp32=cfg.kbit_fp32_unquantized if cfg.kbit_fp32_unquantized is not None
         else precision_on_gpu(cfg) == "fp16",
