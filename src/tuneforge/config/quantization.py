@@ -78,8 +78,8 @@ class QuantizationKeys(Section):
         "With an adapter, only the frozen base layers run in float8; the adapter trains in bf16.")
     fp8_frozen_weights: bool = Field(
         False, description="With fp8 and an adapter: keep the frozen base weights in float8 (half their memory; the "
-        "same numbers as casting them at each call, which fp8 does otherwise). New, not yet measured on a GPU "
-        "(docs/quantization.md).")
+        "same numbers as casting them at each call, which fp8 does otherwise, and no cast per call). 8B LoRA on an "
+        "H100: 6.5 GiB less, 9% faster at equal memory (docs/quantization.md).")
     fp8_enable_fsdp_float8_all_gather: bool = Field(
         False, description="With fp8 and FSDP2: all-gather the sharded weights in float8 (half the traffic).")
 
