@@ -306,6 +306,22 @@ def test_fp8_lora_run_with_stored_weights_repeats_the_per_call_run_and_resumes_e
     assert resumed == {k: v for k, v in stored.items() if k > 1}
 
 
+def test_stored_float8_weights_evaluate_and_generate_like_the_per_call_cast(tmp_path, tiny_model_dir, monkeypatch):
+    """After training, evaluation and generation run on the float8 base too: the same evaluation loss and the
+    same greedy tokens as the run that casts the weights at each call (the CPU's float8 matmul; GPU check
+    bypassed)."""
+    monkeypatch.setattr(fp8, "check_device", lambda: None)
+    rows = make_rows(n=20, seed=5)
+    keys = {**RUN, "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True, "fp8": True,
+            "val_set_size": 0.2, "eval_steps": 4}
+    runs = [train(make_config(tmp_path / name, tiny_model_dir, rows, **keys, fp8_frozen_weights=stored))
+            for name, stored in (("per_call", False), ("stored", True))]
+    prompt = torch.tensor([rows[0]["input_ids"][:5]])
+    tokens = [r.model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, pad_token_id=0) for r in runs]
+    assert runs[0].eval_metrics["eval_loss"] == runs[1].eval_metrics["eval_loss"]
+    assert torch.equal(tokens[0], tokens[1]) and tokens[0].shape[1] == 11
+
+
 def test_fp8_config_rules_with_adapters():
     base = {"base_model": "x", "fp8": True, "lora_target_linear": True}
     assert load(data={**base, "adapter": "lora"}).fp8 is True
