@@ -16,10 +16,11 @@ from tuneforge.planner.settings import from_config
 TOKENS = 48  # a length no other dimension of the layer has
 
 
-def _compiled_saved_per_token(fp8: bool, lora: bool = False, recompute: bool = False) -> float:
-    """Bytes per token of the activations a compiled Llama layer saves for its backward (parameters and the
-    layer's input, which the previous layer holds, not counted), under bf16 autocast: full fine-tuning of fp32
-    weights, or LoRA on every linear layer of a bf16 base."""
+def _compiled_layer(fp8: bool, lora: bool = False, recompute: bool = False) -> tuple[float, list[torch.Tensor]]:
+    """(bytes per token of the activations a compiled Llama layer saves for its backward, the gradients of its
+    input and trained parameters): parameters and the layer's input, which the previous layer holds, are not
+    counted; bf16 autocast, full fine-tuning of fp32 weights, or LoRA on every linear layer of a bf16 base. The
+    partitioned graphs run as traced, so the backward really recomputes what was not kept."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -59,7 +60,12 @@ def _compiled_saved_per_token(fp8: bool, lora: bool = False, recompute: bool = F
         out = layer(x, position_embeddings=model.model.rotary_emb(x, position), attention_mask=None,
                     position_ids=position)
     out.float().sum().backward()
-    return sum(t.numel() * t.element_size() for t in saved if TOKENS in t.shape) / TOKENS
+    grads = [x.grad] + [p.grad for p in model.parameters() if p.grad is not None]
+    return sum(t.numel() * t.element_size() for t in saved if TOKENS in t.shape) / TOKENS, grads
+
+
+def _compiled_saved_per_token(fp8: bool, lora: bool = False) -> float:
+    return _compiled_layer(fp8, lora)[0]
 
 
 def test_fp8_keeps_what_the_compiled_float8_block_keeps(tmp_path):
@@ -87,9 +93,11 @@ def test_fp8_keeps_what_the_compiled_float8_block_keeps(tmp_path):
 @pytest.mark.parametrize("lora", [False, True])
 def test_recompute_elementwise_keeps_what_the_partitioner_keeps(tmp_path, lora):
     """torch_compile_recompute_elementwise: the partitioner recomputes the normalised inputs and the SiLU
-    product, and the planner subtracts exactly what the traced block no longer keeps."""
-    kept, lean = _compiled_saved_per_token(False, lora), _compiled_saved_per_token(False, lora, recompute=True)
+    product, the gradients are the same bits, and the planner subtracts exactly what the traced block no longer
+    keeps."""
+    (kept, grads), (lean, lean_grads) = _compiled_layer(False, lora), _compiled_layer(False, lora, recompute=True)
     assert lean < 0.8 * kept
+    assert len(grads) > 1 and all(torch.equal(a, b) for a, b in zip(grads, lean_grads, strict=True))
     from tuneforge.tiny import tiny_llama_config
 
     tiny_llama_config(300, hidden=96, heads=6, kv_heads=2, intermediate=160, layers=1).save_pretrained(tmp_path)
