@@ -381,6 +381,21 @@ def test_suggestions_fit_by_the_planners_own_numbers(tmp_path):
     assert offload.fits and offload.settings.gpus == 1 and offload.part("optimizer states") == 0
 
 
+def test_compiled_runs_are_first_told_to_recompute_elementwise_results():
+    """The cheapest lever for compiled blocks: the same gradients, less memory; the later suggestions keep it."""
+    cfg = load(data={"base_model": "unused", "sequence_len": 4096, "sample_packing": True, "micro_batch_size": 2,
+                     "bf16": True, "torch_compile": True, "adapter": "lora", "lora_target_linear": True})
+    report = plan(cfg, gpu_memory=24 * GiB, model="llama-3.1-8b")
+    first, checkpointing = report.suggestions[:2]
+    assert first.keys == "torch_compile_recompute_elementwise: true"
+    assert first.estimate.total < report.estimate.total and first.estimate.settings.recompute_elementwise
+    assert checkpointing.label == "gradient checkpointing" and checkpointing.estimate.settings.recompute_elementwise
+    lean = plan(cfg.model_copy(update={"torch_compile_recompute_elementwise": True}), gpu_memory=24 * GiB,
+                model="llama-3.1-8b")
+    assert lean.estimate.total == first.estimate.total
+    assert [s.label for s in lean.suggestions][0] == "gradient checkpointing"
+
+
 def test_a_run_that_fits_gets_no_suggestions(tiny_model_dir):
     report = plan(cfg_of(tiny_model_dir))
     assert report.estimate.fits and report.suggestions == []

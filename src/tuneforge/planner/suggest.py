@@ -24,6 +24,10 @@ def suggestions(s: Settings, run: Callable[[Settings], Estimate]) -> list[Sugges
     """Every candidate from the configured settings `s`; `run` estimates a Settings."""
     out: list[Suggestion] = []
     base = s
+    if s.compiled and not s.recompute_elementwise:  # the same gradients; a few elementwise kernels more
+        base = base.but(recompute_elementwise=True)
+        out.append(Suggestion("compiled blocks recompute elementwise results", "torch_compile_recompute_elementwise: "
+                              "true", run(base)))
     if not s.gradient_checkpointing:
         base = base.but(gradient_checkpointing=True)
         out.append(Suggestion("gradient checkpointing", "gradient_checkpointing: true", run(base)))
