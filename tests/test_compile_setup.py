@@ -117,13 +117,18 @@ def test_recompute_elementwise_switches_the_partitioner_only_while_its_blocks_co
     seen = []
 
     def inner(gm, example_inputs, **kwargs):
-        seen.append({key: getattr(functorch_config, key) for key in compile_setup.RECOMPUTE_ELEMENTWISE})
+        seen.append({key: getattr(functorch_config, key) for key in compile_setup.RECOMPUTE_ELEMENTWISE} | kwargs)
         return gm.forward
 
     before = {key: getattr(functorch_config, key) for key in compile_setup.RECOMPUTE_ELEMENTWISE}
     fn = torch.compile(lambda x: torch.sin(x) * 2, backend=compile_setup.recomputing_backend(inner))
     assert torch.equal(fn(torch.ones(3)), torch.sin(torch.ones(3)) * 2)
     assert seen == [compile_setup.RECOMPUTE_ELEMENTWISE]
+    # a mode reaches a backend other than inductor as torch.compile would hand it on: as a keyword
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: torch.cos(x), backend=compile_setup.recomputing_backend(inner, "max-autotune"))
+    fn(torch.ones(3))
+    assert seen[-1] == compile_setup.RECOMPUTE_ELEMENTWISE | {"mode": "max-autotune"}
     assert before == {key: getattr(functorch_config, key) for key in compile_setup.RECOMPUTE_ELEMENTWISE}
     assert all(before.values())  # torch bans these recomputations by default
 

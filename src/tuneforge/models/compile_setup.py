@@ -118,12 +118,13 @@ def compile_blocks(cfg: Config, model) -> int:
     log.info("torch_compile: %s -> compiling %d blocks (%s); compile cache: %s", cfg.torch_compile, len(layers),
              choice.reason, cache or "torch's default")
     kwargs = {"backend": cfg.torch_compile_backend} if cfg.torch_compile_backend else {}
-    mode = {"mode": cfg.torch_compile_mode} if cfg.torch_compile_mode not in (None, "default") else {}
+    block_kwargs = dict(kwargs, **({"mode": cfg.torch_compile_mode} if cfg.torch_compile_mode not in
+                                   (None, "default") else {}))
     if cfg.torch_compile_recompute_elementwise:
-        kwargs, mode = {"backend": recomputing_backend(cfg.torch_compile_backend, cfg.torch_compile_mode)}, {}
+        block_kwargs = {"backend": recomputing_backend(cfg.torch_compile_backend, cfg.torch_compile_mode)}
     for layer in layers:
-        layer.compile(**kwargs, **mode)
-    compile_loss(**({"backend": cfg.torch_compile_backend} if cfg.torch_compile_backend else {}))
+        layer.compile(**block_kwargs)
+    compile_loss(**kwargs)
     return len(layers)
 
 
@@ -144,10 +145,10 @@ def recomputing_backend(backend: str | None = None, mode: str | None = None):
 
     inner = lookup_backend(backend or "inductor")
     extra = {}
-    if mode not in (None, "default") and (backend or "inductor") == "inductor":
+    if mode not in (None, "default"):  # as torch.compile hands a mode on: inductor's options, else the keyword
         from torch._inductor import list_mode_options
 
-        extra["config_patches"] = list_mode_options(mode)
+        extra = {"config_patches": list_mode_options(mode)} if (backend or "inductor") == "inductor" else {"mode": mode}
 
     def compile_recomputing(gm, example_inputs, **kwargs):
         with functorch_config.patch(RECOMPUTE_ELEMENTWISE):
