@@ -14,6 +14,18 @@ from tuneforge.planner.model import count, model_config
 from tuneforge.planner.settings import from_config
 
 TOKENS = 48  # a length no other dimension of the layer has
+SHAPE = dict(hidden=96, heads=6, kv_heads=2, intermediate=160, layers=1)
+LORA = {"adapter": "lora", "lora_target_linear": True, "lora_r": 4}
+
+
+def _planned(model_dir, **keys) -> int:
+    """The planner's bytes per token of one compiled layer of the traced shape, for these config keys."""
+    from tuneforge.tiny import tiny_llama_config
+
+    tiny_llama_config(300, **SHAPE).save_pretrained(model_dir)
+    cfg = load(data={"base_model": str(model_dir), "bf16": True, "torch_compile": True, **keys})
+    facts = count(cfg, model_config(cfg), torch.float32, None)
+    return layer_activation_bytes(facts.arch, from_config(cfg, 1), facts.adapted)
 
 
 def _compiled_layer(fp8: bool, lora: bool = False, recompute: bool = False) -> tuple[float, list[torch.Tensor]]:
@@ -30,7 +42,7 @@ def _compiled_layer(fp8: bool, lora: bool = False, recompute: bool = False) -> t
     from tuneforge.models.compile_setup import recomputing_backend
     from tuneforge.tiny import tiny_llama_config
 
-    config = tiny_llama_config(300, hidden=96, heads=6, kv_heads=2, intermediate=160, layers=1)
+    config = tiny_llama_config(300, **SHAPE)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if lora else torch.float32)
@@ -76,18 +88,8 @@ def test_fp8_keeps_what_the_compiled_float8_block_keeps(tmp_path):
     bf16, fp8 = _compiled_saved_per_token(False), _compiled_saved_per_token(True)
     assert fp8 < bf16
     assert _compiled_saved_per_token(False, lora=True) == _compiled_saved_per_token(True, lora=True)
-    from tuneforge.tiny import tiny_llama_config
-
-    tiny_llama_config(300, hidden=96, heads=6, kv_heads=2, intermediate=160, layers=1).save_pretrained(tmp_path)
-
-    def planned(**keys) -> int:
-        cfg = load(data={"base_model": str(tmp_path), "bf16": True, "torch_compile": True, **keys})
-        facts = count(cfg, model_config(cfg), torch.float32, None)
-        return layer_activation_bytes(facts.arch, from_config(cfg, 1), facts.adapted)
-
-    assert planned() - planned(fp8=True) == bf16 - fp8
-    lora = {"adapter": "lora", "lora_target_linear": True, "lora_r": 4}
-    assert planned(**lora) == planned(**lora, fp8=True)
+    assert _planned(tmp_path) - _planned(tmp_path, fp8=True) == bf16 - fp8
+    assert _planned(tmp_path, **LORA) == _planned(tmp_path, **LORA, fp8=True)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -98,13 +100,6 @@ def test_recompute_elementwise_keeps_what_the_partitioner_keeps(tmp_path, lora):
     (kept, grads), (lean, lean_grads) = _compiled_layer(False, lora), _compiled_layer(False, lora, recompute=True)
     assert lean < 0.8 * kept
     assert len(grads) > 1 and all(torch.equal(a, b) for a, b in zip(grads, lean_grads, strict=True))
-    from tuneforge.tiny import tiny_llama_config
-
-    tiny_llama_config(300, hidden=96, heads=6, kv_heads=2, intermediate=160, layers=1).save_pretrained(tmp_path)
-    keys = {"adapter": "lora", "lora_target_linear": True, "lora_r": 4} if lora else {}
-    cfg = load(data={"base_model": str(tmp_path), "bf16": True, "torch_compile": True, **keys})
-    facts = count(cfg, model_config(cfg), torch.float32, None)
-    settings = from_config(cfg, 1)
-    planned = [layer_activation_bytes(facts.arch, settings.but(recompute_elementwise=on), facts.adapted)
-               for on in (False, True)]
-    assert planned[0] - planned[1] == kept - lean
+    keys = LORA if lora else {}
+    on = _planned(tmp_path, **keys, torch_compile_recompute_elementwise=True)
+    assert _planned(tmp_path, **keys) - on == kept - lean

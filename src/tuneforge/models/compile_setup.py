@@ -118,10 +118,12 @@ def compile_blocks(cfg: Config, model) -> int:
     log.info("torch_compile: %s -> compiling %d blocks (%s); compile cache: %s", cfg.torch_compile, len(layers),
              choice.reason, cache or "torch's default")
     kwargs = {"backend": cfg.torch_compile_backend} if cfg.torch_compile_backend else {}
-    block_kwargs = dict(kwargs, **({"mode": cfg.torch_compile_mode} if cfg.torch_compile_mode not in
-                                   (None, "default") else {}))
-    if cfg.torch_compile_recompute_elementwise:
+    if cfg.torch_compile_recompute_elementwise:  # the mode goes to the wrapped backend
         block_kwargs = {"backend": recomputing_backend(cfg.torch_compile_backend, cfg.torch_compile_mode)}
+    elif cfg.torch_compile_mode not in (None, "default"):
+        block_kwargs = {**kwargs, "mode": cfg.torch_compile_mode}
+    else:
+        block_kwargs = kwargs
     for layer in layers:
         layer.compile(**block_kwargs)
     compile_loss(**kwargs)
@@ -143,12 +145,12 @@ def recomputing_backend(backend: str | None = None, mode: str | None = None):
     import torch._functorch.config as functorch_config
     from torch._dynamo.backends.registry import lookup_backend
 
-    inner = lookup_backend(backend or "inductor")
-    extra = {}
+    name = backend or "inductor"
+    inner, extra = lookup_backend(name), {}
     if mode not in (None, "default"):  # as torch.compile hands a mode on: inductor's options, else the keyword
         from torch._inductor import list_mode_options
 
-        extra = {"config_patches": list_mode_options(mode)} if (backend or "inductor") == "inductor" else {"mode": mode}
+        extra = {"config_patches": list_mode_options(mode)} if name == "inductor" else {"mode": mode}
 
     def compile_recomputing(gm, example_inputs, **kwargs):
         with functorch_config.patch(RECOMPUTE_ELEMENTWISE):

@@ -106,7 +106,7 @@ def _compiled_layer_bytes(a: Architecture, s: Settings, adapted: list[tuple[str,
     Full fine-tuning with `fp8` (float8 linear layers): the weight gradients need the float8 casts of the
     inputs, which the compiler recomputes from the normalised inputs' sources instead of saving the 16-bit
     inputs: it keeps neither normalised input nor the down projection's input, and the output projection's
-    input as its 1-byte cast (tests/test_planner.py traces both blocks). With an adapter nothing changes:
+    input as its 1-byte cast (tests/test_planner_compiled.py traces both blocks). With an adapter nothing changes:
     LoRA's factor A needs the 16-bit input either way.
 
     `torch_compile_recompute_elementwise` has the same three tensors recomputed in 16-bit (the output
@@ -117,8 +117,8 @@ def _compiled_layer_bytes(a: Architecture, s: Settings, adapted: list[tuple[str,
     if s.adapter is None and s.fp8:
         return b - c * a.hidden + a.q_dim
     recomputed = (2 * c * a.hidden + c * a.intermediate) if s.recompute_elementwise else 0
-    if s.adapter is None:
-        return b + 2 * c * a.hidden + c * a.intermediate - recomputed  # the two normalised inputs, the down input
+    if s.adapter is None:  # the two normalised inputs and the down input, unless recomputed
+        return b + (2 * c * a.hidden + c * a.intermediate) - recomputed
     inputs = set()
     for name, fan_in, rank in adapted:
         b += c * rank
