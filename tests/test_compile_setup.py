@@ -92,6 +92,13 @@ def test_auto_compiles_every_block_into_the_lasting_cache(tmp_path, tiny_model_d
     assert lines == [f"torch_compile: auto -> compiling 2 blocks (CUDA and 0.00B parameters); compile cache: {cache}"]
 
 
+def test_compiling_the_blocks_marks_the_packed_boundaries_dynamic_keeping_the_users_list(
+        tmp_path, tiny_model_dir, monkeypatch):
+    with torch.compiler.config.patch(dynamic_sources="L['x']"):
+        _blocks(tmp_path, tiny_model_dir, monkeypatch, torch_compile=True)
+        assert torch.compiler.config.dynamic_sources.split(",") == ["L['x']", *compile_setup.PACKED_BOUNDARY_SOURCES]
+
+
 def test_ebft_strided_turns_true_off_and_runs_auto_eagerly(write_config, write_jsonl, monkeypatch):
     from tuneforge.config import load
     from tuneforge.methods.ebft.strided import StridedEBFTObjective
@@ -140,3 +147,49 @@ def test_recompute_elementwise_needs_torch_compile():
         load(data={"base_model": "x", "torch_compile_recompute_elementwise": True})  # torch_compile is off by default
     on = {"base_model": "x", "torch_compile": "auto", "torch_compile_recompute_elementwise": True}
     assert load(data=on).torch_compile_recompute_elementwise is True
+
+
+@torch.library.custom_op("tuneforge_test::varlen", mutates_args=())
+def _varlen_stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                     max_q: int, max_k: int) -> torch.Tensor:
+    """The CUDA varlen kernel's signature as an opaque op (it is a custom op too): what dynamo sees of it."""
+    return q.clone()
+
+
+@_varlen_stand_in.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k):
+    return torch.empty_like(q)
+
+
+@pytest.mark.parametrize("marked, graphs", [(True, 1), (False, 2)])
+def test_packed_batches_compile_the_blocks_once(monkeypatch, marked, graphs):
+    """Batches with other document counts and longest documents reuse the blocks' first compilation when
+    the packed boundaries are marked dynamic; unmarked, dynamo compiles them a second time."""
+    import torch._dynamo.utils
+    import torch.nn.attention.varlen
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tuneforge.models import attention
+
+    monkeypatch.setattr(torch.nn.attention.varlen, "varlen_attn",
+                        lambda q, k, v, cq, ck, mq, mk, **kw: _varlen_stand_in(q, k, v, cq, ck, mq, mk))
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=64, attn_implementation=attention.register())
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)  # the kernel's dtype, so the varlen path runs
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for layer in model.model.layers:
+        layer.compile(backend="eager")  # dynamo's guards decide recompilation, whatever the backend
+    with torch.compiler.config.patch(dynamic_sources=""):  # torch's allow list as this process found it, restored
+        if marked:
+            compile_setup.mark_packed_boundaries_dynamic()
+            assert torch.compiler.config.dynamic_sources.split(",") == list(compile_setup.PACKED_BOUNDARY_SOURCES)
+        for lengths in ([10, 22], [5, 7, 20], [8, 8, 8, 8], [30, 2]):
+            cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+            batch = {"input_ids": torch.randint(0, 64, (1, sum(lengths))), "cu_seqlens": cu,
+                     "max_seqlen": max(lengths)}
+            positions = torch.cat([torch.arange(n) for n in lengths])[None]
+            model(input_ids=batch["input_ids"], position_ids=positions, use_cache=False,
+                  **attention.varlen_kwargs(batch))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()

@@ -12,6 +12,8 @@ compilation itself.
 - **`torch_compile: auto`.** Compile only where it pays: a CUDA device, a model of at least `MIN_PARAMETERS`
   and, when `max_steps` is set, at least `MIN_STEPS` steps; never in a mode that cannot run compiled
   (EBFT strided, selective checkpointing). `choose` is that rule as a pure function; `compile_blocks` logs its answer in one line.
+- **One compilation.** The packed batch's document boundaries are marked dynamic before the first batch,
+  so the blocks are not compiled a second time at step 2 (`mark_packed_boundaries_dynamic`).
 """
 
 from __future__ import annotations
@@ -124,10 +126,27 @@ def compile_blocks(cfg: Config, model) -> int:
         block_kwargs = {**kwargs, "mode": cfg.torch_compile_mode}
     else:
         block_kwargs = kwargs
+    mark_packed_boundaries_dynamic()
     for layer in layers:
         layer.compile(**block_kwargs)
     compile_loss(**kwargs)
     return len(layers)
+
+
+# What a packed batch hands every block (models/attention.py `varlen_kwargs`): the documents' boundaries, a
+# tensor as long as the document count, and the longest document's length, an int. Both change from batch to
+# batch, so dynamo would compile the blocks for the first batch's values and compile them again at the
+# second step (cold, that second compilation costs as much as the first) before it treats them as dynamic.
+PACKED_BOUNDARY_SOURCES = ("L['kwargs']['cu_seq_lens_q']", "L['kwargs']['cu_seq_lens_k']",
+                           "L['kwargs']['max_length_q']", "L['kwargs']['max_length_k']")
+
+
+def mark_packed_boundaries_dynamic(config=torch.compiler.config) -> None:
+    """Name the packed boundaries in torch's dynamic allow list (`TORCH_COMPILE_DYNAMIC_SOURCES`), kept with
+    what the user listed there, so the blocks compile once for every batch. Only these inputs become
+    dynamic: the rest of a block's graph keeps its static shapes."""
+    listed = [s for s in config.dynamic_sources.split(",") if s]
+    config.dynamic_sources = ",".join(listed + [s for s in PACKED_BOUNDARY_SOURCES if s not in listed])
 
 
 # AOTAutograd's min-cut partitioner keeps an elementwise result for the backward when the backward needs it
