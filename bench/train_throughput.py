@@ -33,7 +33,8 @@ per engine and writes them to --out.
 
 Engines: `hf` (Trainer, + PEFT in lora mode) and `tuneforge` with any of these suffixes, joined by `-`:
 `kernels` (lora_mlp/qkv/o_kernel), `compile` (torch_compile), `kahan` (bf16_master_weights: kahan), `fp8` (fp8:
-true), `fp8w` (fp8 with fp8_frozen_weights), `lean` (torch_compile_recompute_elementwise), `qat` (qat: int4 weights per group of 32, int8 activations),
+true), `fp8w` (fp8 with fp8_frozen_weights), `lean` (torch_compile_recompute_elementwise),
+`autotune` (torch_compile_mode: max-autotune-no-cudagraphs: inductor times its own GEMM kernels against cuBLAS), `qat` (qat: int4 weights per group of 32, int8 activations),
 `fsdp` (FSDP2 in one process), `deepspeed` (DeepSpeed ZeRO-3 in one process: bench/deepspeed_gpu.sh),
 `qlora` (a 4-bit base: bitsandbytes, or with `fsdp` torchao NF4 shards; the random weights are saved and
 loaded, since quantized models are not initialised from a config). All
@@ -148,7 +149,7 @@ PRESETS = {
                    engines="tuneforge-compile,tuneforge-fp8-compile,tuneforge,tuneforge-fp8,tuneforge-qat-compile"),
 }
 VARIANTS = {"kernels", "compile", "kahan", "fsdp", "deepspeed", "fp8", "fp8w", "qat", "qlora", "sac", "actoffload", "upcast",
-            "lean"}
+            "lean", "autotune"}
 
 
 def variants(engine: str) -> set[str]:
@@ -218,6 +219,8 @@ def run_tuneforge(args, model_dir: Path, rows: list[list[int]], work: Path, engi
         cfg["selective_checkpointing"] = True
     if "lean" in parts:  # compiled blocks recompute elementwise results (torch_compile_recompute_elementwise)
         cfg["torch_compile_recompute_elementwise"] = True
+    if "autotune" in parts:
+        cfg["torch_compile_mode"] = "max-autotune-no-cudagraphs"
     if "upcast" in parts:  # QLoRA: the unquantized weights in fp32, as PEFT's k-bit preparation casts them
         cfg["kbit_fp32_unquantized"] = True
     for part in parts:  # ckN: gradient_checkpointing_layers N (ckauto: auto); needs --gc
