@@ -267,7 +267,6 @@ def test_axolotl_fsdp1_spellings_map_to_fsdp2(caplog):
     ({"fsdp_config": {"reshard_after_forwrd": True}}, "fsdp_config.reshard_after_forwrd", "reshard_after_forward"),
     ({"fsdp_version": 2, "deepspeed": "zero3.json"}, "deepspeed", "keep one"),
     ({"deepspeed": "missing.json"}, "deepspeed", "not found"),
-    ({"fsdp_version": 2, "rl": "grpo", "trl": {"use_vllm": True}}, "fsdp_config", "use_vllm"),
     ({"deepspeed": {"zero_optimization": {"stage": 3}}, "generate_samples": True, "val_set_size": 0.1},
      "generate_samples", "ZeRO-3"),
     ({"fsdp_version": 2, "adapter": "lora", "load_in_8bit": True}, "load_in_8bit", "8-bit base"),

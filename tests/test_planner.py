@@ -249,6 +249,12 @@ def test_grpo_kv_cache(tiny_model_dir):
                   trl={"num_generations": 4, "async_prefetch": True})
     estimate = plan(lora).estimate
     assert estimate.part("generation weight copy") == estimate.part("weights")  # a copy of base and adapter
+    # trl.use_vllm (server): the server holds the KV cache and generates from pushed weights (no snapshot);
+    # under FSDP2 the whole copy they are pushed from stays
+    server = cfg.model_copy(update={"trl": cfg.trl.model_copy(update={"use_vllm": True})})
+    assert plan(server).estimate.part("generation KV cache") == plan(server).estimate.part("generation weight copy") == 0
+    server_sharded = server.model_copy(update={"fsdp_version": 2, "fsdp_config": FsdpConfig()})
+    assert plan(server_sharded, gpus=2).estimate.part("generation weight copy") == 4 * e.extra["trainable"]
 
 
 # ---------------------------------------------------------------- activations against autograd

@@ -164,8 +164,6 @@ def check(cfg) -> list:
             issues += _zero3_generation(cfg, deepspeed_settings(cfg))
         except ValueError as exc:
             issues.append(ConfigIssue("deepspeed", str(exc)))
-    if cfg.fsdp_enabled:
-        issues += _fsdp_not_yet(cfg)
     issues += _mesh_sizes(cfg)
     if cfg.fsdp_enabled and cfg.load_in_8bit:
         # QLoRA (load_in_4bit) shards as torchao NF4 tensors; bitsandbytes' 8-bit weights do not survive sharding.
@@ -199,20 +197,6 @@ def check_shard_size(cfg, processes: int) -> None:
         raise ConfigError([ConfigIssue("dp_shard_size", f"is {cfg.dp_shard_size}, but {processes} process(es) were started, and "
                            "FSDP2 here shards over all of them. Start that many processes (`tuneforge train "
                            f"--num-processes {cfg.dp_shard_size}`), or set dp_shard_size to {processes} or remove it.")])
-
-
-def _fsdp_not_yet(cfg) -> list:
-    """Combinations FSDP2 does not run yet here, each refused with what to do instead."""
-    from .errors import ConfigIssue
-
-    issues = []
-    trl = cfg.trl
-    # (EBFT's structured mode samples through GRPO's machinery: the same limits)
-    if cfg.rl in ("grpo", "gdpo", "ebft") and trl is not None and trl.use_vllm:
-        issues.append(ConfigIssue("fsdp_config", f"rl: {cfg.rl} with FSDP2 generates with the embedded engine "
-                                  "for now (trl.async_prefetch overlaps it with training): turn off trl.use_vllm, "
-                                  "or train without the fsdp keys"))
-    return issues
 
 
 def _zero3_generation(cfg, settings: dict) -> list:

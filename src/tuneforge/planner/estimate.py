@@ -186,7 +186,7 @@ def autocast_copies(f: ModelFacts, s: Settings) -> int:
 
 def kv_cache(f: ModelFacts, s: Settings) -> int:
     """GRPO's static KV cache: every completion of the step, prompt + completion slots, keys and values."""
-    if not s.completions_per_step:
+    if not s.completions_per_step or s.server_generation:
         return 0
     a = f.arch
     rows = s.completions_per_step
@@ -202,6 +202,8 @@ def generation_copy(f: ModelFacts, s: Settings) -> int:
     the dtype the sampler generates in (rollout/async_prefetch.py)."""
     whole = f.weight_bytes if s.fsdp and (s.completions_per_step or s.eval_generation) else 0
     if not s.completions_per_step:
+        return whole
+    if s.server_generation:  # the weights are pushed to the server from the policy (or the whole copy)
         return whole
     half = _half_precision_copy(s)
     sampled = s.compute_bytes * f.total if half else f.weight_bytes  # the weights the sampler generates from
@@ -356,6 +358,8 @@ def _copy_note(s: Settings, size: int) -> str:
     if not size:
         return "none"
     parts = ["whole copy for generation under FSDP2"] if s.fsdp else []
+    if s.server_generation:
+        return parts[0] + " (pushed to the generation server)"
     if _half_precision_copy(s):
         parts.append("bf16 snapshot of the fp32 policy")
     if s.prefetch_snapshots:
@@ -366,5 +370,7 @@ def _copy_note(s: Settings, size: int) -> str:
 def _kv_note(s: Settings) -> str:
     if not s.completions_per_step:
         return "no generation"
+    if s.server_generation:
+        return "on the generation server (trl.use_vllm)"
     return (f"{s.completions_per_step} completions x ({s.prompt_len} + {s.completion_len}) tokens "
             f"({s.num_generations} per prompt)")

@@ -50,6 +50,7 @@ class Settings:
     kv_cache_bytes: int = 2
     half_precision_copy: bool = True  # GRPO: generate from a compute-dtype snapshot of fp32 weights
     prefetch_snapshots: int = 0  # trl.async_prefetch: copies the background sampler generates from (prefetch_depth)
+    server_generation: bool = False  # trl.use_vllm in server mode: the server holds the KV cache and its weights
     eval_generation: bool = False  # generate_samples / do_causal_lm_eval (under FSDP2: a whole copy to generate with)
     online: bool = False  # prompts in, completions generated during training (config.methods facts)
     paired: bool = False  # chosen/rejected rows (preference methods, reward models)
@@ -136,6 +137,7 @@ def from_config(cfg: Config, gpus: int) -> Settings:
             completions_per_step=per_micro * cfg.grad_accum, micro_batch_size=per_micro,
             kv_cache_bytes=1 if kv and "fp8" in str(kv) else settings.compute_bytes,
             half_precision_copy=bool(gen_kwargs.get("half_precision_copy", True)),
+            server_generation=bool(trl and trl.use_vllm and trl.vllm_mode != "colocate"),
             prefetch_snapshots=trl.prefetch_depth if trl and (trl.async_prefetch or trl.use_data_producer)
             and not trl.use_vllm else 0)
     return settings
