@@ -269,6 +269,7 @@ def test_axolotl_fsdp1_spellings_map_to_fsdp2(caplog):
     ({"deepspeed": "missing.json"}, "deepspeed", "not found"),
     ({"deepspeed": {"zero_optimization": {"stage": 3}}, "generate_samples": True, "val_set_size": 0.1},
      "generate_samples", "ZeRO-3"),
+    ({"deepspeed": {"zero_optimization": {"stage": 2}}, "rl": "grpo"}, "deepspeed", "generates during training"),
     ({"fsdp_version": 2, "adapter": "lora", "load_in_8bit": True}, "load_in_8bit", "8-bit base"),
     ({"fsdp_version": 2, "dp_shard_size": 2, "dp_replicate_size": 2}, "dp_replicate_size", "HSDP"),
     ({"dp_shard_size": 2}, "dp_shard_size", "fsdp_version: 2"),

@@ -159,6 +159,12 @@ def check(cfg) -> list:
     if cfg.deepspeed and cfg.fsdp_enabled:
         issues.append(ConfigIssue("deepspeed", "DeepSpeed and FSDP both shard the model; keep one (fsdp_version: 2 "
                                   "with fsdp_config, or deepspeed)"))
+    from .methods import method_facts
+
+    if cfg.deepspeed and method_facts(cfg).online:  # refused here, not after the model has loaded
+        issues.append(ConfigIssue("deepspeed", f"rl: {cfg.rl} generates during training, which is not supported "
+                                  "with deepspeed yet; shard with FSDP2 instead (fsdp_version: 2 with fsdp_config), "
+                                  "or train without the deepspeed key"))
     if cfg.deepspeed:
         try:
             issues += _zero3_generation(cfg, deepspeed_settings(cfg))
