@@ -145,6 +145,8 @@ def mark_packed_boundaries_dynamic(config=torch.compiler.config) -> None:
     """Name the packed boundaries in torch's dynamic allow list (`TORCH_COMPILE_DYNAMIC_SOURCES`), kept with
     what the user listed there, so the blocks compile once for every batch. Only these inputs become
     dynamic: the rest of a block's graph keeps its static shapes."""
+    if not hasattr(config, "dynamic_sources"):  # a torch without the allow list: one recompilation, as before
+        return
     listed = [s for s in config.dynamic_sources.split(",") if s]
     config.dynamic_sources = ",".join(listed + [s for s in PACKED_BOUNDARY_SOURCES if s not in listed])
 
