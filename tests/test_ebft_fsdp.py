@@ -88,3 +88,29 @@ def test_fsdp2_accepts_every_sampler_as_for_grpo(tiny_model_dir):
     load(data=base)  # synchronous sampling
     load(data={**base, "trl": {**base["trl"], "async_prefetch": True}})  # the embedded engine's prefetching
     load(data={**base, "trl": {**base["trl"], "use_vllm": True}})  # a generation server, fed from the whole copy
+
+
+@pytest.mark.slow
+def test_ebft_lora_under_fsdp2_with_a_generation_server(tmp_path, tiny_model_dir):
+    """trl.use_vllm under FSDP2: both processes generate on the server, which gets the policy (adapter merged)
+    from the first process's whole copy once per generation; the feature network scores on the trainer."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.rollout.generation_server import EmbeddedBackend, GenerationServer
+
+    rows = [{"prompt": f"copy: {w} ->", "ground_truth": f" {w}"} for w in ("the cat", "a dog", "one", "red")]
+    (tmp_path / "gt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    with GenerationServer(EmbeddedBackend(model)) as server:
+        trl = {"num_generations": 4, "max_completion_length": 6, "num_iterations": 2, "use_vllm": True,
+               "vllm_mode": "server", "vllm_server_host": server.host, "vllm_server_port": server.port,
+               "vllm_server_timeout": 30}
+        steps = _run(tmp_path, "fsdp", {
+            "base_model": str(tiny_model_dir), "rl": "ebft", "datasets": [{"path": "gt.jsonl", "type": "prompt"}],
+            "ebft": {"embed_method": "completion_mean", "feature_layers": [0.5, 1.0]}, "trl": trl,
+            "micro_batch_size": 4, "max_steps": 3, "learning_rate": 1e-2, "logging_steps": 1, "save_strategy": "no",
+            **LORA, **FSDP})
+        paths = [p for p, _ in server.calls]
+    assert sorted(steps) == [1, 2, 3] and all("ebft/alignment" in r for r in steps.values())
+    assert paths.count("/generate/") == 4  # steps 1 and 3 generate (num_iterations 2), on both processes
+    assert paths.count("/reset_prefix_cache/") == 2  # one push before each generation, by one process
