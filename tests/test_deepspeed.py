@@ -126,10 +126,12 @@ def test_unavailable_reason_follows_the_installation():
 
 
 # ---------------------------------------------------------------- real runs (DeepSpeed installed)
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
+def _torchrun(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "DS_ACCELERATOR": "cpu"}
+    if cwd is not None:  # a reward module written there
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(cwd), env.get("PYTHONPATH", "")) if p)
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
 
 
 def _records(out: Path) -> list[dict]:
@@ -268,12 +270,58 @@ def test_the_process_count_of_a_checkpoint_is_read_from_its_files(tmp_path):
     assert processes_that_wrote(tmp_path) == 2
 
 
-def test_methods_that_generate_while_training_are_refused_with_what_to_use(monkeypatch):
-    from types import SimpleNamespace
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_grpo_under_zero_matches_data_parallelism(tmp_path, tiny_model_dir, stage):
+    """GRPO under ZeRO: with stage 2 every process generates from the weights it holds whole; with stage 3 from a
+    whole copy refreshed from the partitions before each generation. Two processes give the same generations,
+    rewards and losses as plain data parallelism (sampling is seeded per process, so both draw the same
+    completions); step 3 generates after two updates (num_iterations 2), where a stale copy would differ."""
+    import yaml
 
-    from tuneforge.engine.deepspeed_hooks import prepare
-    from tuneforge.errors import NotSupportedYet
+    (tmp_path / "ds_rewards.py").write_text("def hits(completions, **kw):\n"
+                                            "    return [float(c.count('a')) for c in completions]\n")
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"hi {i}"}) + "\n" for i in range(16)))
+    base = {"base_model": str(tiny_model_dir), "rl": "grpo", "datasets": [{"path": "prompts.jsonl", "type": "prompt"}],
+            "trl": {"num_generations": 4, "max_completion_length": 6, "reward_funcs": ["ds_rewards.hits"],
+                    "num_iterations": 2}, "micro_batch_size": 4, "max_steps": 3, "learning_rate": 1e-3,
+            "optimizer": "adamw_torch", "logging_steps": 1, "save_strategy": "no", "seed": 3}
+    runs = {}
+    for name, extra in (("plain", {}), ("zero", {"deepspeed": _zero_json(tmp_path, stage)})):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**base, **extra, "output_dir": str(tmp_path / name)}))
+        done = _torchrun("-m", "tuneforge.cli", "train", str(tmp_path / f"{name}.yaml"), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = {r["step"]: r for r in _records(tmp_path / name)}
+    assert sorted(runs["zero"]) == [1, 2, 3]
+    for step in (1, 2, 3):
+        for key in ("loss", "reward", "completions/mean_length"):
+            assert abs(runs["zero"][step][key] - runs["plain"][step][key]) <= TOL, (step, key, runs)
 
-    trainer = SimpleNamespace(cfg=SimpleNamespace())
-    with pytest.raises(NotSupportedYet, match=r"rl: this method generates .*GRPO.* use FSDP2"):
-        prepare(trainer, None, generates=True)
+
+@needs_deepspeed
+@pytest.mark.slow
+def test_generation_during_evaluation_under_zero3_matches_one_process(tmp_path, tiny_model_dir):
+    """generate_samples and do_causal_lm_eval under ZeRO-3 generate from the whole copy: after two updates the
+    greedy samples and corpus scores equal those of one process accumulating both micro-batches."""
+    rows = make_rows(n=24, seed=5)
+    keys = {"micro_batch_size": 2, "max_steps": 2, "learning_rate": 1e-2, "lr_scheduler": "constant",
+            "optimizer": "adamw_torch", "save_strategy": "no", "logging_steps": 1, "val_set_size": 0.25,
+            "eval_strategy": "steps", "eval_steps": 2, "generate_samples": True, "num_generation_samples": 3,
+            "generation_do_sample": False, "generation_max_new_tokens": 6, "do_causal_lm_eval": True,
+            "eval_causal_lm_metrics": ["sacrebleu", "chrf"]}
+    train(make_config(tmp_path / "single", tiny_model_dir, rows, gradient_accumulation_steps=2, **keys))
+    make_config(tmp_path / "ds", tiny_model_dir, rows, gradient_accumulation_steps=1, **keys,
+                deepspeed=_zero_json(tmp_path / "ds", 3))
+    done = _torchrun("-m", "tuneforge.cli", "train", str(tmp_path / "ds" / "config.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {}
+    for name in ("single", "ds"):
+        out = tmp_path / name / "out"
+        evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
+        samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+        runs[name] = (evals, [(x["prompt"], x["completion"]) for x in samples])
+    (evals, samples), (zero_evals, zero_samples) = runs["single"], runs["ds"]
+    assert len(evals) == len(zero_evals) == 1 and len(samples) == 3 and zero_samples == samples
+    for key in ("eval_sacrebleu", "eval_chrf", "eval_loss"):
+        assert abs(zero_evals[0][key] - evals[0][key]) <= TOL, (key, evals, zero_evals)

@@ -159,15 +159,9 @@ def check(cfg) -> list:
     if cfg.deepspeed and cfg.fsdp_enabled:
         issues.append(ConfigIssue("deepspeed", "DeepSpeed and FSDP both shard the model; keep one (fsdp_version: 2 "
                                   "with fsdp_config, or deepspeed)"))
-    from .methods import method_facts
-
-    if cfg.deepspeed and method_facts(cfg).online:  # refused here, not after the model has loaded
-        issues.append(ConfigIssue("deepspeed", f"rl: {cfg.rl} generates during training, which is not supported "
-                                  "with deepspeed yet; shard with FSDP2 instead (fsdp_version: 2 with fsdp_config), "
-                                  "or train without the deepspeed key"))
     if cfg.deepspeed:
         try:
-            issues += _zero3_generation(cfg, deepspeed_settings(cfg))
+            deepspeed_settings(cfg)
         except ValueError as exc:
             issues.append(ConfigIssue("deepspeed", str(exc)))
     issues += _mesh_sizes(cfg)
@@ -203,17 +197,6 @@ def check_shard_size(cfg, processes: int) -> None:
         raise ConfigError([ConfigIssue("dp_shard_size", f"is {cfg.dp_shard_size}, but {processes} process(es) were started, and "
                            "FSDP2 here shards over all of them. Start that many processes (`tuneforge train "
                            f"--num-processes {cfg.dp_shard_size}`), or set dp_shard_size to {processes} or remove it.")])
-
-
-def _zero3_generation(cfg, settings: dict) -> list:
-    """Generation during evaluation needs whole weights; ZeRO-3 keeps them partitioned and gathers them only in
-    forwards that every process runs together, which per-process generation does not."""
-    from .errors import ConfigIssue
-
-    stage = int((settings.get("zero_optimization") or {}).get("stage", 0) or 0)
-    return [ConfigIssue(key, "generation during evaluation is not supported with DeepSpeed ZeRO-3; turn it off, "
-                        "or shard with FSDP2 (fsdp_version: 2), which generates from a whole copy of the model")
-            for key in ("generate_samples", "do_causal_lm_eval") if stage >= 3 and getattr(cfg, key, False)]
 
 
 def deepspeed_settings(cfg) -> dict:

@@ -113,6 +113,17 @@ class ZeroEngine:
                 if name in stored:
                     yield name, buf.detach().cpu()
 
+    @torch.no_grad()
+    def copy_whole_weights(self, whole: nn.Module) -> None:
+        """Refresh `whole` (a plain copy of the model made before ZeRO-3 partitioned it) from the trained
+        parameters, gathered one at a time as the forward uses them; every process must call it at the same
+        point (the gathers are collective). Frozen parameters never change, so the copy still holds them."""
+        mine = dict(whole.named_parameters())
+        for name, param in self.engine.module.model.named_parameters():
+            if param.requires_grad:
+                with _gathered([param], self.stage):
+                    mine[name].copy_(param.detach())
+
     def save_final(self, model, tokenizer, folder: Path, *, main: bool, safe: bool = True) -> None:
         """The trained model as a Hugging Face folder: the PEFT adapter, or safetensors (shards)."""
         from .sharded_checkpoint import write_hf_folder

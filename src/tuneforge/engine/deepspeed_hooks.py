@@ -4,7 +4,7 @@ optimizer and schedule, handed to `deepspeed.initialize` with the filled JSON
 
 from __future__ import annotations
 
-from tuneforge.errors import NotSupportedYet
+import copy
 
 from .optim import build_optimizer
 from .schedule import build_scheduler, warmup_steps
@@ -12,14 +12,17 @@ from .schedule import build_scheduler, warmup_steps
 
 def prepare(trainer, runner, generates: bool) -> None:
     """Set `trainer`'s runner (the DeepSpeed engine around `runner`, the trainer's ObjectiveRunner), optimizer
-    (engine.step / zero_grad), scheduler, backward and ZeroEngine; `generates`: the objective generates."""
+    (engine.step / zero_grad), scheduler, backward and ZeroEngine; `generates`: the run generates (an online
+    method, or generation during evaluation). ZeRO-1 and 2 keep whole weights on every process, which generate
+    as they are; ZeRO-3 partitions them, so generation gets a whole copy made before DeepSpeed partitions the
+    model and refreshed from the partitions before each generation (as under FSDP2)."""
+    from tuneforge.config.distributed import deepspeed_settings
+    from tuneforge.distributed import deepspeed_config as dsc
     from tuneforge.distributed import deepspeed_engine as dse
 
     cfg = trainer.cfg
-    if generates:
-        raise NotSupportedYet("rl: this method generates during training (online RL such as GRPO), which is not "
-                              "supported with deepspeed yet; use FSDP2 (fsdp_version: 2 with fsdp_config) or train "
-                              "without the deepspeed key")
+    if generates and dsc.zero_stage(deepspeed_settings(cfg)) >= 3:
+        trainer.generation_model = copy.deepcopy(trainer.model).to(trainer.accelerator.device)
     acc = trainer.accelerator
     optimizer = build_optimizer(cfg, trainer.model)
     zero = dse.initialize(cfg, runner, trainer.model, optimizer=optimizer,

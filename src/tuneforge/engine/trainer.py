@@ -160,7 +160,8 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         self.generation_model = None
         if cfg.deepspeed:  # the DeepSpeed engine becomes the runner; it clips its own gradients (no `trainable`)
-            return deepspeed_hooks.prepare(self, ObjectiveRunner(self.model), _generates(self.objective))
+            return deepspeed_hooks.prepare(self, ObjectiveRunner(self.model),
+                                           _generates(self.objective) or self.eval_generates)
         if self.sharded:
             # Online methods and generation during evaluation generate outside the runner's forward, where
             # sharded parameters cannot be used: they get a whole copy of the model, refreshed from the shards
@@ -178,11 +179,14 @@ class Trainer:
         self.trainable = [p for p in self.runner.parameters() if p.requires_grad]
 
     def _generation_model(self):
-        """The model online methods and evaluation generate with: the trained one, or under FSDP2 its whole copy
-        refreshed from the shards (every process must call this at the same point)."""
+        """The model online methods and evaluation generate with: the trained one, or under FSDP2 and ZeRO-3 its
+        whole copy refreshed from the shards (every process must call this at the same point)."""
         if self.generation_model is None:
             return self.model
-        fsdp.copy_whole_weights(self.runner.model, self.generation_model)
+        if self.zero is not None:  # DeepSpeed ZeRO-3
+            self.zero.copy_whole_weights(self.generation_model)
+        else:
+            fsdp.copy_whole_weights(self.runner.model, self.generation_model)
         return self.generation_model
 
     def _micro_batch_context(self, last: bool):
