@@ -176,9 +176,10 @@ def loss_chunk(f: ModelFacts, s: Settings) -> int:
 
 def autocast_copies(f: ModelFacts, s: Settings) -> int:
     """Autocast caches a compute-dtype copy of every fp32 weight that trains, for the whole forward pass.
-    FSDP2 runs without autocast: its mixed-precision policy gathers each layer in the compute dtype."""
-    if s.precision == "no" or s.fsdp or (s.compiled and not k.COMPILED_KEEPS_CASTS):
-        return 0
+    FSDP2 runs without autocast: its mixed-precision policy gathers each layer in the compute dtype; DeepSpeed
+    computes with a model cast to the compute dtype."""
+    if s.precision == "no" or s.fsdp or s.zero_stage is not None or (s.compiled and not k.COMPILED_KEEPS_CASTS):
+        return 0  # FSDP2 gathers in the compute dtype; DeepSpeed casts the model to it
     if s.adapter is None:
         return s.compute_bytes * f.matmul_params if k.DTYPE_BYTES[s.weights_dtype] != s.compute_bytes else 0
     return s.compute_bytes * f.trainable.count  # the fp32 LoRA factors
@@ -240,26 +241,57 @@ def reference_bytes(f: ModelFacts, s: Settings) -> int:
 
 
 # ---------------------------------------------------------------- the whole
-def _states(f: ModelFacts, s: Settings) -> tuple[int, int, int, int, int]:
-    """(weights, gradients, optimizer states) on each GPU, what offload moved to CPU memory, and FSDP2's
-    unsharded parameters in flight: the root group throughout, the layers one or two at a time."""
+def _states(f: ModelFacts, s: Settings) -> tuple[int, int, int, int, int, int]:
+    """(weights, master weights, gradients, optimizer states) on each GPU, what offload moved to CPU memory,
+    and the sharded parameters in flight (FSDP2: the root group throughout, the layers one or two at a time)."""
+    if s.zero_stage is not None:
+        return _zero_states(f, s)
     weights, grads, optim = f.weight_bytes, gradient_bytes(f), optimizer_bytes(f, s)
     if not s.fsdp:
-        return weights, grads, optim, 0, 0
+        return weights, 0, grads, optim, 0, 0
     n = s.gpus
     weights, grads, optim = -(-weights // n), -(-grads // n), -(-optim // n)
     layers = f.arch.layers if not s.reshard_after_forward else min(k.FSDP_LAYERS_IN_FLIGHT, f.arch.layers)
-    gathered = f.root_bytes + layers * f.layer_bytes
-    stored = k.DTYPE_BYTES[s.weights_dtype]
-    if s.precision != "no" and stored > s.compute_bytes:  # FSDP2's mixed precision gathers in the compute dtype
-        gathered = gathered * s.compute_bytes // stored
+    gathered = _in_compute_dtype(f.root_bytes + layers * f.layer_bytes, s)  # FSDP2's mixed precision
     if s.offload:
-        return 0, 0, 0, weights + grads + optim, gathered
-    return weights, grads, optim, 0, gathered
+        return 0, 0, 0, 0, weights + grads + optim, gathered
+    return weights, 0, grads, optim, 0, gathered
+
+
+def _in_compute_dtype(stored_bytes: int, s: Settings) -> int:
+    stored = k.DTYPE_BYTES[s.weights_dtype]
+    return stored_bytes * s.compute_bytes // stored if s.precision != "no" and stored > s.compute_bytes else stored_bytes
+
+
+def _zero_states(f: ModelFacts, s: Settings) -> tuple[int, int, int, int, int, int]:
+    """DeepSpeed ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
+    Models"): with bf16/fp16 DeepSpeed casts the model itself, weights and gradients, to the compute dtype, and
+    its optimizer keeps an fp32 master copy of the trained weights beside fp32 states. Stage 1 partitions the
+    master copy and the states over the processes, stage 2 the gradients too, stage 3 the weights too (gathered
+    a layer or two at a time). offload_optimizer moves master copy and states to CPU memory, offload_param
+    (stage 3) the weights."""
+    n, stage, half = s.gpus, s.zero_stage, s.precision != "no"
+    elt = s.compute_bytes if half else 4
+    weights = f.weight_bytes if f.quantized else f.total * elt
+    master = 4 * f.trainable.count if half else 0
+    grads, optim = f.trainable.count * elt, optimizer_bytes(f, s)
+
+    def part(size: int, from_stage: int) -> int:
+        return -(-size // n) if stage >= from_stage else size
+
+    weights, master, grads, optim = part(weights, 3), part(master, 1), part(grads, 2), part(optim, 1)
+    layers = min(k.FSDP_LAYERS_IN_FLIGHT, f.arch.layers)
+    gathered = _in_compute_dtype(f.root_bytes + layers * f.layer_bytes, s) if stage >= 3 else 0
+    host = 0
+    if s.zero_offload_optimizer:
+        host, master, optim = master + optim, 0, 0
+    if s.zero_offload_param and stage >= 3:
+        host, weights = host + weights, 0
+    return weights, master, grads, optim, host, gathered
 
 
 def estimate(f: ModelFacts, s: Settings, gpu_memory: int) -> Estimate:
-    weights, grads, optim, host_states, gathered = _states(f, s)
+    weights, master, grads, optim, host_states, gathered = _states(f, s)
     casts = autocast_copies(f, s)
     acts_gc, acts_full = activations(f, s, True), activations(f, s, False)
     acts = acts_gc if s.gradient_checkpointing else acts_full
@@ -281,10 +313,11 @@ def estimate(f: ModelFacts, s: Settings, gpu_memory: int) -> Estimate:
         "generation": kv + gathered if kv else 0,
     }
     peak_phase = max(phases, key=phases.get)
-    static = weights + optim + reference_bytes(f, s) + generation_copy(f, s)
+    static = weights + master + optim + reference_bytes(f, s) + generation_copy(f, s)
     allocated = static + phases[peak_phase]
     overhead = int(allocated * k.ALLOCATOR_SLACK) + int(k.CUDA_CONTEXT_GIB * k.GiB)
-    values = {"weights": weights, "gradients": grads, "optimizer states": optim, "autocast weight copies": casts,
+    values = {"weights": weights, "master weights": master, "gradients": grads, "optimizer states": optim,
+              "autocast weight copies": casts,
               "activations": acts, "activations (checkpointing)": acts_gc, "activations (no checkpointing)": acts_full,
               "generation KV cache": kv, "FSDP gathered layers": gathered, "CUDA context + allocator": overhead}
     process = int(k.HOST_PROCESS_GIB * k.GiB)
@@ -300,10 +333,10 @@ def _parts(f: ModelFacts, s: Settings, v: dict[str, int]) -> list[Part]:
     snapshot = generation_copy(f, s)
     return [
         Part("weights", v["weights"], _weights_note(f, s)),
-        Part("gradients", v["gradients"], "fp32" if f.trainable_bytes_per_element == 4 else "like the weights"),
+        Part("gradients", v["gradients"], _gradients_note(f, s)),
         Part("optimizer states", v["optimizer states"],
-             "torch-optimi AdamW, Kahan-compensated" if s.kahan else s.optimizer),
-        Part("master weights", 0, _master_note(s)),
+             ("torch-optimi AdamW, Kahan-compensated" if s.kahan else s.optimizer) + _zero_note(s, 1)),
+        Part("master weights", v["master weights"], _master_note(s)),
         Part("autocast weight copies", v["autocast weight copies"], "compute-dtype copies of the trained fp32 weights"),
         Part("activations", v["activations"], f"{s.tokens} tokens/micro-batch, "
              + (_checkpointed_note(f, s) if s.gradient_checkpointing else "no checkpointing")
@@ -317,13 +350,30 @@ def _parts(f: ModelFacts, s: Settings, v: dict[str, int]) -> list[Part]:
         Part("generation KV cache", v["generation KV cache"], _kv_note(s)),
         Part("generation weight copy", snapshot, _copy_note(s, snapshot)),
         Part("FSDP gathered layers", v["FSDP gathered layers"], "unsharded parameters in flight" if s.fsdp
-             else "no FSDP"),
+             else "ZeRO-3's gathered parameters in flight" if s.zero_stage == 3 else "no FSDP"),
         Part("CUDA context + allocator", v["CUDA context + allocator"],
              f"{k.CUDA_CONTEXT_GIB} GiB + {k.ALLOCATOR_SLACK:.0%}"),
     ]
 
 
+def _gradients_note(f: ModelFacts, s: Settings) -> str:
+    if s.zero_stage is not None and s.precision != "no":
+        return f"{s.precision}, in DeepSpeed's model" + _zero_note(s, 2)
+    return "fp32" if f.trainable_bytes_per_element == 4 else "like the weights"
+
+
+def _zero_note(s: Settings, from_stage: int) -> str:
+    """Where DeepSpeed keeps a state that ZeRO partitions from `from_stage` on."""
+    if s.zero_stage is None:
+        return ""
+    if from_stage == 1 and s.zero_offload_optimizer:
+        return ", in CPU memory (offload_optimizer)"
+    return f", partitioned over {s.gpus} (ZeRO-{s.zero_stage})" if s.zero_stage >= from_stage else ""
+
+
 def _master_note(s: Settings) -> str:
+    if s.zero_stage is not None and s.precision != "no":
+        return "fp32 copy of the trained weights in DeepSpeed's optimizer" + _zero_note(s, 1)
     if s.adapter is not None:
         return "none: adapter weights are fp32"
     if s.kahan:
@@ -343,6 +393,10 @@ def _weights_note(f: ModelFacts, s: Settings) -> str:
     note = f"{f.total:,} params ({f.trainable.count:,} trainable), {kind}"
     if s.fsdp:
         note += f", sharded over {s.gpus}" + (" and offloaded to CPU" if s.offload else "")
+    if s.zero_stage is not None and s.precision != "no" and not f.quantized:
+        note = f"{f.total:,} params ({f.trainable.count:,} trainable), cast to {s.precision} by DeepSpeed"
+    if s.zero_stage == 3:
+        note += f", partitioned over {s.gpus}" + (" in CPU memory" if s.zero_offload_param else "")
     return note
 
 

@@ -25,6 +25,9 @@ def describe(e: Estimate) -> str:
     shard = ""
     if s.fsdp:
         shard = ", FSDP2" + (" offload" if s.offload else "") + ("" if s.reshard_after_forward else " (no reshard)")
+    elif s.zero_stage is not None:
+        shard = f", DeepSpeed ZeRO-{s.zero_stage}" + (" offload" if s.zero_offload_optimizer or s.zero_offload_param
+                                                       else "")
     return (f"{what}, {method}, micro-batch {s.micro_batch_size} x {s.tokens // max(s.micro_batch_size, 1)} tokens "
             f"({layout}), accumulation {s.grad_accum}, {s.precision}, {s.optimizer}, "
             f"{s.gpus} GPU{'s' if s.gpus > 1 else ''}{shard}")

@@ -37,6 +37,9 @@ class Settings:
     reshard_after_forward: bool
     compiled: bool
     activation_offloading: bool = False  # saved activations in pinned CPU memory
+    zero_stage: int | None = None  # deepspeed: its ZeRO stage (None: no DeepSpeed)
+    zero_offload_optimizer: bool = False  # offload_optimizer to cpu/nvme: master weights and states off the GPU
+    zero_offload_param: bool = False  # offload_param (ZeRO-3): the partitioned weights off the GPU
     saved_attention: bool = False  # selective_checkpointing keeps each layer's attention output
     checkpointed_layers: int | None = None  # gradient_checkpointing_layers (None: every layer)
     kbit_fp32: bool = False  # kbit_fp32_unquantized as resolved for a bf16/fp16 GPU
@@ -140,7 +143,22 @@ def from_config(cfg: Config, gpus: int) -> Settings:
             server_generation=bool(trl and trl.use_vllm and trl.vllm_mode != "colocate"),
             prefetch_snapshots=trl.prefetch_depth if trl and (trl.async_prefetch or trl.use_data_producer)
             and not trl.use_vllm else 0)
+    if cfg.deepspeed:
+        settings = settings.but(**_zero(cfg))
     return settings
+
+
+def _zero(cfg: Config) -> dict:
+    """The DeepSpeed JSON's stage and offloads, as Settings fields."""
+    from tuneforge.config.distributed import deepspeed_settings
+
+    zero = deepspeed_settings(cfg).get("zero_optimization") or {}
+
+    def offloaded(key):
+        return (zero.get(key) or {}).get("device") in ("cpu", "nvme")
+
+    return {"zero_stage": int(zero.get("stage", 0) or 0), "zero_offload_optimizer": offloaded("offload_optimizer"),
+            "zero_offload_param": offloaded("offload_param")}
 
 
 def _attention(cfg: Config) -> str:

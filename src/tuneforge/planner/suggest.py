@@ -46,6 +46,8 @@ def suggestions(s: Settings, run: Callable[[Settings], Estimate]) -> list[Sugges
     if s.quantized != "nf4":
         qlora = base.but(adapter="qlora", quantized="nf4")
         out.append(Suggestion("QLoRA", "adapter: qlora, load_in_4bit: true, lora_target_linear: true", run(qlora)))
+    if s.zero_stage is not None:  # the run shards with DeepSpeed: more of ZeRO, not another sharding
+        return out + _zero_suggestions(s, base, run)
     # FSDP2 shards a 4-bit base (torchao NF4), not an 8-bit one: 8-bit LoRA becomes LoRA on the 16-bit base there.
     nf4 = s.quantized == "nf4"
     fsdp_base = base.but(fsdp=True, offload=False, quantized="nf4" if nf4 else None,
@@ -62,6 +64,24 @@ def suggestions(s: Settings, run: Callable[[Settings], Estimate]) -> list[Sugges
             break
     offload = fsdp_base.but(gpus=s.gpus, offload=True)
     out.append(Suggestion(f"FSDP2 offload on {s.gpus} GPU(s)", "fsdp_version: 2, fsdp_config: {offload_params: true}",
+                          run(offload)))
+    return out
+
+
+def _zero_suggestions(s: Settings, base: Settings, run: Callable[[Settings], Estimate]) -> list[Suggestion]:
+    """ZeRO-3 over more GPUs (the shipped deepspeed_configs/ files), then ZeRO-3 with everything offloaded."""
+    out = []
+    zero3 = base.but(zero_stage=3, zero_offload_optimizer=False, zero_offload_param=False)
+    for n in GPU_COUNTS:
+        if n < s.gpus or (n == s.gpus and s.zero_stage == 3):
+            continue
+        estimate = run(zero3.but(gpus=n))
+        if estimate.fits or n == GPU_COUNTS[-1]:
+            out.append(Suggestion(f"{n} GPUs with ZeRO-3", f"--gpus {n}; deepspeed: deepspeed_configs/zero3_bf16.json",
+                                  estimate))
+            break
+    offload = zero3.but(zero_offload_optimizer=True, zero_offload_param=True)
+    out.append(Suggestion(f"ZeRO-3 offload on {s.gpus} GPU(s)", "deepspeed: deepspeed_configs/zero3_cpuoffload_all.json",
                           run(offload)))
     return out
 
