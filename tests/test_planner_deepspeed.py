@@ -61,3 +61,15 @@ def test_the_measured_zero3_run_is_planned_within_ten_percent():
     cfg = _cfg(3, micro_batch_size=1, optimizer="adamw_torch_fused")
     planned = plan(cfg, gpus=1, model="llama-3.2-1b", with_suggestions=False).estimate.allocated / GiB
     assert abs(planned / 31.3 - 1) < 0.10, planned
+
+
+def test_zero3_generates_from_a_whole_copy_as_fsdp2_does():
+    grpo = {"rl": "grpo", "micro_batch_size": 4, "trl": {"num_generations": 4, "reward_funcs": ["m.f"]}}
+    facts = {}
+    for stage in (2, 3):
+        e = plan(_cfg(stage, **grpo), gpus=2, model="llama-3.2-1b", with_suggestions=False).estimate
+        facts[stage] = e.part("generation weight copy")
+    assert facts[2] == 0  # ZeRO-2: every process holds the whole model, which DeepSpeed cast to bf16
+    # ZeRO-3: a whole fp32 copy made before DeepSpeed partitioned and cast the model, and the bf16 snapshot the
+    # sampler generates from
+    assert facts[3] == (4 + 2) * e.extra["trainable"]

@@ -196,12 +196,13 @@ def kv_cache(f: ModelFacts, s: Settings) -> int:
 
 
 def generation_copy(f: ModelFacts, s: Settings) -> int:
-    """Copies of the policy for generation, kept for the whole run: under FSDP2 a whole (unsharded) copy
+    """Copies of the policy for generation, kept for the whole run: under FSDP2 and ZeRO-3 a whole copy
     refreshed from the shards, for online methods and for generation during evaluation (engine/trainer.py);
     for online methods under full fine-tuning with fp32 weights a compute-dtype snapshot that the sampler
     generates from (rollout/snapshot.py), and with trl.async_prefetch one snapshot per rollout in flight, in
     the dtype the sampler generates in (rollout/async_prefetch.py)."""
-    whole = f.weight_bytes if s.fsdp and (s.completions_per_step or s.eval_generation) else 0
+    sharded = s.fsdp or s.zero_stage == 3  # the weights are partitioned: generation needs a whole copy
+    whole = f.weight_bytes if sharded and (s.completions_per_step or s.eval_generation) else 0
     if not s.completions_per_step:
         return whole
     if s.server_generation:  # the weights are pushed to the server from the policy (or the whole copy)
@@ -214,6 +215,8 @@ def generation_copy(f: ModelFacts, s: Settings) -> int:
 def _half_precision_copy(s: Settings) -> bool:
     """Full fine-tuning with fp32 weights under mixed precision generates from a compute-dtype copy."""
     fp32 = k.DTYPE_BYTES[s.weights_dtype] == 4 and s.adapter is None
+    if s.zero_stage is not None and s.zero_stage < 3:  # DeepSpeed cast the model it generates with
+        return False
     return fp32 and s.precision != "no" and s.half_precision_copy
 
 
@@ -411,7 +414,7 @@ def _reference_note(s: Settings) -> str:
 def _copy_note(s: Settings, size: int) -> str:
     if not size:
         return "none"
-    parts = ["whole copy for generation under FSDP2"] if s.fsdp else []
+    parts = [f"whole copy for generation under {'FSDP2' if s.fsdp else 'ZeRO-3'}"] if s.fsdp or s.zero_stage == 3 else []
     if s.server_generation:
         return parts[0] + " (pushed to the generation server)"
     if _half_precision_copy(s):
