@@ -272,12 +272,14 @@ def test_the_process_count_of_a_checkpoint_is_read_from_its_files(tmp_path):
 
 @needs_deepspeed
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_grpo_under_zero_matches_data_parallelism(tmp_path, tiny_model_dir, stage):
+@pytest.mark.parametrize("stage, trl", [(2, {}), (3, {}), (3, {"async_prefetch": True})],
+                         ids=["zero2", "zero3", "zero3-async_prefetch"])
+def test_grpo_under_zero_matches_data_parallelism(tmp_path, tiny_model_dir, stage, trl):
     """GRPO under ZeRO: with stage 2 every process generates from the weights it holds whole; with stage 3 from a
-    whole copy refreshed from the partitions before each generation. Two processes give the same generations,
-    rewards and losses as plain data parallelism (sampling is seeded per process, so both draw the same
-    completions); step 3 generates after two updates (num_iterations 2), where a stale copy would differ."""
+    whole copy refreshed from the partitions before each generation (with trl.async_prefetch, a background
+    thread generates from a snapshot of that copy). Two processes give the same generations, rewards and
+    losses as plain data parallelism (sampling is seeded per process, so both draw the same completions);
+    step 3 generates after two updates (num_iterations 2), where a stale copy would differ."""
     import yaml
 
     (tmp_path / "ds_rewards.py").write_text("def hits(completions, **kw):\n"
@@ -285,7 +287,7 @@ def test_grpo_under_zero_matches_data_parallelism(tmp_path, tiny_model_dir, stag
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"hi {i}"}) + "\n" for i in range(16)))
     base = {"base_model": str(tiny_model_dir), "rl": "grpo", "datasets": [{"path": "prompts.jsonl", "type": "prompt"}],
             "trl": {"num_generations": 4, "max_completion_length": 6, "reward_funcs": ["ds_rewards.hits"],
-                    "num_iterations": 2}, "micro_batch_size": 4, "max_steps": 3, "learning_rate": 1e-3,
+                    "num_iterations": 2, **trl}, "micro_batch_size": 4, "max_steps": 3, "learning_rate": 1e-3,
             "optimizer": "adamw_torch", "logging_steps": 1, "save_strategy": "no", "seed": 3}
     runs = {}
     for name, extra in (("plain", {}), ("zero", {"deepspeed": _zero_json(tmp_path, stage)})):
