@@ -53,6 +53,13 @@ def test_torch_caches_compiled_graphs_by_default():
     assert torch._functorch.config.enable_autograd_cache is True
 
 
+@pytest.fixture(autouse=True)
+def _torch_dynamic_sources_restored():
+    """compile_blocks extends torch's process-wide dynamic allow list; later tests get it back as it was."""
+    with torch.compiler.config.patch(dynamic_sources=torch.compiler.config.dynamic_sources):
+        yield
+
+
 def _blocks(tmp_path, tiny_model_dir, monkeypatch, **keys):
     from tuneforge.config import load
     from tuneforge.models.compile_setup import compile_blocks
