@@ -156,6 +156,23 @@ def test_recompute_elementwise_needs_torch_compile():
     assert load(data=on).torch_compile_recompute_elementwise is True
 
 
+@pytest.mark.parametrize("keys, applied", [
+    ({"torch_compile": True, "gradient_checkpointing_layers": "auto"}, True),  # the freed memory buys layers
+    ({"torch_compile": "auto", "gradient_checkpointing_layers": "auto"}, True),
+    ({"torch_compile": True, "gradient_checkpointing_layers": 20}, False),  # a fixed count: only slower
+    ({"torch_compile": True}, False),
+    ({"gradient_checkpointing_layers": "auto"}, False),  # not compiled
+    ({"torch_compile": True, "gradient_checkpointing_layers": "auto", "torch_compile_recompute_elementwise": False},
+     False),
+    ({"torch_compile": True, "torch_compile_recompute_elementwise": True}, True),
+])
+def test_recompute_elementwise_is_on_by_default_where_checkpointing_is_chosen_for_speed(keys, applied):
+    from tuneforge.config import load
+
+    cfg = load(data={"base_model": "x", "gradient_checkpointing": True, **keys})
+    assert cfg.recompute_elementwise is applied
+
+
 @torch.library.custom_op("tuneforge_test::varlen", mutates_args=())
 def _varlen_stand_in(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                      max_q: int, max_k: int) -> torch.Tensor:

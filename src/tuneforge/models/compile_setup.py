@@ -120,7 +120,7 @@ def compile_blocks(cfg: Config, model) -> int:
     log.info("torch_compile: %s -> compiling %d blocks (%s); compile cache: %s", cfg.torch_compile, len(layers),
              choice.reason, cache or "torch's default")
     kwargs = {"backend": cfg.torch_compile_backend} if cfg.torch_compile_backend else {}
-    if cfg.torch_compile_recompute_elementwise:  # the mode goes to the wrapped backend
+    if cfg.recompute_elementwise:  # the mode goes to the wrapped backend
         block_kwargs = {"backend": recomputing_backend(cfg.torch_compile_backend, cfg.torch_compile_mode)}
     elif cfg.torch_compile_mode not in (None, "default"):
         block_kwargs = {**kwargs, "mode": cfg.torch_compile_mode}

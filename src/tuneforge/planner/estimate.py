@@ -110,13 +110,18 @@ def _compiled_layer_bytes(a: Architecture, s: Settings, adapted: list[tuple[str,
     LoRA's factor A needs the 16-bit input either way.
 
     `torch_compile_recompute_elementwise` has the same three tensors recomputed in 16-bit (the output
-    projection's input stays), with or without an adapter; float8 full fine-tuning recomputes them already."""
+    projection's input stays), with or without an adapter, and with float8 LoRA the down projection's float8
+    input too; float8 full fine-tuning recomputes them already."""
     c, r = s.compute_bytes, residual_bytes(s)
     b = 2 * r * a.hidden + 2 * k.RSQRT_BYTES + _attention_bytes(a, s)
     b += mlp_bytes(a, s)
     if s.adapter is None and s.fp8:
         return b - c * a.hidden + a.q_dim
     recomputed = (2 * c * a.hidden + c * a.intermediate) if s.recompute_elementwise else 0
+    if recomputed and s.adapter is not None and s.fp8:
+        # Measured (docs/benchmarks.md, 8B LoRA with fp8_frozen_weights): one byte per intermediate element more,
+        # the down projection's float8 input, which the frozen float8 layer keeps unless it is recomputed too.
+        recomputed += a.intermediate
     if s.adapter is None:  # the two normalised inputs and the down input, unless recomputed
         return b + (2 * c * a.hidden + c * a.intermediate) - recomputed
     inputs = set()

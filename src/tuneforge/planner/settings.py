@@ -122,7 +122,7 @@ def from_config(cfg: Config, gpus: int) -> Settings:
         checkpointed_layers=cfg.gradient_checkpointing_layers if isinstance(cfg.gradient_checkpointing_layers, int)
         else None,
         kahan=cfg.bf16_master_weights == "kahan", fp8=bool(cfg.fp8),
-        recompute_elementwise=cfg.torch_compile_recompute_elementwise,
+        recompute_elementwise=cfg.recompute_elementwise,
         eval_generation=cfg.eval_generates,
         kbit_fp32=cfg.kbit_fp32_unquantized if cfg.kbit_fp32_unquantized is not None
         else precision_on_gpu(cfg) == "fp16",
