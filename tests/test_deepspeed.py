@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from test_engine_support import losses, make_config, make_rows, train
+from test_engine_support import grpo_task, losses, make_config, make_rows, train
 from tuneforge.distributed import deepspeed_config as dsc
 
 HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -282,13 +282,7 @@ def test_grpo_under_zero_matches_data_parallelism(tmp_path, tiny_model_dir, stag
     step 3 generates after two updates (num_iterations 2), where a stale copy would differ."""
     import yaml
 
-    (tmp_path / "ds_rewards.py").write_text("def hits(completions, **kw):\n"
-                                            "    return [float(c.count('a')) for c in completions]\n")
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"hi {i}"}) + "\n" for i in range(16)))
-    base = {"base_model": str(tiny_model_dir), "rl": "grpo", "datasets": [{"path": "prompts.jsonl", "type": "prompt"}],
-            "trl": {"num_generations": 4, "max_completion_length": 6, "reward_funcs": ["ds_rewards.hits"],
-                    "num_iterations": 2, **trl}, "micro_batch_size": 4, "max_steps": 3, "learning_rate": 1e-3,
-            "optimizer": "adamw_torch", "logging_steps": 1, "save_strategy": "no", "seed": 3}
+    base = {**grpo_task(tmp_path, tiny_model_dir, **trl), "optimizer": "adamw_torch"}
     runs = {}
     for name, extra in (("plain", {}), ("zero", {"deepspeed": _zero_json(tmp_path, stage)})):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**base, **extra, "output_dir": str(tmp_path / name)}))

@@ -55,6 +55,19 @@ def make_config(folder: Path, model_dir: Path, rows: list[dict] | None = None, n
     return load(path)
 
 
+def grpo_task(folder: Path, model_dir: Path, **trl) -> dict:
+    """A 3-step GRPO run's config (without output_dir): 16 prompts and a reward counting the letter a, written to
+    `folder` (the reward module, `grpo_rewards`, must be importable there); generation after two updates at step
+    3 (num_iterations 2), seeded, so runs of different layouts can be compared step by step."""
+    (folder / "grpo_rewards.py").write_text("def hits(completions, **kw):\n"
+                                            "    return [float(c.count('a')) for c in completions]\n")
+    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"hi {i}"}) + "\n" for i in range(16)))
+    return {"base_model": str(model_dir), "rl": "grpo", "datasets": [{"path": "prompts.jsonl", "type": "prompt"}],
+            "trl": {"num_generations": 4, "max_completion_length": 6, "reward_funcs": ["grpo_rewards.hits"],
+                    "num_iterations": 2, **trl}, "micro_batch_size": 4, "max_steps": 3, "learning_rate": 1e-3,
+            "logging_steps": 1, "save_strategy": "no", "seed": 3}
+
+
 def train(cfg, argv=None):
     from tuneforge.engine.run import train as run_train
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from test_engine_support import losses, make_config, make_rows, sigterm_one_worker, train
+from test_engine_support import grpo_task, losses, make_config, make_rows, sigterm_one_worker, train
 from tuneforge.config import load
 from tuneforge.config.errors import ConfigError
 
@@ -178,13 +178,7 @@ def test_grpo_matches_one_process(tmp_path, tiny_model_dir, trl):
     copy (no collective runs there), one step behind, as under data parallelism."""
     import yaml
 
-    (tmp_path / "fsdp_rewards.py").write_text("def hits(completions, **kw):\n"
-                                              "    return [float(c.count('a')) for c in completions]\n")
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"hi {i}"}) + "\n" for i in range(16)))
-    base = {"base_model": str(tiny_model_dir), "rl": "grpo", "datasets": [{"path": "prompts.jsonl", "type": "prompt"}],
-            "trl": {"num_generations": 4, "max_completion_length": 6, "reward_funcs": ["fsdp_rewards.hits"],
-                    "num_iterations": 2, **trl}, "micro_batch_size": 4, "max_steps": 3, "learning_rate": 1e-3,
-            "logging_steps": 1, "save_strategy": "no", "seed": 3}
+    base = grpo_task(tmp_path, tiny_model_dir, **trl)
     for name, extra in (("plain", {}), ("fsdp", FSDP)):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**base, **extra, "output_dir": str(tmp_path / name)}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
