@@ -220,13 +220,21 @@ def deepspeed_settings(cfg) -> dict:
     return settings
 
 
+def zero_stage(settings: dict) -> int:
+    """The ZeRO stage of a DeepSpeed JSON (0 without a zero_optimization section)."""
+    return int((settings.get("zero_optimization") or {}).get("stage", 0) or 0)
+
+
+def zero_offloads(settings: dict) -> list[str]:
+    """Which of offload_param and offload_optimizer a DeepSpeed JSON sends to CPU memory or NVMe."""
+    zero = settings.get("zero_optimization") or {}
+    return [k for k in ("offload_param", "offload_optimizer") if (zero.get(k) or {}).get("device") in ("cpu", "nvme")]
+
+
 def fsdp_equivalent(settings: dict) -> dict:
     """The fsdp_config that shards like a DeepSpeed ZeRO config (stage 3: per-layer parameter sharding; stage
     1/2: parameters kept whole between forward and backward; any offload: FSDP2 CPU offload)."""
-    zero = settings.get("zero_optimization") or {}
-    stage = int(zero.get("stage", 0) or 0)
-    offload = any((zero.get(k) or {}).get("device") in ("cpu", "nvme") for k in ("offload_param", "offload_optimizer"))
-    block: dict = {"reshard_after_forward": stage >= 3}
-    if offload:
+    block: dict = {"reshard_after_forward": zero_stage(settings) >= 3}
+    if zero_offloads(settings):
         block["offload_params"] = True
     return block

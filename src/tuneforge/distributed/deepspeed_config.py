@@ -48,8 +48,6 @@ def select_accelerator(cuda: bool) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def zero_stage(settings: dict) -> int:
-    return int((settings.get("zero_optimization") or {}).get("stage", 0) or 0)
 
 
 def fill(settings: dict, *, micro_batch_size: int, grad_accum: int, world_size: int, max_grad_norm: float | None,

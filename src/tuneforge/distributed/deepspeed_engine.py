@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tuneforge.config.distributed import zero_offloads, zero_stage
 from tuneforge.errors import TuneforgeError
 
 from . import deepspeed_config as dsc
@@ -44,7 +45,7 @@ class ZeroEngine:
     def __init__(self, engine, settings: dict, scheduler=None):
         self.engine = engine
         self.settings = settings
-        self.stage = dsc.zero_stage(settings)
+        self.stage = zero_stage(settings)
         self.scheduler = scheduler  # DeepSpeed's own (a scheduler section), stepped inside engine.step()
 
     # -------------------------------------------------------------- the step
@@ -170,14 +171,14 @@ def initialize(cfg, runner: nn.Module, model: nn.Module, *, optimizer, world_siz
     if not own:
         log.info("deepspeed: the JSON's optimizer section (%s) replaces optimizer: %s",
                  settings["optimizer"].get("type"), cfg.optimizer)
-    if dsc.zero_stage(settings) >= 3:
+    if zero_stage(settings) >= 3:
         _register_head(runner, model)
     _ensure_process_group()  # DeepSpeed then uses it (one process without a launcher included)
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it; launchers set it, one plain process is 0
     engine, _, _, scheduler = deepspeed.initialize(model=runner, optimizer=optimizer if own else None,
                                                    config=settings)
-    offloaded = _offloaded(settings)
-    log.info("DeepSpeed ZeRO stage %d on %d process(es)%s", dsc.zero_stage(settings), world_size,
+    offloaded = zero_offloads(settings)
+    log.info("DeepSpeed ZeRO stage %d on %d process(es)%s", zero_stage(settings), world_size,
              f"; offloaded to host memory: {', '.join(offloaded)}" if offloaded else "")
     return ZeroEngine(engine, settings, scheduler if "scheduler" in settings else None)
 
@@ -186,11 +187,6 @@ def _hidden_size(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(config, "hidden_size", None)
-
-
-def _offloaded(settings: dict) -> list[str]:
-    zero = settings.get("zero_optimization") or {}
-    return [k for k in ("offload_param", "offload_optimizer") if (zero.get(k) or {}).get("device") in ("cpu", "nvme")]
 
 
 def _register_head(runner: nn.Module, model: nn.Module) -> None:

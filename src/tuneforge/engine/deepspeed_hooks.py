@@ -16,12 +16,11 @@ def prepare(trainer, runner, generates: bool) -> None:
     method, or generation during evaluation). ZeRO-1 and 2 keep whole weights on every process, which generate
     as they are; ZeRO-3 partitions them, so generation gets a whole copy made before DeepSpeed partitions the
     model and refreshed from the partitions before each generation (as under FSDP2)."""
-    from tuneforge.config.distributed import deepspeed_settings
-    from tuneforge.distributed import deepspeed_config as dsc
+    from tuneforge.config.distributed import deepspeed_settings, zero_stage
     from tuneforge.distributed import deepspeed_engine as dse
 
     cfg = trainer.cfg
-    if generates and dsc.zero_stage(deepspeed_settings(cfg)) >= 3:
+    if generates and zero_stage(deepspeed_settings(cfg)) >= 3:
         trainer.generation_model = copy.deepcopy(trainer.model).to(trainer.accelerator.device)
     acc = trainer.accelerator
     optimizer = build_optimizer(cfg, trainer.model)

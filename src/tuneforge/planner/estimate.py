@@ -184,7 +184,7 @@ def autocast_copies(f: ModelFacts, s: Settings) -> int:
     FSDP2 runs without autocast: its mixed-precision policy gathers each layer in the compute dtype; DeepSpeed
     computes with a model cast to the compute dtype."""
     if s.precision == "no" or s.fsdp or s.zero_stage is not None or (s.compiled and not k.COMPILED_KEEPS_CASTS):
-        return 0  # FSDP2 gathers in the compute dtype; DeepSpeed casts the model to it
+        return 0
     if s.adapter is None:
         return s.compute_bytes * f.matmul_params if k.DTYPE_BYTES[s.weights_dtype] != s.compute_bytes else 0
     return s.compute_bytes * f.trainable.count  # the fp32 LoRA factors
@@ -260,15 +260,17 @@ def _states(f: ModelFacts, s: Settings) -> tuple[int, int, int, int, int, int]:
     n = s.gpus
     weights, grads, optim = -(-weights // n), -(-grads // n), -(-optim // n)
     layers = f.arch.layers if not s.reshard_after_forward else min(k.FSDP_LAYERS_IN_FLIGHT, f.arch.layers)
-    gathered = _in_compute_dtype(f.root_bytes + layers * f.layer_bytes, s)  # FSDP2's mixed precision
+    gathered = _in_flight(f, s, layers)
     if s.offload:
         return 0, 0, 0, 0, weights + grads + optim, gathered
     return weights, 0, grads, optim, 0, gathered
 
 
-def _in_compute_dtype(stored_bytes: int, s: Settings) -> int:
-    stored = k.DTYPE_BYTES[s.weights_dtype]
-    return stored_bytes * s.compute_bytes // stored if s.precision != "no" and stored > s.compute_bytes else stored_bytes
+def _in_flight(f: ModelFacts, s: Settings, layers: int) -> int:
+    """Sharded parameters gathered whole: the root group and `layers` decoder layers, in the compute dtype (FSDP2's
+    mixed-precision policy gathers in it; DeepSpeed's model is cast to it)."""
+    size, stored = f.root_bytes + layers * f.layer_bytes, k.DTYPE_BYTES[s.weights_dtype]
+    return size * s.compute_bytes // stored if s.precision != "no" and stored > s.compute_bytes else size
 
 
 def _zero_states(f: ModelFacts, s: Settings) -> tuple[int, int, int, int, int, int]:
@@ -288,8 +290,7 @@ def _zero_states(f: ModelFacts, s: Settings) -> tuple[int, int, int, int, int, i
         return -(-size // n) if stage >= from_stage else size
 
     weights, master, grads, optim = part(weights, 3), part(master, 1), part(grads, 2), part(optim, 1)
-    layers = min(k.FSDP_LAYERS_IN_FLIGHT, f.arch.layers)
-    gathered = _in_compute_dtype(f.root_bytes + layers * f.layer_bytes, s) if stage >= 3 else 0
+    gathered = _in_flight(f, s, min(k.FSDP_LAYERS_IN_FLIGHT, f.arch.layers)) if stage >= 3 else 0
     host = 0
     if s.zero_offload_optimizer:
         host, master, optim = master + optim, 0, 0

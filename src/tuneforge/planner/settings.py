@@ -150,15 +150,12 @@ def from_config(cfg: Config, gpus: int) -> Settings:
 
 def _zero(cfg: Config) -> dict:
     """The DeepSpeed JSON's stage and offloads, as Settings fields."""
-    from tuneforge.config.distributed import deepspeed_settings
+    from tuneforge.config.distributed import deepspeed_settings, zero_offloads, zero_stage
 
-    zero = deepspeed_settings(cfg).get("zero_optimization") or {}
-
-    def offloaded(key):
-        return (zero.get(key) or {}).get("device") in ("cpu", "nvme")
-
-    return {"zero_stage": int(zero.get("stage", 0) or 0), "zero_offload_optimizer": offloaded("offload_optimizer"),
-            "zero_offload_param": offloaded("offload_param")}
+    settings = deepspeed_settings(cfg)
+    offloads = zero_offloads(settings)
+    return {"zero_stage": zero_stage(settings), "zero_offload_optimizer": "offload_optimizer" in offloads,
+            "zero_offload_param": "offload_param" in offloads}
 
 
 def _attention(cfg: Config) -> str:
