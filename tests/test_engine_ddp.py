@@ -59,6 +59,29 @@ def test_two_processes_equal_one_process_accumulating(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+def test_processes_release_the_wrapped_model_before_exit(tmp_path, tiny_model_dir):
+    """When `train` returns, no process still holds the DDP-wrapped model: its reducer holds the process
+    group, whose worker threads, if first joined at interpreter shutdown, can abort the process after a
+    finished run ("terminate called without an active exception"; seen once in 2 CPU processes)."""
+    make_config(tmp_path / "run", tiny_model_dir, make_rows(n=8, seed=1), micro_batch_size=2, max_steps=2,
+                save_strategy="no")
+    script = tmp_path / "count_wrapped.py"
+    script.write_text(
+        "import gc, os, sys, torch\n"
+        "from tuneforge.config import load\n"
+        "from tuneforge.engine.run import train\n"
+        "train(load(sys.argv[1]))\n"
+        "alive = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())\n"
+        "print(f'rank {os.environ[\"RANK\"]} wrapped models alive: {alive}', flush=True)\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                           str(tmp_path / "run" / "config.yaml")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(line for line in done.stdout.splitlines() if "alive" in line) == [
+        "rank 0 wrapped models alive: 0", "rank 1 wrapped models alive: 0"], done.stdout
+
+
+@pytest.mark.slow
 def test_grpo_on_two_processes(tmp_path, tiny_model_dir):
     """GRPO with batch-scaled rewards under torchrun: each process generates for its own prompts, the batch
     statistics and the logged metrics cover both, one process writes."""

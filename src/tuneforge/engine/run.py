@@ -88,8 +88,13 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
         command = resume_command(cfg, argv, stop.checkpoint)
         print(f"\nTraining interrupted by {signal.Signals(stop.signum).name} after step {stop.step}; "
               f"checkpoint saved to {stop.checkpoint}.\nResume with:\n  {command}", file=sys.stderr, flush=True)
+        exit_code = 128 + stop.signum
+    else:
+        exit_code = None
+    if exit_code is not None:  # outside the except block: its traceback no longer holds the trainer
+        trainer = None
         _leave_process_group()
-        raise SystemExit(128 + stop.signum) from None
+        raise SystemExit(exit_code)
     if cfg.relora_every():  # the base weights carry every restart's update: the output is the merged model
         from .relora import merged_model
 
@@ -123,6 +128,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
 
             log.info("merge_lora: merged model written to %s", merge_for_config(cfg))
         _log_summary(result, out)
+    trainer = None  # with it the wrapped model, whose reducer or device mesh holds the process group
     _leave_process_group()
     return result
 
@@ -167,11 +173,17 @@ def _leave_process_group() -> None:
     """Several processes that all finished (or all stopped at one checkpoint): take the process group down
     before exit. Left to interpreter shutdown, its communication threads can be destroyed mid-use and abort
     the process ("terminate called without an active exception"), which torchrun reports as a failed run.
-    No barrier first: the first process may still be writing the final model, which needs no collective."""
+    No barrier first: the first process may still be writing the final model, which needs no collective.
+    The wrapped model (DDP's reducer, FSDP2's device mesh) holds the group too, in reference cycles: collected
+    only at interpreter shutdown, the group's worker threads would still be joined then, when a thread that
+    needs the GIL is killed and the process aborts the same way. So collect them here, while all is alive."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
 
 
 def resume_command(cfg: Config, argv: list[str] | None, checkpoint: Path) -> str:
