@@ -232,11 +232,14 @@ def test_grpo_kv_cache(tiny_model_dir):
     assert e.part("generation weight copy") == 2 * e.extra["trainable"]
     off = cfg.model_copy(update={"trl": cfg.trl.model_copy(update={"generation_kwargs": {"half_precision_copy": False}})})
     assert plan(off).estimate.part("generation weight copy") == 0
-    # under FSDP2 each process also keeps a whole copy of the model to generate with
+    # under FSDP2 each process keeps a whole copy of the model to generate with, made in bf16 (it is the
+    # snapshot); with half_precision_copy off, in fp32
     from tuneforge.config.distributed import FsdpConfig
 
-    sharded = plan(cfg.model_copy(update={"fsdp_version": 2, "fsdp_config": FsdpConfig()}), gpus=2)
-    assert sharded.estimate.part("generation weight copy") == (4 + 2) * e.extra["trainable"]
+    fsdp = {"fsdp_version": 2, "fsdp_config": FsdpConfig()}
+    sharded = plan(cfg.model_copy(update=fsdp), gpus=2)
+    assert sharded.estimate.part("generation weight copy") == 2 * e.extra["trainable"]
+    assert plan(off.model_copy(update=fsdp), gpus=2).estimate.part("generation weight copy") == 4 * e.extra["trainable"]
     # generation during evaluation under FSDP2 generates from the same kind of whole copy (without FSDP2: none)
     sft = cfg_of(tiny_model_dir, generate_samples=True, val_set_size=0.1, fsdp_version=2, fsdp_config={})
     assert plan(sft, gpus=2).estimate.part("generation weight copy") == 4 * e.extra["trainable"]
@@ -253,8 +256,8 @@ def test_grpo_kv_cache(tiny_model_dir):
     # under FSDP2 the whole copy they are pushed from stays
     server = cfg.model_copy(update={"trl": cfg.trl.model_copy(update={"use_vllm": True})})
     assert plan(server).estimate.part("generation KV cache") == plan(server).estimate.part("generation weight copy") == 0
-    server_sharded = server.model_copy(update={"fsdp_version": 2, "fsdp_config": FsdpConfig()})
-    assert plan(server_sharded, gpus=2).estimate.part("generation weight copy") == 4 * e.extra["trainable"]
+    server_sharded = server.model_copy(update=fsdp)
+    assert plan(server_sharded, gpus=2).estimate.part("generation weight copy") == 2 * e.extra["trainable"]
 
 
 # ---------------------------------------------------------------- activations against autograd

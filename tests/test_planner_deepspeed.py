@@ -70,6 +70,6 @@ def test_zero3_generates_from_a_whole_copy_as_fsdp2_does():
         e = plan(_cfg(stage, **grpo), gpus=2, model="llama-3.2-1b", with_suggestions=False).estimate
         facts[stage] = e.part("generation weight copy")
     assert facts[2] == 0  # ZeRO-2: every process holds the whole model, which DeepSpeed cast to bf16
-    # ZeRO-3: a whole fp32 copy made before DeepSpeed partitioned and cast the model, and the bf16 snapshot the
-    # sampler generates from
-    assert facts[3] == (4 + 2) * e.extra["trainable"]
+    # ZeRO-3: a whole copy made before DeepSpeed partitioned and cast the model, in the bf16 the sampler
+    # generates in (the copy is its snapshot)
+    assert facts[3] == 2 * e.extra["trainable"]

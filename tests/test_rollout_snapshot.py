@@ -57,3 +57,23 @@ def test_half_precision_sampler_generates_with_the_refreshed_copy(model):
     assert got == expected.completion_ids
     stale = EmbeddedSampler(copy.deepcopy(model).to(torch.bfloat16), pad_id=0).generate(prompts, 1, params)
     assert got != stale.completion_ids  # the refresh mattered
+
+
+def test_generation_dtype_of_fp32_weights(model, tiny_model_dir):
+    """The dtype fp32 weights generate in, which is also the dtype of FSDP2's and ZeRO-3's whole generation
+    copy (engine/trainer.py `whole_copy`): the run's half precision on CUDA, where the copy is wanted."""
+    from tuneforge.config import load
+    from tuneforge.rollout.factory import half_precision_dtype
+
+    def cfg(**keys):
+        return load(data={"base_model": str(tiny_model_dir), "rl": "grpo", "datasets": [{"path": "p.jsonl",
+                          "type": "prompt"}], "trl": {"num_generations": 2, "reward_funcs": ["m.f"]}, **keys})
+
+    cuda = torch.device("cuda")
+    assert half_precision_dtype(cfg(bf16=True), model, cuda) == torch.bfloat16
+    assert half_precision_dtype(cfg(bf16=True), model, torch.device("cpu")) is None  # no autocast on the CPU
+    assert half_precision_dtype(cfg(), model, cuda) is None  # fp32 training generates in fp32
+    off = cfg(bf16=True, trl={"num_generations": 2, "reward_funcs": ["m.f"],
+                              "generation_kwargs": {"half_precision_copy": False}})
+    assert half_precision_dtype(off, model, cuda) is None
+    assert half_precision_dtype(cfg(bf16=True), copy.deepcopy(model).to(torch.bfloat16), cuda) is None

@@ -4,8 +4,6 @@ optimizer and schedule, handed to `deepspeed.initialize` with the filled JSON
 
 from __future__ import annotations
 
-import copy
-
 from .optim import build_optimizer
 from .schedule import build_scheduler, warmup_steps
 
@@ -21,7 +19,7 @@ def prepare(trainer, runner, generates: bool) -> None:
 
     cfg = trainer.cfg
     if generates and zero_stage(deepspeed_settings(cfg)) >= 3:
-        trainer.generation_model = copy.deepcopy(trainer.model).to(trainer.accelerator.device)
+        trainer.generation_model = trainer.whole_copy()
     acc = trainer.accelerator
     optimizer = build_optimizer(cfg, trainer.model)
     zero = dse.initialize(cfg, runner, trainer.model, optimizer=optimizer,

@@ -167,7 +167,7 @@ class Trainer:
             # sharded parameters cannot be used: they get a whole copy of the model, refreshed from the shards
             # before each generation.
             if _generates(self.objective) or self.eval_generates:
-                self.generation_model = copy.deepcopy(self.model).to(acc.device)
+                self.generation_model = self.whole_copy()
             self.runner = ObjectiveRunner(self.model)
             fsdp.shard(self.runner, self.model, cfg.fsdp_config,
                        compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision))
@@ -177,6 +177,16 @@ class Trainer:
             self.runner, self.optimizer = acc.prepare(ObjectiveRunner(self.model), build_optimizer(cfg, self.model))
         self.scheduler = with_jagged_schedule(cfg, build_scheduler(cfg, self.optimizer, self.total_steps))
         self.trainable = [p for p in self.runner.parameters() if p.requires_grad]
+
+    def whole_copy(self):
+        """A plain copy of the model to generate with where training shards its weights (FSDP2, ZeRO-3), made
+        before sharding. Where an online method's fp32 weights would generate from a half-precision snapshot of
+        it (rollout/snapshot.py), the copy is made in that dtype instead: 2 bytes per parameter, not 4 + 2."""
+        from tuneforge.rollout.factory import half_precision_dtype
+
+        device = self.accelerator.device
+        half = half_precision_dtype(self.cfg, self.model, device) if _generates(self.objective) else None
+        return copy.deepcopy(self.model).to(device=device, dtype=half)
 
     def _generation_model(self):
         """The model online methods and evaluation generate with: the trained one, or under FSDP2 and ZeRO-3 its

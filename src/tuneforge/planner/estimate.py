@@ -204,17 +204,18 @@ def generation_copy(f: ModelFacts, s: Settings) -> int:
     """Copies of the policy for generation, kept for the whole run: under FSDP2 and ZeRO-3 a whole copy
     refreshed from the shards, for online methods and for generation during evaluation (engine/trainer.py);
     for online methods under full fine-tuning with fp32 weights a compute-dtype snapshot that the sampler
-    generates from (rollout/snapshot.py), and with trl.async_prefetch one snapshot per rollout in flight, in
-    the dtype the sampler generates in (rollout/async_prefetch.py)."""
+    generates from (rollout/snapshot.py; under FSDP2 and ZeRO-3 the whole copy is made in that dtype and is
+    the snapshot), and with trl.async_prefetch one snapshot per rollout in flight, in the dtype the sampler
+    generates in (rollout/async_prefetch.py)."""
     sharded = s.fsdp or s.zero_stage == 3  # the weights are partitioned: generation needs a whole copy
-    whole = f.weight_bytes if sharded and (s.completions_per_step or s.eval_generation) else 0
+    half = bool(s.completions_per_step) and _half_precision_copy(s)
+    sampled = s.compute_bytes * f.total if half else f.weight_bytes  # the weights the sampler generates from
+    whole = sampled if sharded and (s.completions_per_step or s.eval_generation) else 0
     if not s.completions_per_step:
         return whole
     if s.server_generation:  # the weights are pushed to the server from the policy (or the whole copy)
         return whole
-    half = _half_precision_copy(s)
-    sampled = s.compute_bytes * f.total if half else f.weight_bytes  # the weights the sampler generates from
-    return whole + (sampled if half else 0) + s.prefetch_snapshots * sampled
+    return whole + (sampled if half and not whole else 0) + s.prefetch_snapshots * sampled
 
 
 def _half_precision_copy(s: Settings) -> bool:

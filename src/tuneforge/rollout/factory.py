@@ -25,15 +25,11 @@ class Samplers:
 
 def build_samplers(cfg: Config, model, tokenizer, *, use_vllm: bool, fp8_kv_cache: bool, async_prefetch: bool,
                    prefetch_depth: int) -> Samplers:
-    from tuneforge.models.load import mixed_precision
-
     from .embedded import EmbeddedSampler
     from .snapshot import HalfPrecisionSampler, wants_half_precision_copy
 
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(cfg))
-    device = next(model.parameters()).device
-    autocast = autocast if device.type == "cuda" else None
+    autocast = _autocast_dtype(cfg, next(model.parameters()).device)
     gen_kwargs = (cfg.trl.generation_kwargs if cfg.trl else None) or {}
     _warn_unused_generation_kwargs(gen_kwargs, use_vllm)
     cuda_graphs = bool(gen_kwargs.get("cuda_graphs", True))
@@ -45,7 +41,7 @@ def build_samplers(cfg: Config, model, tokenizer, *, use_vllm: bool, fp8_kv_cach
     # Without the copy, fp32 weights generate in fp32: under autocast, RoPE over the fp32 embeddings
     # gives fp32 keys next to half-precision values, which transformers' static cache cannot hold.
     mostly_fp32 = wants_half_precision_copy(model, autocast)
-    half = autocast if gen_kwargs.get("half_precision_copy", True) and mostly_fp32 else None
+    half = half_precision_dtype(cfg, model, next(model.parameters()).device)
     kv_dtype = torch.float8_e4m3fn if fp8_kv_cache else None  # the one value besides auto
 
     def make(m):
@@ -74,6 +70,27 @@ def build_samplers(cfg: Config, model, tokenizer, *, use_vllm: bool, fp8_kv_cach
 
         prefetcher = Prefetcher(model, make, sampler, depth=prefetch_depth, dtype=half)
     return Samplers(sampler, prefetcher)
+
+
+def half_precision_dtype(cfg: Config, model, device: torch.device) -> torch.dtype | None:
+    """The half-precision dtype in which a model of mostly fp32 weights (full fine-tuning under mixed
+    precision, on CUDA) generates, from a copy in that dtype (rollout/snapshot.py); None where it generates
+    in its own dtype (no mixed precision, not on CUDA, half-precision weights already, or
+    generation_kwargs.half_precision_copy: false)."""
+    from .snapshot import wants_half_precision_copy
+
+    autocast = _autocast_dtype(cfg, device)
+    gen_kwargs = (cfg.trl.generation_kwargs if cfg.trl else None) or {}
+    wanted = gen_kwargs.get("half_precision_copy", True) and wants_half_precision_copy(model, autocast)
+    return autocast if wanted else None
+
+
+def _autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The dtype generation autocasts to: the run's mixed precision, on CUDA only."""
+    from tuneforge.models.load import mixed_precision
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision(cfg))
+    return dtype if torch.device(device).type == "cuda" else None
 
 
 def _warn_unused_generation_kwargs(gen_kwargs: dict, use_vllm: bool) -> None:
