@@ -82,6 +82,7 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
         from tuneforge.models import qat
 
         qat.switch_on_at(model, cfg.qat.fake_quant_after_n_steps, lambda: trainer.state.global_step)
+    exit_code = None
     try:
         result = trainer.train()
     except TrainingInterrupted as stop:
@@ -89,8 +90,6 @@ def train(cfg: Config, argv: list[str] | None = None, *, show_progress: bool | N
         print(f"\nTraining interrupted by {signal.Signals(stop.signum).name} after step {stop.step}; "
               f"checkpoint saved to {stop.checkpoint}.\nResume with:\n  {command}", file=sys.stderr, flush=True)
         exit_code = 128 + stop.signum
-    else:
-        exit_code = None
     if exit_code is not None:  # outside the except block: its traceback no longer holds the trainer
         trainer = None
         _leave_process_group()
