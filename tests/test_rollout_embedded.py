@@ -224,3 +224,27 @@ def test_two_stage_draw_on_cuda_is_exact_sampling(compiled):
     assert torch.allclose(freq[hot], p[hot], atol=0.01)
     assert freq.sum() - freq[hot].sum() < 1e-3
     torch.testing.assert_close(logps.cpu(), torch.log_softmax(base / 0.9, -1)[tokens.cpu()], rtol=1e-5, atol=1e-5)
+
+
+def test_only_a_model_with_compiled_blocks_switches_the_compiler_to_eager(model, prompts):
+    """torch's compile stance is process-wide: generating from a copy (async prefetch's snapshot, in a
+    background thread) must leave it alone, or the training thread's compiled blocks would run eagerly
+    meanwhile; the model whose blocks training compiled generates under force_eager (transformers path)."""
+    import copy
+
+    from torch._dynamo import eval_frame
+
+    def stances_seen(net) -> set[str]:
+        seen = set()
+        hook = net.model.layers[0].register_forward_pre_hook(lambda *_: seen.add(eval_frame._stance.stance))
+        EmbeddedSampler(net, pad_id=0, fused=False).generate(prompts[:2], 1, SamplingParams(temperature=0.0,
+                                                                                            max_tokens=4))
+        hook.remove()
+        return seen
+
+    compiled = copy.deepcopy(model)
+    for layer in compiled.model.layers:
+        layer.compile(backend="eager")
+    assert stances_seen(compiled) == {"force_eager"}
+    assert stances_seen(copy.deepcopy(compiled)) == {"default"}  # the copy has no compiled blocks
+    assert eval_frame._stance.stance == "default"

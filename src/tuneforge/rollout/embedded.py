@@ -228,7 +228,7 @@ class EmbeddedSampler:
         positions = prompt_positions(prompts.valid)
 
         cache = StaticCache(config=net.config, max_cache_len=L)
-        with self._autocast(dev)(), _eager():
+        with self._autocast(dev)(), _eager(_compiled_blocks(net)):
             out = net(input_ids=prompts.ids, attention_mask=allowed.unsqueeze(1), position_ids=positions,
                       **cache_kwargs(net, cache), use_cache=True, logits_to_keep=1)
         prompts.logits = out.logits[:, -1]
@@ -299,7 +299,8 @@ class _TransformersDecode:
     """Decode through the transformers forward: mask column opened in place, filled range passed along."""
 
     def __init__(self, net, cache, mask: torch.Tensor, kv_start: torch.Tensor | None, compiled: bool):
-        self.forward = _compiled_forward(net) if compiled else _eager()(net)
+        self.forward = _compiled_forward(net) if compiled else net
+        self.eager = not compiled and _compiled_blocks(net)
         self.cache_kwargs = cache_kwargs(net, cache)  # once, not per token (it inspects a signature)
         self.mask, self.kv_start = mask, kv_start
 
@@ -308,8 +309,10 @@ class _TransformersDecode:
         filled = {}
         if self.kv_start is not None:  # attention reads cache slots [kv_start, slot] only
             filled = {attention.KV_START: self.kv_start, attention.KV_END: end}
-        out = self.forward(input_ids=ids.unsqueeze(1), attention_mask=self.mask, position_ids=positions.unsqueeze(1),
-                           **self.cache_kwargs, **filled, use_cache=True, logits_to_keep=1)
+        with _eager(self.eager):
+            out = self.forward(input_ids=ids.unsqueeze(1), attention_mask=self.mask,
+                               position_ids=positions.unsqueeze(1), **self.cache_kwargs, **filled, use_cache=True,
+                               logits_to_keep=1)
         return out.logits[:, -1]
 
 
@@ -365,10 +368,19 @@ def _warn_once(message: str) -> None:
     log.warning(message)
 
 
-def _eager():
-    """Run transformers layers eagerly even where training compiled them (`torch_compile` compiles each
-    block): with a KV cache they would recompile per layer until dynamo's limit, then fall back anyway."""
-    return torch.compiler.set_stance("force_eager")
+def _compiled_blocks(net) -> bool:
+    """Whether training compiled some of `net`'s modules (`torch_compile` compiles each block in place); a
+    deep copy of the model (async prefetch's snapshot, the half-precision snapshot, FSDP2's whole copy)
+    drops a module's compiled call, so it has none."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in net.modules())
+
+
+def _eager(compiled_blocks: bool):
+    """Run transformers layers eagerly where training compiled them: with a KV cache they would recompile per
+    layer until dynamo's limit, then fall back anyway. The stance is process-wide, so it is set only for a
+    model with compiled blocks: a background thread generating from a copy must not make the training
+    thread's compiled blocks run eagerly meanwhile."""
+    return torch.compiler.set_stance("force_eager") if compiled_blocks else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
