@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from test_engine_support import grpo_task, losses, make_config, make_rows, train
+from test_engine_support import check_server_pushes, grpo_task, losses, make_config, make_rows, train
 from tuneforge.distributed import deepspeed_config as dsc
 
 HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -293,6 +293,17 @@ def test_grpo_under_zero_matches_data_parallelism(tmp_path, tiny_model_dir, stag
     for step in (1, 2, 3):
         for key in ("loss", "reward", "completions/mean_length"):
             assert abs(runs["zero"][step][key] - runs["plain"][step][key]) <= TOL, (step, key, runs)
+
+
+@needs_deepspeed
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_grpo_with_a_generation_server_under_zero(tmp_path, tiny_model_dir, stage):
+    """trl.use_vllm (server) under ZeRO: the first process pushes once per sync, ZeRO-2 from the whole weights
+    it holds, ZeRO-3 from its whole copy refreshed from the partitions (the first push must be the starting
+    model exactly, the second the updated one)."""
+    check_server_pushes(tmp_path, tiny_model_dir, {"deepspeed": _zero_json(tmp_path, stage), "optimizer": "adamw_torch"},
+                        lambda config: _torchrun("-m", "tuneforge.cli", "train", config, cwd=tmp_path))
 
 
 @needs_deepspeed

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_engine_support import losses, make_config, make_rows, sigterm_one_worker, train
+from test_engine_support import check_server_pushes, losses, make_config, make_rows, sigterm_one_worker, train
 
 RUN = {"micro_batch_size": 2, "max_steps": 4, "learning_rate": 1e-3, "lr_scheduler": "constant",
        "optimizer": "adamw_torch", "save_steps": 2, "save_strategy": "steps"}
@@ -181,43 +181,8 @@ def test_grpo_with_a_generation_server_on_two_processes(tmp_path, tiny_model_dir
     """trl.use_vllm, vllm_mode: server, 2 training processes: one weight push per sync (not one per process),
     and both processes generate from the server. Under FSDP2 the pushed weights are whole tensors gathered
     from the shards: the first push is the starting model exactly, the second the model after one update."""
-    import yaml
-    from transformers import AutoModelForCausalLM
-
-    from tuneforge.rollout.generation_server import EmbeddedBackend, GenerationServer
-
-    class RecordingBackend(EmbeddedBackend):
-        pushes = []
-
-        def load_weights(self, named):
-            super().load_weights(named)
-            self.pushes.append({name: t.clone() for name, t in named})
-
-    # rewards that differ within a group (completion lengths), so every step updates the weights
-    (tmp_path / "srv_rewards.py").write_text("def hits(completions, **kw):\n"
-                                             "    return [float(len(c)) for c in completions]\n")
-    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"hi {i}"}) + "\n" for i in range(16)))
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-    backend = RecordingBackend(model)
-    with GenerationServer(backend) as server:
-        config = tmp_path / "grpo.yaml"
-        config.write_text(yaml.safe_dump({
-            "base_model": str(tiny_model_dir), "output_dir": str(tmp_path / "out"), "rl": "grpo",
-            "datasets": [{"path": "prompts.jsonl", "type": "prompt"}],
-            "trl": {"num_generations": 4, "max_completion_length": 6, "reward_funcs": ["srv_rewards.hits"],
-                    "use_vllm": True, "vllm_mode": "server", "vllm_server_host": server.host,
-                    "vllm_server_port": server.port, "vllm_server_timeout": 30},
-            "micro_batch_size": 8, "max_steps": 2, "learning_rate": 1e-3, "logging_steps": 1,
-            "save_strategy": "no", **sharding}))
-        done = _torchrun_train(str(config), cwd=tmp_path, PYTHONPATH=_with_path(tmp_path))
-        assert done.returncode == 0, done.stderr[-3000:]
-        paths = [p for p, _ in server.calls]
-    assert paths.count("/generate/") == 4  # 2 steps x 2 processes
-    assert paths.count("/reset_prefix_cache/") == 2  # one sync per step, by one process
-    first, second = backend.pushes  # the tiny model fits one HTTP chunk: one call per push
-    assert all(torch.equal(t, start[name]) for name, t in first.items())
-    assert any(not torch.equal(t, start[name]) for name, t in second.items())
+    check_server_pushes(tmp_path, tiny_model_dir, sharding,
+                        lambda config: _torchrun_train(config, cwd=tmp_path, PYTHONPATH=_with_path(tmp_path)))
 
 
 @pytest.mark.slow

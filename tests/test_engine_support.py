@@ -68,6 +68,50 @@ def grpo_task(folder: Path, model_dir: Path, **trl) -> dict:
             "logging_steps": 1, "save_strategy": "no", "seed": 3}
 
 
+def check_server_pushes(folder: Path, model_dir: Path, sharding: dict, torchrun) -> None:
+    """GRPO with a generation server (trl.use_vllm, vllm_mode: server) on 2 training processes laid out by
+    `sharding` (config keys), run by `torchrun(config path) -> CompletedProcess`: both processes generate from
+    the server, one process pushes once per sync, the first push is the starting model exactly (whole
+    tensors, gathered where the weights are sharded) and the second the model after one update."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.rollout.generation_server import EmbeddedBackend, GenerationServer
+
+    class RecordingBackend(EmbeddedBackend):
+        pushes = []
+
+        def load_weights(self, named):
+            super().load_weights(named)
+            self.pushes.append({name: t.clone() for name, t in named})
+
+    # rewards that differ within a group (completion lengths), so every step updates the weights
+    (folder / "srv_rewards.py").write_text("def hits(completions, **kw):\n"
+                                           "    return [float(len(c)) for c in completions]\n")
+    (folder / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"hi {i}"}) + "\n" for i in range(16)))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    backend = RecordingBackend(model)
+    with GenerationServer(backend) as server:
+        config = folder / "grpo.yaml"
+        config.write_text(yaml.safe_dump({
+            "base_model": str(model_dir), "output_dir": str(folder / "out"), "rl": "grpo",
+            "datasets": [{"path": "prompts.jsonl", "type": "prompt"}],
+            "trl": {"num_generations": 4, "max_completion_length": 6, "reward_funcs": ["srv_rewards.hits"],
+                    "use_vllm": True, "vllm_mode": "server", "vllm_server_host": server.host,
+                    "vllm_server_port": server.port, "vllm_server_timeout": 30},
+            "micro_batch_size": 8, "max_steps": 2, "learning_rate": 1e-3, "logging_steps": 1,
+            "save_strategy": "no", **sharding}))
+        done = torchrun(str(config))
+        assert done.returncode == 0, done.stderr[-3000:]
+        paths = [p for p, _ in server.calls]
+    assert paths.count("/generate/") == 4  # 2 steps x 2 processes
+    assert paths.count("/reset_prefix_cache/") == 2  # one sync per step, by one process
+    first, second = backend.pushes  # the tiny model fits one HTTP chunk: one call per push
+    assert all(torch.equal(t, start[name]) for name, t in first.items())
+    assert any(not torch.equal(t, start[name]) for name, t in second.items())
+
+
 def train(cfg, argv=None):
     from tuneforge.engine.run import train as run_train
 
