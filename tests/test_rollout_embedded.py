@@ -248,3 +248,34 @@ def test_only_a_model_with_compiled_blocks_switches_the_compiler_to_eager(model,
     assert stances_seen(compiled) == {"force_eager"}
     assert stances_seen(copy.deepcopy(compiled)) == {"default"}  # the copy has no compiled blocks
     assert eval_frame._stance.stance == "default"
+
+
+@pytest.mark.gpu
+def test_cuda_graph_captured_in_a_background_thread_beside_cuda_work(model, prompts):
+    """trl.async_prefetch decodes in a background thread while the training thread keeps the GPU busy: the
+    decode step's CUDA graph must still be captured (under torch's default capture mode, the other thread's
+    work invalidates it) and give the completions that the same sampler gives alone (greedy)."""
+    import copy
+    import threading
+
+    net = copy.deepcopy(model).cuda()
+    sampler = EmbeddedSampler(net, pad_id=0)
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    alone = sampler.generate(prompts, 2, params)
+    assert alone.meta["cuda_graphs"]
+    stop, x = threading.Event(), torch.randn(2048, 2048, device="cuda")
+
+    def busy():  # allocates, frees and launches kernels, as a training step does
+        while not stop.is_set():
+            (x @ x).sum().item()
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    try:
+        beside = [sampler.generate(prompts, 2, params) for _ in range(3)]
+    finally:
+        stop.set()
+        worker.join()
+    for rollout in beside:
+        assert rollout.meta["cuda_graphs"]
+        assert rollout.completion_ids == alone.completion_ids

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 import time
 
 import torch
@@ -53,6 +54,11 @@ def cache_kwargs(model, cache) -> dict:
 
     params = inspect.signature(type(model).forward).parameters
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+# One CUDA graph capture at a time in this process: with trl.async_prefetch a background sampler may capture
+# while the training thread's sampler does (the first prefetch_depth steps generate synchronously).
+_CAPTURE = threading.Lock()
 
 
 def _bucket(n: int, multiple: int = 16) -> int:
@@ -120,7 +126,9 @@ class _DecodeStep:
             torch.cuda.current_stream().wait_stream(stream)
             self.steps_done += 1
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: CUDA work the training thread issues meanwhile (async prefetch decodes in a background
+            # thread) does not invalidate the capture, as it would under the default mode, "global"
+            with _CAPTURE, torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._forward()
             self.graph = graph
             return True
