@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import torch
+
 from .base import Sampler, SamplingParams
 from .snapshot import WeightSnapshot
 
@@ -34,10 +36,11 @@ from .snapshot import WeightSnapshot
 class _Queue:
     """Rollouts in flight on one background thread, with their tags; checkpointed finished."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device | None = None):
         self.submitted = 0
         self.queue: deque[tuple[Future, object]] = deque()
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneforge-rollout")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneforge-rollout", initializer=_use_device,
+                                       initargs=(device,))
 
     def _submit(self, sampler: Sampler, prompt_ids, n: int, params: SamplingParams, tag) -> None:
         self.queue.append((self.pool.submit(sampler.generate, prompt_ids, n, params), tag))
@@ -62,6 +65,14 @@ class _Queue:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _use_device(device: torch.device | None) -> None:
+    """Make the model's GPU the background thread's current device. A new thread starts on GPU 0, and the
+    decode step's CUDA graph, its side stream and Triton's kernels use the current device: on any other
+    process's GPU (data parallelism, FSDP2) they would run on the wrong one."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 class Prefetcher(_Queue):
     """Keeps up to `depth` rollouts in flight on one background thread, each with its own weight snapshot.
 
@@ -74,7 +85,7 @@ class Prefetcher(_Queue):
         self.samplers = [make_sampler(s.copy) for s in self.snapshots]
         self.foreground = foreground  # generates with the live weights (the synchronous first steps)
         self.depth = depth
-        super().__init__()
+        super().__init__(next(model.parameters()).device)
 
     def step(self, model, prompt_ids: list[list[int]], n: int, params: SamplingParams, tag=None):
         """Submit this batch; return (rollout to train on now, whether it came from the queue, its tag).
