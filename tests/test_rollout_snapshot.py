@@ -61,7 +61,7 @@ def test_half_precision_sampler_generates_with_the_refreshed_copy(model):
 
 def test_generation_dtype_of_fp32_weights(model, tiny_model_dir):
     """The dtype fp32 weights generate in, which is also the dtype of FSDP2's and ZeRO-3's whole generation
-    copy (engine/trainer.py `whole_copy`): the run's half precision on CUDA, where the copy is wanted."""
+    copy (engine/generation_copy.py `whole_copy`): the run's half precision on CUDA, where the copy is wanted."""
     from tuneforge.config import load
     from tuneforge.rollout.factory import half_precision_dtype
 

@@ -4,6 +4,7 @@ optimizer and schedule, handed to `deepspeed.initialize` with the filled JSON
 
 from __future__ import annotations
 
+from . import generation_copy
 from .optim import build_optimizer
 from .schedule import build_scheduler, warmup_steps
 
@@ -19,7 +20,8 @@ def prepare(trainer, runner, generates: bool) -> None:
 
     cfg = trainer.cfg
     if generates and zero_stage(deepspeed_settings(cfg)) >= 3:
-        trainer.generation_model = trainer.whole_copy()
+        trainer.generation_model = generation_copy.whole_copy(cfg, trainer.model, trainer.objective,
+                                                              trainer.accelerator.device)
     acc = trainer.accelerator
     optimizer = build_optimizer(cfg, trainer.model)
     zero = dse.initialize(cfg, runner, trainer.model, optimizer=optimizer,

@@ -18,13 +18,12 @@ SFT, several for preference methods) then runs inside a single DDP forward, as D
 Around the loop, each in its own module: evaluation and generation during evaluation (evaluation.py),
 running out of memory (memory.py), the dynamic_checkpoint trigger file (trigger.py), which checkpoint to
 resume from (resume.py), checkpoint files (checkpoint.py), cross-process sums (tuneforge.distributed), the
-accelerate setup (accelerator.py).
+accelerate setup (accelerator.py), the whole copy sharded runs generate with (generation_copy.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 from collections import defaultdict
@@ -43,7 +42,7 @@ from tuneforge.models.load import mixed_precision
 from tuneforge.user_code import keep_last_step_on_failure
 
 from . import checkpoint as ckpt
-from . import deepspeed_hooks, loss_scaling, memory, resume, trackers
+from . import deepspeed_hooks, generation_copy, loss_scaling, memory, resume, trackers
 from .accelerator import build_accelerator
 from .best import BestEvaluation
 from .evaluation import Evaluator
@@ -161,13 +160,13 @@ class Trainer:
         self.generation_model = None
         if cfg.deepspeed:  # the DeepSpeed engine becomes the runner; it clips its own gradients (no `trainable`)
             return deepspeed_hooks.prepare(self, ObjectiveRunner(self.model),
-                                           _generates(self.objective) or self.eval_generates)
+                                           generation_copy.generates(self.objective) or self.eval_generates)
         if self.sharded:
             # Online methods and generation during evaluation generate outside the runner's forward, where
             # sharded parameters cannot be used: they get a whole copy of the model, refreshed from the shards
             # before each generation.
-            if _generates(self.objective) or self.eval_generates:
-                self.generation_model = self.whole_copy()
+            if generation_copy.generates(self.objective) or self.eval_generates:
+                self.generation_model = generation_copy.whole_copy(cfg, self.model, self.objective, acc.device)
             self.runner = ObjectiveRunner(self.model)
             fsdp.shard(self.runner, self.model, cfg.fsdp_config,
                        compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision))
@@ -177,16 +176,6 @@ class Trainer:
             self.runner, self.optimizer = acc.prepare(ObjectiveRunner(self.model), build_optimizer(cfg, self.model))
         self.scheduler = with_jagged_schedule(cfg, build_scheduler(cfg, self.optimizer, self.total_steps))
         self.trainable = [p for p in self.runner.parameters() if p.requires_grad]
-
-    def whole_copy(self):
-        """A plain copy of the model to generate with where training shards its weights (FSDP2, ZeRO-3), made
-        before sharding. Where an online method's fp32 weights would generate from a half-precision snapshot of
-        it (rollout/snapshot.py), the copy is made in that dtype instead: 2 bytes per parameter, not 4 + 2."""
-        from tuneforge.rollout.factory import half_precision_dtype
-
-        device = self.accelerator.device
-        half = half_precision_dtype(self.cfg, self.model, device) if _generates(self.objective) else None
-        return copy.deepcopy(self.model).to(device=device, dtype=half)
 
     def _generation_model(self):
         """The model online methods and evaluation generate with: the trained one, or under FSDP2 and ZeRO-3 its
@@ -447,7 +436,3 @@ class Trainer:
         self.last_eval = best.record
         log.info("load_best_model_at_end: the final model is %s's (%s %.4g)", path.name, best.metric, best.value)
 
-
-def _generates(objective: Objective) -> bool:
-    """Whether the objective generates during a step (an online method overrides the rollout_step hook)."""
-    return type(objective).rollout_step is not Objective.rollout_step
